@@ -1,0 +1,94 @@
+"""BOFT: ``M = B_{m−1} ⋯ B_0`` with ``B_i = P_iᵀ · blockdiag(R_i) · P_i`` (butterfly stages).
+
+``oft_blocks``: ``(m, n, b, b)`` (LyCORIS's 4-D layout and meaning): ``Q = B − Bᵀ`` (COFT clamp over
+all stages together), ``R = (I + Q)(I − Q)⁻¹`` (LyCORIS's BOFT convention, the transpose of its OFT's).
+``P_i`` is LyCORIS's butterfly permutation with ``k = 2^i · b/2``: index ``j`` of the rotated vector is
+``perm_i = arange(D).unflatten(0, (-1, 2, k)).transpose(1, 2).flatten()`` (pairs ``(j, j + k)`` become
+neighbours). ``m`` stages need ``D % (2^{m−1} · b) == 0`` and ``b`` even.
+
+Rotation side, rescale and the user's multiplier work as in OFT (``W + s·(W' − W)``; AUTOMATIC1111's
+convention; LyCORIS and ComfyUI interpolate each stage instead, equal at ``s = 1``). The unmerged forward
+applies the ``m`` stages to activations (``m`` gathers and block rotations); the dense ``D × D``
+permutation products that make PEFT's BOFT slow are never formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..config import AdapterConfig, check_choice
+from ..registry import Algorithm, register
+from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, rotated_dim, skew
+from .oft import init_rotation, rotation_operators
+
+
+@lru_cache(maxsize=256)
+def butterfly_perm(dim: int, block_size: int, stage: int) -> torch.Tensor:
+    """LyCORIS's stage-``stage`` butterfly permutation of ``dim`` indices."""
+    k = (2**stage) * block_size // 2
+    return torch.arange(dim).unflatten(0, (-1, 2, k)).transpose(1, 2).flatten()
+
+
+def butterfly_blocks(raw: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """``(m, n, b, b)`` orthogonal blocks ``(I + Q)(I − Q)⁻¹`` with ``Q = clamp(B − Bᵀ)``."""
+    return cayley(-clamp_norm(skew(raw), constraint))
+
+
+@dataclass
+class BOFTConfig(AdapterConfig):
+    """BOFT. ``block_size`` (or ``r`` = number of blocks when > 0), ``butterfly_factor`` (``m``
+    stages), ``constraint``, ``rescale``, ``rotation_side``."""
+
+    aliases = {"boft_block_size": "block_size", "boft_block_num": "r", "boft_n_butterfly_factor": "butterfly_factor"}
+    r: int = 0
+    block_size: int = 8
+    butterfly_factor: int = 2
+    constraint: float = 0.0
+    rescale: bool = False
+    rotation_side: str = "output"
+
+    def validate(self):
+        check_choice("rotation_side", self.rotation_side, ROTATION_SIDES)
+        if self.butterfly_factor < 1:
+            raise ValueError("butterfly_factor must be >= 1")
+        if self.r == 0 and (self.block_size < 2 or self.block_size % 2):
+            raise ValueError(f"BOFT block_size must be even and >= 2, got {self.block_size}")
+        if self.constraint < 0:
+            raise ValueError("constraint must be >= 0")
+
+
+@register
+class BOFT(Algorithm):
+    name = "boft"
+    config_class = BOFTConfig
+    multiplicative = True
+    detect_keys = ("oft_blocks",)  # told apart from OFT by ndim (4 here, 3 for OFT)
+
+    @classmethod
+    def resolve(cls, config, spec, name):
+        dim = rotated_dim(spec, config.rotation_side)
+        n, b = block_layout(dim, config.block_size, config.r, name)
+        m = config.butterfly_factor
+        if b % 2 or dim % ((2 ** (m - 1)) * b):
+            raise ValueError(
+                f"layer {name!r}: BOFT with block size {b} and butterfly factor {m} needs an even block "
+                f"size and {2 ** (m - 1) * b} to divide the rotated dimension {dim}"
+            )
+        return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
+                "radius": float(config.constraint) * dim, "rescale": bool(config.rescale)}
+
+    @classmethod
+    def init_params(cls, spec, settings, init_weights, generator):
+        b = settings["block_size"]
+        shape = (settings["stages"], settings["block_num"], b, b)
+        return init_rotation(shape, spec, settings, init_weights, generator)
+
+    @classmethod
+    def transform(cls, params, spec, settings):
+        blocks = butterfly_blocks(params["oft_blocks"], settings["radius"])
+        dim, b = settings["dim"], settings["block_size"]
+        perms = [butterfly_perm(dim, b, i).to(blocks.device) for i in range(blocks.shape[0])]
+        return rotation_operators(list(blocks.unbind(0)), settings["side"], params.get("rescale"), perms)

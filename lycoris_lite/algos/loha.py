@@ -1,0 +1,100 @@
+"""LoHa: ``ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b)``, ``s = alpha / r`` (Hadamard product of two rank-r
+products, rank up to r²).
+
+Shapes (kohya/LyCORIS layout): ``hada_w1_a, hada_w2_a (out, r)``; ``hada_w1_b, hada_w2_b
+(r, in·kh·kw)`` (2-D for convs too). Tucker (k×k conv, ``use_tucker``): ``hada_t1, hada_t2
+(r, r, kh, kw)``, ``hada_w{1,2}_a (r, out)``, ``hada_w{1,2}_b (r, in)``, with
+``W_i = Σ t_i[a,b] w_i_a[a,p] w_i_b[b,q]`` and ``ΔW = s · W_1 ⊙ W_2``.
+
+LoHa has no activation route cheaper than its weight: the layer folds ``W + s·ΔW`` into one call of
+the base op (one matmul instead of PEFT's two). The Hadamard product recomputes its factors in the
+backward pass instead of keeping two ``out × in`` intermediates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AdapterConfig
+from ..registry import Algorithm, pattern_value, register
+from .common import kaiming_, rebuild_tucker
+from .lora import lora_scale
+
+
+class _HadamardProduct(torch.autograd.Function):
+    """``(w1a @ w1b) * (w2a @ w2b)`` keeping only the four factors for backward."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g1 = grad * (w2a @ w2b)
+        g2 = grad * (w1a @ w1b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2
+
+
+def delta_weight(w1a, w1b, w2a, w2b, scale: float, shape, t1=None, t2=None) -> torch.Tensor:
+    """``ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b)`` (or the Tucker form) reshaped to ``shape``."""
+    if t1 is not None:
+        return rebuild_tucker(t1, w1a.T, w1b) * rebuild_tucker(t2, w2a.T, w2b) * scale
+    return (_HadamardProduct.apply(w1a, w1b, w2a, w2b) * scale).reshape(shape)
+
+
+@dataclass
+class LoHaConfig(AdapterConfig):
+    """LoHa. ``use_tucker``: Tucker cores for k×k convs (``use_effective_conv2d`` in PEFT)."""
+
+    aliases = {"use_effective_conv2d": "use_tucker"}
+    use_tucker: bool = False
+
+    def validate(self):
+        if self.r < 1:
+            raise ValueError("LoHa needs r >= 1")
+
+
+@register
+class LoHa(Algorithm):
+    name = "loha"
+    config_class = LoHaConfig
+    activation_route = False
+    detect_keys = ("hada_w1_a",)
+
+    @classmethod
+    def resolve(cls, config, spec, name):
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)
+        return {"r": r, "alpha": float(alpha), "scale": lora_scale(alpha, r),
+                "tucker": bool(config.use_tucker and spec.is_conv and spec.taps > 1)}
+
+    @classmethod
+    def init_params(cls, spec, settings, init_weights, generator):
+        r, out = settings["r"], spec.out_features
+        if settings["tucker"]:
+            kh, kw = spec.kernel_size
+            params = {
+                "hada_t1": torch.empty(r, r, kh, kw), "hada_t2": torch.empty(r, r, kh, kw),
+                "hada_w1_a": torch.empty(r, out), "hada_w1_b": torch.empty(r, spec.in_features),
+                "hada_w2_a": torch.empty(r, out), "hada_w2_b": torch.empty(r, spec.in_features),
+            }
+        else:
+            params = {
+                "hada_w1_a": torch.empty(out, r), "hada_w1_b": torch.empty(r, spec.flat_in),
+                "hada_w2_a": torch.empty(out, r), "hada_w2_b": torch.empty(r, spec.flat_in),
+            }
+        for key, value in params.items():
+            if key == "hada_w2_b" and init_weights is not False:
+                value.zero_()
+            else:
+                kaiming_(value, generator)
+        return params
+
+    @classmethod
+    def delta_weight(cls, params, spec, settings):
+        return delta_weight(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
+                            settings["scale"], spec.weight_shape, params.get("hada_t1"), params.get("hada_t2"))

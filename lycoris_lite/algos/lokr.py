@@ -1,0 +1,154 @@
+"""LoKr: ``ΔW = s · kron(w1, w2)``, each factor full or low-rank.
+
+Factor shapes come from :func:`factorization`: ``out = a·b``, ``in = c·d`` with
+``(a, b) = factorization(out, factor)`` and ``(c, d) = factorization(in, factor)``.
+
+* ``lokr_w1 (a, c)``, or ``lokr_w1_a (a, r) @ lokr_w1_b (r, c)`` when ``decompose_both`` and
+  ``r < max(a, c) / 2``.
+* ``lokr_w2 (b, d[, kh, kw])`` when ``full_matrix`` or ``r >= max(b, d) / 2``; otherwise
+  ``lokr_w2_a (b, r) @ lokr_w2_b (r, d·kh·kw)``; Tucker (k×k conv): ``lokr_t2 (r, r, kh, kw)``,
+  ``lokr_w2_a (r, b)``, ``lokr_w2_b (r, d)``.
+
+Scale: ``alpha / r`` when a factor is low-rank; **1 when both factors are full** (LyCORIS's rule:
+alpha is ignored, files often store a huge placeholder).
+
+Activation route (never builds ``kron`` for a linear layer): with ``X = x.reshape(..., c, d)``,
+``Δy = s · (w1 @ X @ w2ᵀ).reshape(..., a·b)``. Convs run ``w2`` as a conv on each of the ``c``
+channel groups and mix the groups with ``w1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AdapterConfig
+from ..registry import Algorithm, pattern_value, register
+from .common import factorization, kaiming_, rebuild_tucker
+from .lora import lora_scale
+
+
+def factor_w1(params) -> torch.Tensor:
+    if "lokr_w1" in params:
+        return params["lokr_w1"]
+    return params["lokr_w1_a"] @ params["lokr_w1_b"]
+
+
+def factor_w2(params, shape_b_d_k) -> torch.Tensor:
+    """``w2`` as ``(b, d)`` for linear or ``(b, d, kh, kw)`` for conv."""
+    if "lokr_w2" in params:
+        return params["lokr_w2"]
+    if "lokr_t2" in params:
+        return rebuild_tucker(params["lokr_t2"], params["lokr_w2_a"].T, params["lokr_w2_b"])
+    return (params["lokr_w2_a"] @ params["lokr_w2_b"]).reshape(shape_b_d_k)
+
+
+def delta_weight(w1, w2, scale: float, shape) -> torch.Tensor:
+    """``ΔW = scale · kron(w1, w2)`` reshaped to ``shape`` (w1 gets 1×1 spatial dims for convs)."""
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return (torch.kron(w1, w2) * scale).reshape(shape)
+
+
+def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
+    """``spec.op(x, kron(w1, w2))`` without building the product."""
+    a, c = w1.shape
+    b, d = w2.shape[:2]
+    if not spec.is_conv:
+        grouped = x.unflatten(-1, (c, d))  # (..., c, d)
+        out = torch.matmul(w1, torch.matmul(grouped, w2.T))  # (..., a, b)
+        return out.flatten(-2) * scale
+    n = x.shape[0]
+    h = spec.op(x.reshape(n * c, d, *x.shape[2:]), w2)  # (n*c, b, H', W')
+    h = h.reshape(n, c, b, *h.shape[2:])
+    return torch.einsum("ik,nkbhw->nibhw", w1, h).reshape(n, a * b, *h.shape[3:]) * scale
+
+
+@dataclass
+class LoKrConfig(AdapterConfig):
+    """LoKr. ``factor`` (-1 = most square split), ``decompose_both`` (w1 low-rank too),
+    ``full_matrix`` (both factors full: alpha ignored, scale 1), ``use_tucker`` (k×k convs)."""
+
+    aliases = {"decompose_factor": "factor", "use_effective_conv2d": "use_tucker"}
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
+    use_tucker: bool = False
+
+    def validate(self):
+        if self.r < 1:
+            raise ValueError("LoKr needs r >= 1")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"factor must be -1 (auto) or a positive integer, got {self.factor}")
+
+
+@register
+class LoKr(Algorithm):
+    name = "lokr"
+    config_class = LoKrConfig
+    detect_keys = ("lokr_w1", "lokr_w1_a")
+
+    @classmethod
+    def resolve(cls, config, spec, name):
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)
+        a, b = factorization(spec.out_features, config.factor)
+        c, d = factorization(spec.in_features, config.factor)
+        w1_low = config.decompose_both and not config.full_matrix and r < max(a, c) / 2
+        w2_low = not config.full_matrix and r < max(b, d) / 2
+        return {
+            "r": r, "alpha": float(alpha), "shape": [a, b, c, d],
+            "w1_low_rank": bool(w1_low), "w2_low_rank": bool(w2_low),
+            "tucker": bool(w2_low and config.use_tucker and spec.is_conv and spec.taps > 1),
+            "scale": lora_scale(alpha, r) if (w1_low or w2_low) else 1.0,
+        }
+
+    @classmethod
+    def init_params(cls, spec, settings, init_weights, generator):
+        a, b, c, d = settings["shape"]
+        r = settings["r"]
+        kh, kw = spec.kernel_size
+        params = {}
+        if settings["w1_low_rank"]:
+            params["lokr_w1_a"], params["lokr_w1_b"] = torch.empty(a, r), torch.empty(r, c)
+        else:
+            params["lokr_w1"] = torch.empty(a, c)
+        zero_key = "lokr_w2"
+        if not settings["w2_low_rank"]:
+            params["lokr_w2"] = torch.empty(b, d, kh, kw) if spec.is_conv else torch.empty(b, d)
+        elif settings["tucker"]:
+            params["lokr_t2"] = torch.empty(r, r, kh, kw)
+            params["lokr_w2_a"], params["lokr_w2_b"] = torch.empty(r, b), torch.empty(r, d)
+            zero_key = "lokr_w2_b"
+        else:
+            params["lokr_w2_a"], params["lokr_w2_b"] = torch.empty(b, r), torch.empty(r, d * spec.taps)
+            zero_key = "lokr_w2_b"
+        for key, value in params.items():
+            if key == zero_key and init_weights is not False:
+                value.zero_()
+            else:
+                kaiming_(value, generator)
+        return params
+
+    @classmethod
+    def _factors(cls, params, spec, settings):
+        a, b, c, d = settings["shape"]
+        w2_shape = (b, d, *spec.kernel_size) if spec.is_conv else (b, d)
+        return factor_w1(params), factor_w2(params, w2_shape)
+
+    @classmethod
+    def delta_weight(cls, params, spec, settings):
+        w1, w2 = cls._factors(params, spec, settings)
+        return delta_weight(w1, w2, settings["scale"], spec.weight_shape)
+
+    @classmethod
+    def delta_forward(cls, x, params, spec, settings):
+        if not spec.is_conv and "lokr_w2_a" in params:
+            # low-rank w2 on a linear layer: x @ w2_bᵀ @ w2_aᵀ without forming w2
+            a, b, c, d = settings["shape"]
+            grouped = x.unflatten(-1, (c, d))
+            inner = torch.matmul(torch.matmul(grouped, params["lokr_w2_b"].T), params["lokr_w2_a"].T)
+            return torch.matmul(factor_w1(params), inner).flatten(-2) * settings["scale"]
+        w1, w2 = cls._factors(params, spec, settings)
+        return delta_forward(x, w1, w2, settings["scale"], spec)

@@ -1,0 +1,107 @@
+"""LoRA / LoCon: ``ΔW = s · up · down`` with ``s = alpha / r`` (or ``alpha / √r``, rank-stabilised).
+
+Shapes (kohya/LyCORIS layout, so file tensors are used as they are):
+
+* Linear: ``lora_down (r, in)``, ``lora_up (out, r)``.
+* Conv2d: ``lora_down (r, in, kh, kw)`` (the base conv's stride/padding/dilation), ``lora_up (out, r, 1, 1)``.
+* Conv2d with Tucker (k > 1, ``use_tucker``): ``lora_down (r, in, 1, 1)``, ``lora_mid (r, r, kh, kw)``,
+  ``lora_up (out, r, 1, 1)``; ``ΔW[p,q] = Σ mid[i,j] up[p,i] down[j,q]``.
+
+Activation route: ``Δy = s · up(down(x))`` (two thin ops; the full ΔW is never built).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import AdapterConfig
+from ..layer_kind import LayerSpec
+from ..registry import Algorithm, pattern_value, register
+from .common import kaiming_, rebuild_tucker
+
+
+def lora_scale(alpha: float, r: int, rank_stabilized: bool = False) -> float:
+    """The one place ``alpha / r`` (or ``alpha / √r``) is computed for the LoRA family."""
+    return alpha / (math.sqrt(r) if rank_stabilized else r)
+
+
+def delta_weight(down, up, scale: float, mid=None, shape=None) -> torch.Tensor:
+    """``ΔW = scale · up @ down`` reshaped to ``shape`` (Tucker: ``rebuild_tucker(mid, up, down)``)."""
+    if mid is not None:
+        return rebuild_tucker(mid, up.flatten(1), down.flatten(1)) * scale
+    delta = up.flatten(1) @ down.flatten(1)
+    return (delta.reshape(shape) if shape is not None else delta) * scale
+
+
+def delta_forward(x, down, up, scale: float, spec: LayerSpec, mid=None) -> torch.Tensor:
+    """``Δy = scale · up(down(x))``: equal to ``spec.op(x, delta_weight(...))``."""
+    if mid is not None:
+        h = spec.op(spec.pointwise(x, down.flatten(1)), mid)
+    else:
+        h = spec.op(x, down)
+    return spec.pointwise(h, up.flatten(1)) * scale
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA / LoCon. ``use_rslora``: scale ``alpha/√r``; ``use_tucker``: Tucker core for k×k convs;
+    ``dropout``: dropout on the adapter's input while training."""
+
+    aliases = {"lora_alpha": "alpha", "init_lora_weights": "init_weights", "lora_dropout": "dropout"}
+    use_rslora: bool = False
+    use_tucker: bool = False
+    dropout: float = 0.0
+
+    def validate(self):
+        if self.r < 1:
+            raise ValueError("LoRA needs r >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@register
+class LoRA(Algorithm):
+    name = "lora"
+    config_class = LoRAConfig
+    detect_keys = ("lora_up", "lora_down")
+
+    @classmethod
+    def resolve(cls, config, spec, name):
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)
+        return {
+            "r": r,
+            "alpha": float(alpha),
+            "scale": lora_scale(alpha, r, config.use_rslora),
+            "tucker": bool(config.use_tucker and spec.is_conv and spec.taps > 1),
+            "dropout": config.dropout,
+        }
+
+    @classmethod
+    def init_params(cls, spec, settings, init_weights, generator):
+        r = settings["r"]
+        kh, kw = spec.kernel_size
+        if not spec.is_conv:
+            down, up = torch.empty(r, spec.in_features), torch.empty(spec.out_features, r)
+            params = {}
+        elif settings["tucker"]:
+            down, up = torch.empty(r, spec.in_features, 1, 1), torch.empty(spec.out_features, r, 1, 1)
+            params = {"lora_mid": kaiming_(torch.empty(r, r, kh, kw), generator)}
+        else:
+            down, up = torch.empty(r, spec.in_features, kh, kw), torch.empty(spec.out_features, r, 1, 1)
+            params = {}
+        params["lora_down"] = kaiming_(down, generator)
+        params["lora_up"] = kaiming_(up, generator) if init_weights is False else up.zero_()
+        return params
+
+    @classmethod
+    def delta_weight(cls, params, spec, settings):
+        return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
+
+    @classmethod
+    def delta_forward(cls, x, params, spec, settings):
+        return delta_forward(x, params["lora_down"], params["lora_up"], settings["scale"], spec, params.get("lora_mid"))

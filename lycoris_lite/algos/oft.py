@@ -1,0 +1,110 @@
+"""OFT: a block-diagonal orthogonal transform of the weight, each block a Cayley transform.
+
+``Q_k = B_k − B_kᵀ`` (``oft_blocks``: ``(n, b, b)``, LyCORIS's layout and meaning), optionally
+clamped (COFT: ``‖Q‖_F ≤ constraint · D`` over all blocks), ``R_k = (I − Q_k)(I + Q_k)⁻¹`` (or its
+Cayley-Neumann series), ``M = blockdiag(R_1..R_n)``.
+
+* ``rotation_side="output"`` (LyCORIS, kohya, AUTOMATIC1111, ComfyUI): ``W' = M · W`` with ``D = out``.
+  Unmerged forward: ``y' = (y − bias)·Mᵀ + bias``, a block rotation of the output channels (convs too).
+* ``rotation_side="input"`` (PEFT): ``W' = W · M`` with ``D = in·kh·kw``. Linear and 1×1 convs rotate
+  the input channels; a k×k conv rotates its weight (cost ``out·D·b``), which is exact for any input.
+* ``rescale`` adds a per-output-channel scale: ``W' = diag(rescale) · (...)``.
+
+With the user's multiplier ``s`` the layer applies ``W + s·(W' − W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AdapterConfig, check_choice
+from ..operators import BlockDiagonal, Chain, Diagonal
+from ..registry import Algorithm, register
+from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, normal_, rotated_dim, skew
+
+
+def rotation_blocks(raw: torch.Tensor, constraint: float = 0.0, neumann_terms: int = 0) -> torch.Tensor:
+    """``(n, b, b)`` orthogonal blocks ``(I − Q)(I + Q)⁻¹`` with ``Q = clamp(B − Bᵀ)``."""
+    return cayley(clamp_norm(skew(raw), constraint), neumann_terms)
+
+
+def rotation_operators(blocks, side: str, rescale=None, perms=None):
+    """``(input_op, output_op)`` for rotation blocks on ``side`` and an optional output rescale.
+
+    ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms``.
+    """
+    stages = [BlockDiagonal(blocks)] if perms is None else [BlockDiagonal(bk, p) for bk, p in zip(blocks, perms)]
+    rotation = stages[0] if len(stages) == 1 else Chain(stages)
+    scale_op = Diagonal(rescale) if rescale is not None else None
+    if side == "output":
+        return None, rotation if scale_op is None else Chain([rotation, scale_op])
+    return rotation, scale_op
+
+
+@dataclass
+class OFTConfig(AdapterConfig):
+    """OFT. ``block_size`` (or ``r`` = number of blocks, PEFT's meaning, when > 0),
+    ``use_cayley_neumann`` + ``num_cayley_neumann_terms``, ``constraint`` (COFT radius per rotated
+    dimension, as LyCORIS stores it in ``alpha``; 0 = none), ``rescale``, ``rotation_side``."""
+
+    aliases = {"oft_block_size": "block_size"}
+    r: int = 0
+    block_size: int = 32
+    use_cayley_neumann: bool = False
+    num_cayley_neumann_terms: int = 5
+    constraint: float = 0.0
+    rescale: bool = False
+    rotation_side: str = "output"
+
+    def validate(self):
+        check_choice("rotation_side", self.rotation_side, ROTATION_SIDES)
+        if self.r == 0 and self.block_size < 1:
+            raise ValueError("OFT needs block_size >= 1 or r (number of blocks) >= 1")
+        if self.constraint < 0:
+            raise ValueError("constraint must be >= 0")
+        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 2:
+            raise ValueError("num_cayley_neumann_terms must be >= 2")
+
+
+def rotation_settings(config, spec, name, what="block_size"):
+    dim = rotated_dim(spec, config.rotation_side)
+    n, b = block_layout(dim, config.block_size, config.r, name, what)
+    return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b,
+            "radius": float(config.constraint) * dim, "rescale": bool(config.rescale)}
+
+
+def init_rotation(shape, spec, settings, init_weights, generator):
+    params = {"oft_blocks": torch.zeros(shape)}
+    if init_weights is False:
+        normal_(params["oft_blocks"], 0.1, generator)
+    if settings["rescale"]:
+        params["rescale"] = torch.ones(spec.out_features)
+        if init_weights is False:
+            normal_(params["rescale"], 0.1, generator, mean=1.0)
+    return params
+
+
+@register
+class OFT(Algorithm):
+    name = "oft"
+    config_class = OFTConfig
+    multiplicative = True
+    detect_keys = ("oft_blocks",)
+
+    @classmethod
+    def resolve(cls, config, spec, name):
+        settings = rotation_settings(config, spec, name)
+        settings["neumann_terms"] = config.num_cayley_neumann_terms if config.use_cayley_neumann else 0
+        return settings
+
+    @classmethod
+    def init_params(cls, spec, settings, init_weights, generator):
+        b = settings["block_size"]
+        return init_rotation((settings["block_num"], b, b), spec, settings, init_weights, generator)
+
+    @classmethod
+    def transform(cls, params, spec, settings):
+        blocks = rotation_blocks(params["oft_blocks"], settings["radius"], settings["neumann_terms"])
+        return rotation_operators(blocks, settings["side"], params.get("rescale"))

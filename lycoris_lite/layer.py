@@ -1,0 +1,288 @@
+"""The one layer wrapper: named adapters of any algorithm on a Linear or Conv2d layer.
+
+Composition order (one formula, used by both the merged weight and the unmerged forward): for the
+live adapters in the order they were added to the layer,
+
+    W_eff = M_k( … M_1(W) ) + Σ_j s_j · ΔW_j
+
+where each multiplicative adapter ``i`` (OFT, BOFT, HRA) is ``M_i(W) = W + s_i·(L_i·W·R_i − W)`` and the
+additive ones (LoRA, LoHa, LoKr) add ``s_j·ΔW_j`` on top (not transformed). ``s`` is the user's
+multiplier; ``alpha / r`` lives inside each algorithm's formula. Rotations do not commute, so the order
+matters, and merged and unmerged results follow the same one.
+
+State-dict keys of the base layer are unchanged: the wrapper registers the base layer's own ``weight``
+and ``bias`` Parameters and puts adapter tensors under ``adapters.<name>.<key>``; the original module is
+kept (unregistered) and put back by :meth:`AdapterLayer.unwrap`.
+
+Merging swaps the weight's storage for a newly computed tensor and keeps the original tensor as the
+backup (same device, or ``backup_device``); unmerging swaps it back, so unmerge is bit-exact after any
+number of cycles and costs one copy of the merged layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer_kind import LayerSpec, move_channels_back, move_channels_last
+from .operators import Operator, scaled
+from .registry import Algorithm, get_algorithm
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adapters on half-precision layers keep (and compute in) float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class AdapterSlot(nn.Module):
+    """One adapter on one layer: its tensors (registered by their file key), algorithm, settings and
+    the user's multiplier."""
+
+    def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.algorithm_name = algorithm.name
+        self.settings = settings
+        self.scale = 1.0
+        for key, value in params.items():
+            self.register_parameter(key, nn.Parameter(value))
+
+    @property
+    def algorithm(self) -> type[Algorithm]:
+        return get_algorithm(self.algorithm_name)
+
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        params = dict(self.named_parameters(recurse=False))
+        if dtype is None:
+            return params
+        return {k: v.to(dtype) for k, v in params.items()}
+
+    def extra_repr(self) -> str:
+        return f"{self.algorithm_name}, scale={self.scale}"
+
+
+@dataclass
+class _Term:
+    """``coef · L_t · W · R_t`` in the expansion of the multiplicative chain."""
+
+    coef: float
+    inputs: list[Operator] = field(default_factory=list)  # R_1 .. R_k (W ← W·R_1 first)
+    outputs: list[Operator] = field(default_factory=list)  # L_1 .. L_k (W ← L_1·W first)
+
+
+class AdapterLayer(nn.Module):
+    def __init__(self, base: nn.Module, name: str = "", backup_device: torch.device | str | None = None):
+        super().__init__()
+        self.spec = LayerSpec.from_module(base, name)
+        self.layer_name = name
+        self.weight = base.weight
+        self.bias = base.bias
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.backup_device = backup_device
+        self._backup: torch.Tensor | None = None
+        object.__setattr__(self, "_base_module", base)  # kept, not registered
+
+    # ---- attributes diffusers and users read on Linear/Conv2d -----------------------------------
+    @property
+    def base_module(self) -> nn.Module:
+        return self._base_module
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                        "padding", "dilation", "groups", "padding_mode"):
+                return getattr(self._base_module, name)
+            raise
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def add(self, name: str, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
+        dtype = compute_dtype(self.weight.dtype)
+        params = {k: v.to(device=self.weight.device, dtype=dtype) for k, v in params.items()}
+        self.adapters[name] = AdapterSlot(algorithm, settings, params)
+
+    def remove(self, name: str):
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into {self.layer_name!r}; unmerge it first")
+        del self.adapters[name]
+        if name in self.active:
+            self.active.remove(name)
+
+    def ordered(self, names) -> list[str]:
+        """``names`` in the order the adapters were added (the composition order)."""
+        wanted = set(names)
+        return [n for n in self.adapters if n in wanted]
+
+    def live_adapters(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.ordered(self.active) if n not in self.merged and self.adapters[n].scale != 0]
+
+    # ---- the composition plan -----------------------------------------------------------------
+    def _plan(self, names, dtype):
+        terms = [_Term(1.0)]
+        additive = []
+        for name in names:
+            slot = self.adapters[name]
+            algo = slot.algorithm
+            if not algo.multiplicative:
+                additive.append(slot)
+                continue
+            in_op, out_op = algo.transform(slot.tensors(dtype), self.spec, slot.settings)
+            s = slot.scale
+            if in_op is not None and out_op is not None and s != 1.0:
+                # W + s(L W R − W) is not a product of one-sided factors: split every term in two
+                terms = [t for old in terms for t in (
+                    _Term(old.coef * (1 - s), old.inputs, old.outputs),
+                    _Term(old.coef * s, old.inputs + [in_op], old.outputs + [out_op]))]
+            else:
+                for t in terms:
+                    if in_op is not None:
+                        t.inputs = t.inputs + [scaled(in_op, s)]
+                    if out_op is not None:
+                        t.outputs = t.outputs + [scaled(out_op, s)]
+        return terms, additive
+
+    def _transform_weight(self, weight: torch.Tensor, term: _Term, inputs: bool = True) -> torch.Tensor:
+        flat = self.spec.flatten_weight(weight)
+        if inputs:
+            for op in term.inputs:  # W ← W·R
+                flat = op.apply(flat, transpose=True)
+        if term.outputs:
+            cols = flat.T
+            for op in term.outputs:  # W ← L·W
+                cols = op.apply(cols)
+            flat = cols.T
+        return self.spec.unflatten_weight(flat)
+
+    def effective_weight(self, names, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``W_eff`` for ``names`` (in composition order) in float32 or wider, from ``base`` (default:
+        the original weight)."""
+        if base is None:
+            base = self._backup if self._backup is not None else self.weight.detach()
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+        w = base.to(device=self.weight.device, dtype=dtype)
+        terms, additive = self._plan(self.ordered(names), dtype)
+        if len(terms) == 1 and terms[0].coef == 1.0:
+            out = self._transform_weight(w, terms[0])
+        else:
+            out = sum(t.coef * self._transform_weight(w, t) for t in terms)
+        for slot in additive:
+            out = out + slot.scale * slot.algorithm.delta_weight(slot.tensors(dtype), self.spec, slot.settings)
+        return out
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec, weight, bias = self.spec, self.weight, self.bias
+        if self.disabled and self._backup is not None:
+            return spec.op(x, self._backup.to(weight.device), bias)
+        names = self.live_adapters()
+        if not names:
+            return spec.op(x, weight, bias)
+        cdtype = compute_dtype(weight.dtype)
+        terms, additive = self._plan(names, cdtype)
+        folded = [s for s in additive if not s.algorithm.activation_route]
+        routed = [s for s in additive if s.algorithm.activation_route]
+
+        weight_delta = None
+        for slot in folded:
+            delta = slot.scale * slot.algorithm.delta_weight(slot.tensors(), spec, slot.settings)
+            weight_delta = delta if weight_delta is None else weight_delta + delta
+
+        plain = len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
+        if plain:
+            effective = weight if weight_delta is None else weight + weight_delta.to(weight.dtype)
+            y = spec.op(x, effective, bias)
+        else:
+            y = None
+            for term in terms:
+                h = self._term_forward(x, term, cdtype)
+                y = h if y is None else y + h
+            if weight_delta is not None:
+                y = y + spec.op(x, weight_delta.to(weight.dtype))
+            y = spec.add_bias(y, bias)
+
+        for slot in routed:
+            xa = x.to(cdtype)
+            p = slot.settings.get("dropout", 0.0)
+            if p and self.training:
+                xa = F.dropout(xa, p, training=True)
+            y = y + (slot.scale * slot.algorithm.delta_forward(xa, slot.tensors(), spec, slot.settings)).to(y.dtype)
+        return y
+
+    def _term_forward(self, x: torch.Tensor, term: _Term, cdtype) -> torch.Tensor:
+        """``coef · op(x, L·W·R)`` (no bias), rotating activations where that is exact and cheap."""
+        spec, weight = self.spec, self.weight
+        if term.inputs and not spec.is_pointwise:
+            # a k×k conv's input-side rotation mixes kernel taps: rotate the weight instead
+            weight = self._transform_weight(weight.to(cdtype), _Term(1.0, term.inputs), inputs=True).to(weight.dtype)
+        elif term.inputs:
+            v = move_channels_last(x, spec).to(cdtype)
+            for op in reversed(term.inputs):  # y = x Rᵀ Wᵀ: R_k acts first on x
+                v = op.apply(v)
+            x = move_channels_back(v, spec).to(x.dtype)
+        h = spec.op(x, weight)
+        if term.outputs:
+            v = move_channels_last(h, spec).to(cdtype)
+            for op in term.outputs:
+                v = op.apply(v)
+            h = move_channels_back(v, spec).to(h.dtype)
+        return h if term.coef == 1.0 else h * term.coef
+
+    # ---- merge / unmerge ----------------------------------------------------------------------
+    def merged_weight(self, names) -> torch.Tensor:
+        """The weight with ``names`` merged (on top of those already merged), in the weight's dtype."""
+        target = self.ordered(list(self.merged) + list(names))
+        return self.effective_weight(target).to(self.weight.dtype)
+
+    def check_finite(self, names) -> None:
+        for name in names:
+            for key, value in self.adapters[name].named_parameters(recurse=False):
+                if not torch.isfinite(value).all():
+                    raise ValueError(
+                        f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was merged"
+                    )
+
+    def write_merged(self, names, new_weight: torch.Tensor) -> None:
+        """Swap in ``new_weight`` (from :meth:`merged_weight`); the original tensor becomes the backup."""
+        if self._backup is None:
+            original = self.weight.data
+            self._backup = original if self.backup_device is None else original.to(self.backup_device, copy=True)
+        self.weight.data = new_weight
+        self.merged = self.ordered(list(self.merged) + list(names))
+
+    def merge(self, names, safe: bool = False) -> None:
+        names = [n for n in self.ordered(names) if n not in self.merged]
+        if not names:
+            return
+        if safe:
+            self.check_finite(names)
+        new = self.merged_weight(names)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging {names} into layer {self.layer_name!r} gives NaN/Inf weights; nothing was merged")
+        self.write_merged(names, new)
+
+    def unmerge(self) -> None:
+        """Restore the original weight exactly."""
+        if self._backup is None:
+            return
+        backup = self._backup
+        self.weight.data = backup if backup.device == self.weight.device else backup.to(self.weight.device)
+        self._backup = None
+        self.merged = []
+
+    def unwrap(self, keep_merged: bool = False) -> nn.Module:
+        """The original module: unmerged (``keep_merged=False``) or with the merged weights baked in."""
+        if not keep_merged:
+            self.unmerge()
+        self._backup = None
+        return self._base_module
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.kind}: {self.spec.in_features} -> {self.spec.out_features}, active={self.active}, merged={self.merged}"

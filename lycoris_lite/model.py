@@ -1,0 +1,557 @@
+"""Injection by name pattern and adapter management for any ``nn.Module``.
+
+:class:`AdapterController` does the work on a model tree (one per model, found with
+:func:`controller_for`); :class:`AdapterModel` (alias ``LoRAModel`` … ``HRAModel``) wraps a model with
+the PEFT-style API, so ``pipe.unet = HRAModel(pipe.unet, config, "default")`` works. The diffusers
+integration drives the same controller without wrapping.
+
+Adding an adapter is all-or-nothing: every target, its layer type and the config's fit to it are
+checked before any module is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import algos  # noqa: F401  (registers the algorithms)
+from .config import AdapterConfig
+from .layer import AdapterLayer
+from .layer_kind import LayerSpec
+from .registry import algorithm_for
+
+_ATTR = "_lycoris_controller"
+
+
+# ---- target matching ----------------------------------------------------------------------------
+def _matches(name: str, pattern) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _layer_index(name: str, patterns) -> int | None:
+    regexes = [rf".*\.{re.escape(p)}\.(\d+)(\.|$)" for p in patterns] if patterns else [r".*?\.(\d+)(\.|$)"]
+    for regex in regexes:
+        found = re.match(regex, name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Module names a config may target: everything but adapter internals."""
+    out = []
+    for name, module in model.named_modules():
+        if not name or ".adapters." in f".{name}." or ".modules_to_save." in f".{name}.":
+            continue
+        if isinstance(module, AdapterLayer):
+            out.append((name, module.base_module))
+        else:
+            out.append((name, module))
+    return out
+
+
+def _nearest(word: str, names: Iterable[str]) -> list[str]:
+    pool = set()
+    for n in names:
+        parts = n.split(".")
+        pool.update(".".join(parts[i:]) for i in range(len(parts)))
+    return difflib.get_close_matches(word, sorted(pool), n=5, cutoff=0.5)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the modules ``config`` targets, checked: every list entry must match something and
+    every match must be a supported layer."""
+    candidates = _candidates(model)
+    names = [n for n, _ in candidates]
+    targets = config.target_modules
+    if not targets:
+        raise ValueError("target_modules is empty: give a list of names, a regex, or 'all-linear'")
+    if targets == "all-linear":
+        chosen = [n for n, m in candidates if isinstance(m, nn.Linear)]
+    else:
+        chosen = [n for n in names if _matches(n, targets)]
+        if not isinstance(targets, str):
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                hints = "; ".join(f"{t!r}: nearest {_nearest(t, names) or 'none'}" for t in missing)
+                raise ValueError(f"target_modules entries match no module: {hints}")
+    if config.exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
+    if config.layers_to_transform:
+        wanted = set(config.layers_to_transform)
+        chosen = [n for n in chosen if _layer_index(n, config.layers_pattern) in wanted]
+    if not chosen:
+        raise ValueError(
+            f"target_modules={targets!r} matches no module of this model; "
+            f"nearest names: {_nearest(targets if isinstance(targets, str) else targets[0], names)}"
+        )
+    modules = dict(candidates)
+    for name in chosen:
+        LayerSpec.from_module(modules[name], name)  # raises a clear TypeError for other layer types
+    return chosen
+
+
+# ---- modules trained in full ----------------------------------------------------------------------
+class ModulesToSave(nn.Module):
+    """A module trained in full: one copy per adapter; the active adapter's copy runs."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+
+    def add(self, name: str):
+        clone = copy.deepcopy(self.original_module)
+        clone.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def forward(self, *args, **kwargs):
+        module = self.modules_to_save[self.active] if self.active in self.modules_to_save else self.original_module
+        return module(*args, **kwargs)
+
+
+# ---- the controller --------------------------------------------------------------------------------
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    if "." in name:
+        parent_name, child = name.rsplit(".", 1)
+        return model.get_submodule(parent_name), child
+    return model, name
+
+
+def controller_for(model: nn.Module, create: bool = True) -> "AdapterController | None":
+    ctrl = model.__dict__.get(_ATTR)
+    if ctrl is None and create:
+        ctrl = AdapterController(model)
+        model.__dict__[_ATTR] = ctrl
+    return ctrl
+
+
+def _refuse_save(*args, **kwargs):
+    raise RuntimeError(
+        "this model has lycoris-lite adapters attached: saving it would mix adapter tensors into the base "
+        "checkpoint. Save the adapter with save_adapter(), or call merge_and_unload() / unload() first."
+    )
+
+
+class AdapterController:
+    """Adapters on one model tree. Methods follow PEFT's names."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: list[str] = []
+        self.enabled = True
+        self._requires_grad: dict[str, bool] | None = None
+        self._saved_modules: dict[str, ModulesToSave] = {}
+
+    # ---- iteration ------------------------------------------------------------------------------
+    def layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _check_names(self, names) -> list[str]:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.configs)}")
+        return names
+
+    # ---- adding and removing ----------------------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig, *, generator: torch.Generator | None = None,
+                    tensors: dict[str, dict[str, torch.Tensor]] | None = None, activate: bool = False,
+                    settings: dict[str, dict] | None = None) -> list[str]:
+        """Attach adapter ``name``; returns the targeted layer names.
+
+        ``tensors`` (``{layer: {key: tensor}}``) gives the weights instead of initialising them;
+        ``settings`` overrides the per-layer settings resolved from ``config`` (used by file loaders).
+        Nothing is changed if any check fails.
+        """
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")
+        if not name or not isinstance(name, str) or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
+        algo = algorithm_for(config)
+        targets = list(tensors) if tensors is not None and config.target_modules is None else find_targets(self.model, config)
+        modules = dict(_candidates(self.model))
+        plan = []
+        for layer_name in targets:
+            if layer_name not in modules:
+                raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
+            spec = LayerSpec.from_module(modules[layer_name], layer_name)
+            layer_settings = (settings or {}).get(layer_name) or algo.resolve(config, spec, layer_name)
+            if tensors is not None:
+                params = tensors.get(layer_name)
+                if params is None:
+                    raise ValueError(f"no tensors given for layer {layer_name!r}")
+                expected = algo.init_params(spec, layer_settings, True, None)
+                _check_shapes(layer_name, params, expected)
+            else:
+                params = algo.init_params(spec, layer_settings, config.init_weights, generator)
+            plan.append((layer_name, spec, layer_settings, params))
+        save_names = self._modules_to_save_targets(config)
+
+        # all checks passed: change the model
+        if self._requires_grad is None:
+            self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            self.model.requires_grad_(False)
+            if hasattr(type(self.model), "save_pretrained"):
+                self.model.__dict__["save_pretrained"] = _refuse_save
+        for layer_name, spec, layer_settings, params in plan:
+            module = self.model.get_submodule(layer_name)
+            if not isinstance(module, AdapterLayer):
+                module = AdapterLayer(module, layer_name)
+                parent, child = _parent(self.model, layer_name)
+                setattr(parent, child, module)
+            module.add(name, algo, layer_settings, params)
+            for p in module.adapters[name].parameters():
+                p.requires_grad_(False)
+        for module_name in save_names:
+            wrapper = self._saved_modules.get(module_name)
+            if wrapper is None:
+                wrapper = ModulesToSave(self.model.get_submodule(module_name))
+                parent, child = _parent(self.model, module_name)
+                setattr(parent, child, wrapper)
+                self._saved_modules[module_name] = wrapper
+            wrapper.add(name)
+            wrapper.modules_to_save[name].requires_grad_(False)
+        self.configs[name] = config
+        if activate or not self.active:
+            self.set_adapter(self.active + [name] if activate and self.active else name)
+        return [p[0] for p in plan]
+
+    def _modules_to_save_targets(self, config) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        names = [n for n, _ in _candidates(self.model)]
+        found = [n for n in names if _matches(n, config.modules_to_save)]
+        missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ValueError(f"modules_to_save entries match no module: {missing}")
+        return found
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_names(name)
+        merged = [ln for ln, layer in self.layers() if name in layer.merged]
+        if merged:
+            raise ValueError(f"cannot delete adapter {name!r} while it is merged (in {merged[0]!r}); unmerge first")
+        for _, layer in list(self.layers()):
+            if name in layer.adapters:
+                layer.remove(name)
+        for wrapper in self._saved_modules.values():
+            if name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[name]
+        del self.configs[name]
+        remaining = [n for n in self.active if n != name]
+        self.set_adapter(remaining) if remaining else self._set_active([])
+        for layer_name, layer in list(self.layers()):
+            if not layer.adapters:
+                parent, child = _parent(self.model, layer_name)
+                setattr(parent, child, layer.unwrap())
+
+    # ---- activation and scales --------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.active)
+
+    def _set_active(self, names: list[str]) -> None:
+        self.active = list(names)
+        for _, layer in self.layers():
+            layer.active = [n for n in names if n in layer.adapters]
+        for wrapper in self._saved_modules.values():
+            wrapper.active = next((n for n in reversed(names) if n in wrapper.modules_to_save), None)
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        """Make ``names`` the active adapters (trainable; the others frozen)."""
+        names = self._check_names(names)
+        self._set_active(names)
+        for _, layer in self.layers():
+            for adapter_name, slot in layer.adapters.items():
+                slot.requires_grad_(adapter_name in names)
+        for wrapper in self._saved_modules.values():
+            for adapter_name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(adapter_name in names)
+
+    def set_scale(self, name: str, scale: float, layers: Iterable[str] | None = None) -> None:
+        """The user's multiplier for adapter ``name`` (on the given layers, default all)."""
+        self._check_names(name)
+        if not isinstance(scale, (int, float)) or scale != scale:
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        wanted = None if layers is None else set(layers)
+        for layer_name, layer in self.layers():
+            if name in layer.adapters and (wanted is None or layer_name in wanted):
+                if name in layer.merged and layer.adapters[name].scale != scale:
+                    raise ValueError(f"adapter {name!r} is merged; unmerge before changing its scale")
+                layer.adapters[name].scale = float(scale)
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        names = self._check_names(names)
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, (int, float)):
+            weights = [weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
+        for name, weight in zip(names, weights):
+            self.set_scale(name, weight)
+        self.set_adapter(names)
+
+    def enable_adapter_layers(self) -> None:
+        self.enabled = True
+        for _, layer in self.layers():
+            layer.disabled = False
+
+    def disable_adapter_layers(self) -> None:
+        self.enabled = False
+        for _, layer in self.layers():
+            layer.disabled = True
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model inside the block (merged weights included), then restore."""
+        was_enabled = self.enabled
+        saved = {n: w.active for n, w in self._saved_modules.items()}
+        self.disable_adapter_layers()
+        for wrapper in self._saved_modules.values():
+            wrapper.active = None
+        try:
+            yield
+        finally:
+            if was_enabled:
+                self.enable_adapter_layers()
+            for n, w in self._saved_modules.items():
+                w.active = saved[n]
+
+    # ---- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights (default: the active ones). With ``safe_merge`` every
+        layer is computed and checked for NaN/Inf before any weight is written."""
+        names = self.active if adapter_names is None else self._check_names(adapter_names)
+        layers = [layer for _, layer in self.layers()]
+        if not safe_merge:
+            for layer in layers:
+                layer.merge([n for n in names if n in layer.adapters])
+            return
+        staged = []
+        for layer in layers:
+            todo = [n for n in layer.ordered(names) if n not in layer.merged]
+            if not todo:
+                continue
+            layer.check_finite(todo)
+            new = layer.merged_weight(todo)
+            if not torch.isfinite(new).all():
+                raise ValueError(
+                    f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged"
+                )
+            staged.append((layer, todo, new))
+        for layer, todo, new in staged:
+            layer.write_merged(todo, new)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.layers():
+            layer.unmerge()
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        found = []
+        for _, layer in self.layers():
+            found += [n for n in layer.merged if n not in found]
+        return found
+
+    def _restore(self, keep_merged: bool) -> nn.Module:
+        for layer_name, layer in list(self.layers()):
+            parent, child = _parent(self.model, layer_name)
+            setattr(parent, child, layer.unwrap(keep_merged=keep_merged))
+        for module_name, wrapper in self._saved_modules.items():
+            parent, child = _parent(self.model, module_name)
+            setattr(parent, child, wrapper.original_module)
+        if self._requires_grad is not None:
+            for n, p in self.model.named_parameters():
+                if n in self._requires_grad:
+                    p.requires_grad_(self._requires_grad[n])
+        self.model.__dict__.pop("save_pretrained", None)
+        self.model.__dict__.pop(_ATTR, None)
+        self.configs.clear()
+        self.active = []
+        self._saved_modules = {}
+        self._requires_grad = None
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge, then put the original modules back with the merged weights. Returns the model."""
+        names = self.active if adapter_names is None else self._check_names(adapter_names)
+        layers = list(self.layers())
+        if progressbar:
+            try:
+                from tqdm.auto import tqdm
+                layers = tqdm(layers, desc="merging")
+            except ImportError:
+                pass
+        if safe_merge:
+            self.merge_adapter(names, safe_merge=True)
+        else:
+            for _, layer in layers:
+                layer.merge([n for n in names if n in layer.adapters])
+        return self._restore(keep_merged=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter; the model is bitwise the original. Returns the model."""
+        return self._restore(keep_merged=False)
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def adapter_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """``{layer_name: {key: tensor}}`` of adapter ``name`` (detached)."""
+        self._check_names(name)
+        return {ln: {k: v.detach() for k, v in layer.adapters[name].named_parameters(recurse=False)}
+                for ln, layer in self.layers() if name in layer.adapters}
+
+    def adapter_settings(self, name: str) -> dict[str, dict]:
+        self._check_names(name)
+        return {ln: dict(layer.adapters[name].settings) for ln, layer in self.layers() if name in layer.adapters}
+
+    def trainable_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
+        names = self.active if names is None else names
+        params = []
+        for _, layer in self.layers():
+            for n in names:
+                if n in layer.adapters:
+                    params += list(layer.adapters[n].parameters())
+        for wrapper in self._saved_modules.values():
+            for n in names:
+                if n in wrapper.modules_to_save:
+                    params += list(wrapper.modules_to_save[n].parameters())
+        return params
+
+    def regularization_loss(self, names: list[str] | None = None) -> torch.Tensor:
+        """Sum of the algorithms' training penalties (HRA's orthogonality term) over the adapters."""
+        names = self.active if names is None else names
+        total = None
+        for _, layer in self.layers():
+            for n in names:
+                if n in layer.adapters:
+                    slot = layer.adapters[n]
+                    term = slot.algorithm.regularization(slot.tensors(), slot.settings)
+                    if term is not None:
+                        total = term if total is None else total + term
+        return total if total is not None else torch.zeros(())
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def _check_shapes(layer_name, given: dict, expected: dict) -> None:
+    if set(given) != set(expected):
+        raise ValueError(
+            f"layer {layer_name!r}: tensors {sorted(given)} do not match the expected {sorted(expected)}"
+        )
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"layer {layer_name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"layer {layer_name!r}: {key} has NaN/Inf values")
+
+
+# ---- the PEFT-style wrapper -------------------------------------------------------------------------
+class AdapterModel(nn.Module):
+    """``AdapterModel(model, config, adapter_name="default")``: ``model`` with adapters, forwarding
+    every other attribute to it. ``LoRAModel`` … ``HRAModel`` are this class."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.model = model
+        self.controller.add_adapter(adapter_name, config, generator=generator, activate=True)
+
+    @property
+    def controller(self) -> AdapterController:
+        return controller_for(self.model)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        return self.controller.configs
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.controller.active_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.controller.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, **kwargs) -> None:
+        self.controller.add_adapter(adapter_name, config, **kwargs)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.controller.set_adapter(adapter_name)
+
+    def set_adapters(self, adapter_names, weights=None) -> None:
+        self.controller.set_adapters(adapter_names, weights)
+
+    def set_scale(self, adapter_name: str, scale: float, layers=None) -> None:
+        self.controller.set_scale(adapter_name, scale, layers)
+
+    def disable_adapter(self):
+        return self.controller.disable_adapter()
+
+    def enable_adapter_layers(self) -> None:
+        self.controller.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        self.controller.disable_adapter_layers()
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        self.controller.merge_adapter(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.controller.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return self.controller.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.controller.unload()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.controller.delete_adapter(adapter_name)
+
+    def regularization_loss(self, adapter_names=None) -> torch.Tensor:
+        return self.controller.regularization_loss(adapter_names)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return self.controller.get_nb_trainable_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        self.controller.print_trainable_parameters()
+
+
+LoRAModel = LoHaModel = LoKrModel = OFTModel = BOFTModel = HRAModel = AdapterModel

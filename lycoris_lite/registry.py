@@ -1,0 +1,105 @@
+"""The one registry of algorithms.
+
+Each algorithm is one module in :mod:`lycoris_lite.algos` holding its maths as pure functions, its
+config class and an :class:`Algorithm` subclass registered with :func:`register`. Configs, file
+detection, the trainer's ``--algo`` choices, the UI and the test matrix all iterate
+:data:`ALGORITHMS`.
+
+The contract an algorithm implements (all tensors float, shapes per :class:`LayerSpec`):
+
+* ``resolve(config, spec, name) -> settings``: per-layer hyper-parameters (rank, scale, block sizes)
+  as a plain dict, raising ``ValueError`` when the config does not fit the layer.
+* ``init_params(spec, settings, init_weights, generator) -> {key: tensor}``: the trainable tensors,
+  named as in the algorithm's kohya/LyCORIS file keys.
+* additive algorithms (``multiplicative = False``):
+  ``delta_weight(params, spec, settings) -> ΔW`` (base-weight shape, ``alpha / r`` included) and
+  ``delta_forward(x, params, spec, settings) -> Δy`` (the cheap activation route; ``None`` when the
+  algorithm is cheapest through its weight, which the layer then folds into the base op).
+* multiplicative algorithms: ``transform(params, spec, settings) -> (input_op, output_op)`` with
+  ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.operators`).
+* ``regularization(params, settings) -> tensor | None``: an optional training penalty.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .config import AdapterConfig
+from .layer_kind import LayerSpec
+from .operators import Operator
+
+
+class Algorithm:
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+    multiplicative: ClassVar[bool] = False
+    #: additive algorithms with a cheap activation route (``delta_forward``); the others are folded
+    #: into the base op as ``W + s·ΔW``
+    activation_route: ClassVar[bool] = True
+    #: keys a file must contain (one of) for this algorithm to claim a module
+    detect_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def resolve(cls, config: AdapterConfig, spec: LayerSpec, name: str) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def init_params(cls, spec: LayerSpec, settings: dict, init_weights, generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def delta_weight(cls, params, spec: LayerSpec, settings: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def delta_forward(cls, x, params, spec: LayerSpec, settings: dict) -> torch.Tensor | None:
+        return None
+
+    @classmethod
+    def transform(cls, params, spec: LayerSpec, settings: dict) -> tuple[Operator | None, Operator | None]:
+        raise NotImplementedError
+
+    @classmethod
+    def regularization(cls, params, settings: dict) -> torch.Tensor | None:
+        return None
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm {cls.name!r} registered twice")
+    cls.config_class.algo = cls.name
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    try:
+        return ALGORITHMS[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}") from None
+
+
+def algorithm_for(config: AdapterConfig) -> type[Algorithm]:
+    return get_algorithm(config.algo)
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """Build the right config class from a dict with an ``algo`` key (as written by ``to_dict``)."""
+    if "algo" not in data:
+        raise ValueError("config dict has no 'algo' key")
+    return get_algorithm(data["algo"]).config_class.from_dict(data)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """``rank_pattern``/``alpha_pattern`` lookup: first key with ``(.*\\.)?(key)$`` matching ``name``."""
+    import re
+
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
