@@ -48,7 +48,7 @@ def delta_weight(w1, w2, scale: float, shape) -> torch.Tensor:
     """``ΔW = scale · kron(w1, w2)`` reshaped to ``shape`` (w1 gets 1×1 spatial dims for convs)."""
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return (torch.kron(w1, w2) * scale).reshape(shape)
+    return (torch.kron(w1.contiguous(), w2.contiguous()) * scale).reshape(shape)
 
 
 def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
