@@ -37,7 +37,7 @@ def _matches(name: str, pattern) -> bool:
 
 
 def _layer_index(name: str, patterns) -> int | None:
-    regexes = [rf".*\.{re.escape(p)}\.(\d+)(\.|$)" for p in patterns] if patterns else [r".*?\.(\d+)(\.|$)"]
+    regexes = [rf"(?:.*\.)?{re.escape(p)}\.(\d+)(?:\.|$)" for p in patterns] if patterns else [r"(?:.*?\.)?(\d+)(?:\.|$)"]
     for regex in regexes:
         found = re.match(regex, name)
         if found:
