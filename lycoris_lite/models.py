@@ -345,7 +345,7 @@ def _tiny_text_config(
     hidden_size: int,
     *,
     projection_dim: int | None = None,
-    intermediate_size: int = 37,
+    intermediate_size: int = 64,
     num_attention_heads: int = 4,
     num_hidden_layers: int = 2,
     bos_token_id: int | None = None,
@@ -381,7 +381,7 @@ def build_tiny_text_encoder(
     *,
     with_projection: bool = False,
     projection_dim: int | None = None,
-    intermediate_size: int = 37,
+    intermediate_size: int = 64,
     num_attention_heads: int = 4,
     num_hidden_layers: int = 2,
     pad_token_id: int | None = None,
@@ -390,7 +390,7 @@ def build_tiny_text_encoder(
 
     ``CLIPTextModel`` (or ``CLIPTextModelWithProjection`` if ``with_projection``, as SDXL's
     second encoder) with vocab_size 1000, max_position_embeddings 77, quick_gelu,
-    ``hidden_size`` (32 by default), intermediate 37, 4 heads, 2 layers and
+    ``hidden_size`` (32 by default), intermediate 64 (divisible by the block sizes rotations use; diffusers' fixture has 37), 4 heads, 2 layers and
     ``projection_dim`` (= hidden_size by default).  bos/eos/pad ids are the tokenizer's
     (912 / 913 / 913).  Input ids (B, 77) -> ``last_hidden_state`` (B, 77, hidden_size),
     ``pooler_output`` (B, hidden_size) or ``text_embeds`` (B, projection_dim).
