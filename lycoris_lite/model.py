@@ -185,21 +185,36 @@ class AdapterController:
         algo = algorithm_for(config)
         targets = list(tensors) if tensors is not None and config.target_modules is None else find_targets(self.model, config)
         modules = dict(_candidates(self.model))
-        plan = []
+        plan = {}
         for layer_name in targets:
             if layer_name not in modules:
                 raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
             spec = LayerSpec.from_module(modules[layer_name], layer_name)
             layer_settings = (settings or {}).get(layer_name) or algo.resolve(config, spec, layer_name)
             if tensors is not None:
-                params = tensors.get(layer_name)
-                if params is None:
+                if layer_name not in tensors:
                     raise ValueError(f"no tensors given for layer {layer_name!r}")
-                expected = algo.init_params(spec, layer_settings, True, None)
-                _check_shapes(layer_name, params, expected)
+                params = tensors[layer_name]
             else:
                 params = algo.init_params(spec, layer_settings, config.init_weights, generator)
-            plan.append((layer_name, spec, layer_settings, params))
+            plan[layer_name] = (algo, layer_settings, params)
+        return self.attach(name, plan, config, activate=activate)
+
+    def check_plan(self, name: str, plan: dict) -> None:
+        """Validate ``{layer: (algorithm, settings, tensors)}`` against the model (no change made)."""
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
+        modules = dict(_candidates(self.model))
+        for layer_name, (algo, layer_settings, params) in plan.items():
+            if layer_name not in modules:
+                raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
+            spec = LayerSpec.from_module(modules[layer_name], layer_name)
+            _check_shapes(layer_name, params, algo.init_params(spec, layer_settings, True, None))
+
+    def attach(self, name: str, plan: dict, config: AdapterConfig, activate: bool = False) -> list[str]:
+        """Attach a validated plan ``{layer: (algorithm, settings, tensors)}``; layers may carry different
+        algorithms (as kohya/LyCORIS files do). ``config`` describes the adapter as a whole."""
+        self.check_plan(name, plan)
         save_names = self._modules_to_save_targets(config)
 
         # all checks passed: change the model
@@ -208,7 +223,7 @@ class AdapterController:
             self.model.requires_grad_(False)
             if hasattr(type(self.model), "save_pretrained"):
                 self.model.__dict__["save_pretrained"] = _refuse_save
-        for layer_name, spec, layer_settings, params in plan:
+        for layer_name, (algo, layer_settings, params) in plan.items():
             module = self.model.get_submodule(layer_name)
             if not isinstance(module, AdapterLayer):
                 module = AdapterLayer(module, layer_name)
@@ -229,7 +244,7 @@ class AdapterController:
         self.configs[name] = config
         if activate or not self.active:
             self.set_adapter(self.active + [name] if activate and self.active else name)
-        return [p[0] for p in plan]
+        return list(plan)
 
     def _modules_to_save_targets(self, config) -> list[str]:
         if not config.modules_to_save:

@@ -38,8 +38,10 @@ class Algorithm:
     #: additive algorithms with a cheap activation route (``delta_forward``); the others are folded
     #: into the base op as ``W + s·ΔW``
     activation_route: ClassVar[bool] = True
-    #: keys a file must contain (one of) for this algorithm to claim a module
+    #: kohya/LyCORIS file keys (after ``<module>.``), one of which claims a module for this algorithm
     detect_keys: ClassVar[tuple[str, ...]] = ()
+    #: our tensor key -> its kohya/LyCORIS file key, where they differ
+    kohya_keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def resolve(cls, config: AdapterConfig, spec: LayerSpec, name: str) -> dict:
@@ -48,6 +50,33 @@ class Algorithm:
     @classmethod
     def init_params(cls, spec: LayerSpec, settings: dict, init_weights, generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def settings_from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], alpha: float | None,
+                              name: str, side: str | None = None) -> dict:
+        """Per-layer settings of an adapter read from a file (ranks from shapes, the file's alpha
+        rule); ``ValueError`` when the tensors do not fit the layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def matches(cls, file_tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether a kohya/LyCORIS file module's tensors (by file key) belong to this algorithm."""
+        return any(k in file_tensors for k in cls.detect_keys)
+
+    @classmethod
+    def from_kohya(cls, spec: LayerSpec, file_tensors: dict[str, torch.Tensor], alpha, name: str,
+                   side: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(settings, tensors by our key)`` from a kohya/LyCORIS module's tensors."""
+        back = {v: k for k, v in cls.kohya_keys.items()}
+        params = {back.get(k, k): v for k, v in file_tensors.items()}
+        return cls.settings_from_tensors(spec, params, alpha, name, side), params
+
+    @classmethod
+    def to_kohya(cls, params: dict[str, torch.Tensor], settings: dict) -> tuple[dict[str, torch.Tensor], float | None]:
+        """``(tensors by file key, alpha)``: loaders compute ``alpha / rank``, so for the LoRA family
+        ``alpha = scale · rank`` (rank-stabilised scales included)."""
+        tensors = {cls.kohya_keys.get(k, k): v for k, v in params.items()}
+        return tensors, settings["scale"] * settings["r"] if "scale" in settings else None
 
     @classmethod
     def delta_weight(cls, params, spec: LayerSpec, settings: dict) -> torch.Tensor:
@@ -93,6 +122,20 @@ def config_from_dict(data: dict) -> AdapterConfig:
     if "algo" not in data:
         raise ValueError("config dict has no 'algo' key")
     return get_algorithm(data["algo"]).config_class.from_dict(data)
+
+
+def detect_algorithm(file_tensors: dict[str, torch.Tensor]) -> type[Algorithm] | None:
+    """The registered algorithm whose keys a kohya/LyCORIS module carries (``None`` if none)."""
+    found = [algo for algo in ALGORITHMS.values() if algo.matches(file_tensors)]
+    return found[0] if len(found) == 1 else None
+
+
+def file_alpha(alpha, rank: int) -> float:
+    """LyCORIS's rule: a missing or zero alpha means ``alpha = rank`` (scale 1)."""
+    if alpha is None:
+        return float(rank)
+    value = float(alpha)
+    return float(rank) if value == 0 else value
 
 
 def pattern_value(patterns: dict, name: str, default):

@@ -22,7 +22,7 @@ import torch
 from ..config import AdapterConfig, check_choice
 from ..registry import Algorithm, register
 from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import init_rotation, rotation_operators
+from .oft import init_rotation, require_output_side, rotation_operators
 
 
 @lru_cache(maxsize=256)
@@ -85,6 +85,25 @@ class BOFT(Algorithm):
         b = settings["block_size"]
         shape = (settings["stages"], settings["block_num"], b, b)
         return init_rotation(shape, spec, settings, init_weights, generator)
+
+    @classmethod
+    def matches(cls, tensors):
+        return "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 4
+
+    @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+        side = side or "output"
+        m, n, b, b2 = tensors["oft_blocks"].shape
+        dim = rotated_dim(spec, side)
+        if b != b2 or n * b != dim or b % 2 or dim % ((2 ** (m - 1)) * b):
+            raise ValueError(f"layer {name!r}: BOFT blocks {(m, n, b, b2)} do not fit the {side} dimension {dim}")
+        return {"side": side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
+                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors}
+
+    @classmethod
+    def to_kohya(cls, params, settings):
+        require_output_side(settings)
+        return dict(params), settings["radius"] / settings["dim"]
 
     @classmethod
     def transform(cls, params, spec, settings):

@@ -109,6 +109,15 @@ class HRA(Algorithm):
         return {"hra_u": kaiming_(torch.empty(dim, r), generator)}
 
     @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, apply_gs=False):
+        dim, r = tensors["hra_u"].shape
+        if side is None:  # PEFT's (input) side unless only the output side fits
+            side = "input" if dim == spec.flat_in else "output"
+        if dim != rotated_dim(spec, side):
+            raise ValueError(f"layer {name!r}: hra_u {(dim, r)} does not fit the {side} dimension {rotated_dim(spec, side)}")
+        return {"r": r, "side": side, "dim": dim, "apply_gs": bool(apply_gs)}
+
+    @classmethod
     def transform(cls, params, spec, settings):
         op = reflection_operator(params["hra_u"], settings["apply_gs"])
         return (op, None) if settings["side"] == "input" else (None, op)

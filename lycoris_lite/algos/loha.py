@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AdapterConfig
-from ..registry import Algorithm, pattern_value, register
+from ..registry import Algorithm, file_alpha, pattern_value, register
 from .common import kaiming_, rebuild_tucker
 from .lora import lora_scale
 
@@ -93,6 +93,13 @@ class LoHa(Algorithm):
             else:
                 kaiming_(value, generator)
         return params
+
+    @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+        tucker = "hada_t1" in tensors
+        r = tensors["hada_w1_b"].shape[0]
+        a = file_alpha(alpha, r)
+        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": tucker}
 
     @classmethod
     def delta_weight(cls, params, spec, settings):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AdapterConfig
-from ..registry import Algorithm, pattern_value, register
+from ..registry import Algorithm, file_alpha, pattern_value, register
 from .common import factorization, kaiming_, rebuild_tucker
 from .lora import lora_scale
 
@@ -130,6 +130,29 @@ class LoKr(Algorithm):
             else:
                 kaiming_(value, generator)
         return params
+
+    @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+        if "lokr_w1" in tensors:
+            a, c = tensors["lokr_w1"].shape[:2]
+        else:
+            a, c = tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1]
+        tucker = "lokr_t2" in tensors
+        if "lokr_w2" in tensors:
+            b, d = tensors["lokr_w2"].shape[:2]
+        elif tucker:
+            b, d = tensors["lokr_w2_a"].shape[1], tensors["lokr_w2_b"].shape[1]
+        else:
+            b, d = tensors["lokr_w2_a"].shape[0], tensors["lokr_w2_b"].shape[1] // spec.taps
+        if a * b != spec.out_features or c * d != spec.in_features:
+            raise ValueError(f"layer {name!r}: LoKr factors ({a}x{c}) ⊗ ({b}x{d}) do not fit "
+                             f"{spec.out_features}x{spec.in_features}")
+        w1_low, w2_low = "lokr_w1" not in tensors, "lokr_w2" not in tensors
+        # LyCORIS / ComfyUI / AUTOMATIC1111: the rank of the decomposed factor, w2's winning
+        r = tensors["lokr_w2_b"].shape[0] if w2_low else tensors["lokr_w1_b"].shape[0] if w1_low else 1
+        a_value = file_alpha(alpha, r)
+        return {"r": r, "alpha": a_value, "shape": [a, b, c, d], "w1_low_rank": w1_low, "w2_low_rank": w2_low,
+                "tucker": tucker, "scale": lora_scale(a_value, r) if (w1_low or w2_low) else 1.0}
 
     @classmethod
     def _factors(cls, params, spec, settings):

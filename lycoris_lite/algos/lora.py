@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..layer_kind import LayerSpec
-from ..registry import Algorithm, pattern_value, register
+from ..registry import Algorithm, file_alpha, pattern_value, register
 from .common import kaiming_, rebuild_tucker
 
 
@@ -67,7 +67,8 @@ class LoRAConfig(AdapterConfig):
 class LoRA(Algorithm):
     name = "lora"
     config_class = LoRAConfig
-    detect_keys = ("lora_up", "lora_down")
+    detect_keys = ("lora_up.weight",)
+    kohya_keys = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
     @classmethod
     def resolve(cls, config, spec, name):
@@ -97,6 +98,12 @@ class LoRA(Algorithm):
         params["lora_down"] = kaiming_(down, generator)
         params["lora_up"] = kaiming_(up, generator) if init_weights is False else up.zero_()
         return params
+
+    @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+        r = tensors["lora_down"].shape[0]
+        a = file_alpha(alpha, r)
+        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": "lora_mid" in tensors, "dropout": 0.0}
 
     @classmethod
     def delta_weight(cls, params, spec, settings):

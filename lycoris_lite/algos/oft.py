@@ -68,6 +68,12 @@ class OFTConfig(AdapterConfig):
             raise ValueError("num_cayley_neumann_terms must be >= 2")
 
 
+def require_output_side(settings):
+    if settings["side"] != "output":
+        raise ValueError("kohya/LyCORIS files (and AUTOMATIC1111, ComfyUI) rotate the output side; an "
+                         "input-side OFT/BOFT adapter can be saved in the peft format instead")
+
+
 def rotation_settings(config, spec, name, what="block_size"):
     dim = rotated_dim(spec, config.rotation_side)
     n, b = block_layout(dim, config.block_size, config.r, name, what)
@@ -105,6 +111,42 @@ class OFT(Algorithm):
         return init_rotation((settings["block_num"], b, b), spec, settings, init_weights, generator)
 
     @classmethod
+    def matches(cls, tensors):
+        return "oft_diag" in tensors or ("oft_blocks" in tensors and tensors["oft_blocks"].dim() == 3)
+
+    @classmethod
+    def from_kohya(cls, spec, file_tensors, alpha, name, side=None):
+        """A legacy (LyCORIS 2.0) ``oft_diag`` stores the final rotation, not its parameter."""
+        if "oft_diag" not in file_tensors:
+            return super().from_kohya(spec, file_tensors, alpha, name, side)
+        params = {"oft_blocks": file_tensors["oft_diag"]}
+        settings = cls.settings_from_tensors(spec, params, 0.0, name, side)
+        return {**settings, "rotation_given": True}, params
+
+    @classmethod
+    def to_kohya(cls, params, settings):
+        if settings.get("rotation_given"):
+            return {"oft_diag": params["oft_blocks"]}, None
+        require_output_side(settings)
+        return dict(params), settings["radius"] / settings["dim"]
+
+    @classmethod
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+        """LyCORIS/kohya files rotate the output side; ``alpha`` is the COFT constraint."""
+        side = side or "output"
+        blocks = tensors["oft_blocks"]
+        dim = rotated_dim(spec, side)
+        n, b = blocks.shape[0], blocks.shape[-1]
+        if blocks.shape[1] != b or n * b != dim:
+            raise ValueError(f"layer {name!r}: OFT blocks {tuple(blocks.shape)} do not fit the {side} dimension {dim}")
+        return {"side": side, "dim": dim, "block_num": n, "block_size": b,
+                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": 0}
+
+    @classmethod
     def transform(cls, params, spec, settings):
-        blocks = rotation_blocks(params["oft_blocks"], settings["radius"], settings["neumann_terms"])
+        if settings.get("rotation_given"):
+            # AUTOMATIC1111/LyCORIS apply a given block X as einsum("k n m, k n ... -> k m ..."): M = Xᵀ
+            blocks = params["oft_blocks"].transpose(-1, -2)
+        else:
+            blocks = rotation_blocks(params["oft_blocks"], settings["radius"], settings["neumann_terms"])
         return rotation_operators(blocks, settings["side"], params.get("rescale"))

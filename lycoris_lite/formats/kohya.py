@@ -1,0 +1,156 @@
+"""kohya / LyCORIS files (what AUTOMATIC1111 and ComfyUI read): ``<module>.<key>`` with underscore module
+names under ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lycoris_`` / ``oft_unet_``,
+and a 0-d ``alpha`` per module (the COFT constraint for OFT/BOFT).
+
+Two pure mappings: :func:`read` (file tensors -> per-layer entries of our algorithms) and :func:`write`
+(entries -> file tensors). Each algorithm owns its keys (``Algorithm.from_kohya`` / ``to_kohya``);
+this module only splits names, maps them through the live model's name map and checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layer import AdapterLayer
+from ..layer_kind import LayerSpec
+from ..registry import Algorithm, detect_algorithm
+from .names import ComponentNames
+
+
+@dataclass
+class LayerEntry:
+    """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys)."""
+
+    algorithm: type[Algorithm]
+    settings: dict
+    tensors: dict[str, torch.Tensor]
+
+
+class FamilyMismatch(ValueError):
+    pass
+
+
+def split_modules(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group ``<module>.<key>`` keys by module (split at the first dot); keys without a dot are returned apart."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    loose = []
+    for key, value in state.items():
+        if "." not in key:
+            loose.append(key)
+            continue
+        module, suffix = key.split(".", 1)
+        modules.setdefault(module, {})[suffix] = value
+    return modules, loose
+
+
+def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
+    """``(family, evidence)`` from the keys and cross-attention widths of a kohya file."""
+    keys = list(state)
+    if any(k.startswith("lora_te2_") for k in keys):
+        return "SDXL", "lora_te2_ keys"
+    for key, value in state.items():
+        if "attn2_to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight")) and value.dim() == 2:
+            width = value.shape[1]
+            family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width)
+            if family:
+                return family, f"{width}-wide cross-attention"
+    return None, ""
+
+
+def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
+    if components.get("text_encoder_2") is not None:
+        return "SDXL", "two text encoders"
+    unet = components.get("unet")
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width)
+    return family, f"{width}-wide cross-attention" if width else ""
+
+
+def check_family(state, components) -> None:
+    file_fam, file_why = file_family(state)
+    model_fam, model_why = model_family(components)
+    if file_fam and model_fam and file_fam != model_fam:
+        raise FamilyMismatch(f"this adapter is for {file_fam}: {file_why}; the model is {model_fam} ({model_why})")
+    if file_fam == "SDXL" and components.get("text_encoder_2") is None and any(k.startswith("lora_te2_") for k in state):
+        raise FamilyMismatch(f"this adapter is for SDXL: lora_te2_ keys; the model has one text encoder")
+
+
+def _module_of(model: nn.Module, path: str) -> nn.Module:
+    module = model.get_submodule(path)
+    return module.base_module if isinstance(module, AdapterLayer) else module
+
+
+def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names: dict[str, ComponentNames],
+         sides: dict[str, str] | None = None, strict: bool = True
+         ) -> tuple[dict[str, dict[str, LayerEntry]], list[str]]:
+    """Map a kohya/LyCORIS state dict onto the model.
+
+    Returns ``({component: {module path: LayerEntry}}, skipped keys)``. Every problem raises
+    ``ValueError`` before anything is attached; with ``strict=False`` unknown modules and keys are
+    skipped and returned instead.
+    """
+    check_family(state, components)
+    modules, loose = split_modules(state)
+    lookup = {file_name: (component, path) for component, cn in names.items() for file_name, path in cn.to_module.items()}
+    plans: dict[str, dict[str, LayerEntry]] = {}
+    skipped = list(loose)
+    unknown_modules, unknown_keys = [], []
+    for file_name, tensors in modules.items():
+        where = lookup.get(file_name)
+        if where is None:
+            unknown_modules.append(file_name)
+            skipped += [f"{file_name}.{k}" for k in tensors]
+            continue
+        component, path = where
+        tensors = dict(tensors)
+        alpha_tensor = tensors.pop("alpha", None)
+        alpha = None if alpha_tensor is None else float(alpha_tensor.reshape(-1)[0]) if alpha_tensor.numel() else None
+        if "dora_scale" in tensors:
+            raise ValueError(f"{file_name}: DoRA (dora_scale) adapters are not supported yet")
+        algo = detect_algorithm(tensors)
+        if algo is None:
+            unknown_keys += [f"{file_name}.{k}" for k in tensors]
+            skipped += [f"{file_name}.{k}" for k in tensors]
+            continue
+        spec = LayerSpec.from_module(_module_of(components[component], path), path)
+        try:
+            settings, params = algo.from_kohya(spec, tensors, alpha, path, (sides or {}).get(algo.name))
+        except KeyError as exc:
+            raise ValueError(f"{file_name}: {algo.name} module is missing the key {exc}") from None
+        expected = set(algo.init_params(spec, settings, True, None))
+        extra = sorted(set(params) - expected)
+        if extra:
+            unknown_keys += [f"{file_name}.{k}" for k in extra]
+            skipped += [f"{file_name}.{k}" for k in extra]
+            params = {k: v for k, v in params.items() if k in expected}
+        plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params)
+    if strict and (unknown_modules or unknown_keys):
+        parts = []
+        if unknown_modules:
+            parts.append(f"{len(unknown_modules)} module name(s) match no layer of this model: {sorted(unknown_modules)[:8]}")
+        if unknown_keys:
+            parts.append(f"unknown keys: {sorted(unknown_keys)[:8]}")
+        raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
+    if not plans:
+        raise ValueError("the file has no adapter tensors for this model")
+    return plans, skipped
+
+
+def write(entries: dict[str, dict[str, LayerEntry]], names: dict[str, ComponentNames],
+          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer entries -> a kohya/LyCORIS state dict with the canonical names."""
+    state = {}
+    for component, layers in entries.items():
+        to_file = names[component].to_file
+        for path, entry in layers.items():
+            tensors, alpha = entry.algorithm.to_kohya(entry.tensors, entry.settings)
+            module = to_file[path]
+            for key, value in tensors.items():
+                value = value.detach()
+                state[f"{module}.{key}"] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            if alpha is not None:
+                state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    return state
