@@ -105,7 +105,9 @@ def boft(w, p, s):
         pmat = torch.zeros(dim, dim, dtype=F64)
         for new, old in enumerate(perm):
             pmat[new, old] = 1.0
-        m_total = pmat.T @ rot @ pmat @ m_total
+        stage = pmat.T @ rot @ pmat
+        # output side W' = B_{m-1}⋯B_0·W; input side mirrors it: W' = W·B_0⋯B_{m-1}
+        m_total = stage @ m_total if s["side"] == "output" else m_total @ stage
     return _apply_side(w, m_total, s["side"], p.get("rescale"))
 
 

@@ -1,5 +1,7 @@
 """BOFT: ``M = B_{m−1} ⋯ B_0`` with ``B_i = P_iᵀ · blockdiag(R_i) · P_i`` (butterfly stages).
 
+On the input side the stages mirror: ``W' = W·B_0⋯B_{m−1}`` (PEFT's order).
+
 ``oft_blocks``: ``(m, n, b, b)`` (LyCORIS's 4-D layout and meaning): ``Q = B − Bᵀ`` (COFT clamp over
 all stages together), ``R = (I + Q)(I − Q)⁻¹`` (LyCORIS's BOFT convention, the transpose of its OFT's).
 ``P_i`` is LyCORIS's butterfly permutation with ``k = 2^i · b/2``: index ``j`` of the rotated vector is

@@ -33,9 +33,13 @@ def rotation_blocks(raw: torch.Tensor, constraint: float = 0.0, neumann_terms: i
 def rotation_operators(blocks, side: str, rescale=None, perms=None):
     """``(input_op, output_op)`` for rotation blocks on ``side`` and an optional output rescale.
 
-    ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms``.
+    ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms``. Stages
+    ``S_0..S_{m-1}`` compose as ``W' = S_{m-1}⋯S_0·W`` on the output side and ``W' = W·S_0⋯S_{m-1}`` on
+    the input side (the mirror image; PEFT's order, so its multi-stage BOFT maps stage for stage).
     """
     stages = [BlockDiagonal(blocks)] if perms is None else [BlockDiagonal(bk, p) for bk, p in zip(blocks, perms)]
+    if side == "input":
+        stages = stages[::-1]
     rotation = stages[0] if len(stages) == 1 else Chain(stages)
     scale_op = Diagonal(rescale) if rescale is not None else None
     if side == "output":
