@@ -29,7 +29,7 @@ from torch import nn
 
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
 from .operators import Operator, scaled
-from .registry import Algorithm, get_algorithm
+from .registry import Algorithm
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,21 +43,35 @@ class AdapterSlot(nn.Module):
 
     def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
         super().__init__()
-        self.algorithm_name = algorithm.name
+        self.algorithm = algorithm
         self.settings = settings
         self.scale = 1.0
+        self._cache: tuple | None = None
         for key, value in params.items():
             self.register_parameter(key, nn.Parameter(value))
 
     @property
-    def algorithm(self) -> type[Algorithm]:
-        return get_algorithm(self.algorithm_name)
+    def algorithm_name(self) -> str:
+        return self.algorithm.name
 
     def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        params = dict(self.named_parameters(recurse=False))
-        if dtype is None:
-            return params
+        params = self._parameters
+        if dtype is None or all(v.dtype == dtype for v in params.values()):
+            return dict(params)
         return {k: v.to(dtype) for k, v in params.items()}
+
+    def cached(self, what: str, dtype: torch.dtype, compute):
+        """``compute(tensors)`` memoised while the tensors are unchanged and no graph is needed
+        (inference): keyed on each tensor's version counter and storage."""
+        params = self._parameters.values()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return compute(self.tensors(dtype))
+        key = (what, dtype, tuple((p._version, p.data_ptr(), p.device) for p in params))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        value = compute(self.tensors(dtype))
+        self._cache = (key, value)
+        return value
 
     def extra_repr(self) -> str:
         return f"{self.algorithm_name}, scale={self.scale}"
@@ -134,7 +148,7 @@ class AdapterLayer(nn.Module):
             if not algo.multiplicative:
                 additive.append(slot)
                 continue
-            in_op, out_op = algo.transform(slot.tensors(dtype), self.spec, slot.settings)
+            in_op, out_op = slot.cached("transform", dtype, lambda t, a=algo, s=slot: a.transform(t, self.spec, s.settings))
             s = slot.scale
             if in_op is not None and out_op is not None and s != 1.0:
                 # W + s(L W R − W) is not a product of one-sided factors: split every term in two
@@ -192,7 +206,7 @@ class AdapterLayer(nn.Module):
 
         weight_delta = None
         for slot in folded:
-            delta = slot.scale * slot.algorithm.delta_weight(slot.tensors(), spec, slot.settings)
+            delta = slot.scale * slot.cached("delta", cdtype, lambda t, s=slot: s.algorithm.delta_weight(t, spec, s.settings))
             weight_delta = delta if weight_delta is None else weight_delta + delta
 
         plain = len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
@@ -236,6 +250,7 @@ class AdapterLayer(nn.Module):
         return h if term.coef == 1.0 else h * term.coef
 
     # ---- merge / unmerge ----------------------------------------------------------------------
+    @torch.no_grad()
     def merged_weight(self, names) -> torch.Tensor:
         """The weight with ``names`` merged (on top of those already merged), in the weight's dtype."""
         target = self.ordered(list(self.merged) + list(names))
