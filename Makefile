@@ -15,7 +15,7 @@ demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 bench: install
 	$(PYTHON) benchmarks/bench_train_step.py

@@ -1,4 +1,4 @@
-"""The algorithms. Importing this package registers each one; a new algorithm is one new module
-listed here."""
+"""The algorithms. Importing this package registers each one, in this order (the order every list of
+algorithms shows); a new algorithm is one new module listed here."""
 
-from . import boft, hra, loha, lokr, lora, oft  # noqa: F401
+from . import lora, loha, lokr, oft, boft, hra  # noqa: F401  isort: skip

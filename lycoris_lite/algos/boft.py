@@ -112,4 +112,5 @@ class BOFT(Algorithm):
         blocks = butterfly_blocks(params["oft_blocks"], settings["radius"])
         dim, b = settings["dim"], settings["block_size"]
         perms = [butterfly_perm(dim, b, i).to(blocks.device) for i in range(blocks.shape[0])]
-        return rotation_operators(list(blocks.unbind(0)), settings["side"], params.get("rescale"), perms)
+        group = (2 ** (blocks.shape[0] - 1)) * b  # stage i acts within contiguous groups of 2^i·b
+        return rotation_operators(list(blocks.unbind(0)), settings["side"], params.get("rescale"), perms, group)

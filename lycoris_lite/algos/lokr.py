@@ -57,7 +57,9 @@ def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
     b, d = w2.shape[:2]
     if not spec.is_conv:
         grouped = x.unflatten(-1, (c, d))  # (..., c, d)
-        out = torch.matmul(w1, torch.matmul(grouped, w2.T))  # (..., a, b)
+        inner = torch.matmul(grouped, w2.T)  # (..., c, b)
+        # w1 acts on the c axis as one GEMM (a broadcast matmul would run one tiny GEMM per token)
+        out = torch.matmul(inner.transpose(-1, -2), w1.T).transpose(-1, -2)  # (..., a, b)
         return out.flatten(-2) * scale
     n = x.shape[0]
     h = spec.op(x.reshape(n * c, d, *x.shape[2:]), w2)  # (n*c, b, H', W')
@@ -167,11 +169,13 @@ class LoKr(Algorithm):
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings):
-        if not spec.is_conv and "lokr_w2_a" in params:
-            # low-rank w2 on a linear layer: x @ w2_bᵀ @ w2_aᵀ without forming w2
+        if not spec.is_conv and "lokr_w2_a" in params and "lokr_t2" not in params:
+            # low-rank w2 on a linear layer: project d -> r first, mix the c axis with w1 on the small
+            # (..., r, c) tensor, then r -> b; no intermediate is as large as the activation
             a, b, c, d = settings["shape"]
             grouped = x.unflatten(-1, (c, d))
-            inner = torch.matmul(torch.matmul(grouped, params["lokr_w2_b"].T), params["lokr_w2_a"].T)
-            return torch.matmul(factor_w1(params), inner).flatten(-2) * settings["scale"]
+            low = torch.matmul(grouped, params["lokr_w2_b"].T)  # (..., c, r)
+            mixed = torch.matmul(low.transpose(-1, -2), factor_w1(params).T)  # (..., r, a)
+            return torch.matmul(mixed.transpose(-1, -2), params["lokr_w2_a"].T).flatten(-2) * settings["scale"]
         w1, w2 = cls._factors(params, spec, settings)
         return delta_forward(x, w1, w2, settings["scale"], spec)

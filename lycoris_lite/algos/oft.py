@@ -30,17 +30,30 @@ def rotation_blocks(raw: torch.Tensor, constraint: float = 0.0, neumann_terms: i
     return cayley(clamp_norm(skew(raw), constraint), neumann_terms)
 
 
-def rotation_operators(blocks, side: str, rescale=None, perms=None):
+def compact(chain, group: int) -> BlockDiagonal:
+    """A chain of stages that each act within contiguous groups of ``group`` indices, as one
+    block-diagonal operator with ``group × group`` blocks (built by pushing a stacked identity through
+    the stages: cost ``m · group · D · b``), so the forward is a single block rotation."""
+    dim = chain.size
+    n = dim // group
+    eye = torch.eye(group, dtype=chain.stages[0].blocks.dtype, device=chain.stages[0].blocks.device)
+    probe = eye.repeat(1, n)                       # row r: unit vector at g·group + r for every group g
+    rows = chain.apply(probe)                       # rows of Mᵀ restricted to each group
+    return BlockDiagonal(rows.view(group, n, group).permute(1, 2, 0))
+
+
+def rotation_operators(blocks, side: str, rescale=None, perms=None, group: int | None = None):
     """``(input_op, output_op)`` for rotation blocks on ``side`` and an optional output rescale.
 
-    ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms``. Stages
+    ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms`` that all act
+    within contiguous groups of ``group`` indices (butterfly stages), compacted into one operator. Stages
     ``S_0..S_{m-1}`` compose as ``W' = S_{m-1}⋯S_0·W`` on the output side and ``W' = W·S_0⋯S_{m-1}`` on
     the input side (the mirror image; PEFT's order, so its multi-stage BOFT maps stage for stage).
     """
     stages = [BlockDiagonal(blocks)] if perms is None else [BlockDiagonal(bk, p) for bk, p in zip(blocks, perms)]
     if side == "input":
         stages = stages[::-1]
-    rotation = stages[0] if len(stages) == 1 else Chain(stages)
+    rotation = stages[0] if len(stages) == 1 else compact(Chain(stages), group)
     scale_op = Diagonal(rescale) if rescale is not None else None
     if side == "output":
         return None, rotation if scale_op is None else Chain([rotation, scale_op])
