@@ -201,8 +201,11 @@ class AdapterLayer(nn.Module):
             return spec.op(x, weight, bias)
         cdtype = compute_dtype(weight.dtype)
         terms, additive = self._plan(names, cdtype)
-        folded = [s for s in additive if not s.algorithm.activation_route]
-        routed = [s for s in additive if s.algorithm.activation_route]
+        routed = []
+        folded = []
+        for slot in additive:
+            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in slot.parameters())
+            (routed if slot.algorithm.use_activation_route(spec, slot.settings, needs_grad) else folded).append(slot)
 
         weight_delta = None
         for slot in folded:

@@ -87,6 +87,12 @@ class Algorithm:
         return None
 
     @classmethod
+    def use_activation_route(cls, spec: LayerSpec, settings: dict, needs_grad: bool) -> bool:
+        """Whether the unmerged forward adds ``delta_forward(x)`` (True) or folds ``W + s·ΔW`` into the
+        base op (False)."""
+        return cls.activation_route
+
+    @classmethod
     def transform(cls, params, spec: LayerSpec, settings: dict) -> tuple[Operator | None, Operator | None]:
         raise NotImplementedError
 

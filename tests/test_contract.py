@@ -25,7 +25,7 @@ SMALL = {
 # variants that exercise each algorithm's options
 VARIANTS = {
     "lora": [{"use_rslora": True}, {"use_tucker": True}],
-    "loha": [{"use_tucker": True, "alpha": 1024.0}],
+    "loha": [{"use_tucker": True, "alpha": 1024.0}, {"r": 2, "alpha": 16.0}],  # r=2: Khatri-Rao route while training
     "lokr": [{"decompose_both": True, "r": 1}, {"full_matrix": True, "alpha": 1e10}, {"use_tucker": True, "factor": 8, "alpha": 8.0}],
     "oft": [{"rotation_side": "input"}, {"use_cayley_neumann": True}, {"constraint": 0.02}, {"rescale": True}],
     "boft": [{"rotation_side": "input"}, {"rescale": True}, {"butterfly_factor": 1}],

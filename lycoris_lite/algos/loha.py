@@ -6,9 +6,12 @@ Shapes (kohya/LyCORIS layout): ``hada_w1_a, hada_w2_a (out, r)``; ``hada_w1_b, h
 (r, r, kh, kw)``, ``hada_w{1,2}_a (r, out)``, ``hada_w{1,2}_b (r, in)``, with
 ``W_i = Σ t_i[a,b] w_i_a[a,p] w_i_b[b,q]`` and ``ΔW = s · W_1 ⊙ W_2``.
 
-LoHa has no activation route cheaper than its weight: the layer folds ``W + s·ΔW`` into one call of
-the base op (one matmul instead of PEFT's two). The Hadamard product recomputes its factors in the
-backward pass instead of keeping two ``out × in`` intermediates.
+Routes: at inference the layer folds the (cached) ``W + s·ΔW`` into one call of the base op. While
+training, the Hadamard product equals a rank-r² LoRA with Khatri-Rao factors
+``up[:, p·r+q] = w1a[:, p] ⊙ w2a[:, q]``, ``down[p·r+q] = w1b[p] ⊙ w2b[q]``: that activation route is used
+when it costs less than the weight route's extra weight-gradient pass (``3·r²·(in·kh·kw + out) <
+out·in·kh·kw``), else ``W + s·ΔW`` is folded (one op instead of PEFT's two). The Hadamard product
+recomputes its factors in the backward pass instead of keeping two ``out × in`` intermediates.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def delta_weight(w1a, w1b, w2a, w2b, scale: float, shape, t1=None, t2=None) -> t
     return (_HadamardProduct.apply(w1a, w1b, w2a, w2b) * scale).reshape(shape)
 
 
+def delta_forward(x, w1a, w1b, w2a, w2b, scale: float, spec) -> torch.Tensor:
+    """``spec.op(x, ΔW)`` through the rank-r² Khatri-Rao factors (non-Tucker layouts)."""
+    r = w1a.shape[1]
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, -1)
+    if spec.is_conv:
+        down = down.reshape(r * r, spec.in_features, *spec.kernel_size)
+    return spec.pointwise(spec.op(x, down), up) * scale
+
+
 @dataclass
 class LoHaConfig(AdapterConfig):
     """LoHa. ``use_tucker``: Tucker cores for k×k convs (``use_effective_conv2d`` in PEFT)."""
@@ -63,6 +76,18 @@ class LoHa(Algorithm):
     name = "loha"
     config_class = LoHaConfig
     activation_route = False
+
+    @classmethod
+    def use_activation_route(cls, spec, settings, needs_grad):
+        if not needs_grad or settings["tucker"]:
+            return False
+        r2 = settings["r"] ** 2
+        return 3 * r2 * (spec.flat_in + spec.out_features) < spec.out_features * spec.flat_in
+
+    @classmethod
+    def delta_forward(cls, x, params, spec, settings):
+        return delta_forward(x, params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
+                             settings["scale"], spec)
     detect_keys = ("hada_w1_a",)
 
     @classmethod
