@@ -21,10 +21,9 @@ from functools import lru_cache
 
 import torch
 
-from ..config import AdapterConfig, check_choice
 from ..registry import Algorithm, register
-from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import init_rotation, require_output_side, rotation_operators
+from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
+from .oft import RotationConfig, init_rotation, require_output_side, rotation_operators
 
 
 @lru_cache(maxsize=256)
@@ -40,26 +39,19 @@ def butterfly_blocks(raw: torch.Tensor, constraint: float = 0.0) -> torch.Tensor
 
 
 @dataclass
-class BOFTConfig(AdapterConfig):
-    """BOFT. ``block_size`` (or ``r`` = number of blocks when > 0), ``butterfly_factor`` (``m``
-    stages), ``constraint``, ``rescale``, ``rotation_side``."""
+class BOFTConfig(RotationConfig):
+    """BOFT: ``block_size``, ``butterfly_factor`` (``m`` stages), and the :class:`RotationConfig` fields."""
 
     aliases = {"boft_block_size": "block_size", "boft_block_num": "r", "boft_n_butterfly_factor": "butterfly_factor"}
-    r: int = 0
     block_size: int = 8
     butterfly_factor: int = 2
-    constraint: float = 0.0
-    rescale: bool = False
-    rotation_side: str = "output"
 
     def validate(self):
-        check_choice("rotation_side", self.rotation_side, ROTATION_SIDES)
+        super().validate()
         if self.butterfly_factor < 1:
             raise ValueError("butterfly_factor must be >= 1")
         if self.r == 0 and (self.block_size < 2 or self.block_size % 2):
             raise ValueError(f"BOFT block_size must be even and >= 2, got {self.block_size}")
-        if self.constraint < 0:
-            raise ValueError("constraint must be >= 0")
 
 
 @register

@@ -86,6 +86,17 @@ def kaiming_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch
         return t.uniform_(-bound, bound, generator=generator)
 
 
+def init_factors(params: dict[str, torch.Tensor], zero_key: str, init_weights, generator=None) -> dict:
+    """Kaiming-initialise every factor; ``zero_key`` starts at zero (so ΔW = 0) unless
+    ``init_weights`` is False (random non-identity weights, for tests)."""
+    for key, value in params.items():
+        if key == zero_key and init_weights is not False:
+            value.zero_()
+        else:
+            kaiming_(value, generator)
+    return params
+
+
 def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None = None, mean: float = 0.0):
     with torch.no_grad():
         return t.normal_(mean, std, generator=generator)

@@ -22,7 +22,7 @@ import torch
 
 from ..config import AdapterConfig
 from ..registry import Algorithm, file_alpha, pattern_value, register
-from .common import kaiming_, rebuild_tucker
+from .common import init_factors, rebuild_tucker
 from .lora import lora_scale
 
 
@@ -112,12 +112,7 @@ class LoHa(Algorithm):
                 "hada_w1_a": torch.empty(out, r), "hada_w1_b": torch.empty(r, spec.flat_in),
                 "hada_w2_a": torch.empty(out, r), "hada_w2_b": torch.empty(r, spec.flat_in),
             }
-        for key, value in params.items():
-            if key == "hada_w2_b" and init_weights is not False:
-                value.zero_()
-            else:
-                kaiming_(value, generator)
-        return params
+        return init_factors(params, "hada_w2_b", init_weights, generator)
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):

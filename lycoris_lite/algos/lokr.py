@@ -25,7 +25,7 @@ import torch
 
 from ..config import AdapterConfig
 from ..registry import Algorithm, file_alpha, pattern_value, register
-from .common import factorization, kaiming_, rebuild_tucker
+from .common import factorization, init_factors, rebuild_tucker
 from .lora import lora_scale
 
 
@@ -126,12 +126,7 @@ class LoKr(Algorithm):
         else:
             params["lokr_w2_a"], params["lokr_w2_b"] = torch.empty(b, r), torch.empty(r, d * spec.taps)
             zero_key = "lokr_w2_b"
-        for key, value in params.items():
-            if key == zero_key and init_weights is not False:
-                value.zero_()
-            else:
-                kaiming_(value, generator)
-        return params
+        return init_factors(params, zero_key, init_weights, generator)
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):

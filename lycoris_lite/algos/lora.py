@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..layer_kind import LayerSpec

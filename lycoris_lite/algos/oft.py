@@ -61,26 +61,36 @@ def rotation_operators(blocks, side: str, rescale=None, perms=None, group: int |
 
 
 @dataclass
-class OFTConfig(AdapterConfig):
-    """OFT. ``block_size`` (or ``r`` = number of blocks, PEFT's meaning, when > 0),
-    ``use_cayley_neumann`` + ``num_cayley_neumann_terms``, ``constraint`` (COFT radius per rotated
-    dimension, as LyCORIS stores it in ``alpha``; 0 = none), ``rescale``, ``rotation_side``."""
+class RotationConfig(AdapterConfig):
+    """Fields OFT and BOFT share: ``r`` (number of blocks, PEFT's meaning, when > 0; else derived from
+    ``block_size``), ``constraint`` (COFT radius per rotated dimension, as LyCORIS stores it in
+    ``alpha``; 0 = none), ``rescale`` (per-output-channel scale), ``rotation_side``."""
 
-    aliases = {"oft_block_size": "block_size"}
     r: int = 0
-    block_size: int = 32
-    use_cayley_neumann: bool = False
-    num_cayley_neumann_terms: int = 5
     constraint: float = 0.0
     rescale: bool = False
     rotation_side: str = "output"
 
     def validate(self):
         check_choice("rotation_side", self.rotation_side, ROTATION_SIDES)
-        if self.r == 0 and self.block_size < 1:
-            raise ValueError("OFT needs block_size >= 1 or r (number of blocks) >= 1")
         if self.constraint < 0:
             raise ValueError("constraint must be >= 0")
+
+
+@dataclass
+class OFTConfig(RotationConfig):
+    """OFT: ``block_size``, ``use_cayley_neumann`` + ``num_cayley_neumann_terms``, and the
+    :class:`RotationConfig` fields."""
+
+    aliases = {"oft_block_size": "block_size"}
+    block_size: int = 32
+    use_cayley_neumann: bool = False
+    num_cayley_neumann_terms: int = 5
+
+    def validate(self):
+        super().validate()
+        if self.r == 0 and self.block_size < 1:
+            raise ValueError("OFT needs block_size >= 1 or r (number of blocks) >= 1")
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 2:
             raise ValueError("num_cayley_neumann_terms must be >= 2")
 

@@ -75,7 +75,7 @@ def check_family(state, components) -> None:
     if file_fam and model_fam and file_fam != model_fam:
         raise FamilyMismatch(f"this adapter is for {file_fam}: {file_why}; the model is {model_fam} ({model_why})")
     if file_fam == "SDXL" and components.get("text_encoder_2") is None and any(k.startswith("lora_te2_") for k in state):
-        raise FamilyMismatch(f"this adapter is for SDXL: lora_te2_ keys; the model has one text encoder")
+        raise FamilyMismatch("this adapter is for SDXL: lora_te2_ keys; the model has one text encoder")
 
 
 def _module_of(model: nn.Module, path: str) -> nn.Module:
