@@ -230,7 +230,7 @@ class AdapterLayer(nn.Module):
             p = slot.settings.get("dropout", 0.0)
             if p and self.training:
                 xa = F.dropout(xa, p, training=True)
-            y = y + (slot.scale * slot.algorithm.delta_forward(xa, slot.tensors(), spec, slot.settings)).to(y.dtype)
+            y = y + slot.algorithm.delta_forward(xa, slot.tensors(), spec, slot.settings, slot.scale).to(y.dtype)
         return y
 
     def _term_forward(self, x: torch.Tensor, term: _Term, cdtype) -> torch.Tensor:

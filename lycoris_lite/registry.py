@@ -13,8 +13,8 @@ The contract an algorithm implements (all tensors float, shapes per :class:`Laye
   named as in the algorithm's kohya/LyCORIS file keys.
 * additive algorithms (``multiplicative = False``):
   ``delta_weight(params, spec, settings) -> ΔW`` (base-weight shape, ``alpha / r`` included) and
-  ``delta_forward(x, params, spec, settings) -> Δy`` (the cheap activation route; ``None`` when the
-  algorithm is cheapest through its weight, which the layer then folds into the base op).
+  ``delta_forward(x, params, spec, settings, multiplier) -> multiplier·Δy`` (the cheap activation route,
+  used when ``use_activation_route`` says so; otherwise the layer folds ``W + s·ΔW`` into the base op).
 * multiplicative algorithms: ``transform(params, spec, settings) -> (input_op, output_op)`` with
   ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.operators`).
 * ``regularization(params, settings) -> tensor | None``: an optional training penalty.
@@ -83,7 +83,8 @@ class Algorithm:
         raise NotImplementedError
 
     @classmethod
-    def delta_forward(cls, x, params, spec: LayerSpec, settings: dict) -> torch.Tensor | None:
+    def delta_forward(cls, x, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0) -> torch.Tensor | None:
+        """``multiplier · spec.op(x, ΔW)``; implementations fold the scale into their smallest factor."""
         return None
 
     @classmethod

@@ -52,11 +52,11 @@ def delta_weight(w1a, w1b, w2a, w2b, scale: float, shape, t1=None, t2=None) -> t
 def delta_forward(x, w1a, w1b, w2a, w2b, scale: float, spec) -> torch.Tensor:
     """``spec.op(x, ΔW)`` through the rank-r² Khatri-Rao factors (non-Tucker layouts)."""
     r = w1a.shape[1]
-    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r) * scale
     down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, -1)
     if spec.is_conv:
         down = down.reshape(r * r, spec.in_features, *spec.kernel_size)
-    return spec.pointwise(spec.op(x, down), up) * scale
+    return spec.pointwise(spec.op(x, down), up)
 
 
 @dataclass
@@ -85,9 +85,9 @@ class LoHa(Algorithm):
         return 3 * r2 * (spec.flat_in + spec.out_features) < spec.out_features * spec.flat_in
 
     @classmethod
-    def delta_forward(cls, x, params, spec, settings):
+    def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
         return delta_forward(x, params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
-                             settings["scale"], spec)
+                             settings["scale"] * multiplier, spec)
     detect_keys = ("hada_w1_a",)
 
     @classmethod

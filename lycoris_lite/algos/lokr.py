@@ -52,7 +52,8 @@ def delta_weight(w1, w2, scale: float, shape) -> torch.Tensor:
 
 
 def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
-    """``spec.op(x, kron(w1, w2))`` without building the product."""
+    """``scale · spec.op(x, kron(w1, w2))`` without building the product (the scale multiplies w1)."""
+    w1 = w1 * scale
     a, c = w1.shape
     b, d = w2.shape[:2]
     if not spec.is_conv:
@@ -60,11 +61,11 @@ def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
         inner = torch.matmul(grouped, w2.T)  # (..., c, b)
         # w1 acts on the c axis as one GEMM (a broadcast matmul would run one tiny GEMM per token)
         out = torch.matmul(inner.transpose(-1, -2), w1.T).transpose(-1, -2)  # (..., a, b)
-        return out.flatten(-2) * scale
+        return out.flatten(-2)
     n = x.shape[0]
     h = spec.op(x.reshape(n * c, d, *x.shape[2:]), w2)  # (n*c, b, H', W')
     h = h.reshape(n, c, b, *h.shape[2:])
-    return torch.einsum("ik,nkbhw->nibhw", w1, h).reshape(n, a * b, *h.shape[3:]) * scale
+    return torch.einsum("ik,nkbhw->nibhw", w1, h).reshape(n, a * b, *h.shape[3:])
 
 
 @dataclass
@@ -163,14 +164,15 @@ class LoKr(Algorithm):
         return delta_weight(w1, w2, settings["scale"], spec.weight_shape)
 
     @classmethod
-    def delta_forward(cls, x, params, spec, settings):
+    def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
         if not spec.is_conv and "lokr_w2_a" in params and "lokr_t2" not in params:
             # low-rank w2 on a linear layer: project d -> r first, mix the c axis with w1 on the small
             # (..., r, c) tensor, then r -> b; no intermediate is as large as the activation
             a, b, c, d = settings["shape"]
             grouped = x.unflatten(-1, (c, d))
             low = torch.matmul(grouped, params["lokr_w2_b"].T)  # (..., c, r)
-            mixed = torch.matmul(low.transpose(-1, -2), factor_w1(params).T)  # (..., r, a)
-            return torch.matmul(mixed.transpose(-1, -2), params["lokr_w2_a"].T).flatten(-2) * settings["scale"]
+            w1 = factor_w1(params) * (settings["scale"] * multiplier)
+            mixed = torch.matmul(low.transpose(-1, -2), w1.T)  # (..., r, a)
+            return torch.matmul(mixed.transpose(-1, -2), params["lokr_w2_a"].T).flatten(-2)
         w1, w2 = cls._factors(params, spec, settings)
-        return delta_forward(x, w1, w2, settings["scale"], spec)
+        return delta_forward(x, w1, w2, settings["scale"] * multiplier, spec)

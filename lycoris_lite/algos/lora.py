@@ -37,12 +37,13 @@ def delta_weight(down, up, scale: float, mid=None, shape=None) -> torch.Tensor:
 
 
 def delta_forward(x, down, up, scale: float, spec: LayerSpec, mid=None) -> torch.Tensor:
-    """``Δy = scale · up(down(x))``: equal to ``spec.op(x, delta_weight(...))``."""
+    """``Δy = scale · up(down(x))``: equal to ``spec.op(x, delta_weight(...))``. The scale multiplies
+    ``up`` (``out × r``), never the activations."""
     if mid is not None:
         h = spec.op(spec.pointwise(x, down.flatten(1)), mid)
     else:
         h = spec.op(x, down)
-    return spec.pointwise(h, up.flatten(1)) * scale
+    return spec.pointwise(h, up.flatten(1) * scale)
 
 
 @dataclass
@@ -109,5 +110,6 @@ class LoRA(Algorithm):
         return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
 
     @classmethod
-    def delta_forward(cls, x, params, spec, settings):
-        return delta_forward(x, params["lora_down"], params["lora_up"], settings["scale"], spec, params.get("lora_mid"))
+    def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
+        return delta_forward(x, params["lora_down"], params["lora_up"], settings["scale"] * multiplier, spec,
+                             params.get("lora_mid"))
