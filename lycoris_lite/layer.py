@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
-from .operators import Operator, scaled
+from .operators import Operator, low_rank_parts, scaled
 from .registry import Algorithm
 
 
@@ -217,13 +217,14 @@ class AdapterLayer(nn.Module):
             effective = weight if weight_delta is None else weight + weight_delta.to(weight.dtype)
             y = spec.op(x, effective, bias)
         else:
-            y = None
-            for term in terms:
-                h = self._term_forward(x, term, cdtype)
-                y = h if y is None else y + h
+            y = self._low_rank_term(x, terms[0], cdtype, bias) if len(terms) == 1 else None
+            if y is None:
+                for term in terms:
+                    h = self._term_forward(x, term, cdtype)
+                    y = h if y is None else y + h
+                y = spec.add_bias(y, bias)
             if weight_delta is not None:
                 y = y + spec.op(x, weight_delta.to(weight.dtype))
-            y = spec.add_bias(y, bias)
 
         for slot in routed:
             xa = x.to(cdtype)
@@ -232,6 +233,29 @@ class AdapterLayer(nn.Module):
                 xa = F.dropout(xa, p, training=True)
             y = y + slot.algorithm.delta_forward(xa, slot.tensors(), spec, slot.settings, slot.scale).to(y.dtype)
         return y
+
+    def _low_rank_term(self, x: torch.Tensor, term: _Term, cdtype, bias=None) -> torch.Tensor | None:
+        """A term whose only transform is one ``I − U·C·Uᵀ`` (HRA) runs like a rank-r LoRA:
+
+        input side ``op(x, W·(I − UCUᵀ)) = op(x, W) − ((x·U)·Cᵀ)·(W·U)ᵀ``;
+        output side ``(I − UCUᵀ)·op(x, W) = op(x, W) − ((op(x, Uᵀ·W))·Cᵀ)·Uᵀ``.
+        Neither needs the base op's backward nor keeps its output for backward.
+        """
+        ops = term.inputs + term.outputs
+        parts = low_rank_parts(ops[0]) if len(ops) == 1 and term.coef == 1.0 else None
+        spec = self.spec
+        if parts is None or (term.inputs and not spec.is_pointwise):
+            return None
+        u, c = parts
+        flat = spec.flatten_weight(self.weight).to(cdtype)
+        xc = x.to(cdtype)
+        if term.inputs:
+            h, up = spec.pointwise(xc, u.T), flat @ u
+        else:
+            down = (u.T @ flat).reshape(u.shape[1], *spec.weight_shape[1:])
+            h, up = spec.op(xc, down), u
+        correction = spec.pointwise(spec.pointwise(h, c), up)
+        return spec.op(x, self.weight, bias) - correction.to(x.dtype)
 
     def _term_forward(self, x: torch.Tensor, term: _Term, cdtype) -> torch.Tensor:
         """``coef · op(x, L·W·R)`` (no bias), rotating activations where that is exact and cheap."""

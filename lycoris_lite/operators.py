@@ -106,6 +106,15 @@ class Scaled(Operator):
         return Scaled(self.op.to(dtype), self.scale)
 
 
+def low_rank_parts(op: Operator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(U, C)`` when ``op`` is ``I − U·C·Uᵀ`` (a reflection chain, scaled or not), else ``None``."""
+    if isinstance(op, LowRankUpdate):
+        return op.u, op.t
+    if isinstance(op, Scaled) and isinstance(op.op, LowRankUpdate):
+        return op.op.u, op.op.t * op.scale
+    return None
+
+
 def scaled(op: Operator | None, scale: float) -> Operator | None:
     if op is None:
         return None
