@@ -23,7 +23,8 @@ import torch
 
 from ..registry import Algorithm, register
 from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import RotationConfig, init_rotation, require_output_side, rotation_operators
+from .oft import (RotationConfig, init_rotation, require_output_side, rescale_from_file, rescale_to_file,
+                  rotation_operators)
 
 
 @lru_cache(maxsize=256)
@@ -72,7 +73,7 @@ class BOFT(Algorithm):
                 f"size and {2 ** (m - 1) * b} to divide the rotated dimension {dim}"
             )
         return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
-                "radius": float(config.constraint) * dim, "rescale": bool(config.rescale)}
+                "radius": float(config.constraint) * dim, "rescale": bool(config.rescale), "conv": spec.is_conv}
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
@@ -92,12 +93,16 @@ class BOFT(Algorithm):
         if b != b2 or n * b != dim or b % 2 or dim % ((2 ** (m - 1)) * b):
             raise ValueError(f"layer {name!r}: BOFT blocks {(m, n, b, b2)} do not fit the {side} dimension {dim}")
         return {"side": side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
-                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors}
+                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "conv": spec.is_conv}
+
+    @classmethod
+    def from_kohya(cls, spec, file_tensors, alpha, name, side=None):
+        return super().from_kohya(spec, rescale_from_file(file_tensors), alpha, name, side)
 
     @classmethod
     def to_kohya(cls, params, settings):
         require_output_side(settings)
-        return dict(params), settings["radius"] / settings["dim"]
+        return rescale_to_file(params, settings), settings["radius"] / settings["dim"]
 
     @classmethod
     def transform(cls, params, spec, settings):

@@ -95,6 +95,20 @@ class OFTConfig(RotationConfig):
             raise ValueError("num_cayley_neumann_terms must be >= 2")
 
 
+def rescale_from_file(params: dict) -> dict:
+    """LyCORIS stores ``rescale`` as ``(out, 1[, 1, 1])``; we keep ``(out,)``."""
+    if "rescale" in params:
+        params = {**params, "rescale": params["rescale"].reshape(-1)}
+    return params
+
+
+def rescale_to_file(params: dict, settings: dict) -> dict:
+    if "rescale" in params:
+        ones = (1, 1, 1) if settings.get("conv") else (1,)
+        params = {**params, "rescale": params["rescale"].reshape(-1, *ones)}
+    return params
+
+
 def require_output_side(settings):
     if settings["side"] != "output":
         raise ValueError("kohya/LyCORIS files (and AUTOMATIC1111, ComfyUI) rotate the output side; an "
@@ -105,7 +119,7 @@ def rotation_settings(config, spec, name, what="block_size"):
     dim = rotated_dim(spec, config.rotation_side)
     n, b = block_layout(dim, config.block_size, config.r, name, what)
     return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b,
-            "radius": float(config.constraint) * dim, "rescale": bool(config.rescale)}
+            "radius": float(config.constraint) * dim, "rescale": bool(config.rescale), "conv": spec.is_conv}
 
 
 def init_rotation(shape, spec, settings, init_weights, generator):
@@ -145,7 +159,7 @@ class OFT(Algorithm):
     def from_kohya(cls, spec, file_tensors, alpha, name, side=None):
         """A legacy (LyCORIS 2.0) ``oft_diag`` stores the final rotation, not its parameter."""
         if "oft_diag" not in file_tensors:
-            return super().from_kohya(spec, file_tensors, alpha, name, side)
+            return super().from_kohya(spec, rescale_from_file(file_tensors), alpha, name, side)
         params = {"oft_blocks": file_tensors["oft_diag"]}
         settings = cls.settings_from_tensors(spec, params, 0.0, name, side)
         return {**settings, "rotation_given": True}, params
@@ -155,7 +169,7 @@ class OFT(Algorithm):
         if settings.get("rotation_given"):
             return {"oft_diag": params["oft_blocks"]}, None
         require_output_side(settings)
-        return dict(params), settings["radius"] / settings["dim"]
+        return rescale_to_file(params, settings), settings["radius"] / settings["dim"]
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
@@ -167,7 +181,8 @@ class OFT(Algorithm):
         if blocks.shape[1] != b or n * b != dim:
             raise ValueError(f"layer {name!r}: OFT blocks {tuple(blocks.shape)} do not fit the {side} dimension {dim}")
         return {"side": side, "dim": dim, "block_num": n, "block_size": b,
-                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": 0}
+                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": 0,
+                "conv": spec.is_conv}
 
     @classmethod
     def transform(cls, params, spec, settings):

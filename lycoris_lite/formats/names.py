@@ -125,6 +125,9 @@ def text_encoder_names(model: nn.Module, component: str, write_prefix: str) -> C
         for prefix in read_prefixes:
             names.add(path, prefix + "text_model_" + underscore(bare), canonical=prefix == write_prefix)
             names.add(path, prefix + underscore(bare))
+        if write_prefix == "lora_te_":  # LyCORIS's generic wrapper: unambiguous with one text encoder
+            names.add(path, "lycoris_text_model_" + underscore(bare))
+            names.add(path, "lycoris_" + underscore(bare))
     return names
 
 
