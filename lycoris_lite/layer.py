@@ -237,23 +237,27 @@ class AdapterLayer(nn.Module):
     def _low_rank_term(self, x: torch.Tensor, term: _Term, cdtype, bias=None) -> torch.Tensor | None:
         """A term whose only transform is one ``I − U·C·Uᵀ`` (HRA) runs like a rank-r LoRA:
 
-        input side ``op(x, W·(I − UCUᵀ)) = op(x, W) − ((x·U)·Cᵀ)·(W·U)ᵀ``;
-        output side ``(I − UCUᵀ)·op(x, W) = op(x, W) − ((op(x, Uᵀ·W))·Cᵀ)·Uᵀ``.
-        Neither needs the base op's backward nor keeps its output for backward.
+        input side ``op(x, W·(I − UCUᵀ)) = op(x, W) − up(C(op(x, Uᵀ)))`` with ``up = W·U`` (any kernel:
+        ``Uᵀ`` is reshaped to an ``(r, in, kh, kw)`` conv with the base conv's stride and padding);
+        output side ``(I − UCUᵀ)·op(x, W) = op(x, W) − U(C(op(x, Uᵀ·W)))``.
+        Neither needs the base op's backward nor keeps its output for backward. The thin factors are
+        laid out so their gradients run as wide GEMMs (``up`` column-major: 4-5x faster on MKL at r ≤ 9).
         """
         ops = term.inputs + term.outputs
         parts = low_rank_parts(ops[0]) if len(ops) == 1 and term.coef == 1.0 else None
-        spec = self.spec
-        if parts is None or (term.inputs and not spec.is_pointwise):
+        if parts is None:
             return None
+        spec = self.spec
         u, c = parts
+        r = u.shape[1]
         flat = spec.flatten_weight(self.weight).to(cdtype)
         xc = x.to(cdtype)
         if term.inputs:
-            h, up = spec.pointwise(xc, u.T), flat @ u
+            down, up = u.T.contiguous().reshape(r, *spec.weight_shape[1:]), flat @ u
         else:
-            down = (u.T @ flat).reshape(u.shape[1], *spec.weight_shape[1:])
-            h, up = spec.op(xc, down), u
+            down, up = (u.T @ flat).reshape(r, *spec.weight_shape[1:]), u
+        h = spec.op(xc, down)
+        up = up.T.contiguous().T
         correction = spec.pointwise(spec.pointwise(h, c), up)
         return spec.op(x, self.weight, bias) - correction.to(x.dtype)
 
