@@ -1,9 +1,16 @@
 """Adapter files: load onto a pipeline's components and save, all-or-nothing.
 
-``load_adapter(pipe_or_components, source, name)`` reads a file (or a state dict), detects its format
-and algorithms, maps every module name through the live model, validates every key and shape, and only
-then attaches the adapter to the UNet and text encoder(s). ``save_adapter`` writes the kohya/LyCORIS
-format (what AUTOMATIC1111 and ComfyUI read) with metadata, atomically.
+``load_adapter(pipe_or_components, source, name)`` reads a file, a folder or a state dict, detects its
+format (kohya/LyCORIS, diffusers LoRA, PEFT folder) and algorithms, maps every module name through the
+live model, validates every key and shape of every component, and only then attaches the adapter to
+the UNet and text encoder(s). ``save_adapter(..., format=)`` writes
+
+* ``"kohya"``: the kohya/LyCORIS file AUTOMATIC1111 and ComfyUI read, with metadata;
+* ``"diffusers"``: ``pytorch_lora_weights.safetensors`` as ``save_lora_weights`` writes it (LoRA only);
+* ``"peft"``: PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), one per
+  component in ``unet/``, ``text_encoder/``, … subfolders (a flat folder for a single model);
+
+every file atomically, after the whole adapter has been converted.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .formats import kohya
+from .formats import diffusers_format, kohya, peft_format
 from .formats.names import build_name_map
 from .formats.safe_io import read_state_dict, write_state_dict
-from .model import controller_for
+from .model import AdapterController, controller_for
 from .registry import ALGORITHMS, get_algorithm
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 META_PREFIX = "lycoris_lite."
+FORMATS = ("kohya", "diffusers", "peft")
 
 
 @dataclass
@@ -63,6 +71,8 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
         return "diffusers"
     if keys and all(k.startswith("base_model.model.") for k in keys):
         return "peft"
+    if diffusers_format.looks_like_diffusers(keys):
+        return "diffusers"  # one model's LoRA without component prefixes (``save_lora_adapter``)
     return "unknown"
 
 
@@ -85,40 +95,122 @@ def _summary_config(entries: dict[str, kohya.LayerEntry]) -> AdapterConfig:
     return cls(**fields)
 
 
-def load_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
-                 allow_pickle: bool = False, activate: bool = True, scale: float = 1.0) -> LoadedAdapter:
-    """Attach the adapter in ``source`` (a file path or a state dict) to ``target``'s components.
+def _default_name(path: Path) -> str:
+    name = path.name if path.is_dir() else path.stem
+    if not path.is_dir() and name in ("pytorch_lora_weights", "adapter_model", "adapter_config") and path.parent.name:
+        name = path.parent.name
+    return name.replace(".", "_") or "adapter"
 
+
+def _peft_folders(path: Path, components: dict[str, nn.Module], component: str | None) -> dict[str, Path]:
+    """``{component: PEFT folder}`` for a folder source (a single adapter or per-component subfolders)."""
+    if peft_format.is_peft_folder(path):
+        if component is None:
+            component = "unet" if "unet" in components or len(components) != 1 else next(iter(components))
+        return {component: path}
+    found = {c: path / c for c in COMPONENTS if peft_format.is_peft_folder(path / c)}
+    if component is not None:
+        found = {c: p for c, p in found.items() if c == component}
+    return found
+
+
+def _read_peft(folders: dict[str, Path], components, allow_pickle: bool, strict: bool):
+    plans, configs, skipped, metadata = {}, {}, [], {}
+    for component, folder in folders.items():
+        if component not in components:
+            if strict:
+                raise ValueError(f"the PEFT adapter has a {component} part ({folder}) but the target has no {component} "
+                                 f"(it has {sorted(components)}); strict=False skips it")
+            skipped.append(str(folder))
+            continue
+        state, config = peft_format.read_folder(folder, allow_pickle=allow_pickle)
+        _check_finite(state)
+        layers, skip = peft_format.read(state, config, components[component], component, strict=strict)
+        plans[component] = layers
+        configs[component] = peft_format.our_config(config, layers)
+        skipped += [f"{component}.{k}" for k in skip]
+        metadata[f"{META_PREFIX}peft_config.{component}"] = json.dumps(config, sort_keys=True)
+    if not plans:
+        raise ValueError("the PEFT adapter has no part for these components")
+    return plans, configs, skipped, metadata
+
+
+def _check_finite(state) -> None:
+    if not state:
+        raise ValueError("the adapter file holds no tensors")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"the adapter has NaN/Inf values in {bad[:5]}")
+
+
+def load_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
+                 allow_pickle: bool = False, activate: bool = True, scale: float = 1.0,
+                 component: str | None = None) -> LoadedAdapter:
+    """Attach the adapter in ``source`` to ``target``'s components.
+
+    ``source``: a kohya/LyCORIS or diffusers file, a diffusers folder (``pytorch_lora_weights.safetensors``),
+    a PEFT folder (``adapter_config.json``; applied to the UNet, or to ``component``), a folder of
+    per-component PEFT folders (``unet/``, ``text_encoder/``, …), or a state dict (kohya or diffusers).
     Nothing is attached unless every component's part validates. Returns what was loaded.
     """
     components = components_of(target)
+    if component is not None and component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    configs: dict[str, AdapterConfig] = {}
     if isinstance(source, (str, os.PathLike)):
-        state, metadata = read_state_dict(source, allow_pickle=allow_pickle)
-        adapter_name = adapter_name or Path(source).stem
+        path = Path(source)
+        adapter_name = adapter_name or _default_name(path)
+        if path.is_file() and (path.name == peft_format.CONFIG_NAME or (
+                path.name in (peft_format.WEIGHTS_NAME, peft_format.PICKLE_WEIGHTS_NAME)
+                and peft_format.is_peft_folder(path.parent))):
+            path = path.parent
+        if path.is_dir():
+            folders = _peft_folders(path, components, component)
+            if folders:
+                plans, configs, skipped, metadata = _read_peft(folders, components, allow_pickle, strict)
+                return _attach(components, adapter_name, plans, configs, "peft", skipped, metadata, activate, scale)
+            if (path / diffusers_format.WEIGHT_NAME).is_file():
+                path = path / diffusers_format.WEIGHT_NAME
+            else:
+                raise ValueError(f"{path}: a folder with neither {peft_format.CONFIG_NAME} (PEFT), "
+                                 f"{diffusers_format.WEIGHT_NAME} (diffusers) nor PEFT subfolders "
+                                 f"({', '.join(c + '/' for c in COMPONENTS)})")
+        state, metadata = read_state_dict(path, allow_pickle=allow_pickle)
     elif isinstance(source, dict):
         state, metadata = dict(source), {}
         if adapter_name is None:
             raise ValueError("adapter_name is required when loading a state dict")
     else:
         raise TypeError(f"source must be a path or a state dict, not {type(source).__name__}")
-    if not state:
-        raise ValueError("the adapter file holds no tensors")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"the adapter has NaN/Inf values in {bad[:5]}")
+    _check_finite(state)
     fmt = detect_format(state)
-    if fmt != "kohya":
-        raise ValueError(f"unrecognised adapter format ({fmt}); keys look like {list(state)[:3]}")
-    names = build_name_map(components)
-    plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict)
+    if fmt == "kohya":
+        names = build_name_map(components)
+        plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict)
+    elif fmt == "diffusers":
+        plans, skipped = diffusers_format.read(state, components, metadata, default_component=component or "unet",
+                                               strict=strict)
+        if component is not None and set(plans) - {component}:
+            raise ValueError(f"the file has weights for {sorted(plans)}; component={component!r} names one")
+    elif fmt == "peft":
+        raise ValueError("this is a PEFT state dict (base_model.model.* keys): load the PEFT folder with its "
+                         f"{peft_format.CONFIG_NAME}, which holds the settings the tensors need")
+    else:
+        raise ValueError(f"unrecognised adapter format ({fmt}); keys look like {list(state)[:3]}; known formats: "
+                         "kohya/LyCORIS (lora_unet_…), diffusers (unet.….lora_A.weight), PEFT folders")
+    return _attach(components, adapter_name, plans, configs, fmt, skipped, metadata, activate, scale)
 
-    controllers = {c: controller_for(components[c]) for c in plans}
+
+def _attach(components, adapter_name, plans, configs, fmt, skipped, metadata, activate, scale) -> LoadedAdapter:
+    """Validate every component's plan, then attach them all."""
     for c, layers in plans.items():
-        controllers[c].check_plan(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()})
+        # a model without adapters gets no controller until everything has validated
+        checker = controller_for(components[c], create=False) or AdapterController(components[c])
+        checker.check_plan(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()})
     for c, layers in plans.items():
-        ctrl = controllers[c]
+        ctrl = controller_for(components[c])
         ctrl.attach(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()},
-                    _summary_config(layers), activate=activate)
+                    configs.get(c) or _summary_config(layers), activate=activate)
         if scale != 1.0:
             ctrl.set_scale(adapter_name, scale)
     algorithms = Counter(e.algorithm.name for layers in plans.values() for e in layers.values())
@@ -144,13 +236,37 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
 
 def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: str = "kohya",
                  dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
-    """Write adapter ``adapter_name`` to ``path`` (safetensors, atomic)."""
-    if format != "kohya":
-        raise ValueError(f"unknown format {format!r}; this version writes 'kohya'")
+    """Write adapter ``adapter_name`` to ``path`` atomically; returns the file (kohya, diffusers) or folder (peft).
+
+    * ``"kohya"``: one safetensors file.
+    * ``"diffusers"``: ``path`` is a ``.safetensors`` file or a folder (then
+      ``path/pytorch_lora_weights.safetensors``); LoRA adapters only.
+    * ``"peft"``: ``path`` is a folder; a pipeline or dict target gets a subfolder per component
+      (``path/unet``, ``path/text_encoder``), a single model a flat folder.
+
+    The whole adapter is converted (and every check made) before anything is written.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
     if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype}")
     components = components_of(target)
     entries = adapter_entries(components, adapter_name)
+    path = Path(path)
+    if format == "diffusers":
+        state, meta = diffusers_format.write(entries, components, dtype)
+        meta.update(metadata or {})
+        file = path if path.suffix == ".safetensors" else path / diffusers_format.WEIGHT_NAME
+        return write_state_dict(file, state, meta)
+    if format == "peft":
+        if path.suffix == ".safetensors" or path.name == peft_format.CONFIG_NAME:
+            path = path.parent
+        parts = {c: peft_format.write(layers, components[c], c, dtype) for c, layers in entries.items()}
+        flat = isinstance(target, nn.Module)
+        for c, (state, config) in parts.items():
+            folder = path if flat else path / c
+            peft_format.write_folder(folder, state, config, metadata)
+        return path
     names = build_name_map(components)
     state = kohya.write(entries, names, dtype)
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())
@@ -171,4 +287,4 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     return write_state_dict(path, state, meta)
 
 
-__all__ = ["LoadedAdapter", "load_adapter", "save_adapter", "detect_format", "components_of", "ALGORITHMS"]
+__all__ = ["FORMATS", "LoadedAdapter", "load_adapter", "save_adapter", "detect_format", "components_of", "ALGORITHMS"]

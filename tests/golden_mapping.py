@@ -14,8 +14,8 @@ PEFT (installed 0.21.x)
   (Tucker) ones (``use_effective_conv2d`` == our ``use_tucker``). PEFT's LoKr scale is always
   ``alpha/r``; ours is 1 when both Kronecker factors are full (LyCORIS's rule), so the golden tests
   use configurations where a factor is low-rank (or alpha == r).
-* OFT: see :func:`oft_blocks_from_peft`.
-* BOFT: see :func:`boft_blocks_from_peft`.
+* OFT: see :func:`lycoris_lite.formats.peft_format.oft_blocks_from_peft`.
+* BOFT: see :func:`lycoris_lite.formats.peft_format.boft_blocks_from_peft`.
 * HRA: ``hra_u`` unchanged (``(in·kh·kw, r)`` on both sides, ``W' = W · Π(I − 2ûûᵀ)``).
 
 LyCORIS (``lycoris-lora``)
@@ -32,90 +32,18 @@ from __future__ import annotations
 
 import torch
 
-from lycoris_lite.algos.boft import butterfly_perm
-
-
-# ---- PEFT OFT -------------------------------------------------------------------------------------
-def skew_from_peft_vector(vec: torch.Tensor, block_size: int) -> torch.Tensor:
-    """PEFT's skew matrix: ``U[rows, cols] = vec`` on the strict upper triangle (``triu_indices``
-    order), ``Q_p = U − Uᵀ``. ``vec``: ``(n, b(b−1)/2)`` -> ``(n, b, b)``."""
-    rows, cols = torch.triu_indices(block_size, block_size, 1)
-    upper = torch.zeros(vec.shape[0], block_size, block_size, dtype=vec.dtype)
-    upper[:, rows, cols] = vec
-    return upper - upper.transpose(1, 2)
-
-
-def oft_blocks_from_peft(vec: torch.Tensor, block_size: int, cayley_neumann: bool) -> torch.Tensor:
-    """Our input-side ``oft_blocks`` ``B`` for PEFT's ``oft_R.weight`` vector.
-
-    PEFT rotates the input, ``x ← x·blockdiag(R_p)``, so ``W'_f = W_f · blockdiag(R_p)ᵀ``; ours
-    (``rotation_side="input"``) is ``W'_f = W_f · blockdiag(R)``, hence we need ``R = R_pᵀ``.
-
-    * exact Cayley: ``R_p = (I − Q_p)(I + Q_p)⁻¹`` so ``R_pᵀ = (I + Q_p)(I − Q_p)⁻¹``, which is our
-      ``(I − Q)(I + Q)⁻¹`` with ``Q = −Q_p``.
-    * Cayley–Neumann: PEFT's series is ``I + 2Q_p + 2Q_p² + … + Q_p^{n−1}`` (a truncation of
-      ``(I + Q_p)(I − Q_p)⁻¹``, i.e. of the transpose of its own exact transform); its transpose is
-      the same series in ``Q_pᵀ = −Q_p``, which is ours (``I − 2Q + 2Q² − …``) with ``Q = +Q_p``.
-
-    ``Q = B − Bᵀ``, so ``B = Q/2`` gives any wanted skew ``Q``. The sign flip between PEFT's exact
-    and Neumann variants is PEFT's (its two variants approximate transposed rotations); ours are
-    consistent (the series approximates our exact transform).
-    """
-    q_p = skew_from_peft_vector(vec, block_size)
-    q = q_p if cayley_neumann else -q_p
-    return q / 2
-
-
-# ---- PEFT BOFT ------------------------------------------------------------------------------------
-def peft_perm_indices(perm_matrix: torch.Tensor) -> torch.Tensor:
-    """PEFT's ``boft_P[i]`` is ``perm2mat(idx)`` with ``P[j, idx[j]] = 1``: returns ``idx``."""
-    return perm_matrix.argmax(dim=1)
-
-
-def boft_blocks_from_peft(boft_r: torch.Tensor, boft_p: torch.Tensor) -> torch.Tensor:
-    """Our input-side ``oft_blocks`` ``(m, n, b, b)`` for PEFT's ``boft_R`` and permutations ``boft_P``,
-    stage ``i`` of ours from stage ``i`` of PEFT.
-
-    PEFT: ``B_i = P_i · blockdiag(R_i) · P_iᵀ`` with ``R_i = (I − Q_i)(I + Q_i)⁻¹``,
-    ``Q_i = ½(A_i − A_iᵀ)`` (``A = boft_R``), and ``(P v)_j = v[idx[j]]``, i.e.
-    ``B_i[j, k] = blockdiag(R_i)[idx[j], idx[k]]``; the input is rotated ``x ← x·B`` so the weight
-    sees ``B_iᵀ``.
-
-    Ours: stage ``i`` is ``S_i = P'ᵀ · blockdiag(R'_i) · P'`` with our butterfly permutation
-    ``perm_i`` (``(P' v)_a = v[perm_i[a]]``), ``R' = (I + Q')(I − Q')⁻¹``, ``Q' = B' − B'ᵀ``, so
-    ``blockdiag(R'_i)[a, c] = S_i[perm_i[a], perm_i[c]]``. Setting ``S_i = B_iᵀ`` gives
-    ``blockdiag(R'_i)[a, c] = blockdiag(R_iᵀ)[σ(a), σ(c)]`` with ``σ = idx_i ∘ perm_i``. This is block
-    diagonal exactly when ``σ`` maps each of our blocks into one of PEFT's (checked here), and
-    ``R_iᵀ = (I + Q_i)(I − Q_i)⁻¹`` is our ``R'`` of ``Q_i``; a Cayley transform commutes with a
-    permutation similarity, so ``Q'_i = Q_i[σ][:, σ]`` blockwise and ``B' = ½·A_bd[σ][:, σ]``
-    (``B' − B'ᵀ = ½(A − Aᵀ)[σ][:, σ]``).
-
-    With one stage (PEFT's CPU fallback) ``idx`` is the identity and ``σ`` is our stage-0
-    permutation, which interleaves the two halves of every block (``b = 6``: ``[0, 3, 1, 4, 2, 5]``),
-    so the blocks are conjugated by that in-block permutation.
-    """
-    m, n, b, _ = boft_r.shape
-    dim = n * b
-    out = torch.empty_like(boft_r)
-    for i in range(m):
-        idx = peft_perm_indices(boft_p[i])
-        sigma = idx[butterfly_perm(dim, b, i)]
-        dense = torch.block_diag(*boft_r[i].unbind(0)) / 2
-        conj = dense[sigma][:, sigma]
-        for k in range(n):
-            sl = slice(k * b, (k + 1) * b)
-            outside = conj[sl].clone()
-            outside[:, sl] = 0
-            if outside.abs().max() > 0:
-                raise ValueError(f"stage {i}: PEFT's and our butterfly blocks do not line up")
-            out[i, k] = conj[sl, sl]
-    return out
-
-
-def boft_rescale_from_peft(boft_s: torch.Tensor) -> torch.Tensor:
-    """PEFT ``boft_s``: ``(out, 1)`` (Linear) or ``(1, out)`` (Conv2d), scaling output rows ->
-    our ``rescale`` ``(out,)``."""
-    return boft_s.detach().flatten()
+# The PEFT mappings are the library's (the PEFT folder reader/writer uses them); the derivations are in
+# their docstrings.
+from lycoris_lite.formats.peft_format import (  # noqa: F401  (re-exported for the tests)
+    boft_blocks_from_peft,
+    boft_blocks_to_peft,
+    boft_rescale_from_peft,
+    oft_blocks_from_peft,
+    oft_blocks_to_peft,
+    peft_butterfly_perm,
+    peft_perm_indices,
+    skew_from_peft_vector,
+)
 
 
 # ---- PEFT: the whole layer ------------------------------------------------------------------------

@@ -153,6 +153,15 @@ class LoKr(Algorithm):
                 "tucker": tucker, "scale": lora_scale(a_value, r) if (w1_low or w2_low) else 1.0}
 
     @classmethod
+    def to_kohya(cls, params, settings):
+        tensors, alpha = super().to_kohya(params, settings)
+        if not settings["w1_low_rank"] and not settings["w2_low_rank"] and settings["scale"] != 1.0:
+            # LyCORIS's loaders ignore alpha when both factors are full (scale 1): fold a scale such a
+            # layer carries (PEFT's alpha/r, from PEFT folders) into w1
+            tensors["lokr_w1"] = tensors["lokr_w1"] * settings["scale"]
+        return tensors, alpha
+
+    @classmethod
     def _factors(cls, params, spec, settings):
         a, b, c, d = settings["shape"]
         w2_shape = (b, d, *spec.kernel_size) if spec.is_conv else (b, d)
