@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layer_kind import LayerSpec
 from ..registry import get_algorithm
-from .kohya import LayerEntry
+from .kohya import LayerEntry, check_unknown
 from .peft_format import (
     _lora_alphas,
     _patterns,
@@ -193,13 +193,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], metad
         settings["scale"] = alpha / (math.sqrt(r) if rslora else r)
         plans.setdefault(component, {})[live] = LayerEntry(lora, settings, params)
     skipped += unknown_keys
-    if strict and (unknown_modules or unknown_keys):
-        parts = []
-        if unknown_modules:
-            parts.append(f"{len(unknown_modules)} module(s) match no layer of this model: {sorted(unknown_modules)[:8]}")
-        if unknown_keys:
-            parts.append(f"keys that are not LoRA weights: {sorted(unknown_keys)[:8]}")
-        raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
+    check_unknown(unknown_modules, unknown_keys, strict, "keys that are not LoRA weights")
     if not plans:
         raise ValueError("the file has no LoRA tensors for this model")
     return plans, skipped

@@ -78,6 +78,18 @@ def check_family(state, components) -> None:
         raise FamilyMismatch("this adapter is for SDXL: lora_te2_ keys; the model has one text encoder")
 
 
+def check_unknown(unknown_modules: list[str], unknown_keys: list[str], strict: bool, keys_label: str = "unknown keys") -> None:
+    """The strict-loading error every format raises for names and keys it cannot place."""
+    if not strict or not (unknown_modules or unknown_keys):
+        return
+    parts = []
+    if unknown_modules:
+        parts.append(f"{len(unknown_modules)} module name(s) match no layer of this model: {sorted(unknown_modules)[:8]}")
+    if unknown_keys:
+        parts.append(f"{keys_label}: {sorted(unknown_keys)[:8]}")
+    raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
+
+
 def _module_of(model: nn.Module, path: str) -> nn.Module:
     module = model.get_submodule(path)
     return module.base_module if isinstance(module, AdapterLayer) else module
@@ -127,13 +139,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             skipped += [f"{file_name}.{k}" for k in extra]
             params = {k: v for k, v in params.items() if k in expected}
         plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params)
-    if strict and (unknown_modules or unknown_keys):
-        parts = []
-        if unknown_modules:
-            parts.append(f"{len(unknown_modules)} module name(s) match no layer of this model: {sorted(unknown_modules)[:8]}")
-        if unknown_keys:
-            parts.append(f"unknown keys: {sorted(unknown_keys)[:8]}")
-        raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
+    check_unknown(unknown_modules, unknown_keys, strict)
     if not plans:
         raise ValueError("the file has no adapter tensors for this model")
     return plans, skipped

@@ -80,7 +80,8 @@ class ComponentNames:
             self.to_file[path] = file_name
 
 
-def _adapter_capable(model: nn.Module) -> list[str]:
+def adapter_capable_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules an adapter may sit on (wrapped ones by their original path)."""
     from ..layer import AdapterLayer
 
     out = []
@@ -100,7 +101,7 @@ def unet_names(unet: nn.Module, sgm: bool = False) -> ComponentNames:
     up_types = list(getattr(config, "up_block_types", ()) or ())
     up_attn = ["CrossAttn" in t for t in up_types]
     names = ComponentNames("unet", "lora_unet_")
-    for path in _adapter_capable(unet):
+    for path in adapter_capable_paths(unet):
         diffusers_name = underscore(path)
         sgm_path = diffusers_to_sgm(path, layers, up_attn) if up_attn else None
         names.add(path, "lora_unet_" + diffusers_name, canonical=not sgm or sgm_path is None)
@@ -120,7 +121,7 @@ def text_encoder_names(model: nn.Module, component: str, write_prefix: str) -> C
     """
     names = ComponentNames(component, write_prefix)
     read_prefixes = TE_PREFIXES[component] if write_prefix in TE_PREFIXES[component] else (write_prefix,)
-    for path in _adapter_capable(model):
+    for path in adapter_capable_paths(model):
         bare = path[len("text_model."):] if path.startswith("text_model.") else path
         for prefix in read_prefixes:
             names.add(path, prefix + "text_model_" + underscore(bare), canonical=prefix == write_prefix)

@@ -46,6 +46,7 @@ from ..layer import AdapterLayer
 from ..layer_kind import LayerSpec
 from ..registry import get_algorithm
 from .kohya import LayerEntry
+from .names import adapter_capable_paths
 from .safe_io import AdapterFileError, atomic_write, read_state_dict, write_state_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,13 +81,7 @@ UNSUPPORTED_PARAMS = {
 # ---- module names -------------------------------------------------------------------------------------
 def module_paths(model: nn.Module) -> set[str]:
     """Paths of the modules of ``model`` an adapter may sit on (wrapped ones by their original path)."""
-    out = set()
-    for name, module in model.named_modules():
-        if not name or ".adapters." in f".{name}." or ".modules_to_save." in f".{name}.":
-            continue
-        if isinstance(module, (nn.Linear, nn.Conv2d, AdapterLayer)):
-            out.add(name)
-    return out
+    return set(adapter_capable_paths(model))
 
 
 def resolve_path(paths: set[str], path: str) -> str | None:
