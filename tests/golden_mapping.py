@@ -31,6 +31,7 @@ same butterfly permutation as ours, so it copies unchanged too.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 # The PEFT mappings are the library's (the PEFT folder reader/writer uses them); the derivations are in
 # their docstrings.
@@ -96,3 +97,19 @@ def load_into(layer, tensors: dict, adapter: str = "default") -> None:
             if tuple(ours[key].shape) != tuple(value.shape):
                 raise AssertionError(f"{key}: ours {tuple(ours[key].shape)}, given {tuple(value.shape)}")
             ours[key].copy_(value.detach().to(ours[key].dtype))
+
+
+def make_base(kind: str, dtype=torch.float64, linear_out: int = 40) -> nn.Module:
+    """A test layer with large random weights: Linear(24, linear_out), Conv2d 1x1 or 3x3 (stride 2) 12->16."""
+    if kind == "linear":
+        layer = nn.Linear(24, linear_out)
+    elif kind == "conv1x1":
+        layer = nn.Conv2d(12, 16, 1)
+    elif kind == "conv3x3":
+        layer = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.5)
+        layer.bias.normal_(0, 0.5)
+    return layer.to(dtype)

@@ -31,13 +31,7 @@ TE_TARGETS = ["q_proj", "v_proj", "fc1"]
 TRIGGERS = ["sks dog", "photo"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two, far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attach(pipe, algo, name="a", seed=0, **settings):

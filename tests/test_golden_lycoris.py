@@ -23,6 +23,8 @@ import logging
 
 import pytest
 import torch
+
+from tests.golden_mapping import make_base as golden_make_base
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,18 +56,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- layers -----------------------------------------------------------------------------------------
 # out 32 (Linear) / 16 (Conv) are block size x power of two, as LyCORIS's BOFT needs
 def make_base(kind: str, dtype) -> nn.Module:
-    if kind == "linear":
-        layer = nn.Linear(24, 32)
-    elif kind == "conv1x1":
-        layer = nn.Conv2d(12, 16, 1)
-    elif kind == "conv3x3":
-        layer = nn.Conv2d(12, 16, 3, stride=2, padding=1)
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.5)
-        layer.bias.normal_(0, 0.5)
-    return layer.to(dtype)
+    return golden_make_base(kind, dtype, linear_out=32)
 
 
 def make_input(kind: str, dtype) -> torch.Tensor:

@@ -20,6 +20,8 @@ import warnings
 
 import pytest
 import torch
+
+from tests.golden_mapping import make_base as golden_make_base
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,18 +56,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- layers -----------------------------------------------------------------------------------------
 def make_base(kind: str) -> nn.Module:
-    if kind == "linear":
-        layer = nn.Linear(24, 40)
-    elif kind == "conv1x1":
-        layer = nn.Conv2d(12, 16, 1)
-    elif kind == "conv3x3":
-        layer = nn.Conv2d(12, 16, 3, stride=2, padding=1)
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.5)
-        layer.bias.normal_(0, 0.5)
-    return layer.to(F64)
+    return golden_make_base(kind)
 
 
 def make_input(kind: str) -> torch.Tensor:
