@@ -5,11 +5,28 @@ PIP := $(PYTHON) -m pip
 # requirement would pull a CUDA build of several GB).
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install install-ui demo test bench ui clean
+.PHONY: install install-ui chromium demo test bench ui clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
 	$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
+	@$(MAKE) --no-print-directory chromium
+
+# Debian's Chromium for the web UI's browser test (Playwright's own browser download cannot run here).
+# Never fails: without apt-get or root the browser test is skipped and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the web UI's browser test will be skipped"
+
+install-ui:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
+	$(PIP) install --quiet --disable-pip-version-check -e ".[ui]"
+
+# The web UI: `make ui` opens the tiny model and make demo's adapters (outputs/demo); UI_ARGS="--model PATH --adapters DIR …"
+ui: install-ui
+	$(PYTHON) ui/app.py $(UI_ARGS)
 
 demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo

@@ -25,13 +25,19 @@ from .model import (
     OFTModel,
     controller_for,
 )
+from .pipeline import LycorisPipelineMixin, enable
+from .arithmetic import COMBINATION_TYPES, combine_adapters
+from .extract import extract_lora
+from .merge import load_merged, merge_adapter_files, save_merged
 from .presets import PRESETS
 from .registry import ALGORITHMS, config_from_dict, get_algorithm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMBINATION_TYPES", "combine_adapters", "extract_lora", "load_merged", "merge_adapter_files", "save_merged",
     "ALGORITHMS", "PRESETS", "AdapterConfig", "AdapterController", "AdapterLayer", "AdapterModel",
     "BOFTConfig", "BOFTModel", "HRAConfig", "HRAModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-    "LoRAConfig", "LoRAModel", "OFTConfig", "OFTModel", "config_from_dict", "controller_for", "get_algorithm",
+    "LoRAConfig", "LoRAModel", "LycorisPipelineMixin", "OFTConfig", "OFTModel", "config_from_dict", "controller_for",
+    "enable", "get_algorithm",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lycoris_lite inspect FILE`` and ``python -m lycoris_lite convert IN OUT``.
+"""Command line: ``python -m lycoris_lite inspect|convert|combine|extract|merge``.
 
 ``inspect`` reads an adapter without a model: format, algorithms with their layer counts, ranks,
 alphas, module count, the model family (from key names and cross-attention widths, else from the
@@ -16,6 +16,14 @@ id) to map module names and to know the base weights. It loads IN onto the model
 
 The source's descriptive metadata (kohya's training keys and tag frequencies, ``modelspec.*``, our base
 model, trigger words and training settings) is carried over.
+
+``combine`` loads several adapters (``--adapter FILE:WEIGHT``, repeated) onto ``--model`` and writes their
+weighted combination (:mod:`lycoris_lite.arithmetic`: ``--type svd|cat|linear|ties|dare_linear|…``) as
+one LoRA file. ``extract`` writes the LoRA of a fully fine-tuned model (``--tuned``) against its base
+(``--base``) at ``--rank N`` or ``--energy F`` (:func:`lycoris_lite.extract.extract_lora`), printing each
+layer's relative error and every other changed tensor a LoRA cannot hold. ``merge`` fuses adapters into
+the model and saves it as a diffusers folder, or one safetensors file with ``--single-file``
+(:mod:`lycoris_lite.merge`).
 
 Exit status: 0 on success, 2 for bad arguments or unusable input; nothing is written then.
 """
@@ -330,15 +338,19 @@ def _header_metadata(path: Path) -> dict[str, str]:
     return {}
 
 
-def _load_model(name: str):
-    from .files import components_of
+def _load_pipe(name: str):
     from .models import load_pipeline
 
     try:
-        pipe = load_pipeline(name)
+        return load_pipeline(name)
     except (OSError, ValueError, TypeError) as exc:  # FileNotFoundError is an OSError
         raise CLIError(f"cannot load the model {name!r}: {exc}") from None
-    return components_of(pipe)
+
+
+def _load_model(name: str):
+    from .files import components_of
+
+    return components_of(_load_pipe(name))
 
 
 def _check_output(args) -> Path:
@@ -400,6 +412,142 @@ def convert(args, out=sys.stdout) -> int:
     return 0
 
 
+# ---- combine, extract, merge ---------------------------------------------------------------------
+def _adapter_arg(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` (the weight defaults to 1)."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            value = float(weight)
+        except ValueError:
+            return text, 1.0
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"the weight of {path} must be a finite number, got {weight!r}")
+        return path, value
+    return text, 1.0
+
+
+def _check_adapters(adapters) -> None:
+    missing = [p for p, _ in adapters if not Path(p).exists()]
+    if missing:
+        raise CLIError(f"{missing[0]}: no such file or folder")
+
+
+def _check_adapter_output(path: str, fmt: str, sources) -> Path:
+    target = Path(path)
+    if fmt == "kohya" and target.is_dir():
+        raise CLIError(f"{target} is a folder; the kohya format is one file (give --out NAME.safetensors)")
+    if fmt == "peft" and target.suffix == ".safetensors":
+        raise CLIError(f"the peft format is a folder; give --out as a folder path, not {target.name}")
+    if any(target.resolve() == Path(s).resolve() for s in sources):
+        raise CLIError("--out is one of the inputs; write to another path")
+    return target
+
+
+def _print_errors(errors: dict[str, dict[str, float]], out, extra=None) -> tuple[float, float]:
+    values = []
+    for component, layers in errors.items():
+        for path, error in layers.items():
+            print(f"  {component}.{path}: {error:.3e}" + (f" ({extra(component, path)})" if extra else ""), file=out)
+            values.append(error)
+    worst, mean = max(values), sum(values) / len(values)
+    print(f"relative error over {len(values)} layers: max {worst:.3e}, mean {mean:.3e}", file=out)
+    return worst, mean
+
+
+def combine(args, out=sys.stdout) -> int:
+    from . import files
+    from .arithmetic import combine_adapters
+
+    _check_adapters(args.adapter)
+    target = _check_adapter_output(args.out, args.to, [p for p, _ in args.adapter])
+    components = _load_model(args.model)
+    names = [f"in{i}" for i in range(len(args.adapter))]
+    try:
+        for name, (path, _) in zip(names, args.adapter):
+            info = files.load_adapter(components, path, name, allow_pickle=args.allow_pickle,
+                                      strict=not args.skip_unknown, activate=False)
+            print(f"loaded {path}: {info.format}, {', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}",
+                  file=out)
+        result = combine_adapters(components, names, [w for _, w in args.adapter], "combined", args.type,
+                                  density=args.density, majority_sign_method=args.majority_sign, svd_rank=args.rank,
+                                  svd_clamp=args.clamp, generator=torch.Generator().manual_seed(args.seed))
+    except (ValueError, TypeError, OSError) as exc:
+        raise CLIError(f"cannot combine: {exc}") from None
+    ranks = sorted({r for layers in result.ranks.values() for r in layers.values()})
+    layers = sum(len(v) for v in result.ranks.values())
+    print(f"combined with {result.combination_type}: a LoRA on {layers} layers, rank "
+          f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}", file=out)
+    metadata = {PREFIX + "combination": json.dumps({
+        "type": result.combination_type, "adapters": [{"source": Path(p).name, "weight": w} for p, w in args.adapter],
+        "density": args.density, "majority_sign_method": args.majority_sign, "svd_rank": args.rank, "seed": args.seed})}
+    try:
+        written = files.save_adapter(components, "combined", target, format=args.to,
+                                     dtype=DTYPES[args.dtype] if args.dtype else None, metadata=metadata)
+    except ValueError as exc:
+        raise CLIError(f"cannot write the combination as {args.to}: {exc}") from None
+    print(f"wrote {written} ({args.to})", file=out)
+    return 0
+
+
+def extract(args, out=sys.stdout) -> int:
+    from . import files
+    from .extract import extract_lora
+
+    target = _check_adapter_output(args.out, args.to, [])
+    base, tuned = _load_model(args.base), _load_model(args.tuned)
+    label = f"rank ≤ {args.rank}" if args.rank is not None else f"energy {args.energy}"
+    print(f"extracting a LoRA ({label}, {args.method} SVD) of every changed Linear/Conv2d weight "
+          "(relative error ‖ΔW − up·down‖_F / ‖ΔW‖_F):", file=out)
+    try:
+        result = extract_lora(base, tuned, args.rank, energy=args.energy, max_rank=args.max_rank, method=args.method)
+    except ValueError as exc:
+        raise CLIError(f"cannot extract: {exc}") from None
+    ranks = result.ranks
+    worst, mean = _print_errors(result.errors, out, lambda c, p: f"r={ranks[c][p]}, {result.methods[c][p]}")
+    for component, changed in result.unrepresented.items():
+        for key, change in changed.items():
+            print(f"  not in the LoRA: {component}.{key} changed by {change:.3e} (relative)", file=out)
+    result.attach(base, "extracted", activate=False)
+    unrepresented = sorted(f"{c}.{k}" for c, changed in result.unrepresented.items() for k in changed)
+    metadata = {PREFIX + "extraction": json.dumps({"rank": args.rank, "energy": args.energy, "max_relative_error": worst,
+                                                   "mean_relative_error": mean, "unrepresented": unrepresented})}
+    try:
+        written = files.save_adapter(base, "extracted", target, format=args.to,
+                                     dtype=DTYPES[args.dtype] if args.dtype else None, metadata=metadata)
+    except ValueError as exc:
+        raise CLIError(f"cannot write the extracted LoRA as {args.to}: {exc}") from None
+    print(f"wrote {written} ({args.to}, {sum(len(v) for v in ranks.values())} layers)", file=out)
+    return 0
+
+
+def merge(args, out=sys.stdout) -> int:
+    from .merge import merge_adapter_files, save_merged
+
+    _check_adapters(args.adapter)
+    target = Path(args.out)
+    if args.single_file and target.suffix != ".safetensors":
+        raise CLIError(f"--single-file writes one .safetensors file; give --out NAME.safetensors, not {target.name}")
+    if not args.single_file and target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise CLIError(f"{target} exists; the diffusers folder is written to a new (or empty) folder")
+    pipe = _load_pipe(args.model)
+    try:
+        infos = merge_adapter_files(pipe, args.adapter, strict=not args.skip_unknown, allow_pickle=args.allow_pickle)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CLIError(f"cannot fuse the adapters into {args.model}: {exc}") from None
+    for (path, weight), info in zip(args.adapter, infos):
+        print(f"fused {path} × {weight:g}: {info.format}, "
+              f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}", file=out)
+    try:
+        written = save_merged(pipe, target, single_file=args.single_file, base_model=args.model, adapters=args.adapter)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    kind = "one safetensors file; reload with lycoris_lite.merge.load_merged" if args.single_file else \
+        "diffusers folder; reload with DiffusionPipeline.from_pretrained"
+    print(f"wrote {written} ({kind})", file=out)
+    return 0
+
+
 def inspect(args, out=sys.stdout) -> int:
     info = describe(args.file, allow_pickle=args.allow_pickle, top_tags=args.top_tags)
     print(json.dumps(info, indent=2, default=str) if args.json else format_report(info), file=out)
@@ -418,8 +566,10 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lycoris_lite", description="Inspect and convert adapter files.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert}")
+    parser = argparse.ArgumentParser(
+        prog="python -m lycoris_lite",
+        description="Inspect, convert, combine and extract adapter files; merge them into a model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,combine,extract,merge}")
 
     p = sub.add_parser("inspect", help="describe an adapter file or folder (no model needed)",
                        description="Describe an adapter: format, algorithms, ranks, alphas, family, metadata.")
@@ -443,6 +593,59 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-unknown", action="store_true", help="skip modules that match no layer of the model")
     c.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (torch.load, weights_only)")
     c.set_defaults(func=convert)
+
+    from .arithmetic import COMBINATION_TYPES, SIGN_METHODS
+    from .extract import METHODS
+
+    def adapters_and_model(p, what):
+        p.add_argument("--model", required=True, metavar="tiny-sd|tiny-sdxl|PATH", help=f"the base model {what}")
+        p.add_argument("--adapter", required=True, action="append", type=_adapter_arg, metavar="FILE[:WEIGHT]",
+                       help="an adapter file or folder and its weight (default 1); repeat for each adapter")
+        p.add_argument("--skip-unknown", action="store_true", help="skip modules that match no layer of the model")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="read .ckpt/.pt/.bin inputs (torch.load, weights_only)")
+
+    m = sub.add_parser("combine", help="write a weighted combination of adapters as one LoRA",
+                       description="Combine adapters of any algorithms into one LoRA (PEFT's combination types).")
+    adapters_and_model(m, "the adapters belong to")
+    m.add_argument("--out", required=True, metavar="OUT", help="the file (kohya, diffusers) or folder (peft) to write")
+    m.add_argument("--type", default="svd", choices=COMBINATION_TYPES, help="the combination type (default svd)")
+    m.add_argument("--rank", type=_positive_int, default=None, metavar="N",
+                   help="rank of the result of the *svd types (default: the largest input LoRA rank)")
+    m.add_argument("--clamp", type=float, default=None, metavar="Q",
+                   help="svd types: clamp the factors at this quantile")
+    m.add_argument("--density", type=float, default=None, metavar="D",
+                   help="ties, dare_* and magnitude_prune types: the fraction of entries kept, in (0, 1]")
+    m.add_argument("--majority-sign", default="total", choices=SIGN_METHODS, help="ties types: how the sign is elected")
+    m.add_argument("--seed", type=int, default=0, help="seed of the DARE masks (default 0)")
+    m.add_argument("--to", default="kohya", choices=FORMATS, help="the format to write (default kohya)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written tensors")
+    m.set_defaults(func=combine)
+
+    e = sub.add_parser("extract", help="extract a LoRA from a fully fine-tuned model",
+                       description="A LoRA of a fine-tuned model's weight changes, with each layer's error.")
+    e.add_argument("--base", required=True, metavar="tiny-sd|tiny-sdxl|PATH", help="the base model")
+    e.add_argument("--tuned", required=True, metavar="PATH", help="the fine-tuned model (same architecture)")
+    size = e.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_positive_int, default=None, metavar="N", help="the LoRA rank of every layer")
+    size.add_argument("--energy", type=float, default=None, metavar="F",
+                      help="per layer, the smallest rank keeping this fraction of ‖ΔW‖² (in (0, 1])")
+    e.add_argument("--max-rank", type=_positive_int, default=None, metavar="N", help="cap on the --energy ranks")
+    e.add_argument("--method", default="auto", choices=METHODS,
+                   help="SVD: randomized where accurate enough (auto), or forced")
+    e.add_argument("--out", required=True, metavar="OUT", help="the file (kohya, diffusers) or folder (peft) to write")
+    e.add_argument("--to", default="kohya", choices=FORMATS, help="the format to write (default kohya)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written tensors")
+    e.set_defaults(func=extract)
+
+    g = sub.add_parser("merge", help="fuse adapters into the model and save it",
+                       description="Fuse adapters into the model; save a diffusers folder or one safetensors file.")
+    adapters_and_model(g, "to fuse the adapters into")
+    g.add_argument("--out", required=True, metavar="OUT",
+                   help="a new folder (diffusers), or NAME.safetensors with --single-file")
+    g.add_argument("--single-file", action="store_true",
+                   help="one safetensors file (component.key tensors; reload with lycoris_lite.merge.load_merged)")
+    g.set_defaults(func=merge)
     return parser
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import non_finite_keys
 from .config import AdapterConfig
 from .formats import diffusers_format, kohya, peft_format
 from .formats.names import build_name_map
@@ -60,7 +61,13 @@ def components_of(target) -> dict[str, nn.Module]:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; expected some of {COMPONENTS}")
     if not found:
         raise ValueError("no unet or text encoder to attach adapters to")
-    return {k: (v.model if hasattr(v, "controller") and hasattr(v, "model") else v) for k, v in found.items()}
+    return {k: _unwrapped(v) for k, v in found.items()}
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside a ``torch.compile`` wrapper (``_orig_mod``) or an :class:`AdapterModel`."""
+    module = getattr(module, "_orig_mod", module)
+    return module.model if hasattr(module, "controller") and hasattr(module, "model") else module
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
@@ -92,6 +99,9 @@ def _summary_config(entries: dict[str, kohya.LayerEntry]) -> AdapterConfig:
     fields = {"target_modules": sorted(entries)}
     if ranks and algo in ("lora", "loha", "lokr", "hra"):
         fields["r"] = ranks.most_common(1)[0][0]
+    axes = Counter(e.settings["dora"] for e in entries.values() if e.algorithm.name == algo and e.settings.get("dora"))
+    if axes:
+        fields.update(use_dora=True, dora_axis=axes.most_common(1)[0][0])
     return cls(**fields)
 
 
@@ -123,35 +133,73 @@ def _read_peft(folders: dict[str, Path], components, allow_pickle: bool, strict:
                                  f"(it has {sorted(components)}); strict=False skips it")
             skipped.append(str(folder))
             continue
-        state, config = peft_format.read_folder(folder, allow_pickle=allow_pickle)
-        _check_finite(state)
+        state, config, header = peft_format.read_folder(folder, allow_pickle=allow_pickle)
+        _check_tensors(state)
         layers, skip = peft_format.read(state, config, components[component], component, strict=strict)
         plans[component] = layers
         configs[component] = peft_format.our_config(config, layers)
         skipped += [f"{component}.{k}" for k in skip]
         metadata[f"{META_PREFIX}peft_config.{component}"] = json.dumps(config, sort_keys=True)
+        for key, value in header.items():  # each part's file header; a value one part disagrees on is kept per part
+            if metadata.setdefault(key, value) != value:
+                metadata[f"{component}.{key}"] = value
     if not plans:
         raise ValueError("the PEFT adapter has no part for these components")
     return plans, configs, skipped, metadata
 
 
-def _check_finite(state) -> None:
+def _check_tensors(state) -> None:
+    """Every tensor of an adapter is a non-empty floating-point tensor (an ``alpha`` may be an integer)
+    without NaN/Inf."""
     if not state:
         raise ValueError("the adapter file holds no tensors")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("the adapter's state dict holds values that are not tensors")
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(f"the adapter has empty (zero-size) tensors: {empty[:5]}")
+    wrong = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+             if not v.is_floating_point() and not (k.endswith("alpha") and not v.is_complex() and v.dtype != torch.bool)]
+    if wrong:
+        raise ValueError(f"adapter tensors must be floating point; these are not: {wrong[:5]}")
+    bad = non_finite_keys(state)
     if bad:
         raise ValueError(f"the adapter has NaN/Inf values in {bad[:5]}")
 
 
-def load_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
-                 allow_pickle: bool = False, activate: bool = True, scale: float = 1.0,
-                 component: str | None = None) -> LoadedAdapter:
-    """Attach the adapter in ``source`` to ``target``'s components.
+def _check_plans(components: dict[str, nn.Module], adapter_name: str, plans: dict) -> None:
+    """Every layer's tensors against the live model (keys and shapes), changing nothing."""
+    for c, layers in plans.items():
+        # a model without adapters gets no controller until everything has validated
+        checker = controller_for(components[c], create=False) or AdapterController(components[c])
+        checker.check_plan(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()},
+                           allow_existing=True, check_values=False)  # the whole state was checked before
+
+
+@dataclass
+class ReadAdapter:
+    """An adapter read and validated against the components, not attached yet."""
+
+    name: str
+    format: str
+    plans: dict[str, dict[str, kohya.LayerEntry]]   # component -> {module path: entry}
+    configs: dict[str, AdapterConfig]
+    skipped_keys: list[str]
+    metadata: dict[str, str]
+
+    def layer_plan(self, component: str) -> dict:
+        """``{module path: (algorithm, settings, tensors)}`` for ``AdapterController.attach``."""
+        return {p: (e.algorithm, e.settings, e.tensors) for p, e in self.plans[component].items()}
+
+
+def read_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
+                 allow_pickle: bool = False, component: str | None = None) -> ReadAdapter:
+    """Read ``source`` and map it onto ``target``'s components without changing them.
 
     ``source``: a kohya/LyCORIS or diffusers file, a diffusers folder (``pytorch_lora_weights.safetensors``),
     a PEFT folder (``adapter_config.json``; applied to the UNet, or to ``component``), a folder of
     per-component PEFT folders (``unet/``, ``text_encoder/``, …), or a state dict (kohya or diffusers).
-    Nothing is attached unless every component's part validates. Returns what was loaded.
+    Raises ``ValueError`` naming the problem for anything that does not fit the model.
     """
     components = components_of(target)
     if component is not None and component not in COMPONENTS:
@@ -159,6 +207,8 @@ def load_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     configs: dict[str, AdapterConfig] = {}
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no adapter file or folder at {path}")
         adapter_name = adapter_name or _default_name(path)
         if path.is_file() and (path.name == peft_format.CONFIG_NAME or (
                 path.name in (peft_format.WEIGHTS_NAME, peft_format.PICKLE_WEIGHTS_NAME)
@@ -168,7 +218,8 @@ def load_adapter(target, source, adapter_name: str | None = None, *, strict: boo
             folders = _peft_folders(path, components, component)
             if folders:
                 plans, configs, skipped, metadata = _read_peft(folders, components, allow_pickle, strict)
-                return _attach(components, adapter_name, plans, configs, "peft", skipped, metadata, activate, scale)
+                _check_plans(components, adapter_name, plans)
+                return ReadAdapter(adapter_name, "peft", plans, configs, skipped, metadata)
             if (path / diffusers_format.WEIGHT_NAME).is_file():
                 path = path / diffusers_format.WEIGHT_NAME
             else:
@@ -182,7 +233,7 @@ def load_adapter(target, source, adapter_name: str | None = None, *, strict: boo
             raise ValueError("adapter_name is required when loading a state dict")
     else:
         raise TypeError(f"source must be a path or a state dict, not {type(source).__name__}")
-    _check_finite(state)
+    _check_tensors(state)
     fmt = detect_format(state)
     if fmt == "kohya":
         names = build_name_map(components)
@@ -198,23 +249,37 @@ def load_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     else:
         raise ValueError(f"unrecognised adapter format ({fmt}); keys look like {list(state)[:3]}; known formats: "
                          "kohya/LyCORIS (lora_unet_…), diffusers (unet.….lora_A.weight), PEFT folders")
-    return _attach(components, adapter_name, plans, configs, fmt, skipped, metadata, activate, scale)
+    _check_plans(components, adapter_name, plans)
+    return ReadAdapter(adapter_name, fmt, plans, configs, skipped, metadata)
 
 
-def _attach(components, adapter_name, plans, configs, fmt, skipped, metadata, activate, scale) -> LoadedAdapter:
-    """Validate every component's plan, then attach them all."""
-    for c, layers in plans.items():
-        # a model without adapters gets no controller until everything has validated
-        checker = controller_for(components[c], create=False) or AdapterController(components[c])
-        checker.check_plan(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()})
-    for c, layers in plans.items():
+def load_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
+                 allow_pickle: bool = False, activate: bool = True, scale: float = 1.0,
+                 component: str | None = None) -> LoadedAdapter:
+    """Attach the adapter in ``source`` (see :func:`read_adapter`) to ``target``'s components.
+
+    Nothing is attached unless every component's part validates. Returns what was loaded.
+    """
+    read = read_adapter(target, source, adapter_name, strict=strict, allow_pickle=allow_pickle, component=component)
+    return attach_adapter(target, read, activate=activate, scale=scale)
+
+
+def attach_adapter(target, read: ReadAdapter, *, activate: bool = True, scale: float = 1.0) -> LoadedAdapter:
+    """Attach an adapter from :func:`read_adapter` to every component it has a part for."""
+    components = components_of(target)
+    for c in read.plans:
+        ctrl = controller_for(components[c], create=False)
+        if ctrl is not None and read.name in ctrl.configs:
+            raise ValueError(f"adapter {read.name!r} already exists; delete it first or pick another name")
+    for c, layers in read.plans.items():
         ctrl = controller_for(components[c])
-        ctrl.attach(adapter_name, {p: (e.algorithm, e.settings, e.tensors) for p, e in layers.items()},
-                    configs.get(c) or _summary_config(layers), activate=activate)
+        ctrl.attach(read.name, read.layer_plan(c), read.configs.get(c) or _summary_config(layers), activate=activate,
+                    validated=True)
         if scale != 1.0:
-            ctrl.set_scale(adapter_name, scale)
-    algorithms = Counter(e.algorithm.name for layers in plans.values() for e in layers.values())
-    return LoadedAdapter(adapter_name, fmt, dict(algorithms), {c: len(v) for c, v in plans.items()}, skipped, metadata)
+            ctrl.set_scale(read.name, scale)
+    algorithms = Counter(e.algorithm.name for layers in read.plans.values() for e in layers.values())
+    return LoadedAdapter(read.name, read.format, dict(algorithms), {c: len(v) for c, v in read.plans.items()},
+                         read.skipped_keys, read.metadata)
 
 
 def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, kohya.LayerEntry]]:
@@ -232,6 +297,14 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
     if not entries:
         raise ValueError(f"no adapter named {adapter_name!r} on these components")
     return entries
+
+
+def _dora_network_args(entries) -> dict[str, str]:
+    """LyCORIS's network args for DoRA (``dora_wd``, ``wd_on_output``), as kohya's scripts write them."""
+    axes = {e.settings.get("dora") for layers in entries.values() for e in layers.values()} - {None}
+    if not axes:
+        return {}
+    return {"dora_wd": "True", "wd_on_output": str(axes != {"input"})}
 
 
 def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: str = "kohya",
@@ -276,7 +349,8 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     configs = {c: controller_for(m).configs[adapter_name].to_dict() for c, m in components.items() if c in entries}
     meta = {
         "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps({"algo": "locon" if main == "lora" else "diag-oft" if main == "oft" else main}),
+        "ss_network_args": json.dumps({"algo": "locon" if main == "lora" else "diag-oft" if main == "oft" else main,
+                                       **_dora_network_args(entries)}),
         "ss_network_dim": str(max(ranks) if ranks else 0),
         "ss_network_alpha": str(next((e.settings.get("alpha") for ls in entries.values() for e in ls.values() if "alpha" in e.settings), 1.0)),
         META_PREFIX + "algorithms": json.dumps(dict(algorithms)),
@@ -287,4 +361,4 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     return write_state_dict(path, state, meta)
 
 
-__all__ = ["FORMATS", "LoadedAdapter", "load_adapter", "save_adapter", "detect_format", "components_of", "ALGORITHMS"]
+__all__ = ["FORMATS", "LoadedAdapter", "ReadAdapter", "attach_adapter", "load_adapter", "read_adapter", "save_adapter", "detect_format", "components_of", "ALGORITHMS"]

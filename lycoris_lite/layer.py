@@ -10,6 +10,12 @@ additive ones (LoRA, LoHa, LoKr) add ``s_j·ΔW_j`` on top (not transformed). ``
 multiplier; ``alpha / r`` lives inside each algorithm's formula. Rotations do not commute, so the order
 matters, and merged and unmerged results follow the same one.
 
+An additive adapter with DoRA (``use_dora``, :mod:`lycoris_lite.algos.dora`) is a stage of the chain
+instead, ``M_i(W) = W + s_i·(m ⊙ (W + ΔW_i)/‖W + ΔW_i‖ − W)`` on the weight it receives, i.e. a
+per-channel gain on everything before it plus its own ``ΔW_i`` under a gain. The chain therefore
+expands into terms ``coef · L · S · R`` whose source ``S`` is the weight or such a ``ΔW_i``; every
+term runs on activations where that is exact and cheap.
+
 State-dict keys of the base layer are unchanged: the wrapper registers the base layer's own ``weight``
 and ``bias`` Parameters and puts adapter tensors under ``adapters.<name>.<key>``; the original module is
 kept (unregistered) and put back by :meth:`AdapterLayer.unwrap`.
@@ -27,14 +33,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import all_finite
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
-from .operators import Operator, low_rank_parts, scaled
+from .algos import dora
+from .operators import Diagonal, Operator, low_rank_parts, orthogonal_blocks, rotate_output, scaled
 from .registry import Algorithm
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Adapters on half-precision layers keep (and compute in) float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy when it is a view into a larger buffer or not 64-byte aligned (tensors read
+    from a file are often both): kept as a parameter, a view would hold the whole buffer, and MKL's
+    GEMMs round differently for operands off 16-byte alignment, so a reloaded adapter would not
+    compute bit for bit like the one saved."""
+    if t.data_ptr() % 64 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 class AdapterSlot(nn.Module):
@@ -79,11 +97,13 @@ class AdapterSlot(nn.Module):
 
 @dataclass
 class _Term:
-    """``coef · L_t · W · R_t`` in the expansion of the multiplicative chain."""
+    """``coef · L_t · S · R_t`` in the expansion of the multiplicative chain; ``S`` is the weight
+    (``source=None``) or the ``ΔW`` of a DoRA adapter (``source`` its slot)."""
 
     coef: float
     inputs: list[Operator] = field(default_factory=list)  # R_1 .. R_k (W ← W·R_1 first)
     outputs: list[Operator] = field(default_factory=list)  # L_1 .. L_k (W ← L_1·W first)
+    source: AdapterSlot | None = None
 
 
 class AdapterLayer(nn.Module):
@@ -117,8 +137,16 @@ class AdapterLayer(nn.Module):
 
     # ---- adapters ---------------------------------------------------------------------------------
     def add(self, name: str, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
+        """Attach adapter ``name``. A new DoRA adapter (settings ``dora_init``) gets its magnitude
+        ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init)."""
         dtype = compute_dtype(self.weight.dtype)
-        params = {k: v.to(device=self.weight.device, dtype=dtype) for k, v in params.items()}
+        params = {k: _own_storage(v.to(device=self.weight.device, dtype=dtype)) for k, v in params.items()}
+        settings = dict(settings)
+        if settings.pop("dora_init", False):
+            with torch.no_grad():
+                delta = algorithm.delta_weight(params, self.spec, settings)
+                original = (self._backup if self._backup is not None else self.weight).to(delta)
+                params[dora.KEY] = dora.magnitude_from_weight(params[dora.KEY], original, delta, settings["dora"])
         self.adapters[name] = AdapterSlot(algorithm, settings, params)
 
     def remove(self, name: str):
@@ -139,12 +167,17 @@ class AdapterLayer(nn.Module):
         return [n for n in self.ordered(self.active) if n not in self.merged and self.adapters[n].scale != 0]
 
     # ---- the composition plan -----------------------------------------------------------------
-    def _plan(self, names, dtype):
+    def _plan(self, names, dtype, base: torch.Tensor | None = None):
+        """``(terms, additive slots)`` for ``names`` in composition order. ``base``: the weight the
+        chain starts from, which DoRA stages need for their norms (default: the current weight)."""
         terms = [_Term(1.0)]
         additive = []
         for name in names:
             slot = self.adapters[name]
             algo = slot.algorithm
+            if slot.settings.get("dora"):
+                terms = self._decomposition_stage(terms, slot, dtype, base)
+                continue
             if not algo.multiplicative:
                 additive.append(slot)
                 continue
@@ -153,8 +186,8 @@ class AdapterLayer(nn.Module):
             if in_op is not None and out_op is not None and s != 1.0:
                 # W + s(L W R − W) is not a product of one-sided factors: split every term in two
                 terms = [t for old in terms for t in (
-                    _Term(old.coef * (1 - s), old.inputs, old.outputs),
-                    _Term(old.coef * s, old.inputs + [in_op], old.outputs + [out_op]))]
+                    _Term(old.coef * (1 - s), old.inputs, old.outputs, old.source),
+                    _Term(old.coef * s, old.inputs + [in_op], old.outputs + [out_op], old.source))]
             else:
                 for t in terms:
                     if in_op is not None:
@@ -162,6 +195,39 @@ class AdapterLayer(nn.Module):
                     if out_op is not None:
                         t.outputs = t.outputs + [scaled(out_op, s)]
         return terms, additive
+
+    def _decomposition_stage(self, terms: list[_Term], slot: AdapterSlot, dtype, base) -> list[_Term]:
+        """Append a DoRA stage ``W ← (1 − s + s·g) ⊙ W + s·g ⊙ ΔW``, ``g = m/‖W + ΔW‖`` per channel of
+        its axis, to the expansion ``terms`` of the chain so far (``W`` = their sum)."""
+        spec, settings, s = self.spec, slot.settings, slot.scale
+        axis = settings["dora"]
+        params = slot.tensors(dtype)
+        if base is None:
+            base = self.weight.detach()
+        with torch.no_grad():
+            running = self._expand(terms, base.to(dtype), dtype)
+            delta = slot.algorithm.delta_weight(params, spec, settings)
+        gain = dora.gain(params[dora.KEY], running + delta, axis).reshape(-1)
+        if axis == "input":  # the flat input index is channel·kh·kw + tap
+            gain = gain.repeat_interleave(spec.taps)
+        keep, own = Diagonal(1 - s + s * gain), Diagonal(gain)
+        side = "inputs" if axis == "input" else "outputs"
+        for t in terms:
+            setattr(t, side, getattr(t, side) + [keep])
+        return terms + [_Term(s, **{side: [own]}, source=slot)]
+
+    def _source_weight(self, term: _Term, base: torch.Tensor, dtype) -> torch.Tensor:
+        """``S`` of a term: ``base`` or the source adapter's ``ΔW``."""
+        if term.source is None:
+            return base
+        slot = term.source
+        return slot.algorithm.delta_weight(slot.tensors(dtype), self.spec, slot.settings)
+
+    def _expand(self, terms: list[_Term], base: torch.Tensor, dtype) -> torch.Tensor:
+        """``Σ coef · L·S·R`` as a dense weight."""
+        if len(terms) == 1 and terms[0].coef == 1.0 and terms[0].source is None:
+            return self._transform_weight(base, terms[0])
+        return sum(t.coef * self._transform_weight(self._source_weight(t, base, dtype), t) for t in terms)
 
     def _transform_weight(self, weight: torch.Tensor, term: _Term, inputs: bool = True) -> torch.Tensor:
         flat = self.spec.flatten_weight(weight)
@@ -182,13 +248,10 @@ class AdapterLayer(nn.Module):
             base = self._backup if self._backup is not None else self.weight.detach()
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         w = base.to(device=self.weight.device, dtype=dtype)
-        terms, additive = self._plan(self.ordered(names), dtype)
-        if len(terms) == 1 and terms[0].coef == 1.0:
-            out = self._transform_weight(w, terms[0])
-        else:
-            out = sum(t.coef * self._transform_weight(w, t) for t in terms)
+        terms, additive = self._plan(self.ordered(names), dtype, w)
+        out = self._expand(terms, w, dtype)
         for slot in additive:
-            out = out + slot.scale * slot.algorithm.delta_weight(slot.tensors(dtype), self.spec, slot.settings)
+            out = slot.algorithm.add_delta_weight(out, slot.tensors(dtype), self.spec, slot.settings, slot.scale)
         return out
 
     # ---- forward --------------------------------------------------------------------------------
@@ -204,20 +267,24 @@ class AdapterLayer(nn.Module):
         routed = []
         folded = []
         for slot in additive:
-            needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in slot.parameters())
-            (routed if slot.algorithm.use_activation_route(spec, slot.settings, needs_grad) else folded).append(slot)
+            (routed if slot.algorithm.use_activation_route(spec, slot.settings, self._needs_grad(slot)) else folded).append(slot)
 
         weight_delta = None
         for slot in folded:
             delta = slot.scale * slot.cached("delta", cdtype, lambda t, s=slot: s.algorithm.delta_weight(t, spec, s.settings))
             weight_delta = delta if weight_delta is None else weight_delta + delta
 
-        plain = len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
+        plain = (len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
+                 and terms[0].source is None)
         if plain:
             effective = weight if weight_delta is None else weight + weight_delta.to(weight.dtype)
             y = spec.op(x, effective, bias)
         else:
-            y = self._low_rank_term(x, terms[0], cdtype, bias) if len(terms) == 1 else None
+            y = None
+            if len(terms) == 1:
+                y = self._low_rank_term(x, terms[0], cdtype, bias)
+                if y is None:
+                    y = self._orthogonal_output_term(x, terms[0], cdtype, bias)
             if y is None:
                 for term in terms:
                     h = self._term_forward(x, term, cdtype)
@@ -227,12 +294,21 @@ class AdapterLayer(nn.Module):
                 y = y + spec.op(x, weight_delta.to(weight.dtype))
 
         for slot in routed:
-            xa = x.to(cdtype)
-            p = slot.settings.get("dropout", 0.0)
-            if p and self.training:
-                xa = F.dropout(xa, p, training=True)
-            y = y + slot.algorithm.delta_forward(xa, slot.tensors(), spec, slot.settings, slot.scale).to(y.dtype)
+            y = y + self._route(x, slot, slot.scale, cdtype).to(y.dtype)
         return y
+
+    def _route(self, x: torch.Tensor, slot: AdapterSlot, multiplier: float, cdtype) -> torch.Tensor:
+        """``multiplier · op(x, ΔW)`` of an additive adapter through its activation route (with its
+        input dropout while training)."""
+        xa = x.to(cdtype)
+        p = slot.settings.get("dropout", 0.0)
+        if p and self.training:
+            xa = F.dropout(xa, p, training=True)
+        return slot.algorithm.delta_forward(xa, slot.tensors(), self.spec, slot.settings, multiplier)
+
+    @staticmethod
+    def _needs_grad(slot: AdapterSlot) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in slot.parameters())
 
     def _low_rank_term(self, x: torch.Tensor, term: _Term, cdtype, bias=None) -> torch.Tensor | None:
         """A term whose only transform is one ``I − U·C·Uᵀ`` (HRA) runs like a rank-r LoRA:
@@ -261,24 +337,46 @@ class AdapterLayer(nn.Module):
         correction = spec.pointwise(spec.pointwise(h, c), up)
         return spec.op(x, self.weight, bias) - correction.to(x.dtype)
 
+    def _orthogonal_output_term(self, x: torch.Tensor, term: _Term, cdtype, bias=None) -> torch.Tensor | None:
+        """A term whose last transform is one exactly orthogonal block rotation of the output (OFT/BOFT
+        with exact Cayley at multiplier 1), while training: ``y = M·op(x, W·R) + bias`` through
+        :func:`rotate_output`, which keeps ``y`` for backward instead of the base output (one activation
+        less than autograd keeps; ``M``'s gradient is taken from ``y`` through ``M``'s orthogonality)."""
+        if term.coef != 1.0 or len(term.outputs) != 1:
+            return None
+        blocks = orthogonal_blocks(term.outputs[0])
+        if blocks is None or not (torch.is_grad_enabled() and blocks.requires_grad):
+            return None
+        spec = self.spec
+        h = self._term_forward(x, _Term(1.0, term.inputs), cdtype)
+        v = move_channels_last(h, spec).to(cdtype)
+        y = rotate_output(v, blocks, None if bias is None else bias.to(cdtype))
+        return move_channels_back(y, spec).to(x.dtype)
+
     def _term_forward(self, x: torch.Tensor, term: _Term, cdtype) -> torch.Tensor:
-        """``coef · op(x, L·W·R)`` (no bias), rotating activations where that is exact and cheap."""
-        spec, weight = self.spec, self.weight
+        """``coef · op(x, L·S·R)`` (no bias), rotating activations where that is exact and cheap; a
+        DoRA term's ``ΔW`` runs through its algorithm's activation route where it has one."""
+        spec, weight, slot = self.spec, self.weight, term.source
+        routed = (slot is not None and (spec.is_pointwise or not term.inputs)
+                  and slot.algorithm.use_activation_route(spec, slot.settings, self._needs_grad(slot)))
+        if slot is not None and not routed:
+            delta = slot.cached("delta", cdtype, lambda t: slot.algorithm.delta_weight(t, spec, slot.settings))
+            weight = delta.to(weight.dtype)
         if term.inputs and not spec.is_pointwise:
             # a k×k conv's input-side rotation mixes kernel taps: rotate the weight instead
-            weight = self._transform_weight(weight.to(cdtype), _Term(1.0, term.inputs), inputs=True).to(weight.dtype)
+            weight = self._transform_weight(weight.to(cdtype), _Term(1.0, term.inputs), inputs=True).to(self.weight.dtype)
         elif term.inputs:
             v = move_channels_last(x, spec).to(cdtype)
             for op in reversed(term.inputs):  # y = x Rᵀ Wᵀ: R_k acts first on x
                 v = op.apply(v)
             x = move_channels_back(v, spec).to(x.dtype)
-        h = spec.op(x, weight)
+        h = self._route(x, slot, term.coef, cdtype).to(x.dtype) if routed else spec.op(x, weight)
         if term.outputs:
             v = move_channels_last(h, spec).to(cdtype)
             for op in term.outputs:
                 v = op.apply(v)
             h = move_channels_back(v, spec).to(h.dtype)
-        return h if term.coef == 1.0 else h * term.coef
+        return h if term.coef == 1.0 or routed else h * term.coef
 
     # ---- merge / unmerge ----------------------------------------------------------------------
     @torch.no_grad()
@@ -290,7 +388,7 @@ class AdapterLayer(nn.Module):
     def check_finite(self, names) -> None:
         for name in names:
             for key, value in self.adapters[name].named_parameters(recurse=False):
-                if not torch.isfinite(value).all():
+                if not all_finite(value):
                     raise ValueError(
                         f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was merged"
                     )
@@ -310,7 +408,7 @@ class AdapterLayer(nn.Module):
         if safe:
             self.check_finite(names)
         new = self.merged_weight(names)
-        if safe and not torch.isfinite(new).all():
+        if safe and not all_finite(new):
             raise ValueError(f"merging {names} into layer {self.layer_name!r} gives NaN/Inf weights; nothing was merged")
         self.write_merged(names, new)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import algos  # noqa: F401  (registers the algorithms)
+from .checks import all_finite
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .layer_kind import LayerSpec
@@ -127,6 +128,30 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, name
 
 
+def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool = False) -> None:
+    """Merge adapters ``names`` into each of ``layers`` (those a layer lacks are skipped).
+
+    With ``safe_merge`` every new weight is computed and checked for NaN/Inf (the adapter tensors too)
+    before any is written, so a failure changes nothing; the staged weights are the one extra copy of
+    the merged layers that merging costs anyway."""
+    if not safe_merge:
+        for layer in layers:
+            layer.merge([n for n in names if n in layer.adapters])
+        return
+    staged = []
+    for layer in layers:
+        todo = [n for n in layer.ordered(names) if n not in layer.merged]
+        if not todo:
+            continue
+        layer.check_finite(todo)
+        new = layer.merged_weight(todo)
+        if not all_finite(new):
+            raise ValueError(f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged")
+        staged.append((layer, todo, new))
+    for layer, todo, new in staged:
+        layer.write_merged(todo, new)
+
+
 def controller_for(model: nn.Module, create: bool = True) -> "AdapterController | None":
     ctrl = model.__dict__.get(_ATTR)
     if ctrl is None and create:
@@ -200,21 +225,30 @@ class AdapterController:
             plan[layer_name] = (algo, layer_settings, params)
         return self.attach(name, plan, config, activate=activate)
 
-    def check_plan(self, name: str, plan: dict) -> None:
-        """Validate ``{layer: (algorithm, settings, tensors)}`` against the model (no change made)."""
-        if name in self.configs:
+    def check_plan(self, name: str, plan: dict, allow_existing: bool = False, check_values: bool = True) -> None:
+        """Validate ``{layer: (algorithm, settings, tensors)}`` against the model (no change made).
+        ``allow_existing`` skips the check that ``name`` is free (for a plan that replaces it);
+        ``check_values=False`` skips the NaN/Inf check (for tensors the caller has checked)."""
+        if name in self.configs and not allow_existing:
             raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
         modules = dict(_candidates(self.model))
         for layer_name, (algo, layer_settings, params) in plan.items():
             if layer_name not in modules:
                 raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
             spec = LayerSpec.from_module(modules[layer_name], layer_name)
-            _check_shapes(layer_name, params, algo.init_params(spec, layer_settings, True, None))
+            with torch.device("meta"):  # shapes only: nothing allocated or initialised
+                expected = algo.init_params(spec, layer_settings, True, None)
+            _check_shapes(layer_name, params, expected, check_values)
 
-    def attach(self, name: str, plan: dict, config: AdapterConfig, activate: bool = False) -> list[str]:
-        """Attach a validated plan ``{layer: (algorithm, settings, tensors)}``; layers may carry different
-        algorithms (as kohya/LyCORIS files do). ``config`` describes the adapter as a whole."""
-        self.check_plan(name, plan)
+    def attach(self, name: str, plan: dict, config: AdapterConfig, activate: bool = False,
+               validated: bool = False) -> list[str]:
+        """Attach a plan ``{layer: (algorithm, settings, tensors)}``; layers may carry different
+        algorithms (as kohya/LyCORIS files do). ``config`` describes the adapter as a whole.
+        ``validated``: the plan already passed :meth:`check_plan` against this model."""
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
+        if not validated:
+            self.check_plan(name, plan)
         save_names = self._modules_to_save_targets(config)
 
         # all checks passed: change the model
@@ -353,25 +387,7 @@ class AdapterController:
         """Fold adapters into the base weights (default: the active ones). With ``safe_merge`` every
         layer is computed and checked for NaN/Inf before any weight is written."""
         names = self.active if adapter_names is None else self._check_names(adapter_names)
-        layers = [layer for _, layer in self.layers()]
-        if not safe_merge:
-            for layer in layers:
-                layer.merge([n for n in names if n in layer.adapters])
-            return
-        staged = []
-        for layer in layers:
-            todo = [n for n in layer.ordered(names) if n not in layer.merged]
-            if not todo:
-                continue
-            layer.check_finite(todo)
-            new = layer.merged_weight(todo)
-            if not torch.isfinite(new).all():
-                raise ValueError(
-                    f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged"
-                )
-            staged.append((layer, todo, new))
-        for layer, todo, new in staged:
-            layer.write_merged(todo, new)
+        merge_layers([layer for _, layer in self.layers()], names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.layers():
@@ -425,6 +441,20 @@ class AdapterController:
         """Remove every adapter; the model is bitwise the original. Returns the model."""
         return self._restore(keep_merged=False)
 
+    # ---- arithmetic -----------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = False,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total", generator: torch.Generator | None = None):
+        """PEFT's ``add_weighted_adapter`` for every algorithm: see :mod:`lycoris_lite.arithmetic`."""
+        from .arithmetic import combine_adapters
+
+        return combine_adapters({"model": self.model}, adapters, weights, adapter_name, combination_type,
+                                density=density, majority_sign_method=majority_sign_method, svd_rank=svd_rank,
+                                svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                                generator=generator)
+
     # ---- tensors --------------------------------------------------------------------------------
     def adapter_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """``{layer_name: {key: tensor}}`` of adapter ``name`` (detached)."""
@@ -472,7 +502,7 @@ class AdapterController:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-def _check_shapes(layer_name, given: dict, expected: dict) -> None:
+def _check_shapes(layer_name, given: dict, expected: dict, check_values: bool = True) -> None:
     if set(given) != set(expected):
         raise ValueError(
             f"layer {layer_name!r}: tensors {sorted(given)} do not match the expected {sorted(expected)}"
@@ -482,7 +512,7 @@ def _check_shapes(layer_name, given: dict, expected: dict) -> None:
             raise ValueError(
                 f"layer {layer_name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
-        if not torch.isfinite(value).all():
+        if check_values and not all_finite(value):
             raise ValueError(f"layer {layer_name!r}: {key} has NaN/Inf values")
 
 
@@ -561,6 +591,10 @@ class AdapterModel(nn.Module):
 
     def regularization_loss(self, adapter_names=None) -> torch.Tensor:
         return self.controller.regularization_loss(adapter_names)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd", **kwargs):
+        """PEFT's ``add_weighted_adapter`` for every algorithm: see :mod:`lycoris_lite.arithmetic`."""
+        return self.controller.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return self.controller.get_nb_trainable_parameters()

@@ -12,6 +12,10 @@ vector ``v`` along the last dimension) and ``apply(v, transpose=True) = v @ M``.
 * :class:`Chain` ``M = S_k ⋯ S_1`` (``S_1`` applied first).
 * :class:`Scaled` ``M_s = I + s (M - I)``: the user's multiplier on a multiplicative adapter, so that
   ``s = 0`` is the identity and ``s = 1`` the full transform; negative values extrapolate.
+
+``orthogonal`` says an operator is exactly orthogonal (``Mᵀ M = I`` up to rounding: an exact Cayley
+transform, not its Neumann series nor a rotation stored as given), which lets :func:`rotate_output`
+take ``M``'s gradient from its output instead of keeping its input for backward.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 class Operator:
     size: int
+    orthogonal: bool = False
 
     def apply(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -30,9 +35,10 @@ class Operator:
 
 
 class BlockDiagonal(Operator):
-    def __init__(self, blocks: torch.Tensor, perm: torch.Tensor | None = None):
+    def __init__(self, blocks: torch.Tensor, perm: torch.Tensor | None = None, orthogonal: bool = False):
         self.blocks = blocks
         self.perm = perm
+        self.orthogonal = orthogonal
         self.inverse_perm = None if perm is None else torch.argsort(perm)
         self.size = blocks.shape[0] * blocks.shape[1]
 
@@ -49,7 +55,7 @@ class BlockDiagonal(Operator):
         return out
 
     def to(self, dtype):
-        return BlockDiagonal(self.blocks.to(dtype), self.perm)
+        return BlockDiagonal(self.blocks.to(dtype), self.perm, self.orthogonal)
 
 
 class LowRankUpdate(Operator):
@@ -82,6 +88,7 @@ class Chain(Operator):
     def __init__(self, stages: list[Operator]):
         self.stages = list(stages)
         self.size = self.stages[0].size
+        self.orthogonal = all(stage.orthogonal for stage in self.stages)
 
     def apply(self, v, transpose=False):
         for stage in (reversed(self.stages) if transpose else self.stages):
@@ -96,6 +103,7 @@ class Scaled(Operator):
     def __init__(self, op: Operator, scale: float):
         self.op, self.scale = op, float(scale)
         self.size = op.size
+        self.orthogonal = op.orthogonal and self.scale == 1.0
 
     def apply(self, v, transpose=False):
         if self.scale == 1.0:
@@ -113,6 +121,52 @@ def low_rank_parts(op: Operator) -> tuple[torch.Tensor, torch.Tensor] | None:
     if isinstance(op, Scaled) and isinstance(op.op, LowRankUpdate):
         return op.op.u, op.op.t * op.scale
     return None
+
+
+class _OrthogonalOutputRotation(torch.autograd.Function):
+    """``y = v·Mᵀ + bias`` for an orthogonal block-diagonal ``M`` (``blocks``: ``(n, b, b)``), keeping
+    ``y`` (the layer's output, which the next operation usually keeps anyway), the blocks and the bias
+    for backward, not ``v``. Per block, ``∂B = Σ_t ∂y_t ⊗ v_t`` and ``v_t = Bᵀ(y_t − bias)`` (exact for
+    orthogonal ``B``, to rounding), so ``∂B = (Σ_t ∂y_t ⊗ y_t − (Σ_t ∂y_t) ⊗ bias)·B``: one reduction
+    over the tokens, as autograd's own, and no activation-sized temporary. ``∂v = ∂y·M``."""
+
+    @staticmethod
+    def forward(ctx, v, blocks, bias):
+        out = BlockDiagonal(blocks).apply(v)
+        if bias is not None:
+            out = out.add_(bias)
+        ctx.save_for_backward(out, blocks, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, blocks, bias = ctx.saved_tensors
+        need_v, need_blocks, need_bias = ctx.needs_input_grad
+        n, b, _ = blocks.shape
+        grad_v = BlockDiagonal(blocks).apply(grad, transpose=True) if need_v else None
+        grad_sum = grad.reshape(-1, grad.shape[-1]).sum(0) if (need_bias or (need_blocks and bias is not None)) else None
+        grad_blocks = None
+        if need_blocks:
+            outer = torch.einsum("...nc,...nk->nck", grad.unflatten(-1, (n, b)), out.unflatten(-1, (n, b)))
+            if bias is not None:
+                outer = outer - grad_sum.view(n, b, 1) * bias.view(n, 1, b)
+            grad_blocks = outer @ blocks
+        return grad_v, grad_blocks, grad_sum if need_bias else None
+
+
+def orthogonal_blocks(op: Operator) -> torch.Tensor | None:
+    """The ``(n, b, b)`` blocks of ``op`` when it is one exactly orthogonal block-diagonal matrix
+    (no permutation), else ``None``."""
+    if isinstance(op, BlockDiagonal) and op.orthogonal and op.perm is None:
+        return op.blocks
+    return None
+
+
+def rotate_output(v: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``v·Mᵀ + bias`` with ``M = blockdiag(blocks)`` orthogonal (channels last), keeping only the output
+    for backward (see :class:`_OrthogonalOutputRotation`); equal to ``BlockDiagonal(blocks).apply(v) + bias``."""
+    return _OrthogonalOutputRotation.apply(v, blocks, bias)
 
 
 def scaled(op: Operator | None, scale: float) -> Operator | None:

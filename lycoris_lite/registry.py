@@ -18,6 +18,11 @@ The contract an algorithm implements (all tensors float, shapes per :class:`Laye
 * multiplicative algorithms: ``transform(params, spec, settings) -> (input_op, output_op)`` with
   ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.operators`).
 * ``regularization(params, settings) -> tensor | None``: an optional training penalty.
+
+Decomposable algorithms (``decomposable = True``) add ``{"dora": axis}`` to their settings and a
+``dora_scale`` tensor when DoRA is on (:mod:`lycoris_lite.algos.dora`); settings from ``resolve`` then
+also carry ``dora_init``, and ``init_params`` gives the magnitude relative to ``‖W + ΔW‖``, which the
+layer turns into the absolute one when it attaches the adapter (it alone sees the weight).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class Algorithm:
     #: additive algorithms with a cheap activation route (``delta_forward``); the others are folded
     #: into the base op as ``W + s·ΔW``
     activation_route: ClassVar[bool] = True
+    #: additive algorithms that take a DoRA stage (``use_dora``: settings ``dora``, tensor ``dora_scale``;
+    #: see :mod:`lycoris_lite.algos.dora`)
+    decomposable: ClassVar[bool] = False
     #: kohya/LyCORIS file keys (after ``<module>.``), one of which claims a module for this algorithm
     detect_keys: ClassVar[tuple[str, ...]] = ()
     #: our tensor key -> its kohya/LyCORIS file key, where they differ
@@ -81,6 +89,13 @@ class Algorithm:
     @classmethod
     def delta_weight(cls, params, spec: LayerSpec, settings: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def add_delta_weight(cls, weight: torch.Tensor, params, spec: LayerSpec, settings: dict,
+                         multiplier: float = 1.0) -> torch.Tensor:
+        """``weight + multiplier · ΔW`` as a new tensor (``weight`` is never written). Implementations
+        may fuse the sum into the product that builds ``ΔW`` (one pass over the weight when merging)."""
+        return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier)
 
     @classmethod
     def delta_forward(cls, x, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0) -> torch.Tensor | None:

@@ -135,8 +135,23 @@ def hra(w, p, s):
 REFERENCES = {"lora": lora, "loha": loha, "lokr": lokr, "oft": oft, "boft": boft, "hra": hra}
 
 
+def dora(w, adapted, magnitude, axis):
+    """DoRA: ``m ⊙ W'/‖W'‖`` (``‖·‖ + eps``) per output row (``axis="output"``) or input column."""
+    if axis == "output":
+        norm = torch.stack([adapted[o].norm() for o in range(adapted.shape[0])])
+        norm = norm.reshape(-1, *[1] * (adapted.dim() - 1))
+    else:
+        norm = torch.stack([adapted[:, i].norm() for i in range(adapted.shape[1])])
+        norm = norm.reshape(1, -1, *[1] * (adapted.dim() - 2))
+    return _d(magnitude) * adapted / (norm + torch.finfo(F64).eps)
+
+
 def transformed_weight(algo: str, weight: torch.Tensor, params: dict, settings: dict) -> torch.Tensor:
-    return REFERENCES[algo](_d(weight), params, settings)
+    """``W'`` at multiplier 1 (DoRA applied when the settings say so)."""
+    out = REFERENCES[algo](_d(weight), params, settings)
+    if settings.get("dora"):
+        out = dora(_d(weight), out, params["dora_scale"], settings["dora"])
+    return out
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,9 +24,12 @@ SMALL = {
 }
 # variants that exercise each algorithm's options
 VARIANTS = {
-    "lora": [{"use_rslora": True}, {"use_tucker": True}],
-    "loha": [{"use_tucker": True, "alpha": 1024.0}, {"r": 2, "alpha": 16.0}],  # r=2: Khatri-Rao route while training
-    "lokr": [{"decompose_both": True, "r": 1}, {"full_matrix": True, "alpha": 1e10}, {"use_tucker": True, "factor": 8, "alpha": 8.0}],
+    "lora": [{"use_rslora": True}, {"use_tucker": True}, {"use_dora": True},
+             {"use_dora": True, "dora_axis": "input", "use_tucker": True}],
+    "loha": [{"use_tucker": True, "alpha": 1024.0}, {"r": 2, "alpha": 16.0},  # r=2: Khatri-Rao route while training
+             {"use_dora": True, "r": 2, "alpha": 16.0}],
+    "lokr": [{"decompose_both": True, "r": 1}, {"full_matrix": True, "alpha": 1e10}, {"use_tucker": True, "factor": 8, "alpha": 8.0},
+             {"use_dora": True, "dora_axis": "input"}],
     "oft": [{"rotation_side": "input"}, {"use_cayley_neumann": True}, {"constraint": 0.02}, {"rescale": True}],
     "boft": [{"rotation_side": "input"}, {"rescale": True}, {"butterfly_factor": 1}],
     "hra": [{"rotation_side": "output"}, {"apply_GS": True}],
@@ -130,15 +133,17 @@ def test_identity_at_init(algo, layer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_mixed_stack_merges_to_its_unmerged_output(dtype):
-    """LoKr + OFT (block 4, non-commuting) + HRA + LoHa + BOFT + LoRA on one layer."""
+    """LoKr + OFT (block 4, non-commuting) + DoRA-LoRA + HRA + LoHa + BOFT + LoRA on one layer (the DoRA
+    stage normalises the OFT-rotated weight)."""
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for layer in LAYERS:
         model, x = make("lokr", layer, dtype=dtype)
-        for algo in ("oft", "hra", "loha", "boft", "lora"):
-            cfg = get_algorithm(algo).config_class(**SMALL[algo], target_modules=["0"], init_weights=False)
-            model.add_adapter(algo, cfg)
-        names = ["default", "oft", "hra", "loha", "boft", "lora"]
-        model.set_adapters(names, [0.7, 1.0, -0.4, 0.5, 0.9, 1.3])
+        for name, algo, extra in (("oft", "oft", {}), ("dora", "lora", {"use_dora": True}), ("hra", "hra", {}),
+                                  ("loha", "loha", {}), ("boft", "boft", {}), ("lora", "lora", {})):
+            cfg = get_algorithm(algo).config_class(**SMALL[algo], **extra, target_modules=["0"], init_weights=False)
+            model.add_adapter(name, cfg)
+        names = ["default", "oft", "dora", "hra", "loha", "boft", "lora"]
+        model.set_adapters(names, [0.7, 1.0, 0.8, -0.4, 0.5, 0.9, 1.3])
         lay = model.model[0]
         original = lay.weight.detach().clone()
         unmerged = model(x)

@@ -553,3 +553,19 @@ def test_unknown_formats_and_unwritable_adapters(sd, base, tmp_path):
     with pytest.raises(ValueError, match="output-side OFT.*input side"):
         save_adapter(ours, "o", tmp_path / "o", format="peft")
     assert not (tmp_path / "o").exists()
+
+
+def test_peft_folder_header_metadata_is_read(base, tmp_path):
+    """The safetensors header of each part (trigger words, model spec, PEFT's ``format``) comes back on
+    load; a value the parts disagree on is kept per part."""
+    ours = fresh(base)
+    for c, targets in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS)):
+        controller_for(ours[c]).add_adapter("a", LoRAConfig(r=2, target_modules=targets), activate=True)
+    meta = {"ss_tag_frequency": json.dumps({"sks": {"sks dog": 3}}), "modelspec.title": "dog"}
+    save_adapter(ours, "a", tmp_path / "p", format="peft", metadata=meta)
+    te_file = tmp_path / "p" / "text_encoder" / "adapter_model.safetensors"
+    save_file(load_file(str(te_file)), str(te_file), metadata={**meta, "format": "pt", "modelspec.title": "other"})
+    info = load_adapter(fresh(base), tmp_path / "p", "b")
+    assert info.metadata["ss_tag_frequency"] == meta["ss_tag_frequency"] and info.metadata["format"] == "pt"
+    assert info.metadata["modelspec.title"] == "dog" and info.metadata["text_encoder.modelspec.title"] == "other"
+    assert "lycoris_lite.peft_config.unet" in info.metadata

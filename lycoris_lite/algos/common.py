@@ -70,6 +70,137 @@ def cayley(q: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
     return out.to(q.dtype)
 
 
+class _Recomputed(torch.autograd.Function):
+    """``fn(*tensors)`` keeping only its inputs for backward, which re-runs ``fn`` to get the gradients."""
+
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        ctx.fn = fn
+        ctx.save_for_backward(*tensors)
+        return fn(*tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad))
+        return (None, *(next(found) if t.requires_grad else None for t in inputs))
+
+
+def _training(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def recompute_in_backward(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)``; while training, only ``tensors`` are kept for backward (not ``fn``'s
+    intermediates), and backward runs ``fn`` once more (autograd of the same formula)."""
+    if _training(tensors):
+        return _Recomputed.apply(fn, *tensors)
+    return fn(*tensors)
+
+
+def op_backward(spec, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, need_x: bool = True,
+                need_weight: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂x, ∂weight)`` of ``spec.op(x, weight)`` (no bias) for the upstream gradient ``grad``,
+    allocating nothing but the results. Thin weights (few output rows) get ``∂weight = grad_flatᵀ·x_flat``,
+    the GEMM orientation MKL runs fast for them."""
+    if not spec.is_conv:
+        grad_x = grad @ weight if need_x else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if need_weight else None
+        return grad_x, grad_w
+    if spec.padding_mode == "zeros" and not isinstance(spec.padding, str):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, spec.stride, spec.padding, spec.dilation, False, (0, 0), 1,
+            (need_x, need_weight, False))
+        return grad_x, grad_w
+    with torch.enable_grad():  # padding modes and string paddings: autograd of the op itself
+        xi, wi = x.detach().requires_grad_(need_x), weight.detach().requires_grad_(need_weight)
+        found = iter(torch.autograd.grad(spec.op(xi, wi), [t for t in (xi, wi) if t.requires_grad], grad))
+    return (next(found) if need_x else None), (next(found) if need_weight else None)
+
+
+def channel_mix_backward(spec, h: torch.Tensor, mix: torch.Tensor, grad: torch.Tensor,
+                         need_h: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(∂h, ∂mix)`` of ``spec.pointwise(h, mix)`` (``mix``: ``(out, p)``), without copying ``h`` or
+    ``grad`` into another layout."""
+    if spec.is_conv:
+        n, out = grad.shape[:2]
+        g = grad.reshape(n, out, -1)
+        grad_mix = torch.bmm(h.reshape(n, h.shape[1], -1), g.transpose(1, 2)).sum(0).T
+    else:
+        grad_mix = (h.reshape(-1, h.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])).T
+    grad_h = spec.pointwise(grad, mix.T) if need_h else None
+    return grad_h, grad_mix
+
+
+class _FactoredRoute(torch.autograd.Function):
+    """An activation route ``route.forward(x, *route.factors(*tensors))`` that keeps only ``x`` and the
+    (small) ``tensors`` for backward; ``route.backward`` recomputes what it needs from them."""
+
+    @staticmethod
+    def forward(ctx, route, x, *tensors):
+        ctx.route = route
+        ctx.save_for_backward(x, *tensors)
+        return route.forward(x, *route.factors(*tensors))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, *tensors = ctx.saved_tensors
+        route = ctx.route
+        need_x, needs = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
+        if hasattr(route, "factors_vjp"):  # the factors' own backward, written out (no nested autograd)
+            grad_x, grad_factors = route.backward(x, route.factors(*tensors), grad.contiguous(), need_x)
+            grads = route.factors_vjp(tensors, grad_factors)
+            return (None, grad_x, *(g if need else None for g, need in zip(grads, needs)))
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+            factors = route.factors(*inputs)
+        grad_x, grad_factors = route.backward(x, [f.detach() for f in factors], grad.contiguous(), need_x)
+        wanted = [t for t in inputs if t.requires_grad]
+        pairs = [(f, g) for f, g in zip(factors, grad_factors) if f.requires_grad]
+        found = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs]) if wanted else ())
+        return (None, grad_x, *(next(found) if t.requires_grad else None for t in inputs))
+
+
+class LowRankRoute:
+    """``Δy = spec.pointwise(spec.op(x, down), up)`` with ``(down, up) = factors(*tensors)``: ``down`` a
+    ``(p, in[, kh, kw])`` weight run with the layer's op, ``up`` an ``(out, p)`` channel mix. Backward
+    recomputes ``h = op(x, down)`` (``T × p``) instead of keeping it. Subclasses may add
+    ``factors_vjp(tensors, (∂down, ∂up)) -> ∂tensors`` (otherwise autograd differentiates ``factors``)."""
+
+    def __init__(self, spec, factors=None):
+        self.spec = spec
+        if factors is not None:
+            self.factors = factors
+
+    def forward(self, x, down, up):
+        return self.spec.pointwise(self.spec.op(x, down), up)
+
+    def backward(self, x, factors, grad, need_x):
+        down, up = factors
+        h = self.spec.op(x, down)
+        grad_h, grad_up = channel_mix_backward(self.spec, h, up, grad)
+        del h
+        grad_x, grad_down = op_backward(self.spec, x, down, grad_h, need_x)
+        return grad_x, (grad_down, grad_up)
+
+
+def factored_route(route, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """Run an activation route given as an object with ``factors(*tensors) -> factors`` (the small
+    matrices built from the adapter's tensors: the formula), ``forward(x, *factors) -> Δy``,
+    ``backward(x, factors, ∂Δy, need_x) -> (∂x, ∂factors)`` and optionally ``factors_vjp``. While
+    training only ``x`` and ``tensors`` are kept; the activation-sized intermediates are recomputed in
+    ``backward``."""
+    if _training((x, *tensors)):
+        return _FactoredRoute.apply(route, x, *tensors)
+    return route.forward(x, *route.factors(*tensors))
+
+
 def rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``W[p, q, kh, kw] = Σ_ij core[i, j, kh, kw] · up[p, i] · down[j, q]``.
 
@@ -80,6 +211,8 @@ def rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> 
 
 def kaiming_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``kaiming_uniform_(a=√5)`` as nn.Linear does, with an explicit generator."""
+    if t.is_meta:  # shapes only (checking a file's tensors): nothing to fill
+        return t
     fan_in = t[0].numel() if t.dim() > 1 else t.numel()
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     with torch.no_grad():
@@ -98,6 +231,8 @@ def init_factors(params: dict[str, torch.Tensor], zero_key: str, init_weights, g
 
 
 def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None = None, mean: float = 0.0):
+    if t.is_meta:
+        return t
     with torch.no_grad():
         return t.normal_(mean, std, generator=generator)
 

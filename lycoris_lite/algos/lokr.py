@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig
 from ..registry import Algorithm, file_alpha, pattern_value, register
-from .common import factorization, init_factors, rebuild_tucker
+from . import dora
+from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
 from .lora import lora_scale
 
 
@@ -64,22 +64,105 @@ def delta_forward(x, w1, w2, scale: float, spec) -> torch.Tensor:
         return out.flatten(-2)
     n = x.shape[0]
     h = spec.op(x.reshape(n * c, d, *x.shape[2:]), w2)  # (n*c, b, H', W')
-    h = h.reshape(n, c, b, *h.shape[2:])
-    return torch.einsum("ik,nkbhw->nibhw", w1, h).reshape(n, a * b, *h.shape[3:])
+    out = torch.matmul(w1, h.reshape(n, c, -1))  # (n, a, b·H'·W'): w1 mixes the c groups
+    return out.reshape(n, a * b, *h.shape[2:])
+
+
+def delta_forward_low_rank(x, w1, w2_a, w2_b) -> torch.Tensor:
+    """``spec.op(x, kron(w1, w2_a @ w2_b))`` on a linear layer (``w1`` scaled), as three GEMMs on thin
+    ``(r, …)`` intermediates (no copies, no intermediate as large as the activation):
+    ``low = w2_b·Xᵀ`` (``r × N·c``), ``mixed = low·w1ᵀ`` over the ``c`` axis (``r × N·a``),
+    ``Δy = mixedᵀ·w2_aᵀ`` (``N·a × b``), with ``X`` the input grouped as ``(N·c, d)``."""
+    (a, c), (b, r) = w1.shape, w2_a.shape
+    grouped = x.reshape(-1, w2_b.shape[1])  # (N·c, d)
+    low = w2_b @ grouped.T  # (r, N·c)
+    mixed = low.view(-1, c) @ w1.T  # (r·N, a)
+    return (mixed.view(r, -1).T @ w2_a.T).view(*x.shape[:-1], a * b)
+
+
+class KronLowRankRoute:
+    """:func:`delta_forward_low_rank` for :func:`~lycoris_lite.algos.common.factored_route`: backward
+    recomputes ``low`` and ``mixed`` (two thin GEMMs) instead of keeping them. Every product keeps the
+    short dimension ``r`` as the rows of its result, the GEMM shape MKL runs fast."""
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def forward(self, x, w1, w2_a, w2_b):
+        return delta_forward_low_rank(x, w1, w2_a, w2_b)
+
+    def backward(self, x, factors, grad, need_x):
+        w1, w2_a, w2_b = factors
+        (a, c), r = w1.shape, w2_a.shape[1]
+        grouped = x.reshape(-1, w2_b.shape[1])  # (N·c, d)
+        low = w2_b @ grouped.T  # (r, N·c)
+        mixed = low.view(-1, c) @ w1.T  # (r·N, a)
+        g = grad.reshape(-1, w2_a.shape[0])  # (N·a, b)
+        grad_w2_a = (mixed.view(r, -1) @ g).T
+        del mixed
+        grad_mixed = w2_a.T @ g.T  # (r, N·a)
+        grad_w1 = grad_mixed.view(-1, a).T @ low.view(-1, c)
+        del low
+        grad_low = grad_mixed.view(-1, a) @ w1  # (r·N, c)
+        grad_w2_b = grad_low.view(r, -1) @ grouped
+        grad_x = (grad_low.view(r, -1).T @ w2_b).view(x.shape) if need_x else None
+        return grad_x, (grad_w1, grad_w2_a, grad_w2_b)
+
+
+class KronConvRoute:
+    """The conv route of :func:`delta_forward` for :func:`~lycoris_lite.algos.common.factored_route`:
+    ``h = op(x grouped as (n·c, d, H, W), w2)``, ``Δy = w1`` mixing the ``c`` groups of ``h``.
+
+    Backward recomputes ``h`` (about ``1/c`` of the base conv's cost) instead of keeping it:
+    ``∂w1 = Σ ∂Δy·hᵀ``, ``∂h = w1ᵀ·∂Δy``, then the grouped conv's own gradients. It runs over at most
+    about four slices of the ``n·c`` groups, so its transient tensors (``h``, ``∂h`` and the conv
+    backward's buffers) stay near a quarter of an activation."""
+
+    pieces = 4
+
+    def __init__(self, spec, factors):
+        self.spec, self.factors = spec, factors
+
+    def forward(self, x, w1, w2):
+        return delta_forward(x, w1, w2, 1.0, self.spec)
+
+    def backward(self, x, factors, grad, need_x):
+        w1, w2 = factors
+        (a, c), b, n = w1.shape, w2.shape[0], x.shape[0]
+        grouped = x.reshape(n * c, *w2.shape[1:2], *x.shape[2:])
+        g = grad.reshape(n, a, -1)
+        step = -(-c // max(1, self.pieces // n))
+        grad_w1 = torch.zeros_like(w1)
+        grad_w2 = torch.zeros_like(w2)
+        grad_x = torch.empty_like(grouped) if need_x else None
+        for i in range(n):
+            for k in range(0, c, step):
+                rows = slice(i * c + k, i * c + min(k + step, c))
+                h = self.spec.op(grouped[rows], w2)
+                grad_w1[:, k:k + step] += g[i] @ h.reshape(h.shape[0], -1).T
+                del h
+                grad_h = (w1[:, k:k + step].T @ g[i]).reshape(-1, b, *grad.shape[2:])
+                gx, gw = op_backward(self.spec, grouped[rows], w2, grad_h, need_x)
+                grad_w2 += gw
+                if need_x:
+                    grad_x[rows] = gx
+        return (grad_x.reshape(x.shape) if need_x else None), (grad_w1, grad_w2)
 
 
 @dataclass
-class LoKrConfig(AdapterConfig):
+class LoKrConfig(dora.DecomposableConfig):
     """LoKr. ``factor`` (-1 = most square split), ``decompose_both`` (w1 low-rank too),
-    ``full_matrix`` (both factors full: alpha ignored, scale 1), ``use_tucker`` (k×k convs)."""
+    ``full_matrix`` (both factors full: alpha ignored, scale 1), ``use_tucker`` (k×k convs),
+    ``use_dora``/``dora_axis``: DoRA (LyCORIS's DoKr)."""
 
-    aliases = {"decompose_factor": "factor", "use_effective_conv2d": "use_tucker"}
+    aliases = {**dora.DecomposableConfig.aliases, "decompose_factor": "factor", "use_effective_conv2d": "use_tucker"}
     factor: int = -1
     decompose_both: bool = False
     full_matrix: bool = False
     use_tucker: bool = False
 
     def validate(self):
+        super().validate()
         if self.r < 1:
             raise ValueError("LoKr needs r >= 1")
         if self.factor == 0 or self.factor < -1:
@@ -90,6 +173,7 @@ class LoKrConfig(AdapterConfig):
 class LoKr(Algorithm):
     name = "lokr"
     config_class = LoKrConfig
+    decomposable = True
     detect_keys = ("lokr_w1", "lokr_w1_a")
 
     @classmethod
@@ -105,6 +189,7 @@ class LoKr(Algorithm):
             "w1_low_rank": bool(w1_low), "w2_low_rank": bool(w2_low),
             "tucker": bool(w2_low and config.use_tucker and spec.is_conv and spec.taps > 1),
             "scale": lora_scale(alpha, r) if (w1_low or w2_low) else 1.0,
+            **dora.resolve(config, spec),
         }
 
     @classmethod
@@ -127,7 +212,8 @@ class LoKr(Algorithm):
         else:
             params["lokr_w2_a"], params["lokr_w2_b"] = torch.empty(b, r), torch.empty(r, d * spec.taps)
             zero_key = "lokr_w2_b"
-        return init_factors(params, zero_key, init_weights, generator)
+        return {**init_factors(params, zero_key, init_weights, generator),
+                **dora.init_params(spec, settings, init_weights, generator)}
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
@@ -150,7 +236,8 @@ class LoKr(Algorithm):
         r = tensors["lokr_w2_b"].shape[0] if w2_low else tensors["lokr_w1_b"].shape[0] if w1_low else 1
         a_value = file_alpha(alpha, r)
         return {"r": r, "alpha": a_value, "shape": [a, b, c, d], "w1_low_rank": w1_low, "w2_low_rank": w2_low,
-                "tucker": tucker, "scale": lora_scale(a_value, r) if (w1_low or w2_low) else 1.0}
+                "tucker": tucker, "scale": lora_scale(a_value, r) if (w1_low or w2_low) else 1.0,
+                **dora.file_settings(spec, tensors, name)}
 
     @classmethod
     def to_kohya(cls, params, settings):
@@ -162,10 +249,12 @@ class LoKr(Algorithm):
         return tensors, alpha
 
     @classmethod
-    def _factors(cls, params, spec, settings):
+    def _factors(cls, params, spec, settings, scale=1.0):
+        """``(scale · w1, w2)``."""
         a, b, c, d = settings["shape"]
         w2_shape = (b, d, *spec.kernel_size) if spec.is_conv else (b, d)
-        return factor_w1(params), factor_w2(params, w2_shape)
+        w1 = factor_w1(params)
+        return w1 if scale == 1.0 else w1 * scale, factor_w2(params, w2_shape)
 
     @classmethod
     def delta_weight(cls, params, spec, settings):
@@ -174,15 +263,25 @@ class LoKr(Algorithm):
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
-        if not spec.is_conv and "lokr_w2_a" in params and "lokr_t2" not in params:
-            # low-rank w2 on a linear layer: project d -> r first, mix the c axis with w1 on the small
-            # (..., r, c) tensor, then r -> b; no intermediate is as large as the activation
-            a, b, c, d = settings["shape"]
-            grouped = x.unflatten(-1, (c, d))
-            low = torch.matmul(grouped, params["lokr_w2_b"].T)  # (..., c, r)
-            w1 = factor_w1(params) * (settings["scale"] * multiplier)
-            mixed = torch.matmul(low.transpose(-1, -2), w1.T)  # (..., r, a)
-            # w2_aᵀ made contiguous: its gradient then runs as a wide GEMM (4-5x faster on MKL at small r)
-            return torch.matmul(mixed.transpose(-1, -2), params["lokr_w2_a"].T.contiguous()).flatten(-2)
-        w1, w2 = cls._factors(params, spec, settings)
-        return delta_forward(x, w1, w2, settings["scale"] * multiplier, spec)
+        """The activation route; while training its activation-sized intermediates are recomputed in
+        backward instead of kept (only ``x``, which the base layer keeps anyway, and the factors are)."""
+        keys = sorted(k for k in params if k != dora.KEY)
+        values = [params[k] for k in keys]
+        scale = settings["scale"] * multiplier
+
+        def factors(*values):
+            return cls._factors(dict(zip(keys, values)), spec, settings, scale)
+
+        if spec.is_conv:
+            return factored_route(KronConvRoute(spec, factors), x, *values)
+        if "lokr_w2_a" in params and "lokr_t2" not in params:
+            def low_rank_factors(*values):
+                p = dict(zip(keys, values))
+                return factor_w1(p) * scale, p["lokr_w2_a"], p["lokr_w2_b"]
+
+            return factored_route(KronLowRankRoute(low_rank_factors), x, *values)
+
+        def route(x, *values):
+            return delta_forward(x, *factors(*values), 1.0, spec)
+
+        return recompute_in_backward(route, x, *values)

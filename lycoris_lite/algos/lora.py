@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig
 from ..layer_kind import LayerSpec
 from ..registry import Algorithm, file_alpha, pattern_value, register
+from . import dora
 from .common import kaiming_, rebuild_tucker
 
 
@@ -47,16 +47,19 @@ def delta_forward(x, down, up, scale: float, spec: LayerSpec, mid=None) -> torch
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(dora.DecomposableConfig):
     """LoRA / LoCon. ``use_rslora``: scale ``alpha/√r``; ``use_tucker``: Tucker core for k×k convs;
-    ``dropout``: dropout on the adapter's input while training."""
+    ``dropout``: dropout on the adapter's input while training; ``use_dora``/``dora_axis``: DoRA
+    (:mod:`lycoris_lite.algos.dora`)."""
 
-    aliases = {"lora_alpha": "alpha", "init_lora_weights": "init_weights", "lora_dropout": "dropout"}
+    aliases = {**dora.DecomposableConfig.aliases, "lora_alpha": "alpha", "init_lora_weights": "init_weights",
+               "lora_dropout": "dropout"}
     use_rslora: bool = False
     use_tucker: bool = False
     dropout: float = 0.0
 
     def validate(self):
+        super().validate()
         if self.r < 1:
             raise ValueError("LoRA needs r >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -67,6 +70,7 @@ class LoRAConfig(AdapterConfig):
 class LoRA(Algorithm):
     name = "lora"
     config_class = LoRAConfig
+    decomposable = True
     detect_keys = ("lora_up.weight",)
     kohya_keys = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
@@ -80,6 +84,7 @@ class LoRA(Algorithm):
             "scale": lora_scale(alpha, r, config.use_rslora),
             "tucker": bool(config.use_tucker and spec.is_conv and spec.taps > 1),
             "dropout": config.dropout,
+            **dora.resolve(config, spec),
         }
 
     @classmethod
@@ -97,17 +102,28 @@ class LoRA(Algorithm):
             params = {}
         params["lora_down"] = kaiming_(down, generator)
         params["lora_up"] = kaiming_(up, generator) if init_weights is False else up.zero_()
-        return params
+        return {**params, **dora.init_params(spec, settings, init_weights, generator)}
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
         r = tensors["lora_down"].shape[0]
         a = file_alpha(alpha, r)
-        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": "lora_mid" in tensors, "dropout": 0.0}
+        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": "lora_mid" in tensors, "dropout": 0.0,
+                **dora.file_settings(spec, tensors, name)}
 
     @classmethod
     def delta_weight(cls, params, spec, settings):
         return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
+
+    @classmethod
+    def add_delta_weight(cls, weight, params, spec, settings, multiplier=1.0):
+        """``W + multiplier·scale·up @ down`` in one ``addmm`` (no ΔW tensor; Tucker: the default)."""
+        if "lora_mid" in params:
+            return super().add_delta_weight(weight, params, spec, settings, multiplier)
+        flat = weight.reshape(weight.shape[0], -1)
+        out = torch.addmm(flat, params["lora_up"].flatten(1), params["lora_down"].flatten(1),
+                          alpha=settings["scale"] * multiplier)
+        return out.reshape(weight.shape)
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):

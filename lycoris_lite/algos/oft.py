@@ -39,18 +39,21 @@ def compact(chain, group: int) -> BlockDiagonal:
     eye = torch.eye(group, dtype=chain.stages[0].blocks.dtype, device=chain.stages[0].blocks.device)
     probe = eye.repeat(1, n)                       # row r: unit vector at g·group + r for every group g
     rows = chain.apply(probe)                       # rows of Mᵀ restricted to each group
-    return BlockDiagonal(rows.view(group, n, group).permute(1, 2, 0))
+    return BlockDiagonal(rows.view(group, n, group).permute(1, 2, 0), orthogonal=chain.orthogonal)
 
 
-def rotation_operators(blocks, side: str, rescale=None, perms=None, group: int | None = None):
+def rotation_operators(blocks, side: str, rescale=None, perms=None, group: int | None = None,
+                       orthogonal: bool = True):
     """``(input_op, output_op)`` for rotation blocks on ``side`` and an optional output rescale.
+    ``orthogonal``: the blocks are exactly orthogonal (exact Cayley), see :mod:`lycoris_lite.operators`.
 
     ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms`` that all act
     within contiguous groups of ``group`` indices (butterfly stages), compacted into one operator. Stages
     ``S_0..S_{m-1}`` compose as ``W' = S_{m-1}⋯S_0·W`` on the output side and ``W' = W·S_0⋯S_{m-1}`` on
     the input side (the mirror image; PEFT's order, so its multi-stage BOFT maps stage for stage).
     """
-    stages = [BlockDiagonal(blocks)] if perms is None else [BlockDiagonal(bk, p) for bk, p in zip(blocks, perms)]
+    stages = ([BlockDiagonal(blocks, orthogonal=orthogonal)] if perms is None
+              else [BlockDiagonal(bk, p, orthogonal) for bk, p in zip(blocks, perms)])
     if side == "input":
         stages = stages[::-1]
     rotation = stages[0] if len(stages) == 1 else compact(Chain(stages), group)
@@ -186,9 +189,11 @@ class OFT(Algorithm):
 
     @classmethod
     def transform(cls, params, spec, settings):
-        if settings.get("rotation_given"):
+        given = bool(settings.get("rotation_given"))
+        if given:
             # AUTOMATIC1111/LyCORIS apply a given block X as einsum("k n m, k n ... -> k m ..."): M = Xᵀ
             blocks = params["oft_blocks"].transpose(-1, -2)
         else:
             blocks = rotation_blocks(params["oft_blocks"], settings["radius"], settings["neumann_terms"])
-        return rotation_operators(blocks, settings["side"], params.get("rescale"))
+        exact = not given and not settings["neumann_terms"]
+        return rotation_operators(blocks, settings["side"], params.get("rescale"), orthogonal=exact)

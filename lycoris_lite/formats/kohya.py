@@ -1,6 +1,8 @@
 """kohya / LyCORIS files (what AUTOMATIC1111 and ComfyUI read): ``<module>.<key>`` with underscore module
 names under ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lycoris_`` / ``oft_unet_``,
-and a 0-d ``alpha`` per module (the COFT constraint for OFT/BOFT).
+and a 0-d ``alpha`` per module (the COFT constraint for OFT/BOFT). LoRA/LoHa/LoKr modules may carry a
+DoRA magnitude ``dora_scale``, ``(out, 1[, 1, 1])`` or LyCORIS's older ``(1, in[, 1, 1])``, which says
+the axis (:mod:`lycoris_lite.algos.dora`); it is read and written as it is.
 
 Two pure mappings: :func:`read` (file tensors -> per-layer entries of our algorithms) and :func:`write`
 (entries -> file tensors). Each algorithm owns its keys (``Algorithm.from_kohya`` / ``to_kohya``);
@@ -120,19 +122,24 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
         tensors = dict(tensors)
         alpha_tensor = tensors.pop("alpha", None)
         alpha = None if alpha_tensor is None else float(alpha_tensor.reshape(-1)[0]) if alpha_tensor.numel() else None
-        if "dora_scale" in tensors:
-            raise ValueError(f"{file_name}: DoRA (dora_scale) adapters are not supported yet")
         algo = detect_algorithm(tensors)
         if algo is None:
             unknown_keys += [f"{file_name}.{k}" for k in tensors]
             skipped += [f"{file_name}.{k}" for k in tensors]
             continue
+        if "dora_scale" in tensors and not algo.decomposable:
+            raise ValueError(f"{file_name}: a DoRA magnitude (dora_scale) on a {algo.name} module; DoRA applies to "
+                             "LoRA, LoHa and LoKr only")
         spec = LayerSpec.from_module(_module_of(components[component], path), path)
         try:
             settings, params = algo.from_kohya(spec, tensors, alpha, path, (sides or {}).get(algo.name))
         except KeyError as exc:
             raise ValueError(f"{file_name}: {algo.name} module is missing the key {exc}") from None
-        expected = set(algo.init_params(spec, settings, True, None))
+        except (IndexError, TypeError, RuntimeError, ZeroDivisionError) as exc:  # tensors of the wrong rank, …
+            raise ValueError(f"{file_name}: its tensors {({k: tuple(v.shape) for k, v in tensors.items()})} do not "
+                             f"form a {algo.name} module ({type(exc).__name__}: {exc})") from None
+        with torch.device("meta"):  # the keys only: nothing allocated or initialised
+            expected = set(algo.init_params(spec, settings, True, None))
         extra = sorted(set(params) - expected)
         if extra:
             unknown_keys += [f"{file_name}.{k}" for k in extra]

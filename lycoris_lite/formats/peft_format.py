@@ -8,6 +8,8 @@ PEFT      PEFT tensors (per module)                            ours
 ========  ===================================================  ==================================================
 LORA      ``lora_A.weight`` (r, in[, kh, kw]),                 ``lora_down``, ``lora_up`` (same tensors);
           ``lora_B.weight`` (out, r[, 1, 1])                   scale ``alpha/r`` or ``alpha/√r`` (``use_rslora``)
+          ``lora_magnitude_vector`` (out,) / (1, out, 1, 1)    ``dora_scale`` (out, 1[, 1, 1]): DoRA on the
+          (``use_dora``)                                       output axis (:mod:`lycoris_lite.algos.dora`)
 LOHA      ``hada_w{1,2}_{a,b}``, ``hada_t{1,2}``               the same keys and layouts; scale ``alpha/r``
 LOKR      ``lokr_w1[_a|_b]``, ``lokr_w2[_a|_b]``, ``lokr_t2``  the same keys and layouts; PEFT's scale is
                                                                always ``alpha/r`` (kept as the layer's scale)
@@ -21,7 +23,7 @@ HRA       ``hra_u`` (in·kh·kw, r)                              ``hra_u`` uncha
 ========  ===================================================  ==================================================
 
 PEFT rotates the input side only: our output-side OFT/BOFT/HRA (the kohya/LyCORIS convention) cannot be
-written as PEFT. Per-layer ranks and alphas go to ``rank_pattern``/``alpha_pattern`` (escaped full module
+written as PEFT; nor can DoRA on the input axis or on LoHa/LoKr (PEFT has DoRA for LoRA only). Per-layer ranks and alphas go to ``rank_pattern``/``alpha_pattern`` (escaped full module
 paths); everything PEFT holds globally (OFT block size, Cayley–Neumann terms, LoKr factor, HRA
 Gram–Schmidt, ...) must agree across a component's layers, or writing raises a clear error.
 
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..algos import dora
 from ..layer import AdapterLayer
 from ..layer_kind import LayerSpec
 from ..registry import get_algorithm
@@ -60,7 +63,7 @@ PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "OFT": "oft", "BOF
 OURS_TO_PEFT_TYPE = {v: k for k, v in PEFT_TYPES.items()}
 #: PEFT parameter names (after ``<module>.``) per method
 PARAM_NAMES = {
-    "lora": ("lora_A.weight", "lora_B.weight"),
+    "lora": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "oft": ("oft_R.weight",),
@@ -69,7 +72,6 @@ PARAM_NAMES = {
 }
 #: parameter names PEFT writes for features we do not have
 UNSUPPORTED_PARAMS = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
     "lora_B.bias": "LoRA bias (lora_bias=True)",
     "lora_embedding_A": "LoRA on embeddings",
     "lora_embedding_B": "LoRA on embeddings",
@@ -284,6 +286,20 @@ def boft_rescale_to_peft(rescale: torch.Tensor, spec: LayerSpec) -> torch.Tensor
     return rescale.reshape(1, -1) if spec.is_conv else rescale.reshape(-1, 1)
 
 
+# ---- DoRA --------------------------------------------------------------------------------------------
+def dora_from_peft(magnitude: torch.Tensor, spec: LayerSpec, path: str) -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector`` (``(out,)`` Linear, ``(1, out, 1, 1)`` Conv2d: one norm per output
+    channel) -> our ``dora_scale`` ``(out, 1[, 1, 1])``."""
+    if magnitude.numel() != spec.out_features:
+        raise ValueError(f"layer {path!r}: lora_magnitude_vector has shape {tuple(magnitude.shape)}; the layer has "
+                         f"{spec.out_features} outputs")
+    return magnitude.reshape(dora.magnitude_shape(spec, "output"))
+
+
+def dora_to_peft(magnitude: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return magnitude.reshape(1, -1, 1, 1) if spec.is_conv else magnitude.reshape(-1)
+
+
 # ---- LoKr --------------------------------------------------------------------------------------------
 def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """PEFT's LoKr ``factorization``: ``(factor, dim // factor)`` unsorted when ``factor`` divides,
@@ -318,13 +334,14 @@ def is_peft_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def read_folder(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state dict, adapter_config)`` of a PEFT adapter folder."""
+def read_folder(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """``(state dict, adapter_config, safetensors header metadata)`` of a PEFT adapter folder."""
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path / CONFIG_NAME}: not a readable JSON adapter config ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+        raise AdapterFileError(f"{path / CONFIG_NAME}: not a readable JSON adapter config "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise AdapterFileError(f"{path / CONFIG_NAME}: no peft_type; not a PEFT adapter config")
     weights = path / WEIGHTS_NAME
@@ -332,8 +349,8 @@ def read_folder(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[di
         weights = path / PICKLE_WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    state, _ = read_state_dict(weights, allow_pickle=allow_pickle)
-    return state, config
+    state, metadata = read_state_dict(weights, allow_pickle=allow_pickle)
+    return state, config, metadata
 
 
 def write_folder(path: str | os.PathLike, state: dict[str, torch.Tensor], config: dict,
@@ -374,13 +391,54 @@ def _split(state: dict[str, torch.Tensor], algo: str):
     return modules, unsupported, unknown
 
 
+#: ``adapter_config.json`` fields the reader uses, by the kind of value PEFT writes there
+_INTEGER_FIELDS = ("r", "oft_block_size", "num_cayley_neumann_terms", "decompose_factor")
+_NUMBER_FIELDS = ("lora_alpha", "alpha", "eps")
+
+
+def _is_number(value, integral: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return not integral or float(value).is_integer()
+
+
+def _check_config_values(config: dict, component: str) -> None:
+    """The config's values the reader uses have the types PEFT writes (a ``ValueError`` naming the field
+    otherwise, instead of a ``TypeError`` from deep inside)."""
+    def refuse(key, want):
+        raise ValueError(f"{component}: {CONFIG_NAME} has {key}={config[key]!r}; expected {want}")
+
+    for key in _INTEGER_FIELDS:
+        if key in config and not _is_number(config[key], integral=True):
+            refuse(key, "an integer")
+    for key in _NUMBER_FIELDS:
+        if key in config and not _is_number(config[key]):
+            refuse(key, "a finite number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            refuse(key, "a mapping of module-name patterns to numbers")
+        for pattern, value in patterns.items():
+            if not _is_number(value, integral=key == "rank_pattern"):
+                raise ValueError(f"{component}: {CONFIG_NAME} {key}[{pattern!r}] is {value!r}; expected "
+                                 f"{'an integer' if key == 'rank_pattern' else 'a finite number'}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{component}: {CONFIG_NAME} {key} key {pattern!r} is not a regular expression "
+                                 f"({exc})") from None
+
+
 def _check_config(config: dict, component: str) -> str:
+    _check_config_values(config, component)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"{component}: PEFT type {config.get('peft_type')!r} is not supported; "
                          f"supported: {', '.join(PEFT_TYPES)}")
-    if config.get("use_dora"):
-        raise ValueError(f"{component}: DoRA adapters (use_dora=True) are not supported")
+    if config.get("use_dora") and peft_type != "LORA":
+        raise ValueError(f"{component}: use_dora=True on a {peft_type} adapter (PEFT has DoRA for LoRA only)")
     if config.get("lora_bias"):
         raise ValueError(f"{component}: LoRA with a trained bias (lora_bias=True) is not supported")
     if config.get("fan_in_fan_out"):
@@ -407,6 +465,8 @@ def _layer(algo_name: str, spec: LayerSpec, tensors: dict, config: dict, file_pa
         if algo_name == "lora":
             params = {"lora_down": tensors["lora_A.weight"], "lora_up": tensors["lora_B.weight"]}
             alpha_default = config.get("lora_alpha", 8)
+            if config.get("use_dora") or "lora_magnitude_vector" in tensors:
+                params[dora.KEY] = dora_from_peft(tensors["lora_magnitude_vector"], spec, live_path)
         else:
             params = dict(tensors)
             alpha_default = config.get("alpha", 8)
@@ -502,6 +562,10 @@ def read(state: dict[str, torch.Tensor], config: dict, model: nn.Module, compone
             settings, params = _layer(algo_name, spec, tensors, config, file_path, live)
         except KeyError as exc:
             raise ValueError(f"{component}: layer {live!r} ({algo_name}) is missing the tensor {exc}") from None
+        except (IndexError, TypeError, RuntimeError, ZeroDivisionError) as exc:  # tensors of the wrong rank, …
+            raise ValueError(f"{component}: layer {live!r} ({algo_name}): its tensors "
+                             f"{({k: tuple(v.shape) for k, v in tensors.items()})} do not form a {algo_name} adapter "
+                             f"({type(exc).__name__}: {exc})") from None
         layers[live] = LayerEntry(get_algorithm(algo_name), settings, params)
     if strict and (missing or unknown):
         parts = []
@@ -525,7 +589,7 @@ def our_config(config: dict, layers: dict[str, LayerEntry]):
     fields: dict = {"target_modules": sorted(layers)}
     g = config.get
     if algo_name == "lora":
-        fields.update(r=g("r", 8), alpha=g("lora_alpha", 8), use_rslora=bool(g("use_rslora")),
+        fields.update(r=g("r", 8), alpha=g("lora_alpha", 8), use_rslora=bool(g("use_rslora")), use_dora=bool(g("use_dora")),
                       rank_pattern=g("rank_pattern") or {}, alpha_pattern=g("alpha_pattern") or {})
     elif algo_name in ("loha", "lokr"):
         fields.update(r=g("r", 8), alpha=g("alpha", 8), use_tucker=bool(g("use_effective_conv2d")),
@@ -578,6 +642,13 @@ def _require_input_side(component, path, settings, algo_name):
         raise ValueError(f"{component}: layer {path!r} has an output-side {algo_name.upper()} (the kohya/LyCORIS "
                          f"convention); PEFT rotates the input side only, so it cannot be written as PEFT. Save it "
                          f"with format='kohya', or train with rotation_side='input'")
+
+
+def _require_no_dora(component, layers, algo_name):
+    path = next((p for p, e in layers.items() if e.settings.get("dora")), None)
+    if path is not None:
+        raise ValueError(f"{component}: layer {path!r} is a {algo_name.upper()} with DoRA (LyCORIS's weight_decompose); "
+                         f"PEFT's {algo_name.upper()} has no DoRA. Save it with format='kohya'")
 
 
 def _lokr_config(component: str, layers: dict[str, LayerEntry], model: nn.Module) -> dict:
@@ -653,14 +724,23 @@ def write(layers: dict[str, LayerEntry], model: nn.Module, component: str = "une
                 raise ValueError(f"{component}: layer {path!r} is a Tucker LoRA (lora_mid), which PEFT's LoRA cannot hold")
             put(path, "lora_A.weight", e.tensors["lora_down"])
             put(path, "lora_B.weight", e.tensors["lora_up"])
+        axes = _unique({e.settings.get("dora") for e in layers.values()}, "use_dora setting (DoRA on every layer or none)",
+                       component)
+        if axes == "input":
+            raise ValueError(f"{component}: DoRA on the input axis (LyCORIS's older dora_scale (1, in)) has no PEFT form; "
+                             "PEFT normalises per output channel. Save it with format='kohya'")
+        for path, e in layers.items():
+            if axes:
+                put(path, "lora_magnitude_vector", dora_to_peft(e.tensors[dora.KEY], specs[path]))
         rslora, alphas = _lora_alphas(layers)
         r, rank_pattern = _patterns({p: e.settings["r"] for p, e in layers.items()}, int)
         alpha, alpha_pattern = _patterns(alphas)
         dropout = Counter(float(e.settings.get("dropout", 0.0)) for e in layers.values()).most_common(1)[0][0]
         config = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                  "use_rslora": rslora, "lora_dropout": dropout, "fan_in_fan_out": False, "use_dora": False,
+                  "use_rslora": rslora, "lora_dropout": dropout, "fan_in_fan_out": False, "use_dora": bool(axes),
                   "lora_bias": False, "init_lora_weights": True}
     elif algo_name == "loha":
+        _require_no_dora(component, layers, algo_name)
         for path, e in layers.items():
             for k, v in e.tensors.items():
                 put(path, k, v)
@@ -673,6 +753,7 @@ def write(layers: dict[str, LayerEntry], model: nn.Module, component: str = "une
         config = {"r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                   "use_effective_conv2d": effective, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
     elif algo_name == "lokr":
+        _require_no_dora(component, layers, algo_name)
         config = _lokr_config(component, layers, model)
         for path, e in layers.items():
             for k, v in e.tensors.items():

@@ -26,8 +26,29 @@ class AdapterFileError(ValueError):
     """A file that cannot be read as an adapter (corrupt, truncated, lying header, pickle refused)."""
 
 
+def _no_duplicates(pairs):
+    """``json`` hook: a header that names a tensor twice is refused (parsers disagree on which one wins)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise AdapterFileError(f"the safetensors header names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(tensor entries, metadata)`` of a safetensors file, validated against the file's size."""
+    """``(tensor entries, metadata)`` of a safetensors file, validated against the file's size.
+
+    Only the header is read (at most ``min(file size, MAX_HEADER)`` bytes). Every entry must declare a
+    known dtype, a shape of non-negative integers and a ``[start, end]`` byte span inside the data
+    section whose length is exactly ``prod(shape) * itemsize``; spans may not overlap and no name may
+    appear twice; the metadata must map strings to strings. So a header cannot make a later reader
+    allocate more than the file holds. Raises :class:`AdapterFileError` naming the problem.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -42,23 +63,33 @@ def check_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
             )
         raw = fh.read(length)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{path.name}: the safetensors header is not valid JSON ({exc})") from None
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except AdapterFileError as exc:
+        raise AdapterFileError(f"{path.name}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit, nesting
+        raise AdapterFileError(f"{path.name}: the safetensors header is not valid JSON "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path.name}: the safetensors header is not a mapping")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(f"{path.name}: the safetensors __metadata__ must map strings to strings")
     data_size = size - 8 - length
     spans = []
     for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path.name}: malformed header entry for {key!r}") from None
-        if dtype not in _DTYPE_SIZES:
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise AdapterFileError(f"{path.name}: malformed header entry for {key!r} "
+                                   "(needs dtype, shape and data_offsets)")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
             raise AdapterFileError(f"{path.name}: tensor {key!r} has an unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise AdapterFileError(f"{path.name}: tensor {key!r} has an invalid shape {shape}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise AdapterFileError(f"{path.name}: tensor {key!r} has an invalid shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise AdapterFileError(f"{path.name}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        start, end = offsets
         count = 1
         for d in shape:
             count *= d
@@ -72,7 +103,29 @@ def check_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict]:
     for (s1, e1, k1), (s2, e2, k2) in zip(spans, spans[1:]):
         if s2 < e1:
             raise AdapterFileError(f"{path.name}: tensors {k1!r} and {k2!r} overlap")
-    return header, {str(k): str(v) for k, v in metadata.items()}
+    return header, {str(k): v for k, v in metadata.items()}
+
+
+def _check_pickle_archive(path: Path) -> None:
+    """A pickle is read only from ``torch.save``'s zip archive with stored (uncompressed) records whose
+    sizes add up to no more than the file: a compressed record (a zip bomb) or the legacy format,
+    whose stream declares storage sizes that ``torch.load`` allocates before reading, could make us
+    allocate far more than the file holds."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise AdapterFileError(f"{path.name}: not a torch.save zip archive ({exc}); legacy and bare pickles "
+                               "are refused") from None
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise AdapterFileError(f"{path.name}: compressed records {packed[:3]} in a torch.save archive "
+                               "(torch.save never compresses); refused")
+    if sum(r.file_size for r in records) > size:
+        raise AdapterFileError(f"{path.name}: the archive's records declare more bytes than the file holds")
 
 
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -86,6 +139,7 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
                 f"{path.name} is a pickle file, which can run arbitrary code when loaded; refused. "
                 "Convert it to safetensors, or pass allow_pickle=True to read it with torch.load(weights_only=True)."
             )
+        _check_pickle_archive(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -95,25 +149,45 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterFileError(f"{path.name}: the pickle does not hold a flat dict of tensors")
         return dict(state), {}
-    check_safetensors_header(path)
+    _, metadata = check_safetensors_header(path)
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
         raise AdapterFileError(f"{path.name}: cannot be read as safetensors ({exc})") from None
-    _, metadata = check_safetensors_header(path)
     return state, metadata
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: the file is either the old or the new one."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: the file is either the old or the new one.
+
+    The temporary file sits in the same folder (``.NAME.*.tmp``), is flushed to disk before the rename,
+    and gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it owner-only);
+    the folder is flushed after the rename so the new name survives a power cut. A process killed
+    mid-write leaves at most the hidden temporary file, never a partial ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -121,6 +195,16 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
     return path
 
 

@@ -1,0 +1,128 @@
+"""DoRA: weight decomposition for the additive algorithms (LoRA, LoHa, LoKr).
+
+An adapter with ``use_dora=True`` keeps a magnitude ``m`` (``dora_scale``) beside its ``ΔW`` and is a
+stage of the layer's multiplicative chain (see :mod:`lycoris_lite.layer`), applied to the weight ``W``
+it receives:
+
+    D(W) = m ⊙ (W + ΔW) / ‖W + ΔW‖,     W' = W + s·(D(W) − W)
+
+with ``s`` the user's multiplier (``s = 0`` is the base layer, ``s = 1`` the DoRA layer, as for OFT;
+AUTOMATIC1111's and ComfyUI's convention). At ``s = 1`` this is PEFT's ``use_dora`` and LyCORIS's
+``weight_decompose``; for other ``s`` PEFT scales ``ΔW`` inside the norm and keeps ``m`` (so its
+``s = 0`` is not the base layer) and LyCORIS keeps ``ΔW`` whole (``W' = (W + ΔW)(1 + s(g − 1))``).
+
+The norm's axis (``axis``):
+
+* ``"output"``: one norm per output channel, over ``in·kh·kw`` (PEFT; LyCORIS ≥ 3.2 ``wd_on_output``).
+  ``dora_scale``: ``(out, 1)`` Linear, ``(out, 1, 1, 1)`` Conv2d (LyCORIS's layout; PEFT's
+  ``lora_magnitude_vector`` is ``(out,)`` / ``(1, out, 1, 1)``).
+* ``"input"``: one norm per input channel, over ``out·kh·kw`` (LyCORIS 2.2–3.1). ``dora_scale``:
+  ``(1, in)`` / ``(1, in, 1, 1)``.
+
+``‖·‖`` gets ``finfo.eps`` added (LyCORIS's guard against a zero row). While training the norm is a
+constant (detached), as in the DoRA paper (§4.3) and PEFT, so only ``m`` and ``ΔW``'s factors get
+gradients through ``m/‖·‖`` and ``ΔW`` respectively.
+
+Per channel the stage is a gain: with ``g = m / ‖W + ΔW‖``, ``W' = (1 − s + s·g) ⊙ W + s·g ⊙ ΔW`` (a
+diagonal on the output side for ``"output"``, on the input side for ``"input"``), which is how the
+layer runs it without building ``W'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AdapterConfig, check_choice
+
+AXES = ("output", "input")
+KEY = "dora_scale"
+
+
+def magnitude_shape(spec, axis: str) -> tuple[int, ...]:
+    ones = (1, 1) if spec.is_conv else ()
+    return (spec.out_features, 1, *ones) if axis == "output" else (1, spec.in_features, *ones)
+
+
+def channel_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """``‖weight‖`` per output channel (``(out, 1[, 1, 1])``) or per input channel (``(1, in[, 1, 1])``)."""
+    trailing = (1,) * (weight.dim() - 1)
+    if axis == "output":
+        return torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1).reshape(-1, *trailing)
+    norm = torch.linalg.vector_norm(weight.transpose(0, 1).reshape(weight.shape[1], -1), dim=1)
+    return norm.reshape(-1, *trailing).transpose(0, 1)
+
+
+def gain(magnitude: torch.Tensor, adapted: torch.Tensor, axis: str) -> torch.Tensor:
+    """``g = m / (‖W + ΔW‖ + eps)`` for ``adapted = W + ΔW`` (shaped like ``magnitude``), the norm a
+    constant for autograd."""
+    with torch.no_grad():
+        norm = channel_norm(adapted, axis) + torch.finfo(adapted.dtype).eps
+    return magnitude / norm
+
+
+def decompose(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str,
+              scale: float = 1.0) -> torch.Tensor:
+    """``W + s·(m ⊙ (W + ΔW)/‖W + ΔW‖ − W)`` as a dense weight."""
+    adapted = weight + delta
+    return weight + scale * (gain(magnitude, adapted, axis) * adapted - weight)
+
+
+def axis_of(tensor: torch.Tensor, spec, name: str = "") -> str:
+    """The axis a file's ``dora_scale`` normalises, from its shape: ``(out, 1[, 1, 1])`` output,
+    ``(1, in[, 1, 1])`` input (LyCORIS's two historic layouts)."""
+    shape = tuple(tensor.shape)
+    for axis in AXES:
+        if shape == magnitude_shape(spec, axis):
+            return axis
+    raise ValueError(f"layer {name!r}: dora_scale has shape {shape}; expected {magnitude_shape(spec, 'output')} "
+                     f"(per output channel) or {magnitude_shape(spec, 'input')} (per input channel)")
+
+
+@dataclass
+class DecomposableConfig(AdapterConfig):
+    """Config fields of the algorithms that take a DoRA stage: ``use_dora`` (PEFT's name; LyCORIS's
+    ``dora_wd``/``weight_decompose``) and ``dora_axis`` (``"output"``, the default of PEFT and LyCORIS ≥
+    3.2, or ``"input"``)."""
+
+    aliases = {"dora_wd": "use_dora", "weight_decompose": "use_dora"}
+    use_dora: bool = False
+    dora_axis: str = "output"
+
+    def validate(self):
+        check_choice("dora_axis", self.dora_axis, AXES)
+
+
+# ---- what the additive algorithms call -------------------------------------------------------------
+def resolve(config, spec) -> dict:
+    """Settings of a config's DoRA stage: ``{"dora": axis, "dora_init": True}`` or ``{}``.
+    ``dora_init`` tells the layer to set the magnitude from its weight when attaching (see
+    :func:`init_params`); the layer removes it."""
+    if not getattr(config, "use_dora", False):
+        return {}
+    return {"dora": config.dora_axis, "dora_init": True}
+
+
+def init_params(spec, settings: dict, init_weights, generator=None) -> dict[str, torch.Tensor]:
+    """``{"dora_scale": relative magnitude}``: ones (``init_weights=True``: the layer then sets
+    ``m = ‖W + ΔW‖``, so the stage starts as ``W + ΔW``) or ``1 + N(0, 0.1)`` (``False``: a
+    non-identity magnitude, for tests). The layer multiplies it by ``‖W + ΔW‖`` when attaching."""
+    axis = settings.get("dora")
+    if not axis:
+        return {}
+    magnitude = torch.ones(magnitude_shape(spec, axis))
+    if init_weights is False:
+        with torch.no_grad():
+            magnitude.normal_(1.0, 0.1, generator=generator)
+    return {KEY: magnitude}
+
+
+def file_settings(spec, tensors: dict, name: str = "") -> dict:
+    """``{"dora": axis}`` when a file module's tensors (in our layout) carry ``dora_scale``, else ``{}``."""
+    return {"dora": axis_of(tensors[KEY], spec, name)} if KEY in tensors else {}
+
+
+def magnitude_from_weight(relative: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, axis: str) -> torch.Tensor:
+    """``m = relative ⊙ ‖W + ΔW‖``: the magnitude a new adapter starts from (:func:`init_params`)."""
+    return relative * channel_norm(weight + delta, axis).to(relative.dtype)

@@ -1,0 +1,520 @@
+"""Adapters on a diffusers pipeline: ``lycoris_lite.enable(pipe)`` and the methods it adds.
+
+``enable(pipe)`` gives one pipeline instance (anything with a ``unet`` and text encoder(s): SD 1.x/2.x,
+SDXL) the adapter methods of :class:`LycorisPipelineMixin` by switching that instance to a subclass of
+its own class; diffusers' classes are not patched, other instances are untouched, and the subclass keeps
+the class name, so ``save_pretrained`` writes the same ``model_index.json``.
+
+The state of a pipeline's adapters:
+
+* every loaded adapter stays attached (an inactive one costs nothing in the forward), so switching the
+  active stack reads no disk and moves no tensor: it sets scales;
+* the *stack* is the ordered list of active adapters; each has a weight: a float, or per component
+  ``{"unet": w, "text_encoder": w, "text_encoder_2": w}``, where the UNet part may be block-wise
+  (see :func:`unet_layer_scales`);
+* adapters are composed on each layer in the order they were loaded (``layer.py`` states the formula);
+* *fused* adapters are folded into the weights (bit-exact unfuse: the original tensors are kept).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import files
+from .model import AdapterController, controller_for, merge_layers
+
+COMPONENTS = files.COMPONENTS
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+_BLOCK_PARTS = ("down", "mid", "up")
+_BLOCK_PATH = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.|^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+
+
+# ---- weights --------------------------------------------------------------------------------------
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def normalize_weight(weight, components) -> dict:
+    """One adapter's weight as ``{component: float | block dict}`` for the components it may touch.
+
+    ``weight``: a number (every component), or a dict with keys among ``unet``, ``text_encoder``,
+    ``text_encoder_2`` (missing components get 1.0); the ``unet`` value may be block-wise.
+    """
+    if weight is None:
+        weight = 1.0
+    if not isinstance(weight, dict):
+        w = _number(weight, "an adapter weight")
+        return {c: w for c in components}
+    unknown = set(weight) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown component(s) {sorted(unknown)} in an adapter weight; use {', '.join(COMPONENTS)}")
+    out = {}
+    for c in components:
+        value = weight.get(c, 1.0)
+        if c == "unet" and isinstance(value, dict):
+            out[c] = _check_blocks(value)
+        else:
+            out[c] = _number(value, f"the {c} weight")
+    return out
+
+
+def _check_blocks(blocks: dict) -> dict:
+    unknown = set(blocks) - set(_BLOCK_PARTS)
+    if unknown:
+        raise ValueError(f"unknown UNet part(s) {sorted(unknown)} in a block-wise weight; use down, mid, up")
+    for part, value in blocks.items():
+        if part == "mid":
+            if isinstance(value, (list, dict)):
+                value = value[0] if isinstance(value, list) and len(value) == 1 else value
+            if isinstance(value, (list, dict)):
+                raise ValueError("the mid block takes one number")
+            _number(value, "the mid weight")
+        elif isinstance(value, list):
+            for v in value:
+                _number(v, f"a {part} block weight")
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                if not re.fullmatch(r"block_\d+", str(key)):
+                    raise ValueError(f"{part} block keys are block_0, block_1, …; got {key!r}")
+                for item in (v if isinstance(v, list) else [v]):
+                    _number(item, f"the {part}.{key} weight")
+        else:
+            _number(value, f"the {part} weight")
+    return blocks
+
+
+def unet_layer_scales(blocks: dict, layer_names) -> dict[str, float]:
+    """The scale of each UNet layer for a block-wise weight.
+
+    ``blocks = {"down": d, "mid": m, "up": u}``, each optional (missing: 1.0). ``d``/``u`` is a number (the
+    whole part), a list (one number per block: ``down_blocks.i``/``up_blocks.i``), or a dict as in
+    diffusers: ``{"block_i": number | [one per layer]}``, where the list's ``j``-th entry scales
+    ``attentions.j`` and ``resnets.j`` of block ``i`` (the block's up/down-samplers take 1.0).
+    Layers outside the blocks (``conv_in``, time embedding, ``conv_out``) keep 1.0.
+    Raises when a list names more blocks or layers than the UNet has.
+    """
+    scales = {}
+    seen: dict[tuple, int] = {}
+    for name in layer_names:
+        m = _BLOCK_PATH.match(name)
+        scale = 1.0
+        if m and name.startswith("mid_block."):
+            scale = float(blocks.get("mid", 1.0) if not isinstance(blocks.get("mid"), list) else blocks["mid"][0])
+        elif m:
+            group = m.group(1) or m.group(5)
+            part = "down" if group == "down_blocks" else "up"
+            block = int(m.group(2) or m.group(6))
+            layer = int(m.group(4)) if m.group(4) is not None else None
+            seen[(part, block)] = max(seen.get((part, block), -1), layer if layer is not None else -1)
+            value = blocks.get(part, 1.0)
+            if isinstance(value, list):
+                scale = value[block] if block < len(value) else 1.0
+            elif isinstance(value, dict):
+                entry = value.get(f"block_{block}", 1.0)
+                if isinstance(entry, list):
+                    scale = entry[layer] if layer is not None and layer < len(entry) else 1.0
+                else:
+                    scale = entry
+            else:
+                scale = value
+        scales[name] = float(scale)
+    for part in ("down", "up"):
+        value = blocks.get(part)
+        n_blocks = 1 + max((b for (p, b) in seen if p == part), default=-1)
+        if isinstance(value, list) and len(value) > n_blocks:
+            raise ValueError(f"{len(value)} {part} block weights, but the adapter has layers in {n_blocks} {part} blocks")
+        if isinstance(value, dict):
+            for key, entry in value.items():
+                block = int(key.split("_")[1])
+                if (part, block) not in seen:
+                    raise ValueError(f"{part}.{key}: the adapter has no layers in {part}_blocks.{block}")
+                if isinstance(entry, list) and len(entry) > seen[(part, block)] + 1:
+                    raise ValueError(f"{part}.{key} has {len(entry)} weights, but that block has "
+                                     f"{seen[(part, block)] + 1} adapted layers")
+    return scales
+
+
+# ---- state ----------------------------------------------------------------------------------------
+@dataclass
+class AdapterInfo:
+    """What the pipeline knows of one loaded adapter."""
+
+    name: str
+    format: str
+    components: list[str]
+    algorithms: dict[str, int]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+    weight: dict = field(default_factory=dict)   # {component: float | block dict}
+
+
+@dataclass
+class _State:
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)   # in load order
+    stack: list[str] = field(default_factory=list)
+    enabled: bool = True
+
+
+class LycorisPipelineMixin:
+    """Adapter methods for a diffusers pipeline; see :func:`enable`."""
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    @property
+    def _lycoris(self) -> _State:
+        state = self.__dict__.get("_lycoris_state")
+        if state is None:
+            state = _State()
+            self.__dict__["_lycoris_state"] = state
+        return state
+
+    def _adapter_components(self) -> dict[str, nn.Module]:
+        return files.components_of(self)
+
+    def _controllers(self) -> dict[str, AdapterController]:
+        found = {}
+        for c, module in self._adapter_components().items():
+            ctrl = controller_for(module, create=False)
+            if ctrl is not None:
+                found[c] = ctrl
+        return found
+
+    def _check_names(self, names) -> list[str]:
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        unknown = [n for n in names if n not in self._lycoris.adapters]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this pipeline has {list(self._lycoris.adapters)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat in {names}")
+        return names
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load_adapter(self, source, adapter_name: str | None = None, scale: float = 1.0, *,
+                     unet_scale=None, text_encoder_scale: float | None = None, strict: bool = True,
+                     hotswap: bool = False, allow_pickle: bool = False) -> str:
+        """Load an adapter and add it to the active stack; returns its name.
+
+        ``source``: a kohya/LyCORIS or diffusers ``.safetensors`` file, a diffusers or PEFT folder, or a
+        state dict (any algorithm; see :func:`lycoris_lite.files.read_adapter`). The name defaults to the
+        file's stem. ``scale`` weights every component; ``unet_scale`` (a number or block-wise dict) and
+        ``text_encoder_scale`` override it per component.
+
+        ``hotswap=True`` with an existing name replaces that adapter's weights in place (same layers,
+        algorithms and shapes), so nothing is re-attached and a compiled UNet keeps its graph.
+        Nothing changes unless the whole file validates against every component.
+        """
+        state = self._lycoris
+        components = self._adapter_components()
+        weight = {c: scale for c in components}
+        if unet_scale is not None:
+            weight["unet"] = unet_scale
+        if text_encoder_scale is not None:
+            weight.update({c: text_encoder_scale for c in TEXT_COMPONENTS if c in components})
+        weight = normalize_weight(weight, list(components))
+        read = files.read_adapter(components, source, adapter_name, strict=strict, allow_pickle=allow_pickle)
+        name = read.name
+        source_name = str(source) if isinstance(source, (str, os.PathLike)) else None
+        if hotswap:
+            if name not in state.adapters:
+                raise ValueError(f"hotswap=True replaces an existing adapter, and there is none named {name!r}; "
+                                 f"this pipeline has {list(state.adapters)}")
+            self._hotswap(read)
+            info = state.adapters[name]
+            info.metadata, info.source, info.format = dict(read.metadata), source_name, read.format
+            info.algorithms = dict(Counter(e.algorithm.name for ls in read.plans.values() for e in ls.values()))
+        else:
+            if name in state.adapters:
+                raise ValueError(f"an adapter named {name!r} is already loaded; pass adapter_name=, delete it first, "
+                                 "or hotswap=True to replace its weights")
+            if "." in name:
+                raise ValueError(f"adapter names cannot contain dots: {name!r}")
+            loaded = files.attach_adapter(components, read, activate=False)
+            state.adapters[name] = AdapterInfo(name, loaded.format, list(loaded.components), loaded.algorithms,
+                                               dict(loaded.metadata), source_name)
+            state.stack.append(name)
+        state.adapters[name].weight = weight
+        self._apply()
+        return name
+
+    def _hotswap(self, read: files.ReadAdapter) -> None:
+        components = self._adapter_components()
+        name = read.name
+        info = self._lycoris.adapters[name]
+        if set(read.plans) != set(info.components):
+            raise ValueError(f"hotswap: the new file has parts for {sorted(read.plans)}, adapter {name!r} has "
+                             f"{sorted(info.components)}; load it under another name instead")
+        copies = []
+        for c, layers in read.plans.items():
+            ctrl = controller_for(components[c])
+            current = {ln: layer for ln, layer in ctrl.layers() if name in layer.adapters}
+            if set(layers) != set(current):
+                extra, missing = sorted(set(layers) - set(current)), sorted(set(current) - set(layers))
+                raise ValueError(f"hotswap: the new {c} part targets other layers (new: {extra[:3]}, missing: "
+                                 f"{missing[:3]}); load it under another name instead")
+            for ln, entry in layers.items():
+                layer = current[ln]
+                slot = layer.adapters[name]
+                if name in layer.merged:
+                    raise ValueError(f"hotswap: adapter {name!r} is fused; unfuse it first")
+                if slot.algorithm is not entry.algorithm:
+                    raise ValueError(f"hotswap: layer {ln!r} holds {slot.algorithm.name}, the new file "
+                                     f"{entry.algorithm.name}; load it under another name instead")
+                params = dict(slot.named_parameters(recurse=False))
+                if set(params) != set(entry.tensors):
+                    raise ValueError(f"hotswap: layer {ln!r} keys {sorted(entry.tensors)} differ from {sorted(params)}")
+                for key, value in entry.tensors.items():
+                    if value.shape != params[key].shape:
+                        raise ValueError(f"hotswap: layer {ln!r} {key} has shape {tuple(value.shape)}, the loaded "
+                                         f"adapter {tuple(params[key].shape)}")
+                    copies.append((params[key], value))
+                copies.append((slot, entry.settings))
+        with torch.no_grad():
+            for target, value in copies:
+                if isinstance(target, torch.Tensor):
+                    target.copy_(value)
+                else:
+                    target.settings.update(value)
+
+    # ---- the stack --------------------------------------------------------------------------------
+    def set_adapters(self, adapter_names, weights=None) -> None:
+        """Make ``adapter_names`` the active stack, in that order, with ``weights``: a float, a list (one
+        per adapter), each a float or ``{"unet": x, "text_encoder": y, "text_encoder_2": z}`` whose UNet
+        part may be block-wise (``{"down": …, "mid": …, "up": …}``: see :func:`unet_layer_scales`)."""
+        names = self._check_names(adapter_names)
+        if not isinstance(weights, (list, tuple)):
+            weights = [weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
+        state = self._lycoris
+        components = list(self._adapter_components())
+        new = {n: normalize_weight(w, components) for n, w in zip(names, weights)}
+        old = (list(state.stack), {n: state.adapters[n].weight for n in state.adapters})
+        state.stack = names
+        for n, w in new.items():
+            state.adapters[n].weight = w
+        try:
+            self._apply()
+        except Exception:
+            state.stack = old[0]
+            for n, w in old[1].items():
+                state.adapters[n].weight = w
+            self._apply()
+            raise
+
+    def _layer_scales(self, name: str, component: str, ctrl: AdapterController) -> dict[str, float]:
+        weight = self._lycoris.adapters[name].weight.get(component, 1.0)
+        layer_names = [ln for ln, layer in ctrl.layers() if name in layer.adapters]
+        if isinstance(weight, dict):
+            return unet_layer_scales(weight, layer_names)
+        return {ln: weight for ln in layer_names}
+
+    def _apply(self) -> None:
+        """Bring every component to the stack: active adapters and per-layer scales (checked first)."""
+        state = self._lycoris
+        plan = []
+        for c, ctrl in self._controllers().items():
+            layers = dict(ctrl.layers())
+            scales = {}
+            for name in ctrl.configs:
+                scales[name] = self._layer_scales(name, c, ctrl)
+                for ln, s in scales[name].items():
+                    slot = layers[ln].adapters[name]
+                    if name in layers[ln].merged and slot.scale != s:
+                        raise ValueError(f"adapter {name!r} is fused at weight {slot.scale}; unfuse before changing it")
+                if name in [n for ln in layers for n in layers[ln].merged] and name not in state.stack:
+                    raise ValueError(f"adapter {name!r} is fused; unfuse before taking it out of the stack")
+            plan.append((ctrl, layers, scales))
+        for ctrl, layers, scales in plan:
+            active = [n for n in state.stack if n in ctrl.configs]
+            ctrl._set_active(active)
+            for name, per_layer in scales.items():
+                for ln, s in per_layer.items():
+                    layers[ln].adapters[name].scale = s
+            for layer in layers.values():
+                layer.adapters.requires_grad_(False)
+                layer.disabled = not state.enabled
+            ctrl.enabled = state.enabled
+
+    def get_active_adapters(self) -> list[str]:
+        """The active stack, in order."""
+        return list(self._lycoris.stack)
+
+    def list_adapters(self) -> dict[str, dict]:
+        """``{name: {algorithm, algorithms, rank, weight, components, active, fused, format, source, metadata}}``."""
+        out = {}
+        fused = set(self.fused_adapters)
+        controllers = self._controllers()
+        for name, info in self._lycoris.adapters.items():
+            ranks = Counter()
+            for c in info.components:
+                for settings in controllers[c].adapter_settings(name).values():
+                    if settings.get("r"):
+                        ranks[settings["r"]] += 1
+            out[name] = {
+                "algorithm": max(info.algorithms, key=info.algorithms.get) if info.algorithms else None,
+                "algorithms": dict(info.algorithms),
+                "rank": ranks.most_common(1)[0][0] if ranks else None,
+                "weight": dict(info.weight),
+                "components": list(info.components),
+                "active": name in self._lycoris.stack,
+                "fused": name in fused,
+                "format": info.format,
+                "source": info.source,
+                "metadata": dict(info.metadata),
+            }
+        return out
+
+    def combine_adapters(self, adapters, weights, adapter_name: str, combination_type: str = "svd",
+                         **kwargs) -> str:
+        """A new adapter ``adapter_name``, the weighted combination of loaded ``adapters`` (PEFT's
+        ``add_weighted_adapter`` for every algorithm: :func:`lycoris_lite.arithmetic.combine_adapters`,
+        whose keyword arguments ``density``, ``majority_sign_method``, ``svd_rank``, … pass through).
+        It is added to the end of the active stack; the inputs stay loaded."""
+        from .arithmetic import combine_adapters
+
+        names = self._check_names(adapters)
+        if adapter_name in self._lycoris.adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded")
+        combined = combine_adapters(self._adapter_components(), names, weights, adapter_name, combination_type,
+                                    **kwargs)
+        info = AdapterInfo(adapter_name, "combined", sorted(combined.ranks),
+                           {"lora": sum(len(v) for v in combined.ranks.values())},
+                           {files.META_PREFIX + "combined_from": ",".join(names)})
+        self._lycoris.adapters[adapter_name] = info
+        info.weight = normalize_weight(1.0, list(self._adapter_components()))
+        self._lycoris.stack.append(adapter_name)
+        self._apply()
+        return adapter_name
+
+    # ---- fusing -----------------------------------------------------------------------------------
+    @property
+    def fused_adapters(self) -> list[str]:
+        found = []
+        for ctrl in self._controllers().values():
+            found += [n for n in ctrl.merged_adapters if n not in found]
+        return found
+
+    def fuse_adapters(self, adapter_names=None, safe: bool = True) -> None:
+        """Fold adapters (default: the active stack) into the weights at their current weights.
+
+        With ``safe`` every new weight of every component is computed and checked for NaN/Inf before any
+        is written, so a failure changes nothing. Extra memory: one copy of the targeted weights (the
+        originals are kept for a bit-exact :meth:`unfuse_adapters`)."""
+        names = self._lycoris.stack if adapter_names is None else self._check_names(adapter_names)
+        inactive = [n for n in names if n not in self._lycoris.stack]
+        if inactive:
+            raise ValueError(f"adapter(s) {inactive} are not in the active stack {self._lycoris.stack}; "
+                             "set_adapters first")
+        merge_layers([layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()], names, safe)
+
+    def unfuse_adapters(self) -> None:
+        """Restore the original weights exactly (the fused adapters stay loaded and in the stack)."""
+        for ctrl in self._controllers().values():
+            ctrl.unmerge_adapter()
+
+    # ---- switching off, removing, saving ------------------------------------------------------------
+    def disable_adapters(self) -> None:
+        """Run the base model (fused adapters included) until :meth:`enable_adapters`."""
+        self._lycoris.enabled = False
+        self._apply()
+
+    def enable_adapters(self) -> None:
+        self._lycoris.enabled = True
+        self._apply()
+
+    def delete_adapters(self, adapter_names) -> None:
+        """Remove adapters (their tensors are freed); the rest of the stack stays."""
+        names = self._check_names(adapter_names)
+        fused = [n for n in names if n in self.fused_adapters]
+        if fused:
+            raise ValueError(f"adapter(s) {fused} are fused; unfuse_adapters() first")
+        state = self._lycoris
+        for ctrl in self._controllers().values():
+            for name in names:
+                if name in ctrl.configs:
+                    ctrl.delete_adapter(name)
+            if not ctrl.configs:
+                ctrl.unload()
+        for name in names:
+            del state.adapters[name]
+        state.stack = [n for n in state.stack if n not in names]
+        self._apply()
+
+    def unload_adapters(self) -> None:
+        """Remove every adapter: the pipeline's modules, keys and weights are bitwise the original."""
+        for ctrl in self._controllers().values():
+            ctrl.unload()
+        self.__dict__["_lycoris_state"] = _State()
+
+    def save_adapter(self, adapter_name: str, path, format: str = "kohya", *, dtype: torch.dtype | None = None,
+                     metadata: dict[str, str] | None = None) -> Path:
+        """Write one adapter (every component it has) to ``path`` in ``format`` (kohya, diffusers, peft),
+        atomically. The metadata it was loaded with (trigger words, training settings) is kept."""
+        (name,) = self._check_names(adapter_name)
+        carried = {k: v for k, v in self._lycoris.adapters[name].metadata.items()
+                   if not k.startswith(files.META_PREFIX)}
+        carried.update(metadata or {})
+        return files.save_adapter(self._adapter_components(), name, path, format=format, dtype=dtype,
+                                  metadata=carried)
+
+    # ---- per-call scale (diffusers' ``cross_attention_kwargs={"scale": s}``) ------------------------
+    @contextmanager
+    def _call_scale(self, scale: float):
+        """Multiply every unfused adapter's weight by ``scale`` for one call."""
+        layers = [layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()]
+        saved = [(slot, slot.scale) for layer in layers for n, slot in layer.adapters.items() if n not in layer.merged]
+        for slot, s in saved:
+            slot.scale = s * scale
+        try:
+            yield
+        finally:
+            for slot, s in saved:
+                slot.scale = s
+
+    def __call__(self, *args, **kwargs):
+        cak = kwargs.get("cross_attention_kwargs")
+        if cak and "scale" in cak and self._lycoris.adapters:
+            cak = dict(cak)
+            scale = _number(cak.pop("scale"), "cross_attention_kwargs['scale']")
+            kwargs["cross_attention_kwargs"] = cak or None
+            with self._call_scale(scale):
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+_ENABLED_CLASSES: dict[type, type] = {}
+
+
+def enable(pipe):
+    """Give ``pipe`` (this instance only) the adapter methods of :class:`LycorisPipelineMixin`; returns it.
+
+    The instance's class becomes a subclass of its own class with the same name (so ``save_pretrained``
+    and ``model_index.json`` are unchanged); calling ``enable`` again does nothing.
+    """
+    if isinstance(pipe, LycorisPipelineMixin):
+        return pipe
+    if not isinstance(getattr(pipe, "unet", None), nn.Module):
+        raise TypeError(f"{type(pipe).__name__} has no unet to attach adapters to")
+    cls = type(pipe)
+    sub = _ENABLED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (LycorisPipelineMixin, cls), {"__module__": cls.__module__,
+                                                                "__qualname__": cls.__qualname__,
+                                                                "_lycoris_enabled_from": cls})
+        _ENABLED_CLASSES[cls] = sub
+    pipe.__class__ = sub
+    return pipe
+
+
+__all__ = ["LycorisPipelineMixin", "enable", "normalize_weight", "unet_layer_scales"]

@@ -1,0 +1,145 @@
+"""Training checkpoints: ``output_dir/checkpoint-<step>/``, written whole or not at all.
+
+A checkpoint folder holds
+
+* ``adapter_state.safetensors``: every trainable tensor, float32, as ``<component>.<layer>.<key>``;
+* ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt`` with fp16 loss scaling);
+* ``state.json``: the step, the seed and the adapter configs;
+* whatever ``extra(folder)`` writes (the trainer puts the adapter file there, ready to use).
+
+It is written to a hidden temporary folder next to it and renamed into place, so a run killed at any
+moment leaves either the complete checkpoint or none (plus a hidden temporary, removed by
+:func:`remove_temporaries` on the next start). No RNG state is stored: every random draw of a run is a
+function of ``(seed, sample position)`` or ``(seed, step)``, so the step and the seed resume it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..formats.safe_io import atomic_write, read_state_dict, write_state_dict
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+STATE_FILE = "state.json"
+ADAPTER_STATE = "adapter_state.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict
+    adapter_state: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = CHECKPOINT.match(entry.name)
+        if match and entry.is_dir() and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def remove_temporaries(output_dir: str | Path) -> None:
+    """Delete hidden temporaries a killed run left in ``output_dir`` (never a complete file)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.rglob(".*"), key=lambda p: len(p.parts)):
+        if not entry.exists():  # inside a folder removed above
+            continue
+        if entry.is_dir() and entry.name.startswith(_TEMP_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and entry.name.endswith(".tmp"):  # safe_io.atomic_write's temporaries
+            entry.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """Rename to a temporary name first, so a half-deleted folder never carries a checkpoint's name."""
+    doomed = path.with_name(f"{_TEMP_PREFIX}removed-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _torch_save(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save(output_dir: str | Path, step: int, *, adapter_state: dict[str, torch.Tensor], optimizer, scheduler,
+         scaler=None, state: dict | None = None, extra: Callable[[Path], None] | None = None,
+         total_limit: int | None = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically, then keep only the newest ``total_limit``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}checkpoint-{step}-", dir=output_dir))
+    try:
+        write_state_dict(tmp / ADAPTER_STATE, {k: v.detach().float() for k, v in adapter_state.items()})
+        _torch_save(tmp / "optimizer.pt", optimizer.state_dict())
+        _torch_save(tmp / "scheduler.pt", scheduler.state_dict())
+        if scaler is not None:
+            _torch_save(tmp / "scaler.pt", scaler.state_dict())
+        if extra is not None:
+            extra(tmp)
+        body = json.dumps({"step": step, **(state or {})}, indent=2, default=str)
+        atomic_write(tmp / STATE_FILE, lambda t: Path(t).write_text(body, encoding="utf-8"))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit is not None:
+        for _, path in checkpoints(output_dir)[:-total_limit]:
+            _remove(path)
+    return final
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no {STATE_FILE})")
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    tensors, _ = read_state_dict(path / ADAPTER_STATE)
+
+    def read(name):
+        file = path / name
+        return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+    return Checkpoint(path, int(state["step"]), state, tensors, read("optimizer.pt"), read("scheduler.pt"),
+                      read("scaler.pt"))
+
+
+def find(spec: str, output_dir: str | Path) -> Checkpoint | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: ``"latest"`` (``None`` when ``output_dir`` has
+    none), a folder, or a folder name inside ``output_dir``; ``FileNotFoundError`` for anything else."""
+    if spec == "latest":
+        path = latest(output_dir)
+        return load(path) if path else None
+    path = Path(spec)
+    if not path.is_dir() and (Path(output_dir) / spec).is_dir():
+        path = Path(output_dir) / spec
+    return load(path)

@@ -1,0 +1,80 @@
+"""Gradients of the unmerged forward, generated from the registry.
+
+The training forward takes routes with hand-written backward passes that keep less for backward and
+recompute the rest (:mod:`lycoris_lite.algos.common` ``factored_route``/``recompute_in_backward``, the
+orthogonal output rotation in :mod:`lycoris_lite.operators`). For every algorithm × layer kind ×
+option set of the contract tests, in float64:
+
+* the gradients of the adapter tensors and of the input equal autograd's gradients of the plain
+  formula ``op(x, W_eff)`` (the weight path, which merging uses), at multiplier 1 and at 0.7;
+* ``torch.autograd.gradcheck`` (finite differences) passes on a small layer (not for DoRA, whose gradient
+  treats the norm as a constant by design).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lycoris_lite import AdapterModel, get_algorithm
+from tests.reference import relative_error
+from tests.test_contract import CASES, IDS, SMALL, make
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _grads(model, x, scale):
+    lay = model.model[0]
+    model.set_scale("default", scale)
+    params = list(lay.adapters["default"].parameters())
+    y = model(x)
+    upstream = torch.randn_like(y)
+    ours = torch.autograd.grad(y, params + [x], upstream)
+    plain = lay.spec.op(x, lay.effective_weight(["default"]), lay.bias)
+    reference = torch.autograd.grad(plain, params + [x], upstream)
+    return ours, reference
+
+
+@pytest.mark.parametrize("algo,layer,options", CASES, ids=IDS)
+def test_gradients_equal_autograd_of_the_plain_formula(algo, layer, options):
+    model, x = make(algo, layer, **options)
+    x.requires_grad_(True)
+    for scale in (1.0, 0.7):
+        ours, reference = _grads(model, x, scale)
+        for got, want in zip(ours, reference):
+            assert relative_error(got, want) <= 1e-9, (scale, got.shape)
+
+
+TINY = {
+    "linear": (lambda: nn.Linear(8, 16), (2, 3, 8)),
+    "linear-nobias": (lambda: nn.Linear(8, 16, bias=False), (2, 3, 8)),
+    "conv3x3": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (1, 8, 5, 5)),
+}
+
+
+# the contract settings, plus ranks small enough for LoHa's Khatri-Rao route and LoKr's low-rank w2 on TINY.
+# Not DoRA: its gradient treats the norm ‖W + ΔW‖ as a constant (DoRA paper §4.3, as PEFT does), which finite
+# differences do not; it is checked against autograd of the plain formula above and PEFT's in test_dora.py.
+GRADCHECK = [(algo, {}) for algo in sorted(SMALL)] + [("loha", {"r": 1}), ("lokr", {"r": 1})]
+
+
+@pytest.mark.parametrize("layer", sorted(TINY))
+@pytest.mark.parametrize("algo,options", GRADCHECK, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}"
+                                                         for a, o in GRADCHECK])
+def test_gradcheck(algo, options, layer):
+    """Finite differences agree with the training forward's backward (every custom Function)."""
+    torch.manual_seed(0)
+    factory, shape = TINY[layer]
+    base = nn.Sequential(factory()).double()
+    cfg = get_algorithm(algo).config_class(**{**SMALL[algo], **options}, target_modules=["0"], init_weights=False)
+    model = AdapterModel(base, cfg)
+    prefix = "model.0.adapters.default."
+    names = [k for k, _ in model.named_parameters() if k.startswith(prefix)]
+    values = [model.get_parameter(k).detach().clone().requires_grad_(True) for k in names]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def forward(x, *values):
+        return torch.func.functional_call(model, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(forward, (x, *values), fast_mode=True)

@@ -1,0 +1,305 @@
+"""The web page (ui/app.py): its handlers called directly, the app served in-process and driven with
+gradio_client (stack, scale, generate, fuse, unload, two sessions at once, cancel, uploads, what is not
+served), and ``python ui/app.py`` in a real browser (Playwright driving Debian's Chromium)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from lycoris_lite import webui
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "outputs" / "test-artifacts"
+SLOTS = 3
+MAX_UPLOAD = 600_000          # bytes; the example adapters are 0.1-0.3 MB
+GENERATE = ("a photo of sks dog", "", 3, 2, 7, 64, 64, 1, "Default")  # prompt … sampler
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def load_app():
+    spec = importlib.util.spec_from_file_location("lycoris_ui_app", ROOT / "ui" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+app = load_app()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slots(*entries) -> list:
+    """The /set_stack arguments: per slot (on, adapter, weight, UNet weight, text-encoder weight)."""
+    values = []
+    for i in range(SLOTS):
+        name, weight, *split = entries[i] if i < len(entries) else (None, 1.0)
+        values += [True, name, weight, *(split + [None, None])[:2]]
+    return values
+
+
+def image_of(gallery) -> np.ndarray:
+    return np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp / "gradio")
+    engine = app.open_engine("tiny-sd", tmp / "adapters")          # writes the example adapters
+    demo = app.build_app(engine, slots=SLOTS, max_upload_bytes=MAX_UPLOAD, size=64, steps=2)
+    _, url, _ = app.launch(demo, engine, port=free_port(), prevent_thread_lock=True, quiet=True,
+                           max_upload_bytes=MAX_UPLOAD)
+    try:
+        yield SimpleNamespace(url=url, engine=engine, folder=engine.library.folder)
+    finally:
+        demo.close()
+        if before is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def clients(served, tmp_path_factory):
+    """Three sessions (gradio_client keeps one session per Client), for the whole module."""
+    tmp = tmp_path_factory.mktemp("downloads")
+    made = [Client(served.url, verbose=False, download_files=str(tmp / str(i))) for i in range(3)]
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def clean(served):
+    yield
+    served.engine.unload_all()
+
+
+# ---- handlers ---------------------------------------------------------------------------------------
+def test_handlers_directly(served):
+    h = app.Handlers(served.engine, MAX_UPLOAD)
+    stack, rows = h.set_stack(*slots(("watercolor", 0.8), ("tilt", 0.5, 0.25, None)))
+    assert stack == [webui.StackEntry("watercolor", 0.8), webui.StackEntry("tilt", 0.5, unet=0.25)]
+    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8], [2, "tilt", "oft", 0.5, 0.25, 0.5]]
+    with pytest.raises(gr.Error, match="twice"):
+        h.set_stack(*slots(("tilt", 1.0), ("tilt", 0.5)))
+    gallery, text, status, seed, texts = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
+    assert gallery[0][1] == "seed 3" and gallery[0][0].info["parameters"] == text == texts[0] and seed == 3
+    assert text.startswith("a photo of sks dog <lora:watercolor:0.8> <lora:tilt:0.5:0.25>\nSteps: 2, Sampler: DDIM")
+    assert "read from disk: watercolor, tilt" in status
+    assert "no disk read" in h.generate(*GENERATE, stack, progress=lambda *a, **k: None)[2]
+    with pytest.raises(gr.Error, match="no adapter named 'nope'"):
+        h.generate("a <lora:nope:1>", *GENERATE[1:], [], progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="steps must be"):
+        h.generate(GENERATE[0], "", 3, 0, 7, 64, 64, 1, "Default", [], progress=lambda *a, **k: None)
+    assert "Fused for everyone" in h.fuse(stack) and "Fused for everyone" not in h.unfuse()
+    assert "attached adapters 0/8" in h.unload_all()
+    assert h.cancel() == "Nothing to cancel."
+    version, table, *dropdowns = h.refresh(-1, "tilt", "gone", None)
+    assert version == served.engine.library_version and [row[0] for row in table] == sorted(served.engine.cards)
+    assert [d.value for d in dropdowns] == ["tilt", None, None]
+    assert sorted(dropdowns[0].choices) == sorted((n, n) for n in served.engine.usable_names())
+    assert h.refresh(version, "tilt") == (gr.skip(),) * 3
+    with pytest.raises(gr.Error, match="no adapter named 'gone'"):
+        h.set_stack(*slots(("gone", 1.0)))
+    assert [row[0] for row in h.library_rows()] == sorted(served.engine.cards)
+    details = h.details(gr.SelectData(None, {"index": [0, 0], "value": "butterfly", "row_value": ["butterfly"]}))
+    assert list(details["algorithms"]) == ["boft"] and details["trigger_words"] == ["butterfly"]
+    assert h.show_parameters(["x", "y"], gr.SelectData(None, {"index": 1, "value": None})) == "y"
+    with pytest.raises(gr.Error, match="Choose a .safetensors file"):
+        h.add_adapter(None, "")
+
+
+# ---- gradio_client against the served app ----------------------------------------------------------------
+def test_stack_scale_and_generate(clients):
+    client = clients[0]
+    table = client.predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
+    assert [row[1] for row in table["data"]] == ["watercolor", "tilt"]
+    gallery, text, status = client.predict(*GENERATE, api_name="/generate")
+    assert Image.open(gallery[0]["image"]).text["parameters"] == text  # the PNG's "parameters" chunk
+    assert "<lora:watercolor:0.8> <lora:tilt:0.5>" in text and "Seed: 3" in text and "no disk read" not in status
+    first = image_of(gallery)
+    client.predict(*slots(("watercolor", 0.3), ("tilt", 0.5)), api_name="/set_stack")
+    gallery, text, status = client.predict(*GENERATE, api_name="/generate")
+    assert "<lora:watercolor:0.3>" in text and "no disk read" in status
+    assert np.abs(image_of(gallery).astype(int) - first).max() > 0
+    client.predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
+    assert np.array_equal(image_of(client.predict(*GENERATE, api_name="/generate")[0]), first)
+    with pytest.raises(AppError, match="no adapter named"):
+        client.predict(*slots(("../tilt", 1.0)), api_name="/set_stack")
+
+
+def test_fuse_is_shared_until_unfused_and_unload(clients):
+    alice, bob = clients[:2]
+    alice.predict(*slots(("mirror", 0.7), ("sks_dog", 1.2)), api_name="/set_stack")
+    bob.predict(*slots(("watercolor", 1.0)), api_name="/set_stack")
+    own = image_of(bob.predict(*GENERATE, api_name="/generate")[0])
+    status = alice.predict(api_name="/fuse")
+    assert "**Fused for everyone:** `<lora:mirror:0.7>` → `<lora:sks_dog:1.2>`" in status
+    gallery, text, status = bob.predict(*GENERATE, api_name="/generate")
+    assert "fused stack `<lora:mirror:0.7>` → `<lora:sks_dog:1.2>`" in status and "not applied" in status
+    assert "Lora fused: True" in text
+    assert np.abs(image_of(gallery).astype(int) - own).max() > 0
+    with pytest.raises(AppError, match="already fused"):
+        bob.predict(api_name="/fuse")
+    assert "Fused" not in bob.predict(api_name="/unfuse")
+    assert np.array_equal(image_of(bob.predict(*GENERATE, api_name="/generate")[0]), own)
+    assert "attached adapters 0/8: none" in alice.predict(api_name="/unload")
+
+
+def test_two_sessions_generating_at_once_get_their_own_images(clients):
+    clients = {"a": clients[0], "b": clients[1]}
+    clients["a"].predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
+    clients["b"].predict(*slots(("mirror", -1.0), ("butterfly", 1.0, None, 0.5)), api_name="/set_stack")
+    alone = {k: image_of(c.predict(*GENERATE, api_name="/generate")[0]) for k, c in clients.items()}
+    assert np.abs(alone["a"].astype(int) - alone["b"]).max() > 0
+    jobs = {k: c.submit(*GENERATE, api_name="/generate") for k, c in clients.items()}
+    for k, job in jobs.items():
+        assert np.array_equal(image_of(job.result(timeout=120)[0]), alone[k]), k
+
+
+def test_cancel_stops_the_running_generation(clients):
+    client = clients[2]
+    client.predict(*slots(("watercolor", 1.0)), api_name="/set_stack")
+    job = client.submit(GENERATE[0], "", 3, 150, 7, 64, 64, 1, "Default", api_name="/generate")
+    deadline = time.time() + 60
+    while not (job.status().progress_data and job.status().progress_data[0].desc == "denoising"):
+        assert time.time() < deadline and not job.done()
+        time.sleep(0.05)
+    assert client.predict(api_name="/cancel") == "Cancelling…"
+    assert "Cancelled (cancelled after" in job.result(timeout=30)[2]
+
+
+def test_uploads_are_checked(served, clients, tmp_path):
+    client = clients[2]
+    names = sorted(p.name for p in served.folder.iterdir())
+    source = served.folder / "examples" / "tilt.safetensors"
+    with pytest.raises(AppError, match="unsafe file name"):
+        client.predict(handle_file(str(source)), "../../evil.safetensors", api_name="/add_adapter")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(source.read_bytes()[:3000])
+    with pytest.raises(AppError, match="truncated"):
+        client.predict(handle_file(str(corrupt)), "", api_name="/add_adapter")
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(source.read_bytes() + b"\0" * MAX_UPLOAD)
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client checks first…
+        client.predict(handle_file(str(big)), "", api_name="/add_adapter")
+    with big.open("rb") as fh:  # …and the server refuses it anyway
+        response = httpx.post(served.url + "gradio_api/upload", files={"files": ("big.safetensors", fh)})
+    assert response.status_code == 413
+    assert sorted(p.name for p in served.folder.iterdir()) == names
+    assert not any(p.name == "evil.safetensors" for p in served.folder.parent.rglob("*"))
+    message, library = client.predict(handle_file(str(source)), "tilt copy.safetensors", api_name="/add_adapter")
+    try:
+        assert message.startswith("Added **tilt_copy** (oft, block 4)")
+        assert "tilt_copy" in [row[0] for row in library["data"]]
+        client.predict(*slots(("tilt_copy", 1.0)), api_name="/set_stack")  # selectable at once
+    finally:
+        (served.folder / "tilt_copy.safetensors").unlink()
+        client.predict(api_name="/rescan")
+
+
+def test_queue_bypass_and_adapter_files_are_closed(served):
+    assert served.url.startswith("http://127.0.0.1:")
+    direct = httpx.post(served.url + "gradio_api/run/generate", json={"data": list(GENERATE)})
+    assert direct.status_code == 404 and "join the queue" in direct.text
+    adapter = served.folder / "examples" / "watercolor.safetensors"
+    served_file = httpx.get(served.url + "gradio_api/file=" + str(adapter))
+    assert served_file.status_code == 403
+    assert httpx.get(served.url + "monitoring").status_code != 200
+
+
+def test_launch_settings_and_password(served, tmp_path):
+    seen = {}
+
+    class Recorder:
+        def launch(self, **kwargs):
+            seen.update(kwargs)
+
+    app.launch(Recorder(), served.engine)
+    assert (seen["server_name"], seen["share"], seen["auth"]) == ("127.0.0.1", False, None)
+    assert seen["blocked_paths"] == [str(served.folder)] and seen["max_file_size"] == 512 * 2**20
+    assert seen["enable_monitoring"] is False and seen["mcp_server"] is False and "api" not in seen["footer_links"]
+    with pytest.raises(SystemExit, match="USER:PASSWORD"):
+        app.parse_auth("ann")
+    demo = app.build_app(served.engine, slots=SLOTS, size=64, steps=2)
+    _, url, _ = app.launch(demo, served.engine, port=free_port(), auth=app.parse_auth("ann:s3cret:x"),
+                           prevent_thread_lock=True, quiet=True)
+    try:
+        assert httpx.get(url + "config").status_code == 401
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("ann", "wrong"), verbose=False)
+        client = Client(url, auth=("ann", "s3cret:x"), verbose=False, download_files=str(tmp_path))
+        assert client.predict(*slots(("tilt", 0.5)), api_name="/set_stack")["data"][0][1] == "tilt"
+        client.close()
+    finally:
+        demo.close()
+
+
+# ---- a real browser --------------------------------------------------------------------------------------
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed: `make install` installs Debian's "
+                    "chromium with apt-get where it can (root and apt needed); Playwright's own download "
+                    "does not work offline")
+def test_browser_picks_an_adapter_moves_its_slider_and_generates(tmp_path, monkeypatch):
+    """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
+    from playwright.sync_api import expect, sync_playwright
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo, url = app.main(["--adapters", str(tmp_path / "adapters"), "--port", str(free_port()), "--slots", "2"],
+                         block=False)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        assert (tmp_path / "adapters" / "examples" / "watercolor.safetensors").is_file()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(url)
+            page.wait_for_load_state("load")
+            page.get_by_role("combobox", name="Adapter 1").click()
+            page.get_by_role("option", name="watercolor").click()
+            slider = page.get_by_label("range slider for Weight 1")
+            slider.focus()
+            for _ in range(6):
+                slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
+            expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
+            expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
+            steps = page.get_by_label("number input for Steps")
+            steps.fill("2")
+            steps.press("Enter")
+            page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
+            expect(page.locator("#parameters textarea")).to_have_value(
+                re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()

@@ -1,0 +1,327 @@
+"""lycoris-lite web UI: load, scale, stack, fuse and unload adapters on a diffusers pipeline.
+
+    python ui/app.py [--model tiny-sd|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
+                     [--auth USER:PASSWORD] [--share] [--max-upload-mb 512] [--max-loaded 8] [--slots 4]
+
+A Gradio page over :mod:`lycoris_lite.webui`, which does the work: the adapter library, the shared
+pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
+``gr.State``; every event that touches the pipeline shares one queue slot (``concurrency_id="gpu"``) and
+the library's lock. With no arguments it opens the embedded tiny model and ``outputs/demo`` (where
+``make demo`` trains one adapter per algorithm; an empty one gets example adapters in ``examples/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
+
+import gradio as gr  # noqa: E402
+
+from lycoris_lite import webui  # noqa: E402
+
+DEFAULT_ADAPTERS = Path("outputs/demo")
+LIBRARY_HEADERS = ["adapter", "algorithm", "rank", "family", "trigger words", "size", "status"]
+STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "UNet", "text encoder"]
+USER_ERRORS = (ValueError, OSError)  # the library's errors about the user's input (bad files included)
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def _stack_line(stack) -> str:
+    return " → ".join(f"`{e.tag()}`" for e in stack) or "no adapters"
+
+
+class Handlers:
+    """The page's event handlers: Gradio values in, Gradio values out, the work in ``engine``."""
+
+    def __init__(self, engine: webui.SharedPipeline, max_upload_bytes: int):
+        self.engine, self.max_upload_bytes = engine, max_upload_bytes
+
+    # ---- library ----------------------------------------------------------------------------------
+    def library_rows(self) -> list[list]:
+        return [[c.name, c.algorithm or "", c.rank or "", c.family or "unknown", ", ".join(c.trigger_words),
+                 f"{c.size_bytes / 2**20:.2f} MiB", "usable" if c.usable else f"not usable: {c.problem}"]
+                for c in self.engine.cards.values()]
+
+    def rescan(self):
+        with _user_errors():
+            self.engine.rescan()
+        return self.library_rows()
+
+    def refresh(self, seen_version, *names):
+        """The library table and the slots' choices (usable adapters only) when the folder changed since
+        this session last looked: ``(version, table, *dropdowns)``; nothing otherwise."""
+        version = self.engine.library_version
+        if seen_version == version:
+            return (gr.skip(),) * (2 + len(names))
+        usable = self.engine.usable_names()
+        return (version, self.library_rows(),
+                *[gr.Dropdown(choices=usable, value=n if n in usable else None) for n in names])
+
+    def add_adapter(self, file, save_as):
+        if not file:
+            raise gr.Error("Choose a .safetensors file first.", print_exception=False)
+        with _user_errors():
+            card = self.engine.add_upload(file, (save_as or "").strip() or Path(file).name,
+                                          max_bytes=self.max_upload_bytes)
+        return f"Added **{card.name}** ({card.algorithm}, {card.rank}).", self.library_rows()
+
+    def details(self, evt: gr.SelectData):
+        card = self.engine.cards.get((evt.row_value or [None])[0])
+        return card.details() if card else {}
+
+    # ---- the session's stack ----------------------------------------------------------------------
+    def set_stack(self, *values):
+        """``values``: per slot (on, adapter, weight, UNet weight or None, text-encoder weight or None)."""
+        stack = []
+        for i in range(0, len(values), 5):
+            on, name, weight, unet, te = values[i:i + 5]
+            if name:
+                with _user_errors():
+                    self.engine.card(name)
+                stack.append(webui.StackEntry(name, float(weight), unet=None if unet is None else float(unet),
+                                              text_encoder=None if te is None else float(te), enabled=bool(on)))
+        with _user_errors():
+            applied = webui.effective_stack(stack, [])
+        cards = self.engine.cards
+        rows = [[i + 1, e.name, getattr(cards.get(e.name), "algorithm", ""), e.weight, e.unet_weight,
+                 e.text_encoder_weight] for i, e in enumerate(applied)]
+        return stack, rows
+
+    # ---- generating -------------------------------------------------------------------------------
+    def generate(self, prompt, negative_prompt, seed, steps, guidance, width, height, count, sampler, stack,
+                 request: gr.Request = None, progress=gr.Progress()):
+        settings = webui.GenerationSettings(prompt or "", negative_prompt or "", int(seed), int(steps),
+                                            float(guidance), int(width), int(height), int(count), sampler)
+
+        def on_step(done, total, what):
+            progress((done, total), desc=what, unit="steps")
+
+        start = time.perf_counter()
+        try:
+            with _user_errors():
+                result = self.engine.generate(settings, stack or [], session=_session(request), on_step=on_step)
+        except webui.GenerationCancelled as exc:
+            return gr.skip(), gr.skip(), f"Cancelled ({exc}).", gr.skip(), gr.skip()
+        read = (f"read from disk: {', '.join(result.loaded_from_disk)}" if result.loaded_from_disk
+                else "no disk read")
+        status = (f"{len(result.images)} image(s) in {time.perf_counter() - start:.1f} s · "
+                  f"{'fused stack' if result.fused else 'stack'} {_stack_line(result.stack)} · "
+                  f"switched in {result.switch_seconds * 1000:.0f} ms ({read})")
+        status += "".join(f"\n\n{note}" for note in result.notes)
+        gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)]
+        return gallery, result.parameters[0], status, result.seeds[0], result.parameters
+
+    def cancel(self, request: gr.Request = None):
+        return "Cancelling…" if self.engine.cancel(_session(request)) else "Nothing to cancel."
+
+    def show_parameters(self, texts, evt: gr.SelectData):
+        return texts[evt.index] if texts and 0 <= evt.index < len(texts) else ""
+
+    # ---- global actions ---------------------------------------------------------------------------
+    def fuse(self, stack):
+        with _user_errors():
+            self.engine.fuse(stack or [])
+        return self.status()
+
+    def unfuse(self):
+        with _user_errors():
+            self.engine.unfuse()
+        return self.status()
+
+    def unload_all(self):
+        with _user_errors():
+            self.engine.unload_all()
+        return self.status()
+
+    def status(self) -> str:
+        s = self.engine.status()
+        line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}) · attached adapters "
+                f"{len(s['loaded'])}/{s['max_loaded']}: {', '.join(s['loaded']) or 'none'}")
+        if s["fused"]:
+            line += (f"\n\n**Fused for everyone:** {_stack_line(s['fused'])}. Every generation uses this stack "
+                     "until someone presses Unfuse.")
+        return line
+
+
+@contextmanager
+def _user_errors():
+    """The library's errors about the user's input become messages on the page (the app goes on)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes: int = 512 * 2**20,
+              size: int = 512, steps: int = 20) -> gr.Blocks:
+    """The page. Public API endpoints (``/set_stack``, ``/generate``, ``/cancel``, ``/fuse``, ``/unfuse``,
+    ``/unload``, ``/rescan``, ``/add_adapter``) go through the queue only (``api_open=False``)."""
+    h = Handlers(engine, max_upload_bytes)
+    gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
+    free = {"concurrency_limit": None}
+    private = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
+    with gr.Blocks(title="lycoris-lite", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
+        stack, last_seed, texts, seen = gr.State([]), gr.State(-1), gr.State([]), gr.State(-1)
+        status = gr.Markdown(h.status(), elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    placeholder="a photo of sks dog <lora:watercolor:0.8>")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                with gr.Accordion("Settings", open=True):
+                    with gr.Row():
+                        seed = gr.Number(-1, label="Seed", precision=0, info="-1: random", minimum=-1,
+                                         maximum=webui.MAX_SEED)
+                        randomise = gr.Button("Random", scale=0, min_width=80)
+                        reuse = gr.Button("Reuse last", scale=0, min_width=80)
+                        sampler = gr.Dropdown([webui.DEFAULT_SCHEDULER, *webui.SCHEDULERS],
+                                              value=webui.DEFAULT_SCHEDULER, label="Sampler")
+                    with gr.Row():
+                        n_steps = gr.Slider(1, 150, value=steps, step=1, label="Steps")
+                        guidance = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
+                    with gr.Row():
+                        width = gr.Slider(64, 2048, value=size, step=8, label="Width")
+                        height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                        count = gr.Slider(1, 8, value=1, step=1, label="Images")
+                gr.Markdown("### Stack\nApplied top to bottom (that is the composition order). "
+                            "`<lora:name:w>` or `<lora:name:te:unet>` in the prompt adds to it.")
+                rows, splits = [], []
+                for i in range(1, slots + 1):
+                    with gr.Row(equal_height=True):
+                        rows.append((gr.Checkbox(True, label=f"On {i}", scale=0, min_width=80),
+                                     gr.Dropdown(engine.usable_names(), value=None, label=f"Adapter {i}", scale=2,
+                                                 allow_custom_value=True),
+                                     gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Weight {i}", scale=3)))
+                with gr.Accordion("Separate UNet / text-encoder weights (empty: the slot's weight)", open=False):
+                    for i in range(1, slots + 1):
+                        with gr.Row():
+                            splits.append((gr.Number(None, label=f"UNet weight {i}"),
+                                           gr.Number(None, label=f"Text-encoder weight {i}")))
+                slot_inputs = [c for row, split in zip(rows, splits) for c in (*row, *split)]
+                slot_names = [row[1] for row in rows]
+                order = gr.Dataframe(headers=STACK_HEADERS, label="Stack order", interactive=False)
+                with gr.Row():
+                    fuse = gr.Button("Fuse stack")
+                    unfuse = gr.Button("Unfuse")
+                    unload = gr.Button("Unload all")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="result-gallery",
+                                     buttons=["download", "fullscreen"])
+                parameters = gr.Textbox(label="Parameters (PNG text)", lines=4, elem_id="parameters")
+                message = gr.Markdown(elem_id="message")
+        with gr.Accordion("Adapter library", open=True):
+            library = gr.Dataframe(h.library_rows(), headers=LIBRARY_HEADERS, interactive=False, label="Adapters")
+            with gr.Row():
+                rescan = gr.Button("Rescan folder")
+                upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"], type="filepath")
+                save_as = gr.Textbox(label="Save as", placeholder="name.safetensors (default: the file's name)")
+                add = gr.Button("Add to library")
+            details = gr.JSON(label="Metadata")
+
+        gr.on([c.change for c in slot_inputs], h.set_stack, slot_inputs, [stack, order], api_name="set_stack",
+              trigger_mode="always_last", **free)
+        generation = run.click(h.set_stack, slot_inputs, [stack, order], **private).success(
+            h.generate, [prompt, negative, seed, n_steps, guidance, width, height, count, sampler, stack],
+            [gallery, parameters, message, last_seed, texts], api_name="generate", **gpu)
+        generation.then(h.status, None, status, **private)
+        stop.click(h.cancel, None, message, cancels=[generation], api_name="cancel", **free)
+        randomise.click(lambda: -1, None, seed, **private)
+        reuse.click(lambda s: s, last_seed, seed, **private)
+        gallery.select(h.show_parameters, texts, parameters, **private)
+        fuse.click(h.set_stack, slot_inputs, [stack, order], **private).success(h.fuse, stack, status,
+                                                                                 api_name="fuse", **gpu)
+        unfuse.click(h.unfuse, None, status, api_name="unfuse", **gpu)
+        unload.click(h.unload_all, None, status, api_name="unload", **gpu)
+        refresh = ([seen, *slot_names], [seen, library, *slot_names])
+        rescan.click(h.rescan, None, library, api_name="rescan", **gpu).success(h.refresh, *refresh, **private)
+        add.click(h.add_adapter, [upload, save_as], [message, library], api_name="add_adapter", **gpu).success(
+            h.refresh, *refresh, **private)
+        library.select(h.details, None, details, **private)
+        demo.load(h.refresh, *refresh, **private)
+        timer = gr.Timer(3)
+        timer.tick(h.status, None, status, **private)
+        timer.tick(h.refresh, *refresh, **private)  # another session's upload shows up here too
+    demo.queue(max_size=64, api_open=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, engine: webui.SharedPipeline, *, host: str = "127.0.0.1", port: int | None = 7860,
+           auth: tuple[str, str] | None = None, share: bool = False, max_upload_bytes: int = 512 * 2**20,
+           prevent_thread_lock: bool = False, quiet: bool = False, show_error: bool = False):
+    """Serve ``demo`` with the security settings: the adapters folder is blocked from serving, uploads
+    are capped, monitoring, the API page and MCP are off, and no share link unless asked."""
+    return demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=max_upload_bytes,
+                       blocked_paths=[str(engine.library.folder)], enable_monitoring=False, mcp_server=False,
+                       footer_links=["gradio", "settings"], ssr_mode=False, strict_cors=True, quiet=quiet,
+                       show_error=show_error, prevent_thread_lock=prevent_thread_lock)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth takes USER:PASSWORD")
+    return user, password
+
+
+def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bool = True,
+                device: str | None = None) -> webui.SharedPipeline:
+    """Load ``model`` and the adapters folder; the tiny model's folder without adapters gets the example
+    adapters (in ``examples/``)."""
+    from lycoris_lite.models import TINY_SD_NAME, load_pipeline
+
+    pipe = load_pipeline(model)
+    if device:
+        pipe = pipe.to(device)
+    library = webui.AdapterLibrary(adapters)
+    if examples and model == TINY_SD_NAME and not library.entries():
+        webui.write_example_adapters(pipe, library.folder / "examples")
+    name = model if model == TINY_SD_NAME or not os.path.isdir(model) else Path(model).resolve().name
+    return webui.SharedPipeline(pipe, library, name, max_loaded=max_loaded)
+
+
+def main(argv: list[str] | None = None, *, block: bool = True):
+    """Parse the command line and serve; with ``block=False`` return ``(demo, url)`` at once (tests)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-sd", help="tiny-sd, a diffusers folder or a hub id")
+    parser.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS, help="the adapters folder (subfolders too)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", default=os.environ.get("LYCORIS_UI_AUTH"),
+                        help="USER:PASSWORD required to open the page (default: $LYCORIS_UI_AUTH, hidden from ps)")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest adapter upload")
+    parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept attached (least recently used leave)")
+    parser.add_argument("--slots", type=int, default=4, help="stack rows on the page")
+    parser.add_argument("--device", help="e.g. cuda (default: where the model loads)")
+    parser.add_argument("--no-examples", action="store_true", help="never write the example adapters")
+    args = parser.parse_args(argv)
+    auth = parse_auth(args.auth)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it", file=sys.stderr)
+    engine = open_engine(args.model, args.adapters, max_loaded=args.max_loaded, examples=not args.no_examples,
+                         device=args.device)
+    max_bytes = int(args.max_upload_mb * 2**20)
+    pipe = engine.pipe
+    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    demo = build_app(engine, slots=args.slots, max_upload_bytes=max_bytes, size=size)
+    _, url, _ = launch(demo, engine, host=args.host, port=args.port, auth=auth, share=args.share,
+                       max_upload_bytes=max_bytes, prevent_thread_lock=not block)
+    return demo, url
+
+
+if __name__ == "__main__":
+    main()
