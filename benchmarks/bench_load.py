@@ -257,7 +257,7 @@ def report(env: dict, samples: dict, memory: dict, check: float) -> str:
             f"| transient: peak − after (MiB) | {mib(o['peak_kb'] - o['after_kb']):.1f} | {mib(d['peak_kb'] - d['after_kb']):.1f} | |",
             f"| transient ÷ adapter tensors | {transient_copies(o):.2f} | {transient_copies(d):.2f} | |",
         ]
-    targets = [f"\n| target | value | met |\n|---|---:|:---:|",
+    targets = ["\n| target | value | met |\n|---|---:|:---:|",
                f"| ≥ 3× faster than diffusers' `load_lora_weights` | {ratio:.2f}× | {'yes' if ratio >= 3 else '**no**'} |"]
     if memory:
         copies = transient_copies(memory["ours"])

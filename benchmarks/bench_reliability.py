@@ -788,15 +788,20 @@ class Case:
     allow_pickle: bool = False
 
 
-def make_case(index: int, corpus: list[Seed], master_seed: int, marker: str) -> Case:
-    """Case ``index`` of the run with ``master_seed`` (the same case every time)."""
+def case_plan(index: int, corpus: list[Seed], master_seed: int) -> tuple[random.Random, Seed, str]:
+    """``(rng, seed file, mutation)`` of case ``index``: a PEFT-folder mutation only on a PEFT seed."""
     rng = random.Random(f"{master_seed}:{index}")
     while True:
         seed = rng.choice(corpus)
         mutation = rng.choice(MUTATIONS)
         if mutation in ("config-not-json", "config-wrong-values", "folder-layout") and seed.format != "peft":
             continue
-        break
+        return rng, seed, mutation
+
+
+def make_case(index: int, corpus: list[Seed], master_seed: int, marker: str) -> Case:
+    """Case ``index`` of the run with ``master_seed`` (the same case every time)."""
+    rng, seed, mutation = case_plan(index, corpus, master_seed)
     files = dict(seed.files)
     weights = [n for n in files if n.endswith(".safetensors")]
     target = rng.choice(weights)
@@ -972,6 +977,9 @@ class FuzzReport:
             "max_peak_over_size": max((r["peak_extra"] / max(r["size"], 1) for r in peaks if r["size"] >= 64 * 1024),
                                       default=None),
             "peak_measured": bool(peaks),
+            "max_peak_extra_mib_by_mutation": {
+                m: round(max(r["peak_extra"] for r in peaks if r["mutation"] == m) / MiB, 2)
+                for m in sorted({r["mutation"] for r in peaks})},
             "mean_case_ms": round(1000 * sum(r["seconds"] for r in self.results) / max(len(self.results), 1), 1),
         }
 
@@ -1222,7 +1230,8 @@ def _snapshot(path: Path) -> dict | None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob(".*")]
+    """Hidden entries in ``folder``: what a killed writer leaves beside its target."""
+    return [p for p in folder.glob(".*")]
 
 
 def kill_during_writes(write, versions: list, target: Path, kills: int, seed: int = 0, max_delay: float | None = None,
@@ -1236,17 +1245,17 @@ def kill_during_writes(write, versions: list, target: Path, kills: int, seed: in
     more (e.g. that the file loads). The delay before each kill is uniform in ``[0, max_delay]``
     (default: three times the time one write takes), so kills land in every phase of a write:
     converting, writing the bytes, flushing, renaming. Hidden temporaries a kill leaves beside
-    ``target`` are counted and removed."""
+    ``target`` are counted; the library removes them at the next write, which the end checks."""
     rng = random.Random(seed)
     expected = []
-    t0 = time.perf_counter()
     for v in versions:
         write(v)
         expected.append(_snapshot(target))
-    one_write = (time.perf_counter() - t0) / len(versions)
+    t0 = time.perf_counter()
     write(versions[0])
+    one_write = time.perf_counter() - t0
     max_delay = max_delay if max_delay is not None else 3 * one_write
-    found, leftovers, problems, done = Counter(), 0, [], 0
+    found, most_temporaries, problems, done = Counter(), 0, [], 0
     start = time.time()
     for k in range(kills):
         if time.time() - start > time_limit:
@@ -1277,12 +1286,12 @@ def kill_during_writes(write, versions: list, target: Path, kills: int, seed: in
                 verify(target)
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"kill {k}: {target.name} does not load: {exc}")
-        temps = _temporaries(target.parent)
-        leftovers += len(temps)
-        for p in temps:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        most_temporaries = max(most_temporaries, len(_temporaries(target.parent)))
+    write(versions[0])  # a later save removes what killed writers left
     return {"kills": done, "versions_found": {f"v{i}": found[i] for i in range(len(versions))},
-            "partial_or_mixed": len(problems), "problems": problems[:10], "temporaries_left": leftovers,
+            "partial_or_mixed": len(problems), "problems": problems[:10],
+            "most_temporaries_at_once": most_temporaries,
+            "temporaries_after_next_save": len(_temporaries(target.parent)),
             "write_seconds": round(one_write, 3), "max_delay_seconds": round(max_delay, 3)}
 
 
@@ -1300,3 +1309,915 @@ def adapter_versions(pipe, folder: Path, fmt: str = "kohya", big_metadata: int =
     metadata = {"ss_tag_frequency": json.dumps({"tags": "x" * big_metadata})}
     target = folder / ("adapter.safetensors" if fmt != "peft" else "adapter")
     return [(f"v{i}", metadata) for i in range(2)], target
+
+
+# ---- bad arguments: the command line ---------------------------------------------------------------------
+#: (id, argv, what stderr must say). ``{name}`` is replaced by a path from :func:`bad_input_files`.
+CLI_BAD_ARGUMENTS = [
+    ("no-command", [], r"required"),
+    ("unknown-command", ["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ("unknown-option", ["inspect", "{lora}", "--bogus"], r"unrecognized arguments: --bogus"),
+    ("inspect-no-file", ["inspect"], r"required: FILE"),
+    ("inspect-missing", ["inspect", "{missing}"], r"missing\.safetensors: no such file"),
+    ("inspect-corrupt", ["inspect", "{junk}"], r"junk\.safetensors: not a safetensors file"),
+    ("inspect-truncated", ["inspect", "{truncated}"], r"truncated\.safetensors: .*(truncated|corrupt|exceeds)"),
+    ("inspect-top-tags-0", ["inspect", "{lora}", "--top-tags", "0"], r"--top-tags: must be a positive integer, got 0"),
+    ("inspect-top-tags-text", ["inspect", "{lora}", "--top-tags", "many"], r"--top-tags: must be a positive integer"),
+    ("inspect-pickle", ["inspect", "{ckpt}"], r"ckpt is a pickle file.*refused"),
+    ("inspect-code-pickle", ["inspect", "{evil}", "--allow-pickle"], r"evil\.ckpt: .*(weights_only|archive)"),
+    ("inspect-empty-folder", ["inspect", "{empty}"], r"a folder without an adapter"),
+    ("inspect-peft-no-weights", ["inspect", "{peft_no_weights}"], r"not found: .*adapter_model\.safetensors"),
+    ("convert-missing", ["convert", "{missing}", "{out}", "--to", "kohya", "--model", "tiny-sd"], r"no such file"),
+    ("convert-no-to", ["convert", "{lora}", "{out}", "--model", "tiny-sd"], r"required: --to"),
+    ("convert-bad-format", ["convert", "{lora}", "{out}", "--to", "onnx", "--model", "tiny-sd"],
+     r"invalid choice: 'onnx'"),
+    ("convert-bad-dtype", ["convert", "{lora}", "{out}", "--to", "kohya", "--model", "tiny-sd", "--dtype", "float8"],
+     r"invalid choice: 'float8'"),
+    ("convert-rank-0", ["convert", "{lora}", "{out}", "--to", "kohya", "--model", "tiny-sd", "--rank", "0"],
+     r"--rank: must be a positive integer, got 0"),
+    ("convert-rank-float", ["convert", "{lora}", "{out}", "--to", "kohya", "--model", "tiny-sd", "--rank", "2.5"],
+     r"--rank: must be a positive integer"),
+    ("convert-unknown-model", ["convert", "{lora}", "{out}", "--to", "kohya", "--model", "tiny-sd3"],
+     r"cannot load the model 'tiny-sd3'"),
+    ("convert-nan", ["convert", "{nan}", "{out}", "--to", "kohya", "--model", "tiny-sd"], r"NaN/Inf"),
+    ("convert-wrong-family", ["convert", "{sdxl}", "{out}", "--to", "kohya", "--model", "tiny-sd"],
+     r"for SDXL"),
+    ("convert-out-under-a-file", ["convert", "{lora}", "{notes}/out.safetensors", "--to", "kohya", "--model",
+                                  "tiny-sd"], r"notes\.txt is a file, not a folder"),
+    ("convert-out-is-in", ["convert", "{lora}", "{lora}", "--to", "kohya", "--model", "tiny-sd"], r"OUT is IN"),
+    ("convert-oft-to-diffusers", ["convert", "{oft}", "{out}", "--to", "diffusers", "--model", "tiny-sd"],
+     r"cannot hold this adapter.*--rank"),
+    ("combine-weight-nan", ["combine", "--model", "tiny-sd", "--adapter", "{lora}:nan", "--out", "{out}"],
+     r"must be a finite number, got 'nan'"),
+    ("combine-weight-text", ["combine", "--model", "tiny-sd", "--adapter", "{lora}:heavy", "--out", "{out}"],
+     r"lora\.safetensors:heavy: no such file"),
+    ("combine-no-out", ["combine", "--model", "tiny-sd", "--adapter", "{lora}"], r"required: --out"),
+    ("combine-bad-type", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--type", "mean", "--out", "{out}"],
+     r"invalid choice: 'mean'"),
+    ("combine-density-text", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--type", "ties", "--density",
+                              "half", "--out", "{out}"], r"--density: invalid float value: 'half'"),
+    ("combine-density-0", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--adapter", "{oft}", "--type",
+                           "ties", "--density", "0", "--out", "{out}"], r"density must be a number in \(0, 1\]"),
+    ("combine-density-nan", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--adapter", "{oft}", "--type",
+                             "ties", "--density", "nan", "--out", "{out}"], r"density must be a number in \(0, 1\]"),
+    ("combine-clamp-2", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--clamp", "2", "--out", "{out}"],
+     r"svd_clamp must be a quantile in \(0, 1\]"),
+    ("combine-seed-text", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--seed", "x", "--out", "{out}"],
+     r"--seed: invalid int value: 'x'"),
+    ("combine-sign", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--majority-sign", "most", "--out",
+                      "{out}"], r"invalid choice: 'most'"),
+    ("combine-peft-file", ["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--to", "peft", "--out",
+                           "{out}"], r"peft format is a folder"),
+    ("combine-nan", ["combine", "--model", "tiny-sd", "--adapter", "{nan}", "--out", "{out}"], r"NaN/Inf"),
+    ("extract-no-size", ["extract", "--base", "tiny-sd", "--tuned", "tiny-sd", "--out", "{out}"],
+     r"one of the arguments --rank --energy is required"),
+    ("extract-energy-0", ["extract", "--base", "tiny-sd", "--tuned", "tiny-sd", "--energy", "0", "--out", "{out}"],
+     r"energy must be a number in \(0, 1\]"),
+    ("extract-energy-nan", ["extract", "--base", "tiny-sd", "--tuned", "tiny-sd", "--energy", "nan", "--out",
+                            "{out}"], r"energy must be a number in \(0, 1\]"),
+    ("extract-max-rank-0", ["extract", "--base", "tiny-sd", "--tuned", "tiny-sd", "--energy", "0.5", "--max-rank",
+                            "0", "--out", "{out}"], r"--max-rank: must be a positive integer"),
+    ("extract-bad-method", ["extract", "--base", "tiny-sd", "--tuned", "tiny-sd", "--rank", "4", "--method", "qr",
+                            "--out", "{out}"], r"invalid choice: 'qr'"),
+    ("extract-tuned-is-a-file", ["extract", "--base", "tiny-sd", "--tuned", "{lora}", "--rank", "4", "--out",
+                                 "{out}"], r"cannot load the model"),
+    ("merge-missing-adapter", ["merge", "--model", "tiny-sd", "--adapter", "{missing}", "--out", "{outdir}"],
+     r"no such file"),
+    ("merge-weight-inf", ["merge", "--model", "tiny-sd", "--adapter", "{lora}:inf", "--out", "{outdir}"], r"finite"),
+    ("merge-out-exists", ["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--out", "{full}"], r"exists"),
+    ("merge-single-file-suffix", ["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--single-file", "--out",
+                                  "{out_bin}"], r"\.safetensors"),
+    ("merge-nan", ["merge", "--model", "tiny-sd", "--adapter", "{nan}", "--out", "{outdir}"], r"NaN/Inf"),
+    ("merge-pickle", ["merge", "--model", "tiny-sd", "--adapter", "{ckpt}", "--out", "{outdir}"], r"pickle.*refused"),
+]
+
+
+def bad_input_files(pipe, folder: Path) -> dict[str, Path]:
+    """The inputs :data:`CLI_BAD_ARGUMENTS` names, made on ``pipe`` (the tiny SD pipeline) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = make_adapter(pipe, folder / "lora.safetensors", "lora", seed=60, targets="unet-attn")
+    oft = make_adapter(pipe, folder / "oft.safetensors", "oft", seed=61, targets="unet-attn")
+    state, meta = load_tensors(lora.read_bytes())
+    key = next(k for k in state if k.endswith("lora_up.weight"))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    (folder / "nan.safetensors").write_bytes(save_tensors(state, meta))
+    clean, _ = load_tensors(lora.read_bytes())
+    (folder / "sdxl.safetensors").write_bytes(save_tensors(
+        {k.replace("lora_te_", "lora_te2_"): v for k, v in clean.items()}, meta))
+    (folder / "model.ckpt").write_bytes(_pickle_bytes(clean))
+    (folder / "evil.ckpt").write_bytes(_pickle_bytes({"state_dict": clean, "x": _RunsCode(str(folder / "CODE_RAN"))}))
+    (folder / "junk.safetensors").write_bytes(b"\x80\x04 this is not a safetensors file at all")
+    (folder / "truncated.safetensors").write_bytes(lora.read_bytes()[:5000])
+    (folder / "notes.txt").write_text("a file, not a folder")
+    (folder / "empty").mkdir(exist_ok=True)
+    (folder / "full").mkdir(exist_ok=True)
+    (folder / "full" / "keep.txt").write_text("mine")
+    peft = make_adapter(pipe, folder / "peft_no_weights", "lora", "peft", seed=62, targets="unet-attn")
+    for p in peft.rglob("adapter_model.safetensors"):
+        p.unlink()
+    peft = peft / "unet"
+    return {"lora": lora, "oft": oft, "nan": folder / "nan.safetensors", "sdxl": folder / "sdxl.safetensors",
+            "ckpt": folder / "model.ckpt", "evil": folder / "evil.ckpt", "junk": folder / "junk.safetensors",
+            "truncated": folder / "truncated.safetensors", "notes": folder / "notes.txt", "empty": folder / "empty",
+            "full": folder / "full", "peft_no_weights": peft, "missing": folder / "missing.safetensors",
+            "out": folder / "out.safetensors", "outdir": folder / "merged", "out_bin": folder / "merged.bin"}
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@contextlib.contextmanager
+def cached_tiny_models():
+    """``tiny-sd``/``tiny-sdxl`` built once and deep-copied for each command (building takes seconds)."""
+    import copy
+    from unittest import mock
+
+    from lycoris_lite import models
+
+    built = {}
+
+    def cached(builder):
+        def build(*args, **kwargs):
+            if args or kwargs:
+                return builder(*args, **kwargs)
+            if builder not in built:
+                built[builder] = builder()
+            return copy.deepcopy(built[builder])
+        return build
+
+    with mock.patch.object(models, "build_tiny_sd_pipeline", cached(models.build_tiny_sd_pipeline)), \
+            mock.patch.object(models, "build_tiny_sdxl_pipeline", cached(models.build_tiny_sdxl_pipeline)):
+        yield
+
+
+def run_cli_bad_arguments(names: dict[str, Path], cases=None) -> list[dict]:
+    """Each bad command line through ``lycoris_lite.cli.main`` in this process: its exit status, whether
+    stderr says what :data:`CLI_BAD_ARGUMENTS` expects, and whether anything was written (every file
+    under the inputs' folder compared before and after)."""
+    import re
+
+    from lycoris_lite import cli
+
+    folder = names["lora"].parent
+    results = []
+    for case_id, argv, message in cases or CLI_BAD_ARGUMENTS:
+        before = _tree(folder)
+        argv = [a.format(**names) for a in argv]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli.main(argv)
+            except BaseException as exc:  # noqa: BLE001 - an escaping exception is a finding
+                code = f"raised {type(exc).__name__}: {exc}"
+        text = err.getvalue()
+        after = _tree(folder)
+        written = sorted(set(after) - set(before)) + sorted(k for k in before if after.get(k) != before[k])
+        results.append({"id": case_id, "exit": code, "message_ok": bool(re.search(message, text, re.S)),
+                        "written": written, "stderr": text.strip().splitlines()[-1][:300] if text.strip() else "",
+                        "code_ran": (folder / "CODE_RAN").exists()})
+        for p in set(after) - set(before):  # undo, so the next case starts from the same tree
+            path = folder / p
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+    return results
+
+
+# ---- bad arguments: the trainer --------------------------------------------------------------------------
+TRAINER = ROOT / "pipelines" / "train_dreambooth.py"
+#: (id, options changed in a valid short run (None: left out), what stderr must say). Every one must stop
+#: with exit status 2 before anything is written.
+TRAINER_BAD_ARGUMENTS = [
+    ("learning-rate-text", {"learning_rate": "fast"}, r"--learning_rate: invalid float value: 'fast'"),
+    ("learning-rate-negative", {"learning_rate": -1}, r"--learning_rate"),
+    ("learning-rate-nan", {"learning_rate": "nan"}, r"--learning_rate"),
+    ("learning-rate-inf", {"learning_rate": "inf"}, r"--learning_rate"),
+    ("text-encoder-lr-negative", {"train_text_encoder": True, "text_encoder_lr": -1}, r"--text_encoder_lr"),
+    ("rank-0", {"rank": 0}, r"r >= 1"),
+    ("rank-negative", {"rank": -4}, r"non-negative integer, got -4"),
+    ("alpha-nan", {"alpha": "nan"}, r"alpha"),
+    ("unknown-algo", {"algo": "dora"}, r"invalid choice: 'dora'"),
+    ("block-size-0", {"algo": "oft", "block_size": 0}, r"block_size >= 1"),
+    ("dropout-1.5", {"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ("resolution-60", {"resolution": 60}, r"multiple of 8"),
+    ("batch-0", {"train_batch_size": 0}, r"--train_batch_size must be >= 1"),
+    ("steps-0", {"max_train_steps": 0}, r"--max_train_steps must be >= 1"),
+    ("epochs-0", {"max_train_steps": None, "num_train_epochs": 0}, r"--num_train_epochs"),
+    ("warmup-negative", {"lr_warmup_steps": -5}, r"--lr_warmup_steps"),
+    ("max-grad-norm-nan", {"max_grad_norm": "nan"}, r"--max_grad_norm"),
+    ("adam-beta1-1.5", {"adam_beta1": 1.5}, r"beta"),
+    ("adam-epsilon-negative", {"adam_epsilon": -1}, r"epsilon"),
+    ("snr-gamma-negative", {"snr_gamma": -1}, r"--snr_gamma"),
+    ("prior-loss-weight-nan", {"prior_loss_weight": "nan"}, r"--prior_loss_weight"),
+    ("workers-negative", {"dataloader_num_workers": -1}, r"num_workers"),
+    ("seed-too-big", {"seed": 2 ** 70}, r"--seed"),
+    ("output-name-with-folder", {"output_name": "../escaped"}, r"--output_name"),
+    ("save-precision", {"save_precision": "fp8"}, r"invalid choice: 'fp8'"),
+    ("unknown-preset", {"unet_targets": "unet-atention"}, r"unknown preset 'unet-atention'"),
+    ("target-matching-nothing", {"unet_targets": "to_qq"}, r"match no module"),
+    ("missing-images", {"instance_data_dir": "{tmp}/nowhere"}, r"no such folder"),
+    ("missing-model", {"pretrained_model_name_or_path": "{tmp}/no-model"}, r"not found"),
+    ("resume-missing", {"resume_from_checkpoint": "{tmp}/no-checkpoint"}, r"--resume_from_checkpoint"),
+    ("config-missing", {"config": "{tmp}/nope.toml"}, r"--config .*nope\.toml: no such file"),
+    ("config-bad-key", {"config": "{tmp}/bad.toml"}, r"unknown option 'learning_rat'"),
+]
+
+
+def trainer_args(out: Path, **overrides) -> list[str]:
+    """A short, valid DreamBooth run on the tiny model and ``samples/instance`` (options override)."""
+    settings = {"pretrained_model_name_or_path": "tiny-sd", "instance_data_dir": ROOT / "samples" / "instance",
+                "instance_prompt": "a photo of sks duck", "resolution": 64, "train_batch_size": 1,
+                "max_train_steps": 2, "learning_rate": 1e-2, "seed": 0, "output_dir": out,
+                "checkpointing_steps": 1000, **overrides}
+    argv = []
+    for key, value in settings.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_trainer_bad_arguments(folder: Path, cases=None, in_process: bool = True) -> list[dict]:
+    """Each bad trainer option: exit status, message, and whether anything was written under
+    ``folder`` (the output folder, the config files and the scratch paths all live there)."""
+    import re
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bad.toml").write_text('learning_rat = 0.1\n')
+    results = []
+    for case_id, overrides, message in cases or TRAINER_BAD_ARGUMENTS:
+        out = folder / "out"
+        argv = trainer_args(out, **{k: v.format(tmp=folder) if isinstance(v, str) else v for k, v in overrides.items()})
+        before = _tree(folder)
+        if in_process:
+            code, text = _trainer_in_process(argv)
+        else:
+            proc = subprocess.run([sys.executable, str(TRAINER), *argv], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            code, text = proc.returncode, proc.stderr
+        after = _tree(folder)
+        written = sorted(set(after) - set(before)) + sorted(k for k in before if after.get(k) != before[k])
+        results.append({"id": case_id, "exit": code, "message_ok": bool(re.search(message, text, re.S)),
+                        "written": written[:5],
+                        "stderr": text.strip().splitlines()[-1][:300] if text.strip() else ""})
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def _trainer_in_process(argv: list[str]) -> tuple[object, str]:
+    """``main(argv)`` of the trainer in this process (accelerate's process state reset first)."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    spec = importlib.util.spec_from_file_location("train_dreambooth_for_reliability", TRAINER)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = script.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException as exc:  # noqa: BLE001 - an escaping exception is a finding
+            code = f"raised {type(exc).__name__}"
+            err.write(f"{type(exc).__name__}: {exc}")
+    return code, err.getvalue()
+
+
+# ---- killed mid-training and mid-checkpoint --------------------------------------------------------------
+def _trainer_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def killed_training(folder: Path, kills: int = 3, steps: int = 12, every: int = 2, algo: str = "lora",
+                    seed: int = 0, time_limit: float = 1500.0, log=None) -> dict:
+    """A DreamBooth run SIGKILLed ``kills`` times at random moments (each time after a random checkpoint
+    of the ones still to come has been written, plus a random delay of up to 1.5 s), resumed with
+    ``--resume_from_checkpoint latest`` each time (without ``--seed``: it comes back from the
+    checkpoint), against the same run uninterrupted. float32; the figure is the largest difference
+    between the two adapters' tensors."""
+    from safetensors.torch import load_file
+
+    rng = random.Random(seed)
+    options = dict(max_train_steps=steps, checkpointing_steps=every, checkpoints_total_limit=2, algo=algo,
+                   train_batch_size=1)
+    name = f"dreambooth_{algo}.safetensors"
+    start = time.time()
+    reference = folder / "reference"
+    t0 = time.time()
+    subprocess.run([sys.executable, str(TRAINER), *trainer_args(reference, **options)], env=_trainer_env(),
+                   check=True, capture_output=True, timeout=time_limit)
+    run_seconds = time.time() - t0
+    out = folder / "killed"
+    killed_at, partial = [], []
+    for k in range(kills + 1):
+        resume = {"resume_from_checkpoint": "latest", "seed": None} if k else {}
+        proc = subprocess.Popen([sys.executable, str(TRAINER), *trainer_args(out, **options, **resume)],
+                                env=_trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if k == kills:
+            proc.wait(timeout=max(60.0, time_limit - (time.time() - start)))
+            break
+        done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")] if out.exists() else []
+        target = rng.randrange(max(done, default=0) + every, steps, every)
+        while not (out / f"checkpoint-{target}").is_dir() and proc.poll() is None:
+            if time.time() - start > time_limit:
+                proc.kill()
+                raise TimeoutError("killed_training ran out of time")
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.5))
+        proc.kill()
+        proc.wait()
+        if proc.returncode != -signal.SIGKILL:
+            raise RuntimeError(f"the run ended (status {proc.returncode}) before it could be killed")
+        latest = max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=0)
+        killed_at.append(latest)
+        for p in out.rglob("*.safetensors"):  # every visible file is complete
+            if not any(part.startswith(".") for part in p.relative_to(out).parts):
+                try:
+                    load_file(str(p))
+                except Exception as exc:  # noqa: BLE001
+                    partial.append(f"{p.relative_to(out)}: {exc}")
+        if log:
+            log(f"  training: kill {k + 1} after checkpoint-{latest}")
+    a, b = load_file(str(reference / name)), load_file(str(out / name))
+    worst = max(float((a[key] - b[key]).abs().max()) for key in a) if a.keys() == b.keys() else float("inf")
+    return {"steps": steps, "checkpoint_every": every, "algo": algo, "kills": len(killed_at),
+            "killed_after_checkpoints": killed_at, "max_difference": worst, "same_keys": a.keys() == b.keys(),
+            "partial_files_seen": partial, "hidden_leftovers": sorted(str(p.relative_to(out)) for p in out.rglob(".*")),
+            "uninterrupted_run_seconds": round(run_seconds, 1), "seconds": round(time.time() - start, 1)}
+
+
+def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 1 << 20,
+                           time_limit: float = 600.0) -> dict:
+    """A process writing training checkpoints (``lycoris_lite.training.checkpoint.save``: adapter state,
+    optimizer, scheduler, state.json and the adapter file, keeping the newest two) SIGKILLed at random
+    moments, ``kills`` times. After each kill every ``checkpoint-N`` folder must load and hold exactly
+    step N's content, and ``latest()`` must name a complete one; the next process resumes from it."""
+    from lycoris_lite.training import checkpoint
+
+    rng = random.Random(seed)
+    out = folder / "checkpoints"
+
+    def content(step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return {"unet.layer.lora_down": torch.randn(size // 8, 2, generator=g),
+                "unet.layer.lora_up": torch.full((size // 8, 2), float(step))}
+
+    def write(step: int) -> None:
+        param = torch.nn.Parameter(torch.zeros(4))
+        optimizer = torch.optim.AdamW([param], lr=0.1)
+        param.grad = torch.full((4,), float(step))
+        optimizer.step()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        state = content(step)
+        checkpoint.save(out, step, adapter_state=state, optimizer=optimizer, scheduler=scheduler,
+                        state={"seed": 0}, total_limit=2,
+                        extra=lambda f: save_tensors_file(f / "adapter.safetensors", state))
+
+    write(1)  # warm-up (imports)
+    t0 = time.perf_counter()
+    write(1)
+    one = time.perf_counter() - t0
+    step, problems, done, found = 2, [], 0, Counter()
+    start = time.time()
+    for k in range(kills):
+        if time.time() - start > time_limit:
+            break
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                torch.set_num_threads(1)
+                s = step
+                while True:
+                    write(s)
+                    s += 1
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0, 3 * one))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        done += 1
+        visible = sorted(p for p in out.glob("checkpoint-*"))
+        complete = dict((p, s) for s, p in checkpoint.checkpoints(out))
+        for p in visible:
+            if p not in complete:
+                problems.append(f"kill {k}: {p.name} has no state.json (a partial checkpoint)")
+                continue
+            try:
+                loaded = checkpoint.load(p)
+                expected = content(complete[p])
+                same = loaded.step == complete[p] and loaded.adapter_state.keys() == expected.keys() and all(
+                    torch.equal(loaded.adapter_state[key], expected[key]) for key in expected)
+                adapter, _ = load_tensors((p / "adapter.safetensors").read_bytes())
+                same = same and all(torch.equal(adapter[key], expected[key]) for key in expected)
+                if not same:
+                    problems.append(f"kill {k}: {p.name} holds other content than step {complete[p]}")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"kill {k}: {p.name} does not load: {exc}")
+        latest = checkpoint.latest(out)
+        if latest is None:
+            problems.append(f"kill {k}: no complete checkpoint")
+        else:
+            found["newest"] += 1
+            step = int(latest.name.split("-")[1]) + 1
+    checkpoint.remove_temporaries(out)
+    return {"kills": done, "problems": len(problems), "examples": problems[:5], "write_seconds": round(one, 3),
+            "checkpoints_written": step - 1, "hidden_leftovers_after_cleanup": len(list(out.rglob(".*")))}
+
+
+def save_tensors_file(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from lycoris_lite.formats.safe_io import write_state_dict
+
+    write_state_dict(path, state)
+
+
+# ---- the web UI under load -------------------------------------------------------------------------------
+UI_APP = ROOT / "ui" / "app.py"
+UI_SLOTS = 3
+#: one stack per client (the example adapters ``ui/app.py`` writes for the tiny model), in slot order
+UI_STACKS = [
+    [("watercolor", 0.8)],
+    [("tilt", 0.6), ("watercolor", 1.0)],
+    [("mirror", -1.0), ("butterfly", 1.0)],
+    [("sks_dog", 1.2), ("tilt", 0.5), ("mirror", 0.7)],
+    [("butterfly", 0.4), ("sks_dog", 0.9)],
+    [("watercolor", 0.3), ("mirror", 1.1), ("butterfly", -0.5)],
+    [("sks_dog", 0.6)],
+    [("tilt", 1.0), ("sks_dog", -0.8), ("watercolor", 0.5)],
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ui_server(folder: Path, timeout: float = 300.0):
+    """``python ui/app.py`` on the tiny model, on a free loopback port, in its own process: yields the URL."""
+    import httpx
+
+    port = _free_port()
+    log = open(folder / "ui-server.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(folder / "gradio"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(UI_APP), "--model", "tiny-sd", "--adapters", str(folder / "adapters"),
+                             "--port", str(port), "--slots", str(UI_SLOTS), "--max-loaded", "16"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the UI exited ({proc.returncode}); see {folder / 'ui-server.log'}")
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError("the UI did not start")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _slots(stack) -> list:
+    values = []
+    for i in range(UI_SLOTS):
+        name, weight = stack[i] if i < len(stack) else (None, 1.0)
+        values += [True, name, weight, None, None]
+    return values
+
+
+def _generate_args(seed: int, steps: int) -> list:
+    return ["a photo of sks dog", "", seed, steps, 7, 64, 64, 1, "Default"]
+
+
+def _image(result) -> "object":
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(result[0][0]["image"]).convert("RGB"))
+
+
+def ui_load(folder: Path, clients: int = 8, generations: int = 25, steps: int = 2, time_limit: float = 900.0,
+            request_timeout: float = 300.0) -> dict:
+    """``clients`` gradio_client sessions on the UI (its own process, loopback), each with its own stack
+    (:data:`UI_STACKS`) and seed: first each session's image alone (one session at a time), then all
+    sessions at once, ``generations`` requests each; every image must equal its session's image alone.
+    Latency is per request, from ``predict`` to its answer."""
+    import statistics
+    import threading
+
+    import numpy as np
+    from gradio_client import Client
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with ui_server(folder) as (url, proc):
+        sessions = [Client(url, verbose=False, download_files=str(folder / f"downloads-{i}")) for i in range(clients)]
+        try:
+            alone = []
+            for i, client in enumerate(sessions):
+                client.predict(*_slots(UI_STACKS[i % len(UI_STACKS)]), api_name="/set_stack")
+                alone.append(_image(client.predict(*_generate_args(100 + i, steps), api_name="/generate")))
+            distinct = len({a.tobytes() for a in alone})
+            latencies, mismatches, errors = [], Counter(), []
+            deadline = time.time() + time_limit
+            lock = threading.Lock()
+
+            def work(i: int) -> None:
+                client = sessions[i]
+                for _ in range(generations):
+                    if time.time() > deadline:
+                        with lock:
+                            errors.append(f"client {i}: out of time")
+                        return
+                    t0 = time.perf_counter()
+                    try:
+                        job = client.submit(*_generate_args(100 + i, steps), api_name="/generate")
+                        image = _image(job.result(timeout=request_timeout))
+                    except Exception as exc:  # noqa: BLE001 - a failed request is the figure
+                        with lock:
+                            errors.append(f"client {i}: {type(exc).__name__}: {str(exc)[:200]}")
+                        continue
+                    elapsed = time.perf_counter() - t0
+                    with lock:
+                        latencies.append(elapsed)
+                        if not np.array_equal(image, alone[i]):
+                            mismatches[i] += 1
+
+            start = time.time()
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.time() - start
+        finally:
+            for client in sessions:
+                client.close()
+        alive = proc.poll() is None
+    latencies.sort()
+    q = (lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))]) if latencies else (lambda p: None)
+    return {"clients": clients, "generations_each": generations, "steps": steps, "requests_served": len(latencies),
+            "mismatches": sum(mismatches.values()), "errors": len(errors), "error_examples": errors[:5],
+            "p50_seconds": round(q(0.5), 3) if latencies else None, "p95_seconds": round(q(0.95), 3) if latencies else None,
+            "mean_seconds": round(statistics.fmean(latencies), 3) if latencies else None,
+            "throughput_per_second": round(len(latencies) / wall, 2), "wall_seconds": round(wall, 1),
+            "distinct_reference_images": distinct, "server_alive_after": alive}
+
+
+#: (id, handler, arguments, what the message must say): wrong types, out-of-range numbers, unknown names
+UI_BAD_INPUTS = [
+    ("weight-text", "set_stack", {"slot": (True, "watercolor", "heavy", None, None)}, r"weight"),
+    ("weight-nan", "set_stack", {"slot": (True, "watercolor", float("nan"), None, None)}, r"finite"),
+    ("weight-inf", "set_stack", {"slot": (True, "watercolor", float("inf"), None, None)}, r"finite"),
+    ("unet-weight-text", "set_stack", {"slot": (True, "watercolor", 1.0, "x", None)}, r"weight"),
+    ("unknown-adapter", "set_stack", {"slot": (True, "nope", 1.0, None, None)}, r"no adapter named 'nope'"),
+    ("path-as-adapter", "set_stack", {"slot": (True, "../tilt", 1.0, None, None)}, r"no adapter named '\.\./tilt'"),
+    ("seed-text", "generate", {"seed": "x"}, r"seed"),
+    ("seed-negative", "generate", {"seed": -5}, r"seed must be"),
+    ("seed-huge", "generate", {"seed": 2 ** 70}, r"seed must be"),
+    ("steps-0", "generate", {"steps": 0}, r"steps must be"),
+    ("steps-huge", "generate", {"steps": 10_000}, r"steps must be"),
+    ("steps-text", "generate", {"steps": "many"}, r"steps"),
+    ("steps-nan", "generate", {"steps": float("nan")}, r"steps"),
+    ("cfg-nan", "generate", {"guidance": float("nan")}, r"CFG scale must be a finite number"),
+    ("cfg-negative", "generate", {"guidance": -1}, r"CFG scale must be"),
+    ("cfg-text", "generate", {"guidance": "x"}, r"CFG"),
+    ("width-63", "generate", {"width": 63}, r"width must be a multiple of 8"),
+    ("width-huge", "generate", {"width": 100_000}, r"width must be"),
+    ("width-text", "generate", {"width": "wide"}, r"width"),
+    ("count-0", "generate", {"count": 0}, r"number of images must be"),
+    ("sampler-unknown", "generate", {"sampler": "nope"}, r"unknown sampler 'nope'"),
+    ("tag-weight-text", "generate", {"prompt": "a <lora:watercolor:abc>"}, r"must be a number, got 'abc'"),
+    ("tag-unknown-adapter", "generate", {"prompt": "a <lora:nope:1>"}, r"no adapter named 'nope'"),
+    ("tag-weight-nan", "generate", {"prompt": "a <lora:watercolor:nan>"}, r"finite"),
+    ("upload-none", "add_adapter", {"file": None}, r"Choose a \.safetensors file"),
+    ("upload-unsafe-name", "add_adapter", {"file": "{tilt}", "name": "../../evil.safetensors"}, r"unsafe file name"),
+    ("upload-corrupt", "add_adapter", {"file": "{corrupt}"}, r"truncated|corrupt|not a safetensors"),
+    ("upload-pickle", "add_adapter", {"file": "{pickle}", "name": "model.ckpt"}, r"safetensors|pickle"),
+]
+
+
+def run_ui_bad_inputs(engine, folder: Path, max_upload_bytes: int = 600_000, cases=None) -> list[dict]:
+    """Each bad input through the UI's handlers (what a page event calls; a stack row is followed by a
+    generation with that stack, as the Generate button does): a ``gr.Error`` whose message says what
+    :data:`UI_BAD_INPUTS` expects (any other exception shows as a bare "Error" on the page), and the
+    adapters folder unchanged."""
+    import importlib.util
+    import re
+
+    import gradio as gr
+
+    spec = importlib.util.spec_from_file_location("lycoris_ui_app_for_reliability", UI_APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    handlers = app.Handlers(engine, max_upload_bytes)
+    library = engine.library.folder
+    tilt = next(library.rglob("tilt.safetensors"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corrupt.safetensors").write_bytes(tilt.read_bytes()[:3000])
+    state, _ = load_tensors(tilt.read_bytes())
+    (folder / "model.ckpt").write_bytes(_pickle_bytes(state))
+    files = {"tilt": str(tilt), "corrupt": str(folder / "corrupt.safetensors"), "pickle": str(folder / "model.ckpt")}
+    generate = {"prompt": "a photo of sks dog", "negative": "", "seed": 3, "steps": 2, "guidance": 7, "width": 64,
+                "height": 64, "count": 1, "sampler": "Default"}
+    results = []
+    for case_id, handler, args, message in cases or UI_BAD_INPUTS:
+        before = _tree(library)
+        if handler == "set_stack":  # the Generate button: set_stack, then generate with its stack
+            def call():
+                stack, _ = handlers.set_stack(*args["slot"], *[v for _ in range(UI_SLOTS - 1)
+                                                               for v in (True, None, 1.0, None, None)])
+                return handlers.generate(*generate.values(), stack, progress=lambda *a, **k: None)
+        elif handler == "generate":
+            values = {**generate, **args}
+            call = lambda: handlers.generate(*values.values(), [], progress=lambda *a, **k: None)  # noqa: E731
+        else:
+            file = args["file"].format(**files) if args["file"] else None
+            call = lambda: handlers.add_adapter(file, args.get("name", ""))  # noqa: E731
+        try:
+            call()
+            outcome, text = "accepted", ""
+        except gr.Error as exc:
+            outcome, text = "gr.Error", str(exc.message if hasattr(exc, "message") else exc)
+        except Exception as exc:  # noqa: BLE001 - the page would show a bare "Error"
+            outcome, text = f"raised {type(exc).__name__}", str(exc)
+        written = _tree(library) != before
+        results.append({"id": case_id, "outcome": outcome, "message_ok": outcome == "gr.Error" and
+                        bool(re.search(message, text, re.S)), "written": written, "message": text[:200]})
+    return results
+
+
+# ---- the full-size UNet (a worker process of its own) ----------------------------------------------------
+def sd15_leaks(cycles: int, folder: Path) -> dict:
+    """``cycles`` load/unload cycles of a LoRA (r=16, attention + feed-forward) on the full-size
+    SD-1.5-shaped UNet (859M parameters, float32), and the peak memory of one load against the file."""
+    from lycoris_lite import LoRAConfig
+    from lycoris_lite.files import load_adapter
+    from lycoris_lite.models import build_sd15_unet
+
+    t0 = time.time()
+    unet = build_sd15_unet(seed=0)
+    built = time.time() - t0
+    ctrl = controller_for(unet)
+    ctrl.add_adapter("tmp", LoRAConfig(r=16, target_modules=PRESETS["unet-attn-ff"], init_weights=False),
+                     generator=torch.Generator().manual_seed(0))
+    path = save_adapter({"unet": unet}, "tmp", folder / "sd15-lora.safetensors")
+    ctrl.unload()
+    del ctrl
+    gc.collect()
+    malloc_trim()
+    measured = reset_peak()
+    rest = rss()
+    load_adapter({"unet": unet}, path, "probe")
+    peak_extra = peak() - rest if measured else None
+    controller_for(unet).unload()
+    result = leak_cycles(unet, path, cycles, fuse=False)
+    result.update(model_parameters=sum(p.numel() for p in unet.parameters()), build_seconds=round(built, 1),
+                  load_peak_extra_mib=round(peak_extra / MiB, 1) if peak_extra is not None else None,
+                  load_peak_over_file=round(peak_extra / path.stat().st_size, 2) if peak_extra is not None else None)
+    return result
+
+
+def _worker(kind: str, cycles: int) -> dict:
+    """Runs in a fresh process: a leak measurement that nothing else in this benchmark disturbs."""
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="leaks-"))
+    try:
+        if kind == "leaks-tiny":
+            pipe = tiny_pipe()
+            path = make_adapter(pipe, folder / "loha.safetensors", "loha", seed=3)
+            return {"model": "tiny SD pipeline (UNet + text encoder)", "adapter": "LoHa r=4, unet-full + text encoder",
+                    **leak_cycles(pipe, path, cycles, fuse=True)}
+        if kind == "leaks-sd15":
+            return {"model": "SD-1.5-shaped UNet", "adapter": "LoRA r=16, unet-attn-ff", **sd15_leaks(cycles, folder)}
+        raise ValueError(kind)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_worker(kind: str, cycles: int, timeout: float) -> dict:
+    """:func:`_worker` in a child Python process (default glibc malloc settings)."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--cycles", str(cycles)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"{kind} worker failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------
+SECTIONS = ("fuzz", "drift", "leaks", "killwrite", "training", "ui", "badargs")
+FULL = {"fuzz_cases": 10_000, "fuzz_minutes": 40, "drift_cycles": 1000, "leak_cycles_tiny": 200,
+        "leak_cycles_sd15": 20, "kills": 50, "training_kills": 3, "ui_clients": 8, "ui_generations": 25}
+QUICK = {"fuzz_cases": 240, "fuzz_minutes": 5, "drift_cycles": 50, "leak_cycles_tiny": 30, "leak_cycles_sd15": 0,
+         "kills": 6, "training_kills": 0, "ui_clients": 2, "ui_generations": 3}
+
+
+def _landed(*paths: Path) -> bool:
+    return all(p.exists() for p in paths)
+
+
+def run(sections, sizes: dict, log=print) -> dict:
+    results: dict = {"sizes": sizes, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+                     "threads": torch.get_num_threads()}
+    scratch = Path(tempfile.mkdtemp(prefix="reliability-"))
+    try:
+        if "fuzz" in sections:
+            log("fuzz: building the corpus")
+            pipe = fuzz_pipe()
+            corpus = build_corpus(pipe, scratch / "corpus", sdxl_pipe=tiny_pipe(sdxl=True))
+            report = fuzz(pipe, corpus, sizes["fuzz_cases"], master_seed=2026, workers=2,
+                          time_limit=60 * sizes["fuzz_minutes"], log=log)
+            results["fuzz"] = {**report.summary(), "corpus": {s.name: s.size for s in corpus},
+                               "crash_examples": [{k: r.get(k) for k in ("case", "seed", "mutation", "error", "message",
+                                                                           "origin")} for r in report.crashes[:10]]}
+            log(f"fuzz: {json.dumps({k: results['fuzz'][k] for k in ('cases', 'outcomes', 'crashes', 'model_changed')})}")
+        if "drift" in sections:
+            pipe = fuzz_pipe()
+            files = make_stack_files(pipe, scratch / "stack")
+            results["drift"] = [drift(pipe, files, dtype, sizes["drift_cycles"], seed=i)
+                                for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16))]
+            log(f"drift: {json.dumps(results['drift'])}")
+        if "leaks" in sections:
+            results["leaks"] = [run_worker("leaks-tiny", sizes["leak_cycles_tiny"], 3600)]
+            if sizes["leak_cycles_sd15"]:
+                results["leaks"].append(run_worker("leaks-sd15", sizes["leak_cycles_sd15"], 3600))
+            log(f"leaks: {json.dumps([{k: v for k, v in r.items() if not k.startswith('rss_')} for r in results['leaks']])}")
+        if "killwrite" in sections:
+            pipe = tiny_pipe()
+            results["killwrite"] = {}
+            for fmt in ("kohya", "diffusers", "peft"):
+                versions, target = adapter_versions(pipe, scratch / f"write-{fmt}", fmt)
+
+                def write(v, target=target, fmt=fmt):
+                    pipe.save_adapter(v[0], target, format=fmt, metadata=v[1])
+
+                def verify(path):
+                    lycoris_lite.files.read_adapter(pipe, path, "check")
+
+                results["killwrite"][fmt] = kill_during_writes(write, versions, target, sizes["kills"], seed=1,
+                                                               verify=verify)
+                pipe.unload_adapters()
+            log(f"killwrite: {json.dumps(results['killwrite'])}")
+        if "training" in sections:
+            if not _landed(TRAINER, ROOT / "lycoris_lite" / "training" / "checkpoint.py"):
+                results["training"] = "not landed"
+            else:
+                results["training"] = {
+                    "checkpoint_writes": checkpoint_kill_writes(scratch / "ckpt", sizes["kills"], seed=2)}
+                if sizes["training_kills"]:
+                    results["training"]["killed_runs"] = killed_training(scratch / "train", sizes["training_kills"],
+                                                                         log=log)
+            log(f"training: {json.dumps(results['training'])}")
+        if "ui" in sections:
+            if not _landed(UI_APP, ROOT / "lycoris_lite" / "webui.py"):
+                results["ui"] = "not landed"
+            else:
+                results["ui"] = ui_load(scratch / "ui", sizes["ui_clients"], sizes["ui_generations"])
+            log(f"ui: {json.dumps(results['ui'])}")
+        if "badargs" in sections:
+            pipe = tiny_pipe()
+            names = bad_input_files(pipe, scratch / "cli")
+            with cached_tiny_models():
+                results["badargs"] = {"cli": run_cli_bad_arguments(names)}
+            if _landed(TRAINER):
+                results["badargs"]["trainer"] = run_trainer_bad_arguments(scratch / "trainer")
+            if _landed(UI_APP):
+                import importlib.util
+
+                spec = importlib.util.spec_from_file_location("lycoris_ui_app_engine", UI_APP)
+                app = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(app)
+                engine = app.open_engine("tiny-sd", scratch / "ui-bad" / "adapters")
+                results["badargs"]["ui"] = run_ui_bad_inputs(engine, scratch / "ui-bad")
+            log("badargs: " + json.dumps({k: _bad_summary(v) for k, v in results["badargs"].items()}))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def _bad_summary(rows: list[dict]) -> dict:
+    refused = [r for r in rows if (r.get("exit") == 2 if "exit" in r else r["outcome"] == "gr.Error")]
+    return {"cases": len(rows), "refused": len(refused), "message_names_the_problem": sum(r["message_ok"] for r in rows),
+            "wrote_something": sum(bool(r["written"]) for r in rows),
+            "failing": [r["id"] for r in rows if not (r in refused and r["message_ok"] and not r["written"])]}
+
+
+def markdown(results: dict) -> str:
+    """The figures as the README's tables."""
+    lines = []
+    f = results.get("fuzz")
+    if f:
+        o = f["outcomes"]
+        lines += ["| cases | accepted | clean errors | crashes | model changed | code run | max file | max peak extra |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {f['cases']:,} | {o.get('accepted', 0):,} | {o.get('clean', 0):,} | {f['crashes']} | "
+                  f"{f['model_changed']} | {f['code_ran']} | {f['max_file_bytes'] / MiB:.2f} MiB | "
+                  f"{(f['max_peak_extra_bytes'] or 0) / MiB:.1f} MiB |", ""]
+        lines += ["| mutation | cases | accepted | clean | crash | max peak extra (MiB) |", "|---|---|---|---|---|---|"]
+        for m, c in f["by_mutation"].items():
+            lines.append(f"| {m} | {c.get('cases', 0)} | {c.get('accepted', 0)} | {c.get('clean', 0)} | "
+                         f"{c.get('crash', 0)} | {f['max_peak_extra_mib_by_mutation'].get(m, '–')} |")
+        lines.append("")
+    if results.get("drift"):
+        lines += ["| dtype | cycles | max difference | bitwise | fusing moved the weights | after unload |",
+                  "|---|---|---|---|---|---|"]
+        for d in results["drift"]:
+            lines.append(f"| {d['dtype']} | {d['cycles']} | {d['max_difference']} | {d['bitwise']} | "
+                         f"{d['fusing_changed_weights']} | {d['unload_max_difference']} |")
+        lines.append("")
+    if results.get("leaks"):
+        lines += ["| model | cycles | RSS after cycle 1 | growth (raw) | growth (after malloc_trim) | live tensors "
+                  "first → last | s/cycle |", "|---|---|---|---|---|---|---|"]
+        for r in results["leaks"]:
+            lines.append(f"| {r['model']} | {r['cycles']} | {r['rss_after_first_mib']} MiB | "
+                         f"{100 * r['growth_raw']:.3f}% ({r['growth_raw_mib']} MiB) | "
+                         f"{100 * r['growth_trimmed']:.3f}% ({r['growth_trimmed_mib']} MiB) | "
+                         f"{r['live_tensors_first']} → {r['live_tensors_last']} | {r['seconds_per_cycle']} |")
+        lines.append("")
+    if results.get("killwrite"):
+        lines += ["| format | kills | old version | new version | partial or mixed | most temporaries | "
+                  "temporaries after the next save |", "|---|---|---|---|---|---|---|"]
+        for fmt, r in results["killwrite"].items():
+            v = list(r["versions_found"].values())
+            lines.append(f"| {fmt} | {r['kills']} | {v[0]} | {v[1]} | {r['partial_or_mixed']} | "
+                         f"{r['most_temporaries_at_once']} | {r['temporaries_after_next_save']} |")
+        lines.append("")
+    t = results.get("training")
+    if isinstance(t, dict):
+        c = t["checkpoint_writes"]
+        lines.append(f"Checkpoint writes: {c['kills']} kills, {c['problems']} partial or wrong checkpoints, "
+                     f"{c['checkpoints_written']} checkpoints written, {c['hidden_leftovers_after_cleanup']} "
+                     "temporaries left after the trainer's clean-up.")
+        if "killed_runs" in t:
+            k = t["killed_runs"]
+            lines.append(f"Killed runs: {k['kills']} kills after checkpoints {k['killed_after_checkpoints']} of "
+                         f"{k['steps']} steps; max difference to the uninterrupted run {k['max_difference']:.3g}; "
+                         f"partial files seen {len(k['partial_files_seen'])}.")
+        lines.append("")
+    u = results.get("ui")
+    if isinstance(u, dict):
+        lines += ["| clients | generations each | served | mismatches | errors | p50 | p95 | throughput |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {u['clients']} | {u['generations_each']} | {u['requests_served']} | {u['mismatches']} | "
+                  f"{u['errors']} | {u['p50_seconds']} s | {u['p95_seconds']} s | {u['throughput_per_second']}/s |", ""]
+    if results.get("badargs"):
+        lines += ["| surface | cases | refused | message names the problem | wrote something | failing |",
+                  "|---|---|---|---|---|---|"]
+        for k, rows in results["badargs"].items():
+            b = _bad_summary(rows)
+            lines.append(f"| {k} | {b['cases']} | {b['refused']} | {b['message_names_the_problem']} | "
+                         f"{b['wrote_something']} | {', '.join(b['failing']) or '–'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="the sizes the tests use")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cycles", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.cycles)))
+        return 0
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    start = time.time()
+    results = run(sections, QUICK if args.quick else FULL, log=lambda m: print(m, flush=True))
+    results["seconds"] = round(time.time() - start, 1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    print(markdown(results))
+    print(f"\n{results['seconds']:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

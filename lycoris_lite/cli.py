@@ -353,8 +353,28 @@ def _load_model(name: str):
     return components_of(_load_pipe(name))
 
 
+def _check_parent(target: Path) -> None:
+    """The folders above ``target`` are folders (or can be made): a file on the way is a clear error here,
+    not a traceback at the end of the work."""
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"cannot write {target}: {parent} is a file, not a folder")
+            return
+
+
+def _save(save, target: Path, what: str):
+    """``save()``, with an error writing ``target`` (permissions, a full disk) reported as a CLIError; the
+    writes are atomic, so nothing partial is left."""
+    try:
+        return save()
+    except OSError as exc:
+        raise CLIError(f"cannot write {what} to {target}: {exc}") from None
+
+
 def _check_output(args) -> Path:
     target = Path(args.output)
+    _check_parent(target)
     if args.to == "kohya" and target.is_dir():
         raise CLIError(f"{target} is a folder; the kohya format is one file (give OUT as NAME.safetensors)")
     if args.to == "peft" and target.suffix == ".safetensors":
@@ -387,7 +407,8 @@ def convert(args, out=sys.stdout) -> int:
 
     if args.rank is None:
         try:
-            written = files.save_adapter(components, "source", target, format=args.to, dtype=dtype, metadata=metadata)
+            written = _save(lambda: files.save_adapter(components, "source", target, format=args.to, dtype=dtype,
+                                                       metadata=metadata), target, "the adapter")
         except ValueError as exc:
             raise CLIError(f"the {args.to} format cannot hold this adapter as it is: {exc}\n"
                            "Pass --rank N to write a rank-N LoRA extracted from it (lossy; the error is reported).") from None
@@ -405,7 +426,8 @@ def convert(args, out=sys.stdout) -> int:
     metadata[PREFIX + "extraction"] = json.dumps({"rank": args.rank, "max_relative_error": worst,
                                                   "mean_relative_error": mean})
     try:
-        written = files.save_adapter(components, "lora", target, format=args.to, dtype=dtype, metadata=metadata)
+        written = _save(lambda: files.save_adapter(components, "lora", target, format=args.to, dtype=dtype,
+                                                   metadata=metadata), target, "the extracted LoRA")
     except ValueError as exc:
         raise CLIError(f"cannot write the extracted LoRA as {args.to}: {exc}") from None
     print(f"wrote {written} ({args.to}, LoRA rank ≤ {args.rank}, {len(values)} layers)", file=out)
@@ -435,6 +457,7 @@ def _check_adapters(adapters) -> None:
 
 def _check_adapter_output(path: str, fmt: str, sources) -> Path:
     target = Path(path)
+    _check_parent(target)
     if fmt == "kohya" and target.is_dir():
         raise CLIError(f"{target} is a folder; the kohya format is one file (give --out NAME.safetensors)")
     if fmt == "peft" and target.suffix == ".safetensors":
@@ -482,8 +505,9 @@ def combine(args, out=sys.stdout) -> int:
         "type": result.combination_type, "adapters": [{"source": Path(p).name, "weight": w} for p, w in args.adapter],
         "density": args.density, "majority_sign_method": args.majority_sign, "svd_rank": args.rank, "seed": args.seed})}
     try:
-        written = files.save_adapter(components, "combined", target, format=args.to,
-                                     dtype=DTYPES[args.dtype] if args.dtype else None, metadata=metadata)
+        written = _save(lambda: files.save_adapter(components, "combined", target, format=args.to,
+                                                   dtype=DTYPES[args.dtype] if args.dtype else None,
+                                                   metadata=metadata), target, "the combination")
     except ValueError as exc:
         raise CLIError(f"cannot write the combination as {args.to}: {exc}") from None
     print(f"wrote {written} ({args.to})", file=out)
@@ -513,8 +537,9 @@ def extract(args, out=sys.stdout) -> int:
     metadata = {PREFIX + "extraction": json.dumps({"rank": args.rank, "energy": args.energy, "max_relative_error": worst,
                                                    "mean_relative_error": mean, "unrepresented": unrepresented})}
     try:
-        written = files.save_adapter(base, "extracted", target, format=args.to,
-                                     dtype=DTYPES[args.dtype] if args.dtype else None, metadata=metadata)
+        written = _save(lambda: files.save_adapter(base, "extracted", target, format=args.to,
+                                                   dtype=DTYPES[args.dtype] if args.dtype else None,
+                                                   metadata=metadata), target, "the extracted LoRA")
     except ValueError as exc:
         raise CLIError(f"cannot write the extracted LoRA as {args.to}: {exc}") from None
     print(f"wrote {written} ({args.to}, {sum(len(v) for v in ranks.values())} layers)", file=out)
@@ -526,6 +551,7 @@ def merge(args, out=sys.stdout) -> int:
 
     _check_adapters(args.adapter)
     target = Path(args.out)
+    _check_parent(target)
     if args.single_file and target.suffix != ".safetensors":
         raise CLIError(f"--single-file writes one .safetensors file; give --out NAME.safetensors, not {target.name}")
     if not args.single_file and target.exists() and not (target.is_dir() and not any(target.iterdir())):
@@ -539,7 +565,8 @@ def merge(args, out=sys.stdout) -> int:
         print(f"fused {path} × {weight:g}: {info.format}, "
               f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}", file=out)
     try:
-        written = save_merged(pipe, target, single_file=args.single_file, base_model=args.model, adapters=args.adapter)
+        written = _save(lambda: save_merged(pipe, target, single_file=args.single_file, base_model=args.model,
+                                            adapters=args.adapter), target, "the merged model")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     kind = "one safetensors file; reload with lycoris_lite.merge.load_merged" if args.single_file else \

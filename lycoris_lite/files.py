@@ -28,7 +28,7 @@ from .checks import non_finite_keys
 from .config import AdapterConfig
 from .formats import diffusers_format, kohya, peft_format
 from .formats.names import build_name_map
-from .formats.safe_io import read_state_dict, write_state_dict
+from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
 from .model import AdapterController, controller_for
 from .registry import ALGORITHMS, get_algorithm
 
@@ -336,10 +336,13 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
             path = path.parent
         parts = {c: peft_format.write(layers, components[c], c, dtype) for c, layers in entries.items()}
         flat = isinstance(target, nn.Module)
-        for c, (state, config) in parts.items():
-            folder = path if flat else path / c
-            peft_format.write_folder(folder, state, config, metadata)
-        return path
+
+        def write_parts(folder: Path) -> None:
+            for c, (state, config) in parts.items():
+                peft_format.write_folder(folder if flat else folder / c, state, config, metadata)
+
+        # the whole folder at once (every component), so a killed save never leaves parts of two versions
+        return atomic_write_folder(path, write_parts, replaceable=peft_format.holds_only_adapter_files)
     names = build_name_map(components)
     state = kohya.write(entries, names, dtype)
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())

@@ -59,8 +59,9 @@ def peft_dora(base: nn.Module, init: bool = False):
     model = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
     layer = model.base_model.model[0]
     if not init:
+        magnitude = layer.lora_magnitude_vector["default"].weight
         with torch.no_grad():  # PEFT starts at m = ‖W + ΔW‖ (the decomposition is then a no-op): perturb m
-            layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude_vector["default"].weight))
+            magnitude.mul_(1 + 0.2 * torch.randn_like(magnitude))
     return model, layer
 
 
@@ -271,7 +272,7 @@ def unet_outputs(unet):
 def test_peft_dora_folders_both_ways(tmp_path):
     unet = build_tiny_sd_pipeline().unet
     base_out = unet_outputs(unet)
-    theirs, _ = peft_dora_unet(unet)
+    theirs = peft_dora_unet(unet)
     theirs.save_pretrained(str(tmp_path / "peft"))
     expected = unet_outputs(theirs)
     assert relative_error(expected, base_out) > 1e-3
@@ -296,7 +297,7 @@ def peft_dora_unet(unet):
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
-    return model, cfg
+    return model
 
 
 @pytest.mark.parametrize("cfg,message", [

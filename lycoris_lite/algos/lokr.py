@@ -14,7 +14,9 @@ alpha is ignored, files often store a huge placeholder).
 
 Activation route (never builds ``kron`` for a linear layer): with ``X = x.reshape(..., c, d)``,
 ``Δy = s · (w1 @ X @ w2ᵀ).reshape(..., a·b)``. Convs run ``w2`` as a conv on each of the ``c``
-channel groups and mix the groups with ``w1``.
+channel groups and mix the groups with ``w1``. While training the routes keep only ``x`` and the
+factors; their thin intermediates are recomputed in backward (:class:`KronLowRankRoute`,
+:class:`KronConvRoute`, otherwise ``recompute_in_backward``).
 """
 
 from __future__ import annotations
@@ -73,11 +75,17 @@ def delta_forward_low_rank(x, w1, w2_a, w2_b) -> torch.Tensor:
     ``(r, …)`` intermediates (no copies, no intermediate as large as the activation):
     ``low = w2_b·Xᵀ`` (``r × N·c``), ``mixed = low·w1ᵀ`` over the ``c`` axis (``r × N·a``),
     ``Δy = mixedᵀ·w2_aᵀ`` (``N·a × b``), with ``X`` the input grouped as ``(N·c, d)``."""
-    (a, c), (b, r) = w1.shape, w2_a.shape
-    grouped = x.reshape(-1, w2_b.shape[1])  # (N·c, d)
-    low = w2_b @ grouped.T  # (r, N·c)
-    mixed = low.view(-1, c) @ w1.T  # (r·N, a)
+    (a, b), r = (w1.shape[0], w2_a.shape[0]), w2_a.shape[1]
+    _, _, mixed = _thin_products(x, w1, w2_b)
     return (mixed.view(r, -1).T @ w2_a.T).view(*x.shape[:-1], a * b)
+
+
+def _thin_products(x, w1, w2_b):
+    """``(X, low, mixed)`` of :func:`delta_forward_low_rank`: ``X`` ``(N·c, d)``, ``low`` ``(r, N·c)``,
+    ``mixed`` ``(r·N, a)``."""
+    grouped = x.reshape(-1, w2_b.shape[1])
+    low = w2_b @ grouped.T
+    return grouped, low, low.view(-1, w1.shape[1]) @ w1.T
 
 
 class KronLowRankRoute:
@@ -94,9 +102,7 @@ class KronLowRankRoute:
     def backward(self, x, factors, grad, need_x):
         w1, w2_a, w2_b = factors
         (a, c), r = w1.shape, w2_a.shape[1]
-        grouped = x.reshape(-1, w2_b.shape[1])  # (N·c, d)
-        low = w2_b @ grouped.T  # (r, N·c)
-        mixed = low.view(-1, c) @ w1.T  # (r·N, a)
+        grouped, low, mixed = _thin_products(x, w1, w2_b)
         g = grad.reshape(-1, w2_a.shape[0])  # (N·a, b)
         grad_w2_a = (mixed.view(r, -1) @ g).T
         del mixed

@@ -334,6 +334,22 @@ def is_peft_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def holds_only_adapter_files(path: str | os.PathLike) -> bool:
+    """Whether folder ``path`` holds nothing but a PEFT adapter save (flat, or in component subfolders):
+    such a folder may be replaced whole by a new save."""
+    allowed_files = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
+    for entry in Path(path).iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue
+        if entry.is_file() and not entry.is_symlink() and entry.name in allowed_files:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and entry.name in ("unet", "text_encoder", "text_encoder_2") and all(
+                f.is_file() and not f.is_symlink() and f.name in allowed_files for f in entry.iterdir()):
+            continue
+        return False
+    return True
+
+
 def read_folder(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """``(state dict, adapter_config, safetensors header metadata)`` of a PEFT adapter folder."""
     path = Path(path)

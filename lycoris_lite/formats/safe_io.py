@@ -3,16 +3,25 @@
 User-supplied files are read as safetensors. The header is validated against the file size before any
 tensor is materialised, so no file can make us allocate more than its size justifies. Pickles
 (``.ckpt``, ``.pt``, ``.bin``, ``.pth``) are refused unless ``allow_pickle=True``, and then read with
-``torch.load(weights_only=True)``. Writes are atomic: a temporary file in the same folder, then a rename.
+``torch.load(weights_only=True)``, from a ``torch.save`` zip archive only. Writes are atomic: a file is
+written to a hidden temporary beside it and renamed; a folder (a PEFT adapter) is written to a hidden
+temporary folder and swapped in. A process killed at any moment leaves the old or the new version,
+never a mixture; the hidden temporaries it leaves are removed by the next write of the same name.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import os
+import re
+import shutil
+import socket
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -174,16 +183,66 @@ def _umask() -> int:
     return mask
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.NAME.HOST-PID.``: whose temporary it is, so a later write can tell a dead writer's leftovers."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries of ``path`` left by writers on this host that no longer run
+    (killed mid-write); returns what was removed. Temporaries of live writers are kept."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    for entry in map(Path, glob.glob(glob.escape(str(path.parent / prefix)) + "*.tmp")):
+        owner = entry.name[len(prefix):].split(".", 1)[0]
+        host, _, pid = owner.rpartition("-")
+        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: the file is either the old or the new one.
 
-    The temporary file sits in the same folder (``.NAME.*.tmp``), is flushed to disk before the rename,
-    and gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it owner-only);
-    the folder is flushed after the rename so the new name survives a power cut. A process killed
-    mid-write leaves at most the hidden temporary file, never a partial ``path``."""
+    The temporary file sits in the same folder (``.NAME.HOST-PID.*.tmp``), is flushed to disk before the
+    rename, and gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it
+    owner-only); the folder is flushed after the rename so the new name survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -195,16 +254,54 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None],
+                        replaceable: Callable[[Path], bool] | None = None) -> Path:
+    """Call ``write(tmp_folder)`` then put that folder at ``path``: the folder is the old or the new one.
+
+    An existing folder at ``path`` is swapped out in one step (``renameat2(RENAME_EXCHANGE)``; elsewhere
+    two renames, between which the folder is briefly absent) and deleted, so it must hold nothing but a
+    previous version: ``replaceable(path)`` says so. When it holds other files too, the new files are
+    written into it one by one instead (each atomically, the set not)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; this writes a folder")
+    if path.is_dir() and any(path.iterdir()) and not (replaceable is not None and replaceable(path)):
+        write(path)
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        os.fsync(folder)
-    except OSError:
-        pass
-    finally:
-        os.close(folder)
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if not path.is_dir():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the temporary name
+        else:
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(path.parent)
     return path
 
 
