@@ -22,7 +22,8 @@ kept (unregistered) and put back by :meth:`AdapterLayer.unwrap`.
 
 Merging swaps the weight's storage for a newly computed tensor and keeps the original tensor as the
 backup (same device, or ``backup_device``); unmerging swaps it back, so unmerge is bit-exact after any
-number of cycles and costs one copy of the merged layers.
+number of cycles and costs one copy of the merged layers (:func:`~lycoris_lite.model.merge_layers`
+puts the merged weights of a fuse into one block, :mod:`lycoris_lite.buffers`).
 """
 
 from __future__ import annotations
@@ -241,18 +242,26 @@ class AdapterLayer(nn.Module):
             flat = cols.T
         return self.spec.unflatten_weight(flat)
 
-    def effective_weight(self, names, base: torch.Tensor | None = None) -> torch.Tensor:
+    def effective_weight(self, names, base: torch.Tensor | None = None, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """``W_eff`` for ``names`` (in composition order) in float32 or wider, from ``base`` (default:
-        the original weight)."""
+        the original weight); with ``out`` (any dtype) it is written there and ``out`` returned. A stack
+        of additive adapters on the plain weight is summed straight into ``out`` (no temporary)."""
         if base is None:
             base = self._backup if self._backup is not None else self.weight.detach()
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         w = base.to(device=self.weight.device, dtype=dtype)
         terms, additive = self._plan(self.ordered(names), dtype, w)
-        out = self._expand(terms, w, dtype)
+        plain = len(terms) == 1 and terms[0].coef == 1.0 and terms[0].source is None and not (
+            terms[0].inputs or terms[0].outputs)
+        direct = out is not None and out.dtype == dtype and additive and plain
+        result = w if direct else self._expand(terms, w, dtype)
         for slot in additive:
-            out = slot.algorithm.add_delta_weight(out, slot.tensors(dtype), self.spec, slot.settings, slot.scale)
-        return out
+            result = slot.algorithm.add_delta_weight(result, slot.tensors(dtype), self.spec, slot.settings, slot.scale,
+                                                     out=out if direct else None)
+        if out is None or direct:
+            return result
+        return out.copy_(result)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,9 +389,12 @@ class AdapterLayer(nn.Module):
 
     # ---- merge / unmerge ----------------------------------------------------------------------
     @torch.no_grad()
-    def merged_weight(self, names) -> torch.Tensor:
-        """The weight with ``names`` merged (on top of those already merged), in the weight's dtype."""
+    def merged_weight(self, names, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight with ``names`` merged (on top of those already merged), in the weight's dtype;
+        written into ``out`` (the weight's shape and dtype) when given."""
         target = self.ordered(list(self.merged) + list(names))
+        if out is not None:
+            return self.effective_weight(target, out=out)
         return self.effective_weight(target).to(self.weight.dtype)
 
     def check_finite(self, names) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import algos  # noqa: F401  (registers the algorithms)
+from .buffers import packed_empty
 from .checks import all_finite
 from .config import AdapterConfig
 from .layer import AdapterLayer
@@ -128,27 +129,34 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, name
 
 
-def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool = False) -> None:
+def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool = False,
+                 packed: bool = True) -> None:
     """Merge adapters ``names`` into each of ``layers`` (those a layer lacks are skipped).
 
-    With ``safe_merge`` every new weight is computed and checked for NaN/Inf (the adapter tensors too)
-    before any is written, so a failure changes nothing; the staged weights are the one extra copy of
-    the merged layers that merging costs anyway."""
-    if not safe_merge:
-        for layer in layers:
-            layer.merge([n for n in names if n in layer.adapters])
-        return
+    Every new weight is computed before any is written, into one block of memory per dtype and device
+    (``packed``, :func:`~lycoris_lite.buffers.packed_empty`; the block is the one copy of the merged
+    layers that merging costs, freed when they are all unmerged) or into a tensor of its own each
+    (``packed=False``, for weights that outlive the adapters). With ``safe_merge`` the adapter tensors
+    and every new weight are checked for NaN/Inf first, so a failure changes nothing."""
+    plan = [(layer, todo) for layer in layers if (todo := [n for n in layer.ordered(names) if n not in layer.merged])]
+    if safe_merge:
+        for layer, todo in plan:
+            layer.check_finite(todo)
+    outs: list = [None] * len(plan)
+    if packed:
+        groups: dict = {}
+        for i, (layer, _) in enumerate(plan):
+            groups.setdefault((layer.weight.dtype, layer.weight.device), []).append(i)
+        for (dtype, device), members in groups.items():
+            for i, view in zip(members, packed_empty([plan[i][0].weight.shape for i in members], dtype, device)):
+                outs[i] = view
     staged = []
-    for layer in layers:
-        todo = [n for n in layer.ordered(names) if n not in layer.merged]
-        if not todo:
-            continue
-        layer.check_finite(todo)
-        new = layer.merged_weight(todo)
-        if not all_finite(new):
+    for (layer, todo), out in zip(plan, outs):
+        new = layer.merged_weight(todo, out=out)
+        if safe_merge and not all_finite(new):
             raise ValueError(f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged")
-        staged.append((layer, todo, new))
-    for layer, todo, new in staged:
+        staged.append(new)
+    for (layer, todo), new in zip(plan, staged):
         layer.write_merged(todo, new)
 
 
@@ -430,8 +438,8 @@ class AdapterController:
                 layers = tqdm(layers, desc="merging")
             except ImportError:
                 pass
-        if safe_merge:
-            self.merge_adapter(names, safe_merge=True)
+        if safe_merge:  # weights of their own: they stay in the model after the adapters are gone
+            merge_layers([layer for _, layer in layers], names, safe_merge=True, packed=False)
         else:
             for _, layer in layers:
                 layer.merge([n for n in names if n in layer.adapters])

@@ -92,10 +92,11 @@ class Algorithm:
 
     @classmethod
     def add_delta_weight(cls, weight: torch.Tensor, params, spec: LayerSpec, settings: dict,
-                         multiplier: float = 1.0) -> torch.Tensor:
-        """``weight + multiplier · ΔW`` as a new tensor (``weight`` is never written). Implementations
-        may fuse the sum into the product that builds ``ΔW`` (one pass over the weight when merging)."""
-        return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier)
+                         multiplier: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight + multiplier · ΔW``: a new tensor, or written into ``out`` (which may be ``weight``
+        itself; otherwise ``weight`` is never written). Implementations may fuse the sum into the
+        product that builds ``ΔW`` (one pass over the weight when merging)."""
+        return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier, out=out)
 
     @classmethod
     def delta_forward(cls, x, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0) -> torch.Tensor | None:

@@ -182,6 +182,33 @@ def test_fp16_overflow_is_caught_by_safe_merge():
     assert model.controller.merged_adapters == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_fuse_packs_the_merged_weights_into_one_aligned_block(dtype):
+    """The merged weights of one fuse are views of one block (exactly one copy of the merged layers),
+    each 64-byte aligned, bitwise what each layer merges on its own; unmerging restores the originals."""
+    net, x = net_and_input()
+    net = net.to(dtype)
+    model = AdapterModel(net, L.LoRAConfig(r=2, target_modules=["to_q", "to_k", "to_out.0", "proj_in"], init_weights=False))
+    model.add_adapter("lokr", L.LoKrConfig(r=2, target_modules=["to_q"], init_weights=False))
+    model.add_adapter("oft", L.OFTConfig(block_size=4, target_modules=["to_k"], init_weights=False))
+    model.set_adapters(["default", "lokr", "oft"], [0.5, 1.0, 0.7])
+    layers = [layer for _, layer in model.controller.layers()]
+    expected = [layer.merged_weight(layer.ordered(["default", "lokr", "oft"])) for layer in layers]
+    snap = snapshot(net)
+    model.merge_adapter(safe_merge=True)
+    merged = [layer.weight for layer in layers]
+    assert len({w.untyped_storage().data_ptr() for w in merged}) == 1
+    block = merged[0].untyped_storage().nbytes()
+    assert block < sum(w.numel() * w.element_size() + 64 for w in merged) + 64
+    assert all(w.data_ptr() % 64 == 0 and w.dtype == dtype for w in merged)
+    assert all(torch.equal(w, e) for w, e in zip(merged, expected))
+    model.unmerge_adapter()
+    assert same_state(net, snap)
+    baked = model.merge_and_unload(safe_merge=True)  # weights that stay get storage of their own
+    owners = [m.weight for n, m in baked.named_modules() if n.endswith(("to_q", "to_k"))]
+    assert len({w.untyped_storage().data_ptr() for w in owners}) == len(owners)
+
+
 def test_unload_restores_the_original_modules_and_bits():
     net, x = net_and_input()
     modules_before = dict(net.named_modules())

@@ -7,7 +7,7 @@ Shapes (kohya/LyCORIS layout, so file tensors are used as they are):
 * Conv2d with Tucker (k > 1, ``use_tucker``): ``lora_down (r, in, 1, 1)``, ``lora_mid (r, r, kh, kw)``,
   ``lora_up (out, r, 1, 1)``; ``ΔW[p,q] = Σ mid[i,j] up[p,i] down[j,q]``.
 
-Activation route: ``Δy = s · up(down(x))`` (two thin ops; the full ΔW is never built).
+Activation route: ``Δy = up(s · down(x))`` (two thin ops; the full ΔW is never built).
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ def delta_weight(down, up, scale: float, mid=None, shape=None) -> torch.Tensor:
 
 
 def delta_forward(x, down, up, scale: float, spec: LayerSpec, mid=None) -> torch.Tensor:
-    """``Δy = scale · up(down(x))``: equal to ``spec.op(x, delta_weight(...))``. The scale multiplies
-    ``up`` (``out × r``), never the activations."""
+    """``Δy = up(scale · down(x))``: equal to ``spec.op(x, delta_weight(...))``. The scale multiplies
+    the rank-``r`` activation ``h`` (``T × r``), never the full-size output; not ``up`` either, whose
+    scaled copy the last op would keep for backward in every layer (the parameter itself is free)."""
     if mid is not None:
         h = spec.op(spec.pointwise(x, down.flatten(1)), mid)
     else:
         h = spec.op(x, down)
-    return spec.pointwise(h, up.flatten(1) * scale)
+    return spec.pointwise(h if scale == 1.0 else h * scale, up.flatten(1))
 
 
 @dataclass
@@ -116,14 +117,15 @@ class LoRA(Algorithm):
         return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
 
     @classmethod
-    def add_delta_weight(cls, weight, params, spec, settings, multiplier=1.0):
+    def add_delta_weight(cls, weight, params, spec, settings, multiplier=1.0, out=None):
         """``W + multiplier·scale·up @ down`` in one ``addmm`` (no ΔW tensor; Tucker: the default)."""
         if "lora_mid" in params:
-            return super().add_delta_weight(weight, params, spec, settings, multiplier)
+            return super().add_delta_weight(weight, params, spec, settings, multiplier, out)
         flat = weight.reshape(weight.shape[0], -1)
-        out = torch.addmm(flat, params["lora_up"].flatten(1), params["lora_down"].flatten(1),
-                          alpha=settings["scale"] * multiplier)
-        return out.reshape(weight.shape)
+        result = torch.addmm(flat, params["lora_up"].flatten(1), params["lora_down"].flatten(1),
+                             alpha=settings["scale"] * multiplier,
+                             out=None if out is None else out.view(flat.shape))
+        return result.reshape(weight.shape) if out is None else out
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
