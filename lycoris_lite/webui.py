@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -52,13 +53,24 @@ MAX_SEED = 2**32 - 1
 # ---- stacks and prompt tags -----------------------------------------------------------------------
 @dataclass
 class StackEntry:
-    """One adapter of a session's stack. ``unet`` / ``text_encoder`` override ``weight`` for that part."""
+    """One adapter of a session's stack. ``unet`` / ``text_encoder`` override ``weight`` for that part.
+
+    The weights become floats when the entry is built (``ValueError`` naming the weight for one that is no
+    number); whether they are finite is checked when the stack is applied."""
 
     name: str
     weight: float = 1.0
     unet: float | None = None
     text_encoder: float | None = None
     enabled: bool = True
+
+    def __post_init__(self):
+        self.weight = _number(self.weight, f"the weight of {self.name}")
+        if self.unet is not None:
+            self.unet = _number(self.unet, f"the UNet weight of {self.name}")
+        if self.text_encoder is not None:
+            self.text_encoder = _number(self.text_encoder, f"the text-encoder weight of {self.name}")
+        self.enabled = bool(self.enabled)
 
     @property
     def unet_weight(self) -> float:
@@ -91,14 +103,29 @@ def _num(x: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def _finite(value, what: str) -> float:
+def _number(value, what: str) -> float:
+    """``value`` (a number, or text of one) as a float, or ``ValueError`` naming ``what``."""
     try:
-        x = float(value)
-    except (TypeError, ValueError):
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{what} must be a number, got {value!r}") from None
-    if x != x or x in (float("inf"), float("-inf")):
+
+
+def _finite(value, what: str) -> float:
+    x = _number(value, what)
+    if not math.isfinite(x):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     return x
+
+
+def _whole(value, what: str) -> int:
+    """``value`` as an int (``20.0`` from a slider too), or ``ValueError`` naming ``what``."""
+    if isinstance(value, int):
+        return int(value)
+    x = _number(value, what)
+    if not x.is_integer():
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(x)
 
 
 _TAG = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
@@ -425,7 +452,9 @@ class GenerationCancelled(Exception):
 
 @dataclass
 class GenerationSettings:
-    """What a session asks for; :meth:`check` raises ``ValueError`` on anything out of range."""
+    """What a session asks for. When it is built, seed, steps, width, height and count become ints and
+    guidance a float (``ValueError`` naming the field for a value that is no number, or no whole one);
+    :meth:`check` raises ``ValueError`` on anything out of range."""
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -437,17 +466,23 @@ class GenerationSettings:
     count: int = 1
     scheduler: str = DEFAULT_SCHEDULER
 
+    def __post_init__(self):
+        for name, what in (("seed", "seed"), ("steps", "steps"), ("width", "width"), ("height", "height"),
+                           ("count", "the number of images")):
+            setattr(self, name, _whole(getattr(self, name), what))
+        self.guidance = _number(self.guidance, "the CFG scale")
+
     def check(self) -> None:
-        if not (-1 <= int(self.seed) <= MAX_SEED):
+        if not (-1 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be -1 (random) or 0..{MAX_SEED}, got {self.seed}")
-        if not 1 <= int(self.steps) <= 150:
+        if not 1 <= self.steps <= 150:
             raise ValueError(f"steps must be 1..150, got {self.steps}")
-        if not 1 <= int(self.count) <= 8:
+        if not 1 <= self.count <= 8:
             raise ValueError(f"the number of images must be 1..8, got {self.count}")
         if not 0 <= _finite(self.guidance, "the CFG scale") <= 30:
             raise ValueError(f"the CFG scale must be 0..30, got {self.guidance}")
         for what, value in (("width", self.width), ("height", self.height)):
-            if not 8 <= int(value) <= 2048 or int(value) % 8:
+            if not 8 <= value <= 2048 or value % 8:
                 raise ValueError(f"{what} must be a multiple of 8 in 8..2048, got {value}")
         if self.scheduler != DEFAULT_SCHEDULER and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown sampler {self.scheduler!r}; one of {', '.join(SCHEDULERS)}")
@@ -611,6 +646,7 @@ class SharedPipeline:
         weights = {e.name: e.pipeline_weight() for e in entries}
         for e in entries:
             self.card(e.name)
+            _finite(e.weight, f"the weight of {e.name}")
             _finite(e.unet_weight, f"the UNet weight of {e.name}")
             _finite(e.text_encoder_weight, f"the text-encoder weight of {e.name}")
         wanted = list(weights)

@@ -252,19 +252,12 @@ def test_command_line_bad_arguments_exit_2_name_the_problem_and_write_nothing(cl
     assert not any(r["code_ran"] for r in results)
 
 
-#: trainer options the parser accepts today although they cannot train (see the report of issue 8)
-TRAINER_NOT_CHECKED = {"learning-rate-negative", "learning-rate-nan", "learning-rate-inf", "text-encoder-lr-negative",
-                       "alpha-nan", "epochs-0", "warmup-negative", "max-grad-norm-nan", "adam-beta1-1.5",
-                       "adam-epsilon-negative", "snr-gamma-negative", "prior-loss-weight-nan", "workers-negative",
-                       "seed-too-big", "output-name-with-folder"}
 #: refused after parsing, by the trainer's checks of folders, models and checkpoints
 TRAINER_MAIN_LEVEL = {"missing-images", "missing-model", "resume-missing", "target-matching-nothing"}
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c[0], marks=pytest.mark.xfail(strict=True, reason="no range check in training/options.py"))
-    if c[0] in TRAINER_NOT_CHECKED else pytest.param(c, id=c[0])
-    for c in rel.TRAINER_BAD_ARGUMENTS if c[0] not in TRAINER_MAIN_LEVEL or c[0] == "resume-missing"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in rel.TRAINER_BAD_ARGUMENTS
+                                  if c[0] not in TRAINER_MAIN_LEVEL or c[0] == "resume-missing"])
 def test_trainer_bad_options_exit_2_with_a_message_before_anything_is_written(case, tmp_path, capsys):
     from lycoris_lite.training import options
 
@@ -282,6 +275,33 @@ def test_trainer_bad_options_exit_2_with_a_message_before_anything_is_written(ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("toml,message", [
+    ("learning_rate = -1.0", r"--learning_rate must be a finite number > 0, got -1.0"),
+    ("adam_beta2 = nan", r"--adam_beta2 must be a finite number in \[0, 1\), got nan"),
+    ("seed = -3", r"--seed must be in \[0, 4294967295\], got -3"),
+    ('output_name = "sub/name"', r"--output_name must be a plain file name"),
+])
+def test_trainer_ranges_apply_to_values_from_config_files(tmp_path, capsys, toml, message):
+    from lycoris_lite.training import options
+
+    (tmp_path / "run.toml").write_text(toml + "\n")
+    argv = rel.trainer_args(tmp_path / "out", seed=None, learning_rate=None, config=tmp_path / "run.toml")
+    with pytest.raises(SystemExit) as info:
+        options.parse_args(argv)
+    assert info.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_range_edges_and_the_clipping_off_value_are_accepted(tmp_path):
+    from lycoris_lite.training import options
+
+    args = options.parse_args(rel.trainer_args(
+        tmp_path / "out", max_grad_norm=0, seed=2**32 - 1, adam_beta1=0, lr_warmup_steps=0, max_train_steps=None,
+        num_train_epochs=0.5, noise_offset=0, prior_loss_weight=0, output_name="sks_duck.v2"))
+    assert (args.max_grad_norm, args.seed, args.adam_beta1, args.num_train_epochs) == (0, 2**32 - 1, 0, 0.5)
+    assert args.output_name == "sks_duck.v2"
+
+
 @pytest.fixture(scope="module")
 def ui_engine(tmp_path_factory):
     pytest.importorskip("gradio")
@@ -293,13 +313,7 @@ def ui_engine(tmp_path_factory):
     return app.open_engine("tiny-sd", tmp_path_factory.mktemp("ui") / "adapters")
 
 
-#: UI inputs the handlers convert outside their error handling today (the page shows a bare "Error")
-UI_NOT_CHECKED = {"weight-text", "unet-weight-text", "seed-text", "steps-text", "steps-nan", "cfg-text", "width-text"}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c[0], marks=pytest.mark.xfail(strict=True, reason="converted outside _user_errors in ui/app.py"))
-    if c[0] in UI_NOT_CHECKED else pytest.param(c, id=c[0]) for c in rel.UI_BAD_INPUTS])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in rel.UI_BAD_INPUTS])
 def test_ui_bad_inputs_get_a_message_and_change_nothing(ui_engine, tmp_path, case):
     (result,) = rel.run_ui_bad_inputs(ui_engine, tmp_path, cases=[case])
     assert result["outcome"] == "gr.Error" and result["message_ok"], result

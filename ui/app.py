@@ -87,8 +87,7 @@ class Handlers:
             if name:
                 with _user_errors():
                     self.engine.card(name)
-                stack.append(webui.StackEntry(name, float(weight), unet=None if unet is None else float(unet),
-                                              text_encoder=None if te is None else float(te), enabled=bool(on)))
+                    stack.append(webui.StackEntry(name, weight, unet=unet, text_encoder=te, enabled=on))
         with _user_errors():
             applied = webui.effective_stack(stack, [])
         cards = self.engine.cards
@@ -99,15 +98,14 @@ class Handlers:
     # ---- generating -------------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt, seed, steps, guidance, width, height, count, sampler, stack,
                  request: gr.Request = None, progress=gr.Progress()):
-        settings = webui.GenerationSettings(prompt or "", negative_prompt or "", int(seed), int(steps),
-                                            float(guidance), int(width), int(height), int(count), sampler)
-
         def on_step(done, total, what):
             progress((done, total), desc=what, unit="steps")
 
         start = time.perf_counter()
         try:
             with _user_errors():
+                settings = webui.GenerationSettings(prompt or "", negative_prompt or "", seed, steps, guidance, width,
+                                                    height, count, sampler)
                 result = self.engine.generate(settings, stack or [], session=_session(request), on_step=on_step)
         except webui.GenerationCancelled as exc:
             return gr.skip(), gr.skip(), f"Cancelled ({exc}).", gr.skip(), gr.skip()

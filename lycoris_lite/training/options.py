@@ -3,8 +3,9 @@ and ``--config file.toml`` with the same names (options given on the command lin
 
 Everything here is checked before a model is loaded: an unknown algorithm, preset or TOML key, an
 algorithm option given to an algorithm that does not have it, a config the algorithm rejects, a missing
-required option, ``--use_8bit_adam`` without bitsandbytes. Errors go through ``argparse`` (exit
-status 2, message on stderr); nothing is written.
+required option, a number out of its range (:data:`RANGES`, NaN and infinity included), an output name
+that is a path, ``--use_8bit_adam`` without bitsandbytes. Errors go through ``argparse`` (exit status 2,
+message on stderr); nothing is written.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 from pathlib import Path
 
 try:
@@ -34,6 +36,23 @@ REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prom
 PATH_OPTIONS = ("instance_data_dir", "class_data_dir", "output_dir")
 #: fields every config has; the trainer sets them from --rank/--alpha/--*_targets
 _COMMON_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+#: (test, what the value must be) of the ranges below; a float must also be finite
+_POSITIVE = (lambda x: x > 0, "> 0")
+_NON_NEGATIVE = (lambda x: x >= 0, ">= 0")
+_FRACTION = (lambda x: 0 <= x < 1, "in [0, 1)")
+#: the number options' valid values, checked after parsing (so values from --config too); an option
+#: left unset (None) is not checked. --max_grad_norm 0 disables clipping; --alpha 0 would train nothing
+#: (scale 0) and reads back from a file as alpha = rank; the seed is one numpy and torch both take.
+RANGES = [
+    (("learning_rate", "text_encoder_lr", "alpha", "num_train_epochs", "snr_gamma", "adam_epsilon"), _POSITIVE),
+    (("prior_loss_weight", "noise_offset", "max_grad_norm", "adam_weight_decay", "regularization_weight", "lr_power",
+      "lr_warmup_steps", "dataloader_num_workers"), _NON_NEGATIVE),
+    (("adam_beta1", "adam_beta2"), _FRACTION),
+    (("train_batch_size", "gradient_accumulation_steps", "resolution", "num_class_images", "sample_batch_size",
+      "num_inference_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "max_train_steps",
+      "checkpoints_total_limit", "lr_num_cycles"), (lambda n: n >= 1, ">= 1")),
+    (("seed",), (lambda n: 0 <= n <= 2**32 - 1, f"in [0, {2**32 - 1}]")),
+]
 
 
 def algorithm_options() -> dict[str, dict]:
@@ -211,6 +230,20 @@ def _load_toml(parser: argparse.ArgumentParser, path: str) -> dict:
     return values
 
 
+def check_ranges(parser, args) -> None:
+    """Each option of :data:`RANGES` that is set is in its range (a float is finite, too)."""
+    for names, (test, what) in RANGES:
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if isinstance(value, float):
+                if not (math.isfinite(value) and test(value)):
+                    parser.error(f"--{name} must be a finite number {what}, got {value!r}")
+            elif not test(value):
+                parser.error(f"--{name} must be {what}, got {value!r}")
+
+
 def check_targets(parser, option: str, targets) -> None:
     """A name with a dash is no module name: it must be a preset."""
     entries = [targets] if isinstance(targets, str) else targets
@@ -252,17 +285,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"the following options are required (on the command line or in --config): {', '.join(missing)}")
     if args.with_prior_preservation and not (args.class_data_dir and args.class_prompt):
         parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "num_class_images",
-                 "sample_batch_size", "num_inference_steps", "checkpointing_steps", "validation_steps",
-                 "num_validation_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_ranges(parser, args)
     if args.resolution % 8:
         parser.error(f"--resolution must be a multiple of 8 (the VAE's factor), got {args.resolution}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error("--max_train_steps must be >= 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.output_name and (args.output_name in (".", "..") or any(c in args.output_name for c in "/\\\0")):
+        parser.error(f"--output_name must be a plain file name (no folders; it is written in --output_dir), "
+                     f"got {args.output_name!r}")
 
     given = [name for name in algorithm_options() if getattr(args, name) is not None]
     for name in given:
