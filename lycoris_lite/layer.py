@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import all_finite
+from .checks import all_finite, max_magnitude
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
 from .algos import dora
 from .operators import Diagonal, Operator, low_rank_parts, orthogonal_blocks, rotate_output, scaled
@@ -404,6 +404,27 @@ class AdapterLayer(nn.Module):
                     raise ValueError(
                         f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was merged"
                     )
+
+    @torch.no_grad()
+    def merge_bound(self, names) -> float | None:
+        """An upper bound on ``max |W_eff|`` when ``names`` (finite, checked) are merged onto the
+        unmerged weight: the weight's largest magnitude (:func:`~lycoris_lite.checks.max_magnitude`,
+        known while the tensor is unchanged) plus each additive adapter's ``|s| · delta_bound``. None
+        when adapters are merged already or one of them is multiplicative, DoRA or has no bound; the
+        merged weight is then checked instead."""
+        if self._backup is not None:
+            return None
+        total = 0.0
+        for name in names:
+            slot = self.adapters[name]
+            if slot.algorithm.multiplicative or slot.settings.get("dora"):
+                return None
+            bound = slot.algorithm.delta_bound(slot.tensors(), self.spec, slot.settings)
+            if bound is None:
+                return None
+            total += abs(slot.scale) * bound
+        magnitude = max_magnitude(self.weight)
+        return None if magnitude is None else magnitude + total
 
     def write_merged(self, names, new_weight: torch.Tensor) -> None:
         """Swap in ``new_weight`` (from :meth:`merged_weight`); the original tensor becomes the backup."""

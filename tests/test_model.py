@@ -209,6 +209,51 @@ def test_a_fuse_packs_the_merged_weights_into_one_aligned_block(dtype):
     assert len({w.untyped_storage().data_ptr() for w in owners}) == len(owners)
 
 
+def test_safe_merge_looks_at_merged_weights_only_when_no_bound_proves_them_finite(monkeypatch):
+    """Finite additive factors on a weight of known magnitude cannot give NaN/Inf: no look at the merged
+    weight. A base weight changed in place (to a NaN here) is looked at again and caught."""
+    import lycoris_lite.model as model_module
+
+    net, x = net_and_input()
+    model = AdapterModel(net, L.LoRAConfig(r=2, target_modules=["to_q", "to_k"], init_weights=False))
+    model.add_adapter("oft", L.OFTConfig(block_size=4, target_modules=["to_k"], init_weights=False))
+    looks = []
+    monkeypatch.setattr(model_module, "all_finite", lambda t: looks.append(t.shape) or L.checks.all_finite(t))
+    model.set_adapter(["default"])
+    for _ in range(2):
+        model.merge_adapter(safe_merge=True)
+        model.unmerge_adapter()
+    assert looks == []
+    model.set_adapter(["default", "oft"])  # a rotation has no bound: those layers are looked at
+    model.merge_adapter(safe_merge=True)
+    model.unmerge_adapter()
+    assert len(looks) == 3
+    model.set_adapter(["default"])
+    with torch.no_grad():
+        model.model.layers[1].to_q.weight[0, 0] = float("nan")
+    snap = snapshot(net)
+    with pytest.raises(ValueError, match=r"layers\.1\.to_q. gives NaN/Inf"):
+        model.merge_adapter(safe_merge=True)
+    assert same_state(net, snap) and model.controller.merged_adapters == []
+
+
+def test_low_rank_merge_in_blocks_equals_one_product():
+    from lycoris_lite.algos.lora import MERGE_BLOCK, add_low_rank
+
+    torch.manual_seed(0)
+    rows = 3 * (MERGE_BLOCK // 40) + 7  # blocks of MERGE_BLOCK // 40 rows and a short last one
+    w, up, down = torch.randn(rows, 40), torch.randn(rows, 3), torch.randn(3, 40)
+    expected = w.double() + 0.3 * up.double() @ down.double()
+    with torch.no_grad():
+        out = add_low_rank(w, up, down, 0.3)
+        assert (out.double() - expected).abs().max() < 1e-5 and out.data_ptr() != w.data_ptr()
+        again = add_low_rank(out, up, down, -0.3, out=out)  # in place onto itself
+        assert again is out and (out - w).abs().max() < 1e-5
+    up.requires_grad_(True)
+    add_low_rank(w, up, down, 0.3).sum().backward()  # with autograd: one differentiable addmm
+    assert torch.allclose(up.grad, 0.3 * down.sum(1).expand(rows, 3))
+
+
 def test_unload_restores_the_original_modules_and_bits():
     net, x = net_and_input()
     modules_before = dict(net.named_modules())

@@ -268,6 +268,12 @@ class LoKr(Algorithm):
         return delta_weight(w1, w2, settings["scale"], spec.weight_shape)
 
     @classmethod
+    def delta_bound(cls, params, spec, settings):
+        """``max |kron(w1, w2)| = max |w1| · max |w2|`` (the factors are small)."""
+        w1, w2 = cls._factors(params, spec, settings)
+        return abs(settings["scale"]) * float(w1.abs().max()) * float(w2.abs().max())
+
+    @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
         """The activation route; while training its activation-sized intermediates are recomputed in
         backward instead of kept (only ``x``, which the base layer keeps anyway, and the factors are)."""
