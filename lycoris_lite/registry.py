@@ -72,6 +72,13 @@ class Algorithm:
         return any(k in file_tensors for k in cls.detect_keys)
 
     @classmethod
+    def input_width(cls, file_tensors: dict[str, torch.Tensor]) -> int | None:
+        """The ``in_features`` (input channels) of the layer a kohya module's tensors were made for, or
+        None when they do not say (an output-side rotation): what family detection reads on the
+        cross-attention ``to_k`` layers (768 wide in SD 1.x, 1024 in SD 2.x, 2048 in SDXL)."""
+        return None
+
+    @classmethod
     def from_kohya(cls, spec: LayerSpec, file_tensors: dict[str, torch.Tensor], alpha, name: str,
                    side: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """``(settings, tensors by our key)`` from a kohya/LyCORIS module's tensors."""

@@ -158,6 +158,33 @@ def test_wrong_family_names_both_and_changes_nothing(pipe, xl, tmp_path):
     assert unchanged(pipe, before)
 
 
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_family_is_read_from_the_cross_attention_width_of_every_algorithm(algo):
+    """A UNet-only file of any algorithm that says its input width tells SD 1.x / 2.x / SDXL apart
+    (``Algorithm.input_width`` on a cross-attention ``to_k``); output-side rotations say nothing."""
+    from types import SimpleNamespace
+
+    from lycoris_lite import AdapterModel
+    from lycoris_lite.formats import kohya
+
+    for width, family in kohya.FAMILY_WIDTHS.items():
+        model = AdapterModel(torch.nn.Sequential(torch.nn.Linear(width, 320, bias=False)),
+                             get_algorithm(algo).config_class(**SETTINGS[algo], target_modules=["0"], init_weights=False))
+        slot = model.model[0].adapters["default"]
+        tensors, alpha = slot.algorithm.to_kohya(slot.tensors(), slot.settings)
+        module = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+        state = {f"{module}.{k}": v for k, v in tensors.items()}
+        found, evidence = kohya.file_family(state)
+        if get_algorithm(algo).multiplicative and algo != "hra":  # OFT/BOFT rotate the output side
+            assert found is None
+            continue
+        assert (found, evidence) == (family, f"{width}-wide cross-attention")
+        other = next(w for w in kohya.FAMILY_WIDTHS if w != width)
+        model_of_other_family = {"unet": SimpleNamespace(config=SimpleNamespace(cross_attention_dim=other))}
+        with pytest.raises(kohya.FamilyMismatch, match=f"for {family}: {width}-wide.*the model is "):
+            kohya.check_family(state, model_of_other_family)
+
+
 def test_all_or_nothing_across_components(pipe, tmp_path):
     """A bad text-encoder part stops the UNet part from being attached too."""
     attach(pipe, "lora")

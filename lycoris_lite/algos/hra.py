@@ -94,6 +94,11 @@ class HRA(Algorithm):
     detect_keys = ("hra_u",)
 
     @classmethod
+    def input_width(cls, file_tensors):
+        """The rotated dimension: the input on the default side (an output-side file tells nothing)."""
+        return file_tensors["hra_u"].shape[0]
+
+    @classmethod
     def resolve(cls, config, spec, name):
         dim = rotated_dim(spec, config.rotation_side)
         if config.r > dim:

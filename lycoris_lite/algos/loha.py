@@ -132,6 +132,11 @@ class LoHa(Algorithm):
     detect_keys = ("hada_w1_a",)
 
     @classmethod
+    def input_width(cls, file_tensors):
+        """``hada_w1_b``'s columns (times ``kh·kw`` on a conv without a Tucker core)."""
+        return file_tensors["hada_w1_b"].shape[1]
+
+    @classmethod
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)

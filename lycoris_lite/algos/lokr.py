@@ -183,6 +183,13 @@ class LoKr(Algorithm):
     detect_keys = ("lokr_w1", "lokr_w1_a")
 
     @classmethod
+    def input_width(cls, file_tensors):
+        """``c · d``: the columns of ``w1`` (or ``w1_b``) times those of ``w2`` (or ``w2_b``)."""
+        w1 = file_tensors.get("lokr_w1", file_tensors.get("lokr_w1_b"))
+        w2 = file_tensors.get("lokr_w2", file_tensors.get("lokr_w2_b"))
+        return None if w1 is None or w2 is None else w1.shape[1] * w2.shape[1]
+
+    @classmethod
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)

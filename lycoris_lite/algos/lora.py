@@ -103,6 +103,10 @@ class LoRA(Algorithm):
     kohya_keys = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
     @classmethod
+    def input_width(cls, file_tensors):
+        return file_tensors["lora_down.weight"].shape[1]
+
+    @classmethod
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)

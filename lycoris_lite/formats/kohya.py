@@ -48,17 +48,22 @@ def split_modules(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
     return modules, loose
 
 
+FAMILY_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention (text embedding) width
+
+
 def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
-    """``(family, evidence)`` from the keys and cross-attention widths of a kohya file."""
-    keys = list(state)
-    if any(k.startswith("lora_te2_") for k in keys):
+    """``(family, evidence)`` from the keys and cross-attention widths of a kohya file: the input width
+    of a cross-attention ``to_k`` module, as its algorithm reads it (``Algorithm.input_width``)."""
+    if any(k.startswith("lora_te2_") for k in state):
         return "SDXL", "lora_te2_ keys"
-    for key, value in state.items():
-        if "attn2_to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight")) and value.dim() == 2:
-            width = value.shape[1]
-            family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width)
-            if family:
-                return family, f"{width}-wide cross-attention"
+    modules, _ = split_modules({k: v for k, v in state.items() if "attn2_to_k" in k.split(".", 1)[0]})
+    for tensors in modules.values():
+        tensors = {k.replace("lora_A.weight", "lora_down.weight").replace("lora_B.weight", "lora_up.weight"): v
+                   for k, v in tensors.items()}
+        algo = detect_algorithm(tensors)
+        width = algo.input_width(tensors) if algo is not None else None
+        if width in FAMILY_WIDTHS:
+            return FAMILY_WIDTHS[width], f"{width}-wide cross-attention"
     return None, ""
 
 
@@ -67,7 +72,7 @@ def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
         return "SDXL", "two text encoders"
     unet = components.get("unet")
     width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
-    family = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(width)
+    family = FAMILY_WIDTHS.get(width)
     return family, f"{width}-wide cross-attention" if width else ""
 
 
