@@ -9,10 +9,13 @@ out (identical work on both sides); latents, timesteps and contexts are fixed ra
 * **Speed**: for each algorithm one UNet carries our adapter and a copy carries PEFT's; their steps are
   timed interleaved (ours, PEFT, PEFT, ours, …) for ``--rounds`` rounds after a warm-up step each, and
   the ratio is the median over rounds of PEFT's step time over ours (> 1: we are faster).
-* **Memory**: one child process (started with ``MALLOC_MMAP_THRESHOLD_`` fixed, so RSS follows live
-  tensors; see ``benchmarks/README.md``) builds each case, runs a warm-up step, resets the peak RSS and
-  reports peak − rest of one step: activations, saved tensors, gradients, optimizer state and
-  temporaries. On CUDA: ``max_memory_allocated`` − ``memory_allocated`` around the step.
+* **Memory**: one child process per case (library × algorithm; started with ``MALLOC_MMAP_THRESHOLD_``
+  fixed, so RSS follows live tensors; see ``benchmarks/README.md``) builds the UNet and the case, runs
+  a warm-up step, resets the peak RSS and reports peak − rest of one step: activations, saved tensors,
+  gradients, optimizer state and temporaries. A fresh process each: in a shared one, small tensors
+  (< the mmap threshold) of a later case reuse heap holes that earlier cases left inside the resting
+  RSS, which hid up to 20 MiB of PEFT's OFT step. On CUDA: ``max_memory_allocated`` −
+  ``memory_allocated`` around the step.
 
     python benchmarks/bench_dreambooth.py --threads 1                     # SD-1.5 UNet, 128 px, batch 1
     python benchmarks/bench_dreambooth.py --threads 1 --model tiny --resolution 64 --rounds 5   # smoke
@@ -174,13 +177,14 @@ def time_algorithm(args, base, algo: str, targets, batch) -> dict:
 
 
 def memory_child(args) -> None:
-    """Runs in a child process: one line of JSON per case with its step's peak extra bytes."""
+    """Runs in a child process: one line of JSON per case (``--memory-lib``, default both) with its
+    step's peak extra bytes."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     base = build_unet(args.model, device, dtype)
     targets = _targets(args)
     batch = make_batch(base, args.batch, args.resolution, device, dtype)
     for algo in args.algos:
-        for lib in ("ours", "peft"):  # one at a time on the same UNet: no copy
+        for lib in [args.memory_lib] if args.memory_lib else ["ours", "peft"]:  # one at a time: no copy
             case = Case(lib, algo, base, targets, batch, SETTINGS[args.model][algo])
             case.step()
             gc.collect()
@@ -210,11 +214,17 @@ def _targets(args) -> list[str]:
 
 
 def measure_memory(args) -> dict[tuple[str, str], float]:
-    cmd = [sys.executable, __file__, "--memory-child", "--model", args.model, "--resolution", str(args.resolution),
-           "--batch", str(args.batch), "--algos", ",".join(args.algos), "--targets", args.targets,
-           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=env_for_memory_child(), capture_output=True, text=True, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    """Peak extra bytes of one step per ``(lib, algo)``, each case in a fresh child process."""
+    rows = []
+    for algo in args.algos:
+        for lib in ("ours", "peft"):
+            cmd = [sys.executable, __file__, "--memory-child", "--memory-lib", lib, "--model", args.model,
+                   "--resolution", str(args.resolution), "--batch", str(args.batch), "--algos", algo,
+                   "--targets", args.targets, "--device", args.device, "--dtype", args.dtype,
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env_for_memory_child(), capture_output=True, text=True, check=True).stdout
+            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            print(f"memory {algo:5s} {lib:4s} {rows[-1]['bytes'] / 2**20:.1f} MiB", flush=True)
     return {(r["lib"], r["algo"]): r["bytes"] for r in rows}
 
 
@@ -260,6 +270,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--markdown", help="also write the table here")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-lib", choices=("ours", "peft"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     if args.threads:

@@ -84,11 +84,16 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
 
 
 def _sides_from_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    raw = metadata.get(META_PREFIX + "rotation_sides")
+    """``{module: "input" | "output"}`` of the file's rotation sides (our own metadata key)."""
+    key = META_PREFIX + "rotation_sides"
+    raw = metadata.get(key)
     try:
-        return json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        return {}
+        sides = json.loads(raw) if raw else {}
+    except ValueError as exc:  # not JSON, or a number past Python's digit limit
+        raise ValueError(f"the file's metadata {key} is not valid JSON ({exc})") from None
+    if not isinstance(sides, dict) or not all(isinstance(k, str) and v in ("input", "output") for k, v in sides.items()):
+        raise ValueError(f"the file's metadata {key} is not a mapping of module names to 'input'/'output'")
+    return sides
 
 
 def _summary_config(entries: dict[str, kohya.LayerEntry]) -> AdapterConfig:

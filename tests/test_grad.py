@@ -78,3 +78,20 @@ def test_gradcheck(algo, options, layer):
         return torch.func.functional_call(model, dict(zip(names, values)), (x,))
 
     assert torch.autograd.gradcheck(forward, (x, *values), fast_mode=True)
+
+
+def test_cayley_backward_equals_autograd_of_the_solve():
+    """The exact Cayley transform (OFT, BOFT) keeps only its output for backward; its gradient equals
+    autograd's through ``linalg.solve`` and finite differences, for skew-symmetric and general ``Q``."""
+    from lycoris_lite.algos.common import cayley
+
+    torch.manual_seed(0)
+    raw = 0.3 * torch.randn(3, 6, 6, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+    for q in (raw - raw.mT, raw):
+        q = q.detach().requires_grad_(True)
+        upstream = torch.randn(3, 6, 6, dtype=torch.float64)
+        ours = torch.autograd.grad(cayley(q), q, upstream)[0]
+        reference = torch.autograd.grad(torch.linalg.solve(eye + q, eye - q, left=False), q, upstream)[0]
+        assert relative_error(ours, reference) <= 1e-12
+        assert torch.autograd.gradcheck(cayley, (q,))

@@ -181,6 +181,30 @@ def test_files_that_used_to_load_and_fail_later_are_refused_at_load(pipe, corpus
         assert rel.model_changes(pipe, pristine) == [], case
 
 
+def test_header_metadata_the_fuzzer_found_is_refused_cleanly(pipe, corpus, pristine, tmp_path):
+    """Header metadata that made loading raise from inside ``json``/``re`` (found by the fuzzer): our
+    rotation sides holding a 5000-digit number, a diffusers LoraConfig whose rank_pattern is no regex."""
+    def with_metadata(seed_name, key, value):
+        (name, blob), = next(s for s in corpus if s.name == seed_name).files.items()
+        state, meta = rel.load_tensors(blob)
+        path = tmp_path / f"{seed_name}.safetensors"
+        path.write_bytes(rel.save_tensors(state, {**meta, key: value}))
+        return path
+
+    config = {"r": 4, "lora_alpha": 4, "rank_pattern": {"to_q(": 2}}
+    for path, message in [
+        (with_metadata("kohya-lora", "lycoris_lite.rotation_sides", "{\"a\": " + "9" * 5000 + "}"),
+         "rotation_sides is not (valid JSON|a mapping)"),  # JSON or not: Python's digit limit may be lifted
+        (with_metadata("kohya-lora", "lycoris_lite.rotation_sides", json.dumps({"a": "left"})), "'input'/'output'"),
+        (with_metadata("diffusers-lora", "lora_adapter_metadata", json.dumps({f"unet.{k}": v for k, v in config.items()})),
+         "rank_pattern key 'to_q\\(' is not a regular expression"),
+    ]:
+        with pytest.raises(ValueError, match=message) as info:
+            pipe.load_adapter(path, "x")
+        assert rel.is_clean(info.value), rel.error_origin(info.value)
+        assert rel.model_changes(pipe, pristine) == []
+
+
 # ---- drift and leaks -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack_files(pipe, tmp_path_factory):

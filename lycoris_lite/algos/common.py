@@ -36,6 +36,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
 def product_bound(left: torch.Tensor, right: torch.Tensor) -> float:
     """An upper bound on ``max |left @ right|`` for 2-D factors: the largest row ℓ1 norm of ``left``
     times the largest ``|right|`` (``|Σ_k l_ik r_kj| ≤ Σ_k |l_ik| · max |r|``)."""
+    left, right = left.detach(), right.detach()
     return float(left.abs().sum(1).max()) * float(right.abs().max())
 
 
@@ -58,7 +59,8 @@ def cayley(q: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
 
     ``neumann_terms = n > 0`` uses the truncated series ``I - 2Q + 2Q² - ... ± Q^{n-1}`` instead of
     the inverse (only approximately orthogonal; PEFT's Cayley-Neumann with the sign of ``Q`` flipped).
-    The inverse is taken in at least float32.
+    The inverse is taken in at least float32; while training only the result is kept for backward
+    (:class:`_Cayley`).
     """
     b = q.shape[-1]
     eye = torch.eye(b, dtype=q.dtype, device=q.device)
@@ -70,10 +72,33 @@ def cayley(q: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
             out = out + (power if k == neumann_terms - 1 else 2 * power)
         return out
     work = q if q.dtype in (torch.float32, torch.float64) else q.float()
-    eye_w = eye.to(work.dtype)
-    # (I - Q)(I + Q)^{-1}: solve X (I + Q) = (I - Q)
-    out = torch.linalg.solve(eye_w + work, eye_w - work, left=False)
+    out = _Cayley.apply(work) if _training((work,)) else _cayley_solve(work)
     return out.to(q.dtype)
+
+
+def _cayley_solve(q: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.solve(eye + q, eye - q, left=False)  # X (I + Q) = I − Q
+
+
+class _Cayley(torch.autograd.Function):
+    """``R = (I − Q)(I + Q)⁻¹`` keeping only ``R`` for backward (autograd's solve also keeps ``I + Q``, its
+    LU factors and pivots: twice the adapter's size more, in every layer until its backward).
+    ``I + R = 2(I + Q)⁻¹`` for any ``Q``, so ``dR = −(I + R)·dQ·(I + R)/2`` and
+    ``∂Q = −(I + R)ᵀ·∂R·(I + R)ᵀ/2``: two batched ``b × b`` products, no solve."""
+
+    @staticmethod
+    def forward(ctx, q):
+        out = _cayley_solve(q)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        shifted = out.transpose(-1, -2) + torch.eye(out.shape[-1], dtype=out.dtype, device=out.device)
+        return (shifted @ grad @ shifted).mul_(-0.5)
 
 
 class _Recomputed(torch.autograd.Function):

@@ -96,7 +96,8 @@ class HRA(Algorithm):
     @classmethod
     def input_width(cls, file_tensors):
         """The rotated dimension: the input on the default side (an output-side file tells nothing)."""
-        return file_tensors["hra_u"].shape[0]
+        u = file_tensors.get("hra_u")
+        return u.shape[0] if u is not None and u.dim() == 2 else None
 
     @classmethod
     def resolve(cls, config, spec, name):

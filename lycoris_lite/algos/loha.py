@@ -134,7 +134,8 @@ class LoHa(Algorithm):
     @classmethod
     def input_width(cls, file_tensors):
         """``hada_w1_b``'s columns (times ``kh·kw`` on a conv without a Tucker core)."""
-        return file_tensors["hada_w1_b"].shape[1]
+        w1_b = file_tensors.get("hada_w1_b")
+        return w1_b.shape[1] if w1_b is not None and w1_b.dim() >= 2 else None
 
     @classmethod
     def resolve(cls, config, spec, name):

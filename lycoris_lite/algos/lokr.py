@@ -187,7 +187,9 @@ class LoKr(Algorithm):
         """``c · d``: the columns of ``w1`` (or ``w1_b``) times those of ``w2`` (or ``w2_b``)."""
         w1 = file_tensors.get("lokr_w1", file_tensors.get("lokr_w1_b"))
         w2 = file_tensors.get("lokr_w2", file_tensors.get("lokr_w2_b"))
-        return None if w1 is None or w2 is None else w1.shape[1] * w2.shape[1]
+        if w1 is None or w2 is None or w1.dim() != 2 or w2.dim() < 2:
+            return None
+        return w1.shape[1] * w2.shape[1]
 
     @classmethod
     def resolve(cls, config, spec, name):
@@ -278,7 +280,7 @@ class LoKr(Algorithm):
     def delta_bound(cls, params, spec, settings):
         """``max |kron(w1, w2)| = max |w1| · max |w2|`` (the factors are small)."""
         w1, w2 = cls._factors(params, spec, settings)
-        return abs(settings["scale"]) * float(w1.abs().max()) * float(w2.abs().max())
+        return abs(settings["scale"]) * float(w1.detach().abs().max()) * float(w2.detach().abs().max())
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):

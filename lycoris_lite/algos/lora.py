@@ -104,7 +104,8 @@ class LoRA(Algorithm):
 
     @classmethod
     def input_width(cls, file_tensors):
-        return file_tensors["lora_down.weight"].shape[1]
+        down = file_tensors.get("lora_down.weight")
+        return down.shape[1] if down is not None and down.dim() >= 2 else None
 
     @classmethod
     def resolve(cls, config, spec, name):

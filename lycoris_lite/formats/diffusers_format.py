@@ -38,6 +38,7 @@ from .kohya import LayerEntry, check_unknown
 from .peft_format import (
     _lora_alphas,
     _patterns,
+    check_config_values,
     module_of,
     module_paths,
     pattern_lookup,
@@ -107,7 +108,7 @@ def component_metadata(metadata: dict[str, str] | None, default_component: str =
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or a number past Python's digit limit
         raise ValueError(f"the file's {METADATA_KEY} is not valid JSON ({exc})") from None
     if not isinstance(flat, dict):
         raise ValueError(f"the file's {METADATA_KEY} is not a JSON object")
@@ -118,6 +119,8 @@ def component_metadata(metadata: dict[str, str] | None, default_component: str =
             out.setdefault(component, {})[field] = value
         elif "." not in key:
             out.setdefault(default_component, {})[key] = value
+    for component, config in out.items():
+        check_config_values(config, component, f"the file's {METADATA_KEY}")
     return out
 
 

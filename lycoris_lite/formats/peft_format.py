@@ -418,11 +418,12 @@ def _is_number(value, integral: bool = False) -> bool:
     return not integral or float(value).is_integer()
 
 
-def _check_config_values(config: dict, component: str) -> None:
+def check_config_values(config: dict, component: str, source: str = CONFIG_NAME) -> None:
     """The config's values the reader uses have the types PEFT writes (a ``ValueError`` naming the field
-    otherwise, instead of a ``TypeError`` from deep inside)."""
+    otherwise, instead of a ``TypeError`` from deep inside). ``source``: where the config was read, for
+    the message (diffusers files keep a LoraConfig in their header)."""
     def refuse(key, want):
-        raise ValueError(f"{component}: {CONFIG_NAME} has {key}={config[key]!r}; expected {want}")
+        raise ValueError(f"{component}: {source} has {key}={config[key]!r}; expected {want}")
 
     for key in _INTEGER_FIELDS:
         if key in config and not _is_number(config[key], integral=True):
@@ -438,17 +439,17 @@ def _check_config_values(config: dict, component: str) -> None:
             refuse(key, "a mapping of module-name patterns to numbers")
         for pattern, value in patterns.items():
             if not _is_number(value, integral=key == "rank_pattern"):
-                raise ValueError(f"{component}: {CONFIG_NAME} {key}[{pattern!r}] is {value!r}; expected "
+                raise ValueError(f"{component}: {source} {key}[{pattern!r}] is {value!r}; expected "
                                  f"{'an integer' if key == 'rank_pattern' else 'a finite number'}")
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"{component}: {CONFIG_NAME} {key} key {pattern!r} is not a regular expression "
+                raise ValueError(f"{component}: {source} {key} key {pattern!r} is not a regular expression "
                                  f"({exc})") from None
 
 
 def _check_config(config: dict, component: str) -> str:
-    _check_config_values(config, component)
+    check_config_values(config, component)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"{component}: PEFT type {config.get('peft_type')!r} is not supported; "
