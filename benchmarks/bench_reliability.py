@@ -1602,11 +1602,12 @@ def _trainer_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def killed_training(folder: Path, kills: int = 3, steps: int = 12, every: int = 2, algo: str = "lora",
+def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 2, algo: str = "lora",
                     seed: int = 0, time_limit: float = 1500.0, log=None) -> dict:
     """A DreamBooth run SIGKILLed ``kills`` times at random moments (each time after a random checkpoint
-    of the ones still to come has been written, plus a random delay of up to 1.5 s), resumed with
-    ``--resume_from_checkpoint latest`` each time (without ``--seed``: it comes back from the
+    of the ones still to come has been written, leaving room for the kills after it, plus a random delay
+    of up to one checkpoint interval, so a kill lands anywhere in a step or a checkpoint write), resumed
+    with ``--resume_from_checkpoint latest`` each time (without ``--seed``: it comes back from the
     checkpoint), against the same run uninterrupted. float32; the figure is the largest difference
     between the two adapters' tensors."""
     from safetensors.torch import load_file
@@ -1631,13 +1632,14 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 12, every: int = 
             proc.wait(timeout=max(60.0, time_limit - (time.time() - start)))
             break
         done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")] if out.exists() else []
-        target = rng.randrange(max(done, default=0) + every, steps, every)
+        first, last = max(done, default=0) + every, steps - every * (kills - k)  # room for the later kills
+        target = rng.randrange(first, last + 1, every) if first <= last else first
         while not (out / f"checkpoint-{target}").is_dir() and proc.poll() is None:
             if time.time() - start > time_limit:
                 proc.kill()
                 raise TimeoutError("killed_training ran out of time")
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(rng.uniform(0, every * run_seconds / steps))  # the whole run's time a step: an upper bound
         proc.kill()
         proc.wait()
         if proc.returncode != -signal.SIGKILL:

@@ -355,3 +355,49 @@ def test_a_truncated_header_length_is_a_clean_error(tmp_path):
     path.write_bytes(struct.pack("<Q", 10 ** 6) + b"{}")
     with pytest.raises(AdapterFileError, match="exceeds the file size"):
         read_state_dict(path)
+
+
+def test_our_safetensors_reader_equals_safetensors_for_every_dtype_aligned_or_not(tmp_path):
+    """read_state_dict reads the data section once and views into it (safetensors 0.8's loader keeps
+    Python memory per tensor read); the tensors must equal safetensors' own, misaligned spans included."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=gen) * 50).to(dtype)
+               for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                             torch.int16, torch.int8, torch.uint8, torch.bool)}
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["scalar"] = torch.tensor(2.5)
+    aligned = tmp_path / "aligned.safetensors"
+    save_file(tensors, str(aligned), metadata={"k": "v"})
+    state, metadata = read_state_dict(aligned)
+    assert metadata == {"k": "v"} and state.keys() == tensors.keys()
+    for key, value in load_file(str(aligned)).items():
+        assert state[key].dtype == value.dtype and state[key].shape == value.shape and torch.equal(state[key], value), key
+
+    # a hand-made file whose float32 tensor starts at byte 3 of the data section
+    small, wide = torch.arange(3, dtype=torch.uint8), torch.randn(2, 3, generator=gen)
+    header = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                         "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [3, 27]}}).encode()
+    odd = tmp_path / "misaligned.safetensors"
+    odd.write_bytes(struct.pack("<Q", len(header)) + header + small.numpy().tobytes() + wide.numpy().tobytes())
+    state, _ = read_state_dict(odd)
+    assert torch.equal(state["a"], small) and torch.equal(state["b"], wide)
+    assert torch.equal(load_file(str(odd))["b"], wide)
+
+
+def test_atomic_writes_leave_no_temporaries_even_when_the_writer_fails(tmp_path):
+    from lycoris_lite.formats.safe_io import atomic_write
+
+    target = tmp_path / "adapter.safetensors"
+
+    def failing(tmp):
+        Path(tmp).write_bytes(b"partial")
+        (Path(tmp).parent / ".tmpXYZ").write_bytes(b"the writer's own temporary")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, failing)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"whole"))
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"] and target.read_bytes() == b"whole"
