@@ -1240,6 +1240,21 @@ def _temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.glob(".*")]
 
 
+def _fork_writer(write, first: int) -> int:
+    """Fork a child that calls ``write(first)``, ``write(first + 1)``, … until it is killed; its pid."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            torch.set_num_threads(1)
+            i = first
+            while True:
+                write(i)
+                i += 1
+        finally:
+            os._exit(1)
+    return pid
+
+
 def kill_during_writes(write, versions: list, target: Path, kills: int, seed: int = 0, max_delay: float | None = None,
                        verify=None, time_limit: float = 600.0) -> dict:
     """SIGKILL a process that writes ``target`` over and over, at random moments, ``kills`` times.
@@ -1266,16 +1281,7 @@ def kill_during_writes(write, versions: list, target: Path, kills: int, seed: in
     for k in range(kills):
         if time.time() - start > time_limit:
             break
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                torch.set_num_threads(1)
-                i = 1
-                while True:
-                    write(versions[i % len(versions)])
-                    i += 1
-            finally:
-                os._exit(1)
+        pid = _fork_writer(lambda i: write(versions[i % len(versions)]), 1)
         time.sleep(rng.uniform(0, max_delay))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
@@ -1534,17 +1540,13 @@ TRAINER_BAD_ARGUMENTS = [
 
 def trainer_args(out: Path, **overrides) -> list[str]:
     """A short, valid DreamBooth run on the tiny model and ``samples/instance`` (options override)."""
+    from lycoris_lite.training.options import to_argv
+
     settings = {"pretrained_model_name_or_path": "tiny-sd", "instance_data_dir": ROOT / "samples" / "instance",
                 "instance_prompt": "a photo of sks duck", "resolution": 64, "train_batch_size": 1,
                 "max_train_steps": 2, "learning_rate": 1e-2, "seed": 0, "output_dir": out,
                 "checkpointing_steps": 1000, **overrides}
-    argv = []
-    for key, value in settings.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return to_argv(settings)
 
 
 def run_trainer_bad_arguments(folder: Path, cases=None, in_process: bool = True) -> list[dict]:
@@ -1698,16 +1700,7 @@ def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 
     for k in range(kills):
         if time.time() - start > time_limit:
             break
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                torch.set_num_threads(1)
-                s = step
-                while True:
-                    write(s)
-                    s += 1
-            finally:
-                os._exit(1)
+        pid = _fork_writer(write, step)
         time.sleep(rng.uniform(0, 3 * one))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -52,13 +52,7 @@ def base_args(out: Path, **overrides) -> list[str]:
     settings = {"pretrained_model_name_or_path": "tiny-sd", "instance_data_dir": SAMPLES / "instance",
                 "instance_prompt": PROMPT, "resolution": 64, "train_batch_size": 1, "max_train_steps": 2,
                 "learning_rate": 1e-2, "seed": 0, "output_dir": out, "checkpointing_steps": 1000, **overrides}
-    argv = []
-    for key, value in settings.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return options.to_argv(settings)
 
 
 def run(argv: list[str]) -> int:

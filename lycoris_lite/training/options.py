@@ -272,6 +272,18 @@ def adapter_config(args, component: str) -> AdapterConfig:
     return get_algorithm(args.algo).config_class(**fields)
 
 
+def to_argv(settings: dict) -> list[str]:
+    """The command line that sets ``settings`` (``{option: value}``): ``True`` is the flag alone,
+    ``None`` and ``False`` are left out, anything else is ``--option str(value)``."""
+    argv = []
+    for key, value in settings.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (and ``--config``), and check everything that needs no model."""
     parser = build_parser()
