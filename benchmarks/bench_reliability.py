@@ -35,6 +35,7 @@ import random
 import select
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -1608,7 +1609,8 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 
                     seed: int = 0, time_limit: float = 1500.0, log=None) -> dict:
     """A DreamBooth run SIGKILLed ``kills`` times at random moments (each time after a random checkpoint
     of the ones still to come has been written, leaving room for the kills after it, plus a random delay
-    of up to one checkpoint interval, so a kill lands anywhere in a step or a checkpoint write), resumed
+    of up to one checkpoint interval, as measured in the uninterrupted run, so a kill lands anywhere in a
+    step or a checkpoint write), resumed
     with ``--resume_from_checkpoint latest`` each time (without ``--seed``: it comes back from the
     checkpoint), against the same run uninterrupted. float32; the figure is the largest difference
     between the two adapters' tensors."""
@@ -1621,9 +1623,26 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 
     start = time.time()
     reference = folder / "reference"
     t0 = time.time()
-    subprocess.run([sys.executable, str(TRAINER), *trainer_args(reference, **options)], env=_trainer_env(),
-                   check=True, capture_output=True, timeout=time_limit)
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = open(folder / "reference.log", "w+b")
+    proc = subprocess.Popen([sys.executable, str(TRAINER), *trainer_args(reference, **options)], env=_trainer_env(),
+                            stdout=errors, stderr=errors)
+    seen = {}  # checkpoint step -> when it appeared: the interval between checkpoints bounds the delays
+    while proc.poll() is None:
+        if time.time() - start > time_limit:
+            proc.kill()
+            raise TimeoutError("killed_training ran out of time")
+        now = time.time()
+        for p in reference.glob("checkpoint-*"):
+            seen.setdefault(int(p.name.split("-")[1]), now)
+        time.sleep(0.01)
+    with errors:
+        errors.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"the uninterrupted run failed: {errors.read().decode()[-2000:]}")
     run_seconds = time.time() - t0
+    times = [seen[s] for s in sorted(seen)]
+    interval = statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 2 else run_seconds / steps
     out = folder / "killed"
     killed_at, partial = [], []
     for k in range(kills + 1):
@@ -1634,14 +1653,15 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 
             proc.wait(timeout=max(60.0, time_limit - (time.time() - start)))
             break
         done = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")] if out.exists() else []
-        first, last = max(done, default=0) + every, steps - every * (kills - k)  # room for the later kills
+        # a kill lands at most one checkpoint past its target: two intervals of room for each later kill
+        first, last = max(done, default=0) + every, steps - 2 * every * (kills - k)
         target = rng.randrange(first, last + 1, every) if first <= last else first
         while not (out / f"checkpoint-{target}").is_dir() and proc.poll() is None:
             if time.time() - start > time_limit:
                 proc.kill()
                 raise TimeoutError("killed_training ran out of time")
             time.sleep(0.02)
-        time.sleep(rng.uniform(0, every * run_seconds / steps))  # the whole run's time a step: an upper bound
+        time.sleep(rng.uniform(0, interval))
         proc.kill()
         proc.wait()
         if proc.returncode != -signal.SIGKILL:
@@ -1661,7 +1681,8 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 
     return {"steps": steps, "checkpoint_every": every, "algo": algo, "kills": len(killed_at),
             "killed_after_checkpoints": killed_at, "max_difference": worst, "same_keys": a.keys() == b.keys(),
             "partial_files_seen": partial, "hidden_leftovers": sorted(str(p.relative_to(out)) for p in out.rglob(".*")),
-            "uninterrupted_run_seconds": round(run_seconds, 1), "seconds": round(time.time() - start, 1)}
+            "uninterrupted_run_seconds": round(run_seconds, 1), "checkpoint_interval_seconds": round(interval, 3),
+            "seconds": round(time.time() - start, 1)}
 
 
 def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 1 << 20,
@@ -2038,9 +2059,12 @@ def _landed(*paths: Path) -> bool:
     return all(p.exists() for p in paths)
 
 
-def run(sections, sizes: dict, log=print) -> dict:
-    results: dict = {"sizes": sizes, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-                     "threads": torch.get_num_threads()}
+def run(sections, sizes: dict, log=print, results: dict | None = None) -> dict:
+    """Run ``sections``; the figures go into ``results`` (a new dict by default) as each section ends, so
+    a caller keeps what finished if a later section fails."""
+    results = {} if results is None else results
+    results.update({"sizes": sizes, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()})
     scratch = Path(tempfile.mkdtemp(prefix="reliability-"))
     try:
         if "fuzz" in sections:
@@ -2209,12 +2233,14 @@ def main(argv=None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    start = time.time()
-    results = run(sections, QUICK if args.quick else FULL, log=lambda m: print(m, flush=True))
-    results["seconds"] = round(time.time() - start, 1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    start, results = time.time(), {}
+    try:
+        run(sections, QUICK if args.quick else FULL, log=lambda m: print(m, flush=True), results=results)
+    finally:  # what finished is written even when a section fails
+        results["seconds"] = round(time.time() - start, 1)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
     print(f"\n{results['seconds']:.0f} s in all")
     return 0
