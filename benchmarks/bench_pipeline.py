@@ -136,6 +136,7 @@ def main() -> None:
                 fn()
                 per[n].append(time.perf_counter() - t)
         phases[lib] = {n: statistics.median(v) for n, v in per.items()}
+        phases[lib]["rounds"] = per
         phases[lib]["drift"] = max_diff(unet, original)
         if lib == "diffusers":  # restore the exact original for what follows
             unet.load_state_dict(original)
@@ -147,6 +148,9 @@ def main() -> None:
         p["cycle"] = p["load"] + p["fuse"] + p["unfuse"] + p["unload"]
         print(f"   {lib:10s} {p['load']:7.3f} {p['fuse']:7.3f} {p['unfuse']:7.3f} {p['unload']:7.3f} "
               f"{p['cycle']:7.3f} {p['drift']:13.2e}")
+    for lib in ("ours", "diffusers"):
+        print(f"   {lib} per round: " + "; ".join(f"{n} " + " ".join(f"{t:.3f}" for t in v)
+                                            for n, v in phases[lib]["rounds"].items()))
     print(f"   diffusers / ours: cycle {theirs['cycle'] / ours['cycle']:.2f}x, load {theirs['load'] / ours['load']:.2f}x, "
           f"fuse {theirs['fuse'] / ours['fuse']:.2f}x (target: cycle >= 3x, drift 0)")
     rows.append(("cycle speed-up over diffusers", f"{theirs['cycle'] / ours['cycle']:.2f}x", ">= 3x"))

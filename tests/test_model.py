@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -207,6 +209,22 @@ def test_a_fuse_packs_the_merged_weights_into_one_aligned_block(dtype):
     baked = model.merge_and_unload(safe_merge=True)  # weights that stay get storage of their own
     owners = [m.weight for n, m in baked.named_modules() if n.endswith(("to_q", "to_k"))]
     assert len({w.untyped_storage().data_ptr() for w in owners}) == len(owners)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no THP here")
+def test_huge_pages_are_asked_for_only_when_wanted(monkeypatch):
+    """``LYCORIS_LITE_HUGE_PAGES=1`` advises MADV_HUGEPAGE on a fuse's block; by default nothing is
+    advised (direct compaction stalls, and VMs that hand freed huge pages back to the host)."""
+    from lycoris_lite import buffers
+
+    block = torch.empty(16 * 2 ** 20 // 4)
+    monkeypatch.delenv("LYCORIS_LITE_HUGE_PAGES", raising=False)
+    assert not buffers.huge_pages_wanted() and not buffers._advise_huge_pages(block)
+    monkeypatch.setenv("LYCORIS_LITE_HUGE_PAGES", "1")
+    assert buffers.huge_pages_wanted() and buffers._advise_huge_pages(block)
+    assert not buffers._advise_huge_pages(torch.empty(1024))  # below 8 MiB: not worth a huge page
+    views = buffers.packed_empty([(2048, 2048), (3, 5)], torch.float32, torch.device("cpu"))
+    assert [tuple(v.shape) for v in views] == [(2048, 2048), (3, 5)] and all(v.data_ptr() % 64 == 0 for v in views)
 
 
 def test_safe_merge_looks_at_merged_weights_only_when_no_bound_proves_them_finite(monkeypatch):
