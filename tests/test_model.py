@@ -223,6 +223,13 @@ def test_huge_pages_are_asked_for_only_when_wanted(monkeypatch):
     monkeypatch.setenv("LYCORIS_LITE_HUGE_PAGES", "1")
     assert buffers.huge_pages_wanted() and buffers._advise_huge_pages(block)
     assert not buffers._advise_huge_pages(torch.empty(1024))  # below 8 MiB: not worth a huge page
+    populated = torch.empty(16 * 2 ** 20 // 4)
+    if buffers._populate(populated):  # Linux 5.14+: the pages are resident before the first write
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        populated.fill_(1.0)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 64
     views = buffers.packed_empty([(2048, 2048), (3, 5)], torch.float32, torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(2048, 2048), (3, 5)] and all(v.data_ptr() % 64 == 0 for v in views)
 
