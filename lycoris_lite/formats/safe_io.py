@@ -139,7 +139,10 @@ def _read_tensors(path: Path, header: dict, data_start: int) -> dict[str, torch.
     if sys.byteorder != "little":  # the format is little-endian: let safetensors swap the bytes
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise AdapterFileError(f"{path.name}: cannot be read as safetensors ({exc})") from None
     size = path.stat().st_size - data_start
     data = bytearray(size)
     with open(path, "rb") as fh:
