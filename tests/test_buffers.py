@@ -1,0 +1,136 @@
+"""The fuse's memory block (``lycoris_lite.buffers``): kept idle for the next fuse, never reused while a
+tensor still points into it, decayed to ``MADV_FREE``, released on demand, and safe against the
+finaliser that returns it running inside the pool's own code."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from lycoris_lite import buffers
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is Linux only")
+
+BIG = (2048, 2048)  # 16 MiB in float32: over the 8 MiB the pool starts at
+
+
+@pytest.fixture(autouse=True)
+def empty_pool(monkeypatch):
+    monkeypatch.delenv("LYCORIS_LITE_KEEP_FUSE_MEMORY", raising=False)
+    monkeypatch.delenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", raising=False)
+    buffers.release_idle()
+    yield
+    buffers.release_idle()
+
+
+def block_of(views) -> int:
+    return views[0].untyped_storage().data_ptr()
+
+
+def test_a_dropped_block_is_reused_by_the_next_fuse_of_a_similar_size_and_released_on_demand():
+    first = buffers.packed_empty([BIG, (3, 5)], torch.float32, torch.device("cpu"))
+    address = block_of(first)
+    assert buffers.idle_bytes() == 0
+    del first
+    assert buffers.idle_bytes() >= 16 * 2 ** 20
+    again = buffers.packed_empty([(1024, 4096)], torch.float32, torch.device("cpu"))  # same bytes, other shape
+    assert block_of(again) == address and buffers.idle_bytes() == 0
+    assert again[0].data_ptr() % buffers.ALIGN_BYTES == 0 and tuple(again[0].shape) == (1024, 4096)
+    del again
+    half = buffers.packed_empty([(1024, 2048)], torch.bfloat16, torch.device("cpu"))  # 4 MiB: under the pool
+    assert half[0].dtype == torch.bfloat16 and buffers.idle_bytes() >= 16 * 2 ** 20
+    freed = buffers.release_idle()
+    assert freed >= 16 * 2 ** 20 and buffers.idle_bytes() == 0
+    assert buffers.release_idle() == 0
+
+
+def test_a_block_is_never_handed_out_while_a_tensor_points_into_it():
+    held = buffers.packed_empty([BIG, BIG], torch.float32, torch.device("cpu"))
+    keep = held[1]  # one view survives: the block must stay with it
+    keep.fill_(7.0)
+    del held
+    assert buffers.idle_bytes() == 0
+    other = buffers.packed_empty([BIG, BIG], torch.float32, torch.device("cpu"))
+    assert block_of(other) != keep.untyped_storage().data_ptr()
+    for view in other:
+        view.fill_(-1.0)
+    assert torch.all(keep == 7.0)
+    del keep
+    assert buffers.idle_bytes() > 0  # the last view gone: now idle
+
+
+def test_blocks_of_other_sizes_are_not_reused_and_at_most_max_idle_are_kept():
+    sizes = [(2048, 2048), (2048, 8192), (2048, 32768)]  # 16, 64, 256 MiB: none within 2x of another
+    blocks = [buffers.packed_empty([s], torch.float32, torch.device("cpu")) for s in sizes]
+    addresses = [block_of(b) for b in blocks]
+    assert len(set(addresses)) == 3
+    while blocks:
+        blocks.pop(0)  # dropped in order: 16, 64, 256 MiB
+    assert len(buffers._POOL.idle) == buffers.MAX_IDLE  # the oldest (16 MiB) was unmapped
+    kept = {b.address for b in buffers._POOL.idle}
+    assert kept == set(addresses[-buffers.MAX_IDLE:])
+    small = buffers.packed_empty([(2048, 2048)], torch.float32, torch.device("cpu"))
+    assert block_of(small) not in kept  # 64 MiB is more than twice 16 MiB: a new block
+
+
+def test_without_keeping_each_block_is_unmapped_when_dropped(monkeypatch):
+    monkeypatch.setenv("LYCORIS_LITE_KEEP_FUSE_MEMORY", "0")
+    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    del views
+    assert buffers.idle_bytes() == 0 and not buffers._POOL.returned
+
+
+def test_an_idle_block_decays_to_madv_free_and_is_still_reused(monkeypatch):
+    monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", "0.05")
+    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    address = block_of(views)
+    del views
+    assert len(buffers._POOL.timers) == 1
+    deadline = time.monotonic() + 10
+    while buffers._POOL.timers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not buffers._POOL.timers and buffers.idle_bytes() > 0  # handed to the kernel, still mapped
+    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    assert block_of(views) == address
+    views[0].fill_(3.0)  # pages the kernel may have taken are zero-filled on write, never an error
+    assert torch.all(views[0] == 3.0)
+
+
+def test_a_block_returned_while_the_pool_is_locked_is_filed_when_the_lock_is_let_go():
+    """The finaliser runs wherever the last tensor dies, the pool's own locked code included (a garbage
+    collection inside ``take``): it queues the block instead of waiting for the lock (which deadlocked)."""
+    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    pool = buffers._POOL
+    pool.lock.acquire()
+    del views  # the finaliser runs now, with the lock held by this very thread
+    assert len(pool.returned) == 1 and not pool.idle
+    pool._unlock()
+    assert not pool.returned and len(pool.idle) == 1 and not pool.lock.locked()
+
+
+def test_fusing_into_a_reused_block_gives_the_same_weights_as_into_a_fresh_one():
+    """The reused block holds the last fuse's weights (and here NaNs): every element is overwritten."""
+    from lycoris_lite import AdapterModel, LoRAConfig
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.Linear(2048, 1024))
+    originals = [m.weight.detach().clone() for m in net]
+    model = AdapterModel(net, LoRAConfig(r=4, target_modules=["0", "1"], init_weights=False),
+                         generator=torch.Generator().manual_seed(1))
+    model.merge_adapter()
+    fresh = [m.weight.detach().clone() for m in net]
+    address = net[0].weight.untyped_storage().data_ptr()
+    model.unmerge_adapter()
+    assert all(torch.equal(m.weight, w) for m, w in zip(net, originals))
+    stale = buffers.packed_empty([(4 * 2 ** 20,)], torch.float32, torch.device("cpu"))
+    assert block_of(stale) == address
+    stale[0].fill_(float("nan"))
+    del stale
+    model.merge_adapter()
+    assert net[0].weight.untyped_storage().data_ptr() == address
+    assert all(torch.equal(m.weight, w) for m, w in zip(net, fresh))
+    model.unmerge_adapter()
+    assert all(torch.equal(m.weight, w) for m, w in zip(net, originals))
