@@ -122,6 +122,7 @@ class _Block:
         self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.array = np.frombuffer(self.map, dtype=np.uint8)
         self.address = self.array.ctypes.data
+        self.resident = False  # every page in place (populated, not handed back since)
 
 
 class _Lease(np.ndarray):
@@ -201,6 +202,7 @@ class _Pool:
 
     @staticmethod
     def _lazy_free(block: _Block) -> bool:
+        block.resident = False
         return _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, _MADV_FREE)
 
     def _decay(self, block: _Block) -> None:
@@ -254,7 +256,8 @@ def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     lease._block = block
     tensor = torch.from_numpy(lease)[:nbytes].view(dtype)
     del lease  # the tensor's storage holds it now
-    _populate(tensor)
+    if not block.resident:
+        block.resident = _populate(tensor)
     return tensor
 
 
