@@ -180,7 +180,7 @@ class _Pool:
         for old in self.idle[:-MAX_IDLE]:
             self._forget(old)
         if delay > 0.0:
-            timer = threading.Timer(delay, self._decay, (block,))
+            timer = threading.Timer(delay, self._decay, (id(block),))  # no reference: release unmaps at once
             timer.daemon = True
             self.timers[id(block)] = timer
             timer.start()
@@ -205,12 +205,13 @@ class _Pool:
         block.resident = False
         return _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, _MADV_FREE)
 
-    def _decay(self, block: _Block) -> None:
+    def _decay(self, key: int) -> None:
         self.lock.acquire()
         try:
-            if self.timers.get(id(block)) is not threading.current_thread():
+            if self.timers.get(key) is not threading.current_thread():
                 return  # taken (or released) meanwhile
-            del self.timers[id(block)]
+            del self.timers[key]
+            block = next(b for b in self.idle if id(b) == key)
             if not self._lazy_free(block):  # no MADV_FREE here: do not hold memory the kernel cannot take
                 self.idle.remove(block)
         finally:

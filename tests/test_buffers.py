@@ -26,6 +26,11 @@ def empty_pool(monkeypatch):
     buffers.release_idle()
 
 
+def rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
 def block_of(views) -> int:
     return views[0].untyped_storage().data_ptr()
 
@@ -42,8 +47,10 @@ def test_a_dropped_block_is_reused_by_the_next_fuse_of_a_similar_size_and_releas
     del again
     half = buffers.packed_empty([(1024, 2048)], torch.bfloat16, torch.device("cpu"))  # 4 MiB: under the pool
     assert half[0].dtype == torch.bfloat16 and buffers.idle_bytes() >= 16 * 2 ** 20
+    held = rss_kib()
     freed = buffers.release_idle()
     assert freed >= 16 * 2 ** 20 and buffers.idle_bytes() == 0
+    assert held - rss_kib() >= 12 * 1024  # unmapped now (no decay timer keeps it alive)
     assert buffers.release_idle() == 0
 
 
