@@ -58,11 +58,15 @@ def huge_pages_wanted() -> bool:
 
 def decay_seconds() -> float:
     """How long an idle block stays resident before ``MADV_FREE``: ``LYCORIS_LITE_FUSE_MEMORY_DECAY``
-    (seconds, default 10)."""
+    (seconds, default 10; 0 hands it back at once). Anything but a number of seconds >= 0 raises."""
+    text = os.environ.get("LYCORIS_LITE_FUSE_MEMORY_DECAY", "").strip()
     try:
-        return max(0.0, float(os.environ.get("LYCORIS_LITE_FUSE_MEMORY_DECAY", "") or 10.0))
+        value = float(text) if text else 10.0
     except ValueError:
-        return 10.0
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"LYCORIS_LITE_FUSE_MEMORY_DECAY must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def keep_fuse_memory() -> bool:
@@ -195,10 +199,7 @@ class _Pool:
                 return block
         finally:
             self._unlock()
-        block = _Block(nbytes)
-        if huge_pages_wanted():
-            _madvise_range(block.address, nbytes, _HUGE_PAGE, _MADV_HUGEPAGE)
-        return block
+        return _Block(nbytes)
 
     @staticmethod
     def _lazy_free(block: _Block) -> bool:
@@ -251,13 +252,16 @@ def idle_bytes() -> int:
 
 
 def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A 1-D tensor of ``dtype`` on a pooled block of at least ``nbytes``, its pages populated."""
+    """A 1-D tensor of ``dtype`` on a pooled block of at least ``nbytes``, its pages populated. The
+    settings are read first, so a bad one fails the fuse before anything is written."""
+    keep_fuse_memory(), decay_seconds()
     block = _POOL.take(nbytes)
     lease = block.array.view(_Lease)
     lease._block = block
     tensor = torch.from_numpy(lease)[:nbytes].view(dtype)
     del lease  # the tensor's storage holds it now
     if not block.resident:
+        _advise_huge_pages(tensor)
         block.resident = _populate(tensor)
     return tensor
 

@@ -106,6 +106,19 @@ def test_an_idle_block_decays_to_madv_free_and_is_still_reused(monkeypatch):
     assert torch.all(views[0] == 3.0)
 
 
+def test_a_decay_of_zero_hands_the_block_back_at_once_and_a_bad_decay_is_refused(monkeypatch):
+    monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", "0")
+    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    del views
+    assert buffers.idle_bytes() > 0 and not buffers._POOL.timers
+    assert not buffers._POOL.idle[0].resident  # MADV_FREE done: the next fuse populates it again
+    for bad in ("soon", "-1", "inf", "nan"):
+        monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", bad)
+        with pytest.raises(ValueError, match="LYCORIS_LITE_FUSE_MEMORY_DECAY"):
+            buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
+    assert len(buffers._POOL.idle) == 1  # the refused call took nothing
+
+
 def test_a_block_returned_while_the_pool_is_locked_is_filed_when_the_lock_is_let_go():
     """The finaliser runs wherever the last tensor dies, the pool's own locked code included (a garbage
     collection inside ``take``): it queues the block instead of waiting for the lock (which deadlocked)."""
