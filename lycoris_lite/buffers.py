@@ -287,3 +287,34 @@ def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.dev
         views.append(block[offset:offset + n].view(shape))
         offset += -(-n // step) * step
     return views
+
+
+#: attribute set on the tensors of a file read into one packed block (:func:`read_block`)
+_FILE_BLOCK = "_lycoris_lite_file_block"
+
+
+def read_block(nbytes: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """``(block, offsets)``: an uninitialised 1-D ``uint8`` CPU tensor from :func:`packed_empty`
+    (64-byte aligned; pooled on Linux from 8 MiB) with room for pieces of ``nbytes`` each, and the byte
+    offset of each piece in it (64-byte aligned too), for the tensors of one adapter file. The block
+    holds nothing else, so attaching keeps views of it as the adapter's parameters rather than copying
+    them (:func:`is_file_block`), and a load after an unload reuses the block's pages instead of
+    faulting fresh ones in (glibc hands freed memory back to the kernel)."""
+    offsets, total = [], 0
+    for n in nbytes:
+        offsets.append(total)
+        total += -(-n // ALIGN_BYTES) * ALIGN_BYTES
+    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"))[0]
+    return block, offsets
+
+
+def mark_file_block(tensor: torch.Tensor) -> torch.Tensor:
+    """Mark ``tensor`` (a view of :func:`read_block`'s) as one a file owns whole; returns it."""
+    setattr(tensor, _FILE_BLOCK, True)
+    return tensor
+
+
+def is_file_block(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is this very tensor object of a file read (:func:`mark_file_block`): views or
+    copies made from it afterwards are not."""
+    return tensor.__dict__.get(_FILE_BLOCK, False)

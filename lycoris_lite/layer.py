@@ -28,12 +28,14 @@ puts the merged weights of a fuse into one block, :mod:`lycoris_lite.buffers`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .buffers import is_file_block
 from .checks import all_finite, max_magnitude
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
 from .algos import dora
@@ -46,11 +48,53 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` through the ``_modules`` dicts: no ``nn.Module.__getattr__`` per
+    level (diffusers' models add a config lookup to each), which adds up over a UNet's layers."""
+    module = model
+    if path:
+        for part in path.split("."):
+            child = module._modules.get(part)
+            if child is None:
+                raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (in {path!r})")
+            module = child
+    return module
+
+
+def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (pre-order, each shared module once) through the ``_modules`` dicts,
+    without descending into an :class:`AdapterLayer` (whose children are its adapter slots): a few
+    times faster on a UNet, and adapter management walks the tree on every change."""
+    stack, seen = [("", model)], set()
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if isinstance(module, AdapterLayer):
+            continue
+        children = module._modules
+        for child_name in reversed(children):
+            child = children[child_name]
+            if child is not None:
+                stack.append((f"{path}.{child_name}" if path else child_name, child))
+
+
+def base_module_at(model: nn.Module, path: str) -> nn.Module:
+    """The layer at ``path``, unwrapped when adapters sit on it."""
+    module = submodule(model, path)
+    return module._base_module if isinstance(module, AdapterLayer) else module
+
+
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a copy when it is a view into a larger buffer or not 64-byte aligned (tensors read
-    from a file are often both): kept as a parameter, a view would hold the whole buffer, and MKL's
-    GEMMs round differently for operands off 16-byte alignment, so a reloaded adapter would not
-    compute bit for bit like the one saved."""
+    """``t``, or a copy when it is a view into a larger buffer or not 64-byte aligned: kept as a
+    parameter, a view would hold the whole buffer, and MKL's GEMMs round differently for operands off
+    16-byte alignment, so a reloaded adapter would not compute bit for bit like the one saved. The
+    tensors our reader gives (:func:`lycoris_lite.buffers.read_block`) are aligned views into a block
+    holding one file's tensors and nothing else: they are kept as they are."""
+    if t.data_ptr() % 64 == 0 and t.is_contiguous() and is_file_block(t):
+        return t
     if t.data_ptr() % 64 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
         return t.clone(memory_format=torch.contiguous_format)
     return t
@@ -62,16 +106,21 @@ class AdapterSlot(nn.Module):
 
     def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
         super().__init__()
-        self.algorithm = algorithm
-        self.settings = settings
-        self.scale = 1.0
-        self._cache: tuple | None = None
-        for key, value in params.items():
-            self.register_parameter(key, nn.Parameter(value))
+        # plain attributes straight into __dict__: what nn.Module.__setattr__ does for them, without its
+        # per-call checks (they add up over a UNet's layers)
+        self.__dict__.update(algorithm=algorithm, settings=settings, scale=1.0, _cache=None)
+        for key, value in params.items():  # frozen: the controller's set_adapter makes the active ones trainable
+            self.register_parameter(key, nn.Parameter(value, requires_grad=False))
 
     @property
     def algorithm_name(self) -> str:
         return self.algorithm.name
+
+    def set_trainable(self, trainable: bool) -> None:
+        """``requires_grad_(trainable)`` on the tensors whose flag differs (no walk of the module tree)."""
+        for p in self._parameters.values():
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
 
     def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         params = self._parameters
@@ -110,17 +159,12 @@ class _Term:
 class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, name: str = "", backup_device: torch.device | str | None = None):
         super().__init__()
-        self.spec = LayerSpec.from_module(base, name)
-        self.layer_name = name
         self.weight = base.weight
         self.bias = base.bias
         self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self.backup_device = backup_device
-        self._backup: torch.Tensor | None = None
-        object.__setattr__(self, "_base_module", base)  # kept, not registered
+        # plain attributes straight into __dict__ (as AdapterSlot does); the base module is kept, not registered
+        self.__dict__.update(spec=LayerSpec.from_module(base, name), layer_name=name, active=[], merged=[],
+                             disabled=False, backup_device=backup_device, _backup=None, _base_module=base)
 
     # ---- attributes diffusers and users read on Linear/Conv2d -----------------------------------
     @property

@@ -24,7 +24,7 @@ from . import algos  # noqa: F401  (registers the algorithms)
 from .buffers import packed_empty
 from .checks import all_finite, within_range
 from .config import AdapterConfig
-from .layer import AdapterLayer
+from .layer import AdapterLayer, submodule, walk_modules
 from .layer_kind import LayerSpec
 from .registry import algorithm_for
 
@@ -125,7 +125,7 @@ class ModulesToSave(nn.Module):
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     if "." in name:
         parent_name, child = name.rsplit(".", 1)
-        return model.get_submodule(parent_name), child
+        return submodule(model, parent_name), child
     return model, name
 
 
@@ -189,7 +189,8 @@ class AdapterController:
 
     # ---- iteration ------------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        for name, module in self.model.named_modules():
+        """``(path, layer)`` of every wrapped layer, in ``named_modules`` order (:func:`walk_modules`)."""
+        for name, module in walk_modules(self.model):
             if isinstance(module, AdapterLayer):
                 yield name, module
 
@@ -245,9 +246,7 @@ class AdapterController:
             if layer_name not in modules:
                 raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
             spec = LayerSpec.from_module(modules[layer_name], layer_name)
-            with torch.device("meta"):  # shapes only: nothing allocated or initialised
-                expected = algo.init_params(spec, layer_settings, True, None)
-            _check_shapes(layer_name, params, expected, check_values)
+            _check_shapes(layer_name, params, algo.param_shapes(spec, layer_settings), check_values)
 
     def attach(self, name: str, plan: dict, config: AdapterConfig, activate: bool = False,
                validated: bool = False) -> list[str]:
@@ -262,19 +261,20 @@ class AdapterController:
 
         # all checks passed: change the model
         if self._requires_grad is None:
-            self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
-            self.model.requires_grad_(False)
+            self._requires_grad = {}
+            for n, p in self.model.named_parameters():  # remembered for unload, then frozen
+                self._requires_grad[n] = p.requires_grad
+                if p.requires_grad:
+                    p.requires_grad_(False)
             if hasattr(type(self.model), "save_pretrained"):
                 self.model.__dict__["save_pretrained"] = _refuse_save
         for layer_name, (algo, layer_settings, params) in plan.items():
-            module = self.model.get_submodule(layer_name)
+            module = submodule(self.model, layer_name)
             if not isinstance(module, AdapterLayer):
                 module = AdapterLayer(module, layer_name)
                 parent, child = _parent(self.model, layer_name)
                 setattr(parent, child, module)
-            module.add(name, algo, layer_settings, params)
-            for p in module.adapters[name].parameters():
-                p.requires_grad_(False)
+            module.add(name, algo, layer_settings, params)  # frozen until set_adapter makes it trainable
         for module_name in save_names:
             wrapper = self._saved_modules.get(module_name)
             if wrapper is None:
@@ -336,7 +336,7 @@ class AdapterController:
         self._set_active(names)
         for _, layer in self.layers():
             for adapter_name, slot in layer.adapters.items():
-                slot.requires_grad_(adapter_name in names)
+                slot.set_trainable(adapter_name in names)
         for wrapper in self._saved_modules.values():
             for adapter_name, module in wrapper.modules_to_save.items():
                 module.requires_grad_(adapter_name in names)
@@ -517,9 +517,9 @@ def _check_shapes(layer_name, given: dict, expected: dict, check_values: bool = 
             f"layer {layer_name!r}: tensors {sorted(given)} do not match the expected {sorted(expected)}"
         )
     for key, value in given.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
+        if tuple(value.shape) != expected[key]:
             raise ValueError(
-                f"layer {layer_name!r}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                f"layer {layer_name!r}: {key} has shape {tuple(value.shape)}, expected {expected[key]}"
             )
         if check_values and not all_finite(value):
             raise ValueError(f"layer {layer_name!r}: {key} has NaN/Inf values")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import files
+from .layer import AdapterLayer
 from .model import AdapterController, controller_for, merge_layers
 
 COMPONENTS = files.COMPONENTS
@@ -312,9 +313,10 @@ class LycorisPipelineMixin:
             self._apply()
             raise
 
-    def _layer_scales(self, name: str, component: str, ctrl: AdapterController) -> dict[str, float]:
+    def _layer_scales(self, name: str, component: str, layers: dict[str, AdapterLayer]) -> dict[str, float]:
+        """``{layer: scale}`` of adapter ``name`` on ``component``'s ``layers`` (path -> layer)."""
         weight = self._lycoris.adapters[name].weight.get(component, 1.0)
-        layer_names = [ln for ln, layer in ctrl.layers() if name in layer.adapters]
+        layer_names = [ln for ln, layer in layers.items() if name in layer.adapters]
         if isinstance(weight, dict):
             return unet_layer_scales(weight, layer_names)
         return {ln: weight for ln in layer_names}
@@ -327,12 +329,16 @@ class LycorisPipelineMixin:
             layers = dict(ctrl.layers())
             scales = {}
             for name in ctrl.configs:
-                scales[name] = self._layer_scales(name, c, ctrl)
+                scales[name] = self._layer_scales(name, c, layers)
+                fused = False
                 for ln, s in scales[name].items():
-                    slot = layers[ln].adapters[name]
-                    if name in layers[ln].merged and slot.scale != s:
-                        raise ValueError(f"adapter {name!r} is fused at weight {slot.scale}; unfuse before changing it")
-                if name in [n for ln in layers for n in layers[ln].merged] and name not in state.stack:
+                    layer = layers[ln]
+                    if name in layer.merged:
+                        fused = True
+                        if layer.adapters[name].scale != s:
+                            raise ValueError(f"adapter {name!r} is fused at weight {layer.adapters[name].scale}; "
+                                             "unfuse before changing it")
+                if fused and name not in state.stack:
                     raise ValueError(f"adapter {name!r} is fused; unfuse before taking it out of the stack")
             plan.append((ctrl, layers, scales))
         for ctrl, layers, scales in plan:
@@ -342,7 +348,8 @@ class LycorisPipelineMixin:
                 for ln, s in per_layer.items():
                     layers[ln].adapters[name].scale = s
             for layer in layers.values():
-                layer.adapters.requires_grad_(False)
+                for slot in layer.adapters.values():
+                    slot.set_trainable(False)
                 layer.disabled = not state.enabled
             ctrl.enabled = state.enabled
 

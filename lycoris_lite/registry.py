@@ -36,6 +36,19 @@ from .layer_kind import LayerSpec
 from .operators import Operator
 
 
+#: Algorithm.param_shapes' memo
+_SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
+
+
+def _frozen(value):
+    """A hashable stand-in for settings (lists and dicts, tagged, become tuples)."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("list", tuple(_frozen(v) for v in value))
+    return value
+
+
 class Algorithm:
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
@@ -58,6 +71,26 @@ class Algorithm:
     @classmethod
     def init_params(cls, spec: LayerSpec, settings: dict, init_weights, generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @classmethod
+    def param_shapes(cls, spec: LayerSpec, settings: dict) -> dict[str, tuple[int, ...]]:
+        """``{key: shape}`` of the tensors ``init_params`` gives (built on the meta device: nothing
+        allocated), remembered per (algorithm, layer spec, settings): loading checks every layer of a
+        file against it, and a UNet repeats a few dozen layer shapes."""
+        try:
+            key = (cls, spec, _frozen(settings))
+            hash(key)
+        except TypeError:  # a setting that is not hashable: no memo
+            key = None
+        if key is not None and key in _SHAPES:
+            return _SHAPES[key]
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in cls.init_params(spec, settings, True, None).items()}
+        if key is not None:
+            if len(_SHAPES) >= 4096:
+                _SHAPES.clear()
+            _SHAPES[key] = shapes
+        return shapes
 
     @classmethod
     def settings_from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], alpha: float | None,

@@ -32,6 +32,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..layer import base_module_at
 from ..layer_kind import LayerSpec
 from ..registry import get_algorithm
 from .kohya import LayerEntry, check_unknown
@@ -39,7 +40,6 @@ from .peft_format import (
     _lora_alphas,
     _patterns,
     check_config_values,
-    module_of,
     module_paths,
     pattern_lookup,
     resolve_path,
@@ -174,7 +174,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], metad
         if params["lora_down"].dim() not in (2, 4) or params["lora_up"].dim() not in (2, 4):
             raise ValueError(f"{component}.{module}: LoRA weights of shapes {tuple(params['lora_down'].shape)} / "
                              f"{tuple(params['lora_up'].shape)} are neither linear nor conv weights")
-        spec = LayerSpec.from_module(module_of(components[component], live), live)
+        spec = LayerSpec.from_module(base_module_at(components[component], live), live)
         if spec.is_conv and params["lora_up"].dim() == 2:
             params["lora_up"] = params["lora_up"][:, :, None, None]
         r = params["lora_down"].shape[0]

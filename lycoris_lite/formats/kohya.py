@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer import AdapterLayer
+from ..layer import base_module_at
 from ..layer_kind import LayerSpec
 from ..registry import Algorithm, detect_algorithm
 from .names import ComponentNames
@@ -97,11 +97,6 @@ def check_unknown(unknown_modules: list[str], unknown_keys: list[str], strict: b
     raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
 
 
-def _module_of(model: nn.Module, path: str) -> nn.Module:
-    module = model.get_submodule(path)
-    return module.base_module if isinstance(module, AdapterLayer) else module
-
-
 def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names: dict[str, ComponentNames],
          sides: dict[str, str] | None = None, strict: bool = True
          ) -> tuple[dict[str, dict[str, LayerEntry]], list[str]]:
@@ -135,7 +130,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
         if "dora_scale" in tensors and not algo.decomposable:
             raise ValueError(f"{file_name}: a DoRA magnitude (dora_scale) on a {algo.name} module; DoRA applies to "
                              "LoRA, LoHa and LoKr only")
-        spec = LayerSpec.from_module(_module_of(components[component], path), path)
+        spec = LayerSpec.from_module(base_module_at(components[component], path), path)
         try:
             settings, params = algo.from_kohya(spec, tensors, alpha, path, (sides or {}).get(algo.name))
         except KeyError as exc:
@@ -143,8 +138,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
         except (IndexError, TypeError, RuntimeError, ZeroDivisionError) as exc:  # tensors of the wrong rank, …
             raise ValueError(f"{file_name}: its tensors {({k: tuple(v.shape) for k, v in tensors.items()})} do not "
                              f"form a {algo.name} module ({type(exc).__name__}: {exc})") from None
-        with torch.device("meta"):  # the keys only: nothing allocated or initialised
-            expected = set(algo.init_params(spec, settings, True, None))
+        expected = set(algo.param_shapes(spec, settings))
         extra = sorted(set(params) - expected)
         if extra:
             unknown_keys += [f"{file_name}.{k}" for k in extra]

@@ -9,6 +9,7 @@ module paths and registers every spelling a file may use for each one.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -82,15 +83,19 @@ class ComponentNames:
 
 def adapter_capable_paths(model: nn.Module) -> list[str]:
     """Paths of the modules an adapter may sit on (wrapped ones by their original path)."""
-    from ..layer import AdapterLayer
+    from ..layer import AdapterLayer, walk_modules
 
     out = []
-    for name, module in model.named_modules():
-        if not name or ".adapters." in f".{name}." or ".modules_to_save." in f".{name}.":
+    for name, module in walk_modules(model):
+        if not name or ".modules_to_save." in f".{name}.":
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d, AdapterLayer)):
             out.append(name)
     return out
+
+
+def _copy(names: ComponentNames) -> ComponentNames:
+    return ComponentNames(names.component, names.write_prefix, dict(names.to_module), dict(names.to_file))
 
 
 def unet_names(unet: nn.Module, sgm: bool = False) -> ComponentNames:
@@ -99,11 +104,16 @@ def unet_names(unet: nn.Module, sgm: bool = False) -> ComponentNames:
     layers = getattr(config, "layers_per_block", 2) if config is not None else 2
     layers = layers if isinstance(layers, int) else layers[0]
     up_types = list(getattr(config, "up_block_types", ()) or ())
-    up_attn = ["CrossAttn" in t for t in up_types]
+    return _copy(_unet_names(tuple(adapter_capable_paths(unet)), layers, tuple("CrossAttn" in t for t in up_types), sgm))
+
+
+@functools.lru_cache(maxsize=16)
+def _unet_names(paths: tuple[str, ...], layers: int, up_attn: tuple[bool, ...], sgm: bool) -> ComponentNames:
+    """:func:`unet_names` from what it depends on (remembered: every load of a file builds the map)."""
     names = ComponentNames("unet", "lora_unet_")
-    for path in adapter_capable_paths(unet):
+    for path in paths:
         diffusers_name = underscore(path)
-        sgm_path = diffusers_to_sgm(path, layers, up_attn) if up_attn else None
+        sgm_path = diffusers_to_sgm(path, layers, list(up_attn)) if up_attn else None
         names.add(path, "lora_unet_" + diffusers_name, canonical=not sgm or sgm_path is None)
         names.add(path, "lycoris_" + diffusers_name)
         names.add(path, "oft_unet_" + diffusers_name)
@@ -119,9 +129,14 @@ def text_encoder_names(model: nn.Module, component: str, write_prefix: str) -> C
     We write the ``text_model_`` form (what kohya, AUTOMATIC1111 and ComfyUI expect) whatever the
     installed transformers; both forms are read.
     """
+    return _copy(_text_encoder_names(tuple(adapter_capable_paths(model)), component, write_prefix))
+
+
+@functools.lru_cache(maxsize=16)
+def _text_encoder_names(paths: tuple[str, ...], component: str, write_prefix: str) -> ComponentNames:
     names = ComponentNames(component, write_prefix)
     read_prefixes = TE_PREFIXES[component] if write_prefix in TE_PREFIXES[component] else (write_prefix,)
-    for path in adapter_capable_paths(model):
+    for path in paths:
         bare = path[len("text_model."):] if path.startswith("text_model.") else path
         for prefix in read_prefixes:
             names.add(path, prefix + "text_model_" + underscore(bare), canonical=prefix == write_prefix)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..algos import dora
-from ..layer import AdapterLayer
+from ..layer import base_module_at
 from ..layer_kind import LayerSpec
 from ..registry import get_algorithm
 from .kohya import LayerEntry
@@ -93,11 +93,6 @@ def resolve_path(paths: set[str], path: str) -> str | None:
         if candidate in paths:
             return candidate
     return None
-
-
-def module_of(model: nn.Module, path: str) -> nn.Module:
-    module = model.get_submodule(path)
-    return module.base_module if isinstance(module, AdapterLayer) else module
 
 
 def pattern_key(path: str) -> str:
@@ -574,7 +569,7 @@ def read(state: dict[str, torch.Tensor], config: dict, model: nn.Module, compone
             missing.append(file_path)
             skipped += [f"{file_path}.{k}" for k in tensors]
             continue
-        spec = LayerSpec.from_module(module_of(model, live), live)
+        spec = LayerSpec.from_module(base_module_at(model, live), live)
         try:
             settings, params = _layer(algo_name, spec, tensors, config, file_path, live)
         except KeyError as exc:
@@ -669,7 +664,7 @@ def _require_no_dora(component, layers, algo_name):
 
 
 def _lokr_config(component: str, layers: dict[str, LayerEntry], model: nn.Module) -> dict:
-    specs = {p: LayerSpec.from_module(module_of(model, p), p) for p in layers}
+    specs = {p: LayerSpec.from_module(base_module_at(model, p), p) for p in layers}
     decompose_both = any(e.settings["w1_low_rank"] for e in layers.values())
     effective = any(e.settings["tucker"] for e in layers.values())
     candidates = [-1] + sorted({e.settings["shape"][k] for e in layers.values() for k in (0, 2)})
@@ -728,7 +723,7 @@ def write(layers: dict[str, LayerEntry], model: nn.Module, component: str = "une
         raise ValueError(f"{component}: a PEFT adapter holds one method; this one mixes {sorted(algos)}")
     algo_name = algos.pop()
     state: dict[str, torch.Tensor] = {}
-    specs = {p: LayerSpec.from_module(module_of(model, p), p) for p in layers}
+    specs = {p: LayerSpec.from_module(base_module_at(model, p), p) for p in layers}
 
     def put(path, key, value):
         value = value.detach()
