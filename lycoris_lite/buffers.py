@@ -1,4 +1,4 @@
-"""One allocation for the merged weights of a fuse, kept for the next fuse.
+"""One allocation for the merged weights of a fuse, kept for the next fuse (and one for each adapter file read).
 
 Fusing keeps every original weight (for the bit-exact unfuse) and writes the merged weights into new
 memory: exactly one copy of the targeted weights. Allocating that copy layer by layer costs the
@@ -27,6 +27,10 @@ transparent huge pages, 512 times fewer faults). It is off by default: where THP
 pages to the host, freed huge pages are taken back and the next fuse faults them in from the host.
 Measured on a 2-core Firecracker VM, one 1 GiB fill: 0.10–0.18 s with huge pages when they are at
 hand, 0.8–2.6 s when not; 0.21–0.35 s with 4 KiB pages.
+
+Adapter files are read the same way (:func:`read_block`): one block per file, its tensors 64-byte
+aligned views that the adapter keeps as its parameters, pooled in a pool of their own (a load after
+an unload reuses the pages; loading files of other sizes never pushes out the idle fuse block).
 """
 
 from __future__ import annotations
@@ -121,8 +125,9 @@ class _Block:
     """An anonymous private mapping of ``nbytes``; unmapped when this object and every array on it are
     gone (``numpy`` holds the mapping's buffer)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, pool: "_Pool | None" = None):
         self.nbytes = nbytes
+        self.pool = pool  # where it goes back when dropped
         self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.array = np.frombuffer(self.map, dtype=np.uint8)
         self.address = self.array.ctypes.data
@@ -138,9 +143,9 @@ class _Lease(np.ndarray):
 
     def __del__(self):
         block, self._block = self._block, None
-        if block is not None:
+        if block is not None and block.pool is not None:
             try:
-                _POOL.give_back(block)
+                block.pool.give_back(block)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -199,7 +204,7 @@ class _Pool:
                 return block
         finally:
             self._unlock()
-        return _Block(nbytes)
+        return _Block(nbytes, self)
 
     @staticmethod
     def _lazy_free(block: _Block) -> bool:
@@ -238,24 +243,26 @@ class _Pool:
         return freed
 
 
-_POOL = _Pool()
+_POOL = _Pool()  # fuse blocks
+_READ_POOL = _Pool()  # blocks of adapter files read (:func:`read_block`): kept apart, so loading files of
+# other sizes never pushes out the idle fuse block a fused stack switch reuses
 
 
 def release_idle() -> int:
-    """Unmap the idle blocks kept for the next fuse now; the number of bytes they held."""
-    return _POOL.release()
+    """Unmap the idle blocks kept for the next fuse or file read now; the number of bytes they held."""
+    return _POOL.release() + _READ_POOL.release()
 
 
 def idle_bytes() -> int:
     """Bytes held by idle blocks (their pages may already have been taken back by the kernel)."""
-    return sum(b.nbytes for b in list(_POOL.idle))
+    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle))
 
 
-def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A 1-D tensor of ``dtype`` on a pooled block of at least ``nbytes``, its pages populated. The
-    settings are read first, so a bad one fails the fuse before anything is written."""
+def _pooled_block(nbytes: int, dtype: torch.dtype, pool: _Pool) -> torch.Tensor:
+    """A 1-D tensor of ``dtype`` on a block of at least ``nbytes`` from ``pool``, its pages populated.
+    The settings are read first, so a bad one fails the fuse before anything is written."""
     keep_fuse_memory(), decay_seconds()
-    block = _POOL.take(nbytes)
+    block = pool.take(nbytes)
     lease = block.array.view(_Lease)
     lease._block = block
     tensor = torch.from_numpy(lease)[:nbytes].view(dtype)
@@ -266,7 +273,8 @@ def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device,
+                 _pool: _Pool | None = None) -> list[torch.Tensor]:
     """Uninitialised contiguous tensors of ``shapes``, views into one block of memory, each starting on
     a 64-byte boundary. The block lives as long as any of the views (then, on Linux, it is kept idle
     for the next call: see the module's notes)."""
@@ -276,7 +284,7 @@ def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.dev
     total = sum(-(-n // step) * step for n in sizes) + step
     device = torch.device(device)
     if device.type == "cpu" and sys.platform.startswith("linux") and total * itemsize >= _MIN_ADVISED:
-        block = _pooled_block(total * itemsize, dtype)
+        block = _pooled_block(total * itemsize, dtype, _pool or _POOL)
     else:
         block = torch.empty(total, dtype=dtype, device=device)
         _advise_huge_pages(block)
@@ -304,7 +312,7 @@ def read_block(nbytes: list[int]) -> tuple[torch.Tensor, list[int]]:
     for n in nbytes:
         offsets.append(total)
         total += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"))[0]
+    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), _READ_POOL)[0]
     return block, offsets
 
 

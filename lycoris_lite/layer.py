@@ -38,7 +38,7 @@ from torch import nn
 from .buffers import is_file_block
 from .checks import all_finite, max_magnitude
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
-from .algos import dora
+from .algos import common, dora
 from .operators import Diagonal, Operator, low_rank_parts, orthogonal_blocks, rotate_output, scaled
 from .registry import Algorithm
 
@@ -329,6 +329,12 @@ class AdapterLayer(nn.Module):
 
         plain = (len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
                  and terms[0].source is None)
+        if plain and weight_delta is None and len(routed) == 1:
+            slot = routed[0]
+            folded_route = None if slot.settings.get("dropout") and self.training else \
+                slot.algorithm.folded_route(slot.tensors(), spec, slot.settings, slot.scale)
+            if folded_route is not None:  # one adapter training alone: folded forward, route backward
+                return common.folded_route(folded_route[0], x, weight, bias, *folded_route[1])
         if plain:
             effective = weight if weight_delta is None else weight + weight_delta.to(weight.dtype)
             y = spec.op(x, effective, bias)

@@ -151,6 +151,13 @@ class Algorithm:
         return None
 
     @classmethod
+    def folded_route(cls, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0):
+        """``(route, tensors)`` for :func:`~lycoris_lite.algos.common.folded_route` when training this
+        adapter alone on a layer is cheaper with ``ΔW`` folded into the base op forward and the
+        activation route backward; ``None`` (the default) for the activation route both ways."""
+        return None
+
+    @classmethod
     def use_activation_route(cls, spec: LayerSpec, settings: dict, needs_grad: bool) -> bool:
         """Whether the unmerged forward adds ``delta_forward(x)`` (True) or folds ``W + s·ΔW`` into the
         base op (False)."""

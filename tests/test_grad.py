@@ -95,3 +95,38 @@ def test_cayley_backward_equals_autograd_of_the_solve():
         reference = torch.autograd.grad(torch.linalg.solve(eye + q, eye - q, left=False), q, upstream)[0]
         assert relative_error(ours, reference) <= 1e-12
         assert torch.autograd.gradcheck(cayley, (q,))
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1x1"])
+def test_the_folded_route_of_a_lone_training_adapter_has_every_gradient_of_the_plain_formula(layer, monkeypatch):
+    """One LoHa training alone on a linear or 1×1 layer runs ``op(x, W + ΔW)`` forward and the Khatri-Rao
+    route backward (:func:`lycoris_lite.algos.common.folded_route`): its output is the weight path's (to
+    rounding), and the gradients of the adapter, the input, and a base weight and bias left trainable are
+    autograd's of the plain formula."""
+    from lycoris_lite.algos import common
+
+    calls = []
+    real = common.folded_route
+    monkeypatch.setattr(common, "folded_route", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 32) if layer == "linear" else nn.Conv2d(24, 32, 1)).double()
+    model = AdapterModel(base, get_algorithm("loha").config_class(r=2, alpha=3.0, target_modules=["0"], init_weights=False))
+    lay = model.model[0]
+    lay.weight.requires_grad_(True)
+    lay.bias.requires_grad_(True)
+    x = torch.randn((2, 5, 24) if layer == "linear" else (2, 24, 3, 3), dtype=torch.float64, requires_grad=True)
+    for scale in (1.0, -0.6):
+        model.set_scale("default", scale)
+        wanted = list(lay.adapters["default"].parameters()) + [x, lay.weight, lay.bias]
+        y = model(x)
+        slot = lay.adapters["default"]
+        delta = slot.algorithm.delta_weight(slot.tensors(), lay.spec, slot.settings)
+        plain = lay.spec.op(x, lay.weight + scale * delta, lay.bias)
+        assert relative_error(y, plain) <= 1e-14
+        upstream = torch.randn_like(y)
+        for got, want in zip(torch.autograd.grad(y, wanted, upstream), torch.autograd.grad(plain, wanted, upstream)):
+            assert relative_error(got, want) <= 1e-12, got.shape
+    assert len(calls) == 2
+    with torch.no_grad():  # inference: the cached fold, not this route
+        model(x)
+    assert len(calls) == 2

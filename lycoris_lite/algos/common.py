@@ -232,6 +232,60 @@ def factored_route(route, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tens
     return route.forward(x, *route.factors(*tensors))
 
 
+class _FoldedRoute(torch.autograd.Function):
+    """``op(x, W + up·down) + bias`` forward (the adapter folded into the base op: no activation-sized
+    work of its own), the low-rank route's backward for the adapter's tensors (see :func:`folded_route`)."""
+
+    @staticmethod
+    def forward(ctx, route, x, weight, bias, *tensors):
+        ctx.route = route
+        ctx.save_for_backward(x, weight, *tensors)
+        return route.spec.op(x, _folded_weight(route, weight, tensors), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, *tensors = ctx.saved_tensors
+        route, spec = ctx.route, ctx.route.spec
+        need_x, need_weight, need_bias = ctx.needs_input_grad[1:4]
+        needs = ctx.needs_input_grad[4:]
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if need_x or need_weight:
+            grad_x, grad_weight = op_backward(spec, x, _folded_weight(route, weight, tensors) if need_x else weight,
+                                              grad, need_x, need_weight)
+        if need_bias:
+            grad_bias = grad.sum(tuple(d for d in range(grad.dim()) if d != (1 if spec.is_conv else grad.dim() - 1)))
+        grads = [None] * len(tensors)
+        if any(needs):
+            dtype = tensors[0].dtype
+            _, grad_factors = route.backward(x.to(dtype), route.factors(*tensors), grad.to(dtype), False)
+            grads = [g if need else None for g, need in zip(route.factors_vjp(tensors, grad_factors), needs)]
+        return (None, grad_x, grad_weight, grad_bias, *grads)
+
+
+def _folded_weight(route, weight: torch.Tensor, tensors) -> torch.Tensor:
+    """``W + ΔW``: ``route.delta(*tensors)`` where the route has a cheaper formula, else ``up·down``."""
+    if hasattr(route, "delta"):
+        delta = route.delta(*tensors)
+    else:
+        down, up = route.factors(*tensors)
+        delta = up @ down.flatten(1)
+    return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+
+def folded_route(route, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 *tensors: torch.Tensor) -> torch.Tensor:
+    """``op(x, W) + bias + Δy`` of one low-rank adapter while training, with ``route`` a
+    :class:`LowRankRoute` that has ``factors_vjp``: forward folds ``ΔW = up·down`` into the base op
+    (one GEMM of the layer's size, as the frozen layer runs anyway, plus the ``out × in`` sum), and
+    backward takes the route's: the adapter tensors' gradients from ``h = op(x, down)``, recomputed,
+    never the full ``∂W = gᵀ·x``. Against the route both ways it saves the forward's two thin GEMMs
+    (``T·p·(in + out)`` multiply-adds, ``p`` the route's rank), which for a rank-``r²`` LoHa is most of
+    the adapter's forward. Keeps ``x``, the weight and the tensors for backward (nothing new)."""
+    return _FoldedRoute.apply(route, x, weight, bias, *tensors)
+
+
 def rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``W[p, q, kh, kw] = Σ_ij core[i, j, kh, kw] · up[p, i] · down[j, q]``.
 

@@ -10,8 +10,12 @@ Routes: at inference the layer folds the (cached) ``W + s·ΔW`` into one call o
 training, the Hadamard product equals a rank-r² LoRA with Khatri-Rao factors
 ``up[:, p·r+q] = w1a[:, p] ⊙ w2a[:, q]``, ``down[p·r+q] = w1b[p] ⊙ w2b[q]``: that activation route is used
 when it costs less than the weight route's extra weight-gradient pass (``3·r²·(in·kh·kw + out) <
-out·in·kh·kw``), else ``W + s·ΔW`` is folded (one op instead of PEFT's two). The Hadamard product
-recomputes its factors in the backward pass instead of keeping two ``out × in`` intermediates.
+out·in·kh·kw``), else ``W + s·ΔW`` is folded (one op instead of PEFT's two). On a linear or 1×1 layer
+where the LoHa trains alone, the forward folds ``W + s·ΔW`` into the base op all the same and only the
+backward takes the Khatri-Rao route (:meth:`LoHa.folded_route`): the forward's two rank-r² GEMMs go,
+and the step costs about what a rank-16 LoRA's does (1.05–1.11× ours at 640 wide, against 1.31× with
+the route both ways). The Hadamard product recomputes its factors in the backward pass instead of
+keeping two ``out × in`` intermediates.
 """
 
 from __future__ import annotations
@@ -74,6 +78,10 @@ class KhatriRaoRoute(LowRankRoute):
     def factors(self, w1a, w1b, w2a, w2b):
         return khatri_rao_factors(w1a, w1b, w2a, w2b, self.scale, self.spec)
 
+    def delta(self, w1a, w1b, w2a, w2b):
+        """``ΔW`` flattened, by the Hadamard formula (``2·r·out·in`` multiply-adds, not ``r²·out·in``)."""
+        return (w1a @ w1b) * (w2a @ w2b) * self.scale
+
     def factors_vjp(self, tensors, grads):
         w1a, w1b, w2a, w2b = tensors
         grad_down, grad_up = grads
@@ -124,6 +132,15 @@ class LoHa(Algorithm):
             return False
         r2 = settings["r"] ** 2
         return 3 * r2 * (spec.flat_in + spec.out_features) < spec.out_features * spec.flat_in
+
+    @classmethod
+    def folded_route(cls, params, spec, settings, multiplier=1.0):
+        """Linear and 1×1 layers: the Khatri-Rao route's backward under a folded forward (a k×k conv
+        keeps ``h`` from its forward instead: see :func:`delta_forward`)."""
+        if not spec.is_pointwise or "hada_t1" in params:
+            return None
+        return KhatriRaoRoute(spec, settings["scale"] * multiplier), (
+            params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
