@@ -249,13 +249,17 @@ _READ_POOL = _Pool()  # blocks of adapter files read (:func:`read_block`): kept 
 
 
 def release_idle() -> int:
-    """Unmap the idle blocks kept for the next fuse or file read now; the number of bytes they held."""
-    return _POOL.release() + _READ_POOL.release()
+    """Unmap the idle blocks kept for the next fuse or file read, and this thread's :func:`scratch`
+    buffer, now; the number of bytes they held."""
+    held = scratch_bytes()
+    _SCRATCH.buffer = None
+    return _POOL.release() + _READ_POOL.release() + held
 
 
 def idle_bytes() -> int:
-    """Bytes held by idle blocks (their pages may already have been taken back by the kernel)."""
-    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle))
+    """Bytes held by idle blocks (their pages may already have been taken back by the kernel) and by
+    this thread's :func:`scratch` buffer."""
+    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle)) + scratch_bytes()
 
 
 def _pooled_block(nbytes: int, dtype: torch.dtype, pool: _Pool) -> torch.Tensor:
@@ -326,3 +330,34 @@ def is_file_block(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is this very tensor object of a file read (:func:`mark_file_block`): views or
     copies made from it afterwards are not."""
     return tensor.__dict__.get(_FILE_BLOCK, False)
+
+
+# ---- per-thread scratch ------------------------------------------------------------------------------
+_SCRATCH = threading.local()
+
+
+def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` on this thread's scratch buffer (CPU; elsewhere a new
+    tensor, the CUDA caching allocator being cheap already), for a value consumed at once and dropped,
+    such as the ``Δy`` an inference forward adds into the layer's output: the next call reuses the same
+    memory, where a new tensor of activation size is a fresh mapping whose pages fault in each time
+    (glibc hands large blocks back to the kernel). The buffer grows to the largest size asked for and
+    stays until :func:`release_idle` (on this thread) or the thread ends. The result is only valid
+    until this thread's next call: never keep it or hand it to autograd."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for d in shape:
+        count *= d
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < count * itemsize:
+        buffer = _SCRATCH.buffer = torch.empty(max(count * itemsize, ALIGN_BYTES), dtype=torch.uint8)
+    return buffer[:count * itemsize].view(dtype).view(tuple(shape))
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's scratch buffer."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    return 0 if buffer is None else buffer.numel()

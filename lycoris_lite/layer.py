@@ -48,6 +48,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _apply_ops(t: torch.Tensor, ops, spec: LayerSpec, cdtype) -> torch.Tensor:
+    """``ops`` applied in turn along the channel axis of ``t`` (last for linear layers, axis 1 for
+    convs, where each acts in place of the axis), computed in ``cdtype``; returns ``t``'s dtype."""
+    v = t.to(cdtype)
+    for op in ops:
+        v = op.apply_channels_first(v) if spec.is_conv else op.apply(v)
+    return v.to(t.dtype)
+
+
 def submodule(model: nn.Module, path: str) -> nn.Module:
     """``model.get_submodule(path)`` through the ``_modules`` dicts: no ``nn.Module.__getattr__`` per
     level (diffusers' models add a config lookup to each), which adds up over a UNet's layers."""
@@ -331,8 +340,8 @@ class AdapterLayer(nn.Module):
                  and terms[0].source is None)
         if plain and weight_delta is None and len(routed) == 1:
             slot = routed[0]
-            folded_route = None if slot.settings.get("dropout") and self.training else \
-                slot.algorithm.folded_route(slot.tensors(), spec, slot.settings, slot.scale)
+            folded_route = None if (slot.settings.get("dropout") and self.training) or not self._needs_grad(slot) \
+                else slot.algorithm.folded_route(slot.tensors(), spec, slot.settings, slot.scale)
             if folded_route is not None:  # one adapter training alone: folded forward, route backward
                 return common.folded_route(folded_route[0], x, weight, bias, *folded_route[1])
         if plain:
@@ -353,7 +362,10 @@ class AdapterLayer(nn.Module):
                 y = y + spec.op(x, weight_delta.to(weight.dtype))
 
         for slot in routed:
-            y = y + self._route(x, slot, slot.scale, cdtype).to(y.dtype)
+            if torch.is_grad_enabled() or (slot.settings.get("dropout") and self.training):
+                y = y + self._route(x, slot, slot.scale, cdtype).to(y.dtype)
+            else:  # inference: accumulated into the fresh output in place
+                y = slot.algorithm.add_delta_forward(y, x.to(cdtype), slot.tensors(), spec, slot.settings, slot.scale)
         return y
 
     def _route(self, x: torch.Tensor, slot: AdapterSlot, multiplier: float, cdtype) -> torch.Tensor:
@@ -425,16 +437,10 @@ class AdapterLayer(nn.Module):
             # a k×k conv's input-side rotation mixes kernel taps: rotate the weight instead
             weight = self._transform_weight(weight.to(cdtype), _Term(1.0, term.inputs), inputs=True).to(self.weight.dtype)
         elif term.inputs:
-            v = move_channels_last(x, spec).to(cdtype)
-            for op in reversed(term.inputs):  # y = x Rᵀ Wᵀ: R_k acts first on x
-                v = op.apply(v)
-            x = move_channels_back(v, spec).to(x.dtype)
+            x = _apply_ops(x, reversed(term.inputs), spec, cdtype)  # y = x Rᵀ Wᵀ: R_k acts first on x
         h = self._route(x, slot, term.coef, cdtype).to(x.dtype) if routed else spec.op(x, weight)
         if term.outputs:
-            v = move_channels_last(h, spec).to(cdtype)
-            for op in term.outputs:
-                v = op.apply(v)
-            h = move_channels_back(v, spec).to(h.dtype)
+            h = _apply_ops(h, term.outputs, spec, cdtype)
         return h if term.coef == 1.0 or routed else h * term.coef
 
     # ---- merge / unmerge ----------------------------------------------------------------------

@@ -151,6 +151,14 @@ class Algorithm:
         return None
 
     @classmethod
+    def add_delta_forward(cls, y: torch.Tensor, x, params, spec: LayerSpec, settings: dict,
+                          multiplier: float = 1.0) -> torch.Tensor:
+        """``y += multiplier · spec.op(x, ΔW)`` in place, returning ``y``: the inference form of the
+        activation route (no autograd; ``y`` is the layer's fresh output). The default adds
+        :meth:`delta_forward`'s ``Δy``; an algorithm may write its last product into ``y`` directly."""
+        return y.add_(cls.delta_forward(x, params, spec, settings, multiplier).to(y.dtype))
+
+    @classmethod
     def folded_route(cls, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0):
         """``(route, tensors)`` for :func:`~lycoris_lite.algos.common.folded_route` when training this
         adapter alone on a layer is cheaper with ``ΔW`` folded into the base op forward and the

@@ -174,3 +174,39 @@ def test_file_reads_have_a_pool_of_their_own_and_never_push_out_the_idle_fuse_bl
     held = buffers.idle_bytes()
     assert held >= (16 + 20 + 45) * 2 ** 20
     assert buffers.release_idle() == held and buffers.idle_bytes() == 0
+
+
+def test_scratch_is_one_growing_buffer_per_thread_released_on_demand():
+    import threading
+
+    a = buffers.scratch((4, 8), torch.float32, torch.device("cpu"))
+    b = buffers.scratch((2, 3), torch.float16, torch.device("cpu"))  # smaller: the same memory
+    assert a.shape == (4, 8) and b.shape == (2, 3) and b.dtype == torch.float16
+    assert a.data_ptr() == b.data_ptr() and buffers.scratch_bytes() == 128
+    big = buffers.scratch((64, 64), torch.float32, torch.device("cpu"))  # larger: the buffer grows
+    assert buffers.scratch_bytes() == 64 * 64 * 4 and big.data_ptr() % 64 == 0
+    seen = {}
+    worker = threading.Thread(target=lambda: seen.update(ptr=buffers.scratch((64, 64), torch.float32, "cpu").data_ptr()))
+    worker.start()
+    worker.join()
+    assert seen["ptr"] != big.data_ptr()  # another thread never shares it
+    assert buffers.idle_bytes() == 64 * 64 * 4 and buffers.release_idle() == 64 * 64 * 4
+    assert buffers.scratch_bytes() == 0
+
+
+def test_lora_inference_adds_through_the_scratch_bit_for_bit_as_the_training_forward():
+    from torch import nn
+
+    from lycoris_lite import AdapterModel, LoRAConfig
+
+    torch.manual_seed(0)
+    model = AdapterModel(nn.Sequential(nn.Linear(32, 48)), LoRAConfig(r=4, alpha=3.0, target_modules=["0"], init_weights=False))
+    model.requires_grad_(False)
+    x = torch.randn(3, 50, 32)
+    for scale in (1.0, 0.37):
+        model.set_scale("default", scale)
+        with_grad = model(x)  # the route with autograd on: y + Δy, Δy a tensor of its own
+        with torch.no_grad():
+            inference = model(x)
+        assert torch.equal(inference, with_grad)
+        assert buffers.scratch_bytes() >= 3 * 50 * 48 * 4  # its Δy went through the scratch

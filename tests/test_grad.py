@@ -97,24 +97,34 @@ def test_cayley_backward_equals_autograd_of_the_solve():
         assert torch.autograd.gradcheck(cayley, (q,))
 
 
-@pytest.mark.parametrize("layer", ["linear", "conv1x1"])
-def test_the_folded_route_of_a_lone_training_adapter_has_every_gradient_of_the_plain_formula(layer, monkeypatch):
-    """One LoHa training alone on a linear or 1×1 layer runs ``op(x, W + ΔW)`` forward and the Khatri-Rao
-    route backward (:func:`lycoris_lite.algos.common.folded_route`): its output is the weight path's (to
-    rounding), and the gradients of the adapter, the input, and a base weight and bias left trainable are
-    autograd's of the plain formula."""
+FOLDED = {  # (layer, input shape, config): the adapters that train alone through common.folded_route
+    "loha-linear": (lambda: nn.Linear(24, 32), (2, 5, 24), "loha", {"r": 2, "alpha": 3.0}),
+    "loha-conv1x1": (lambda: nn.Conv2d(24, 32, 1), (2, 24, 3, 3), "loha", {"r": 2, "alpha": 3.0}),
+    "lokr-linear-lowrank-w2": (lambda: nn.Linear(24, 32), (2, 5, 24), "lokr", {"r": 1, "alpha": 2.0, "factor": 4}),
+    "lokr-conv3x3": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (2, 8, 5, 5), "lokr", {"r": 2, "alpha": 1.0, "factor": 4}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDED))
+def test_the_folded_route_of_a_lone_training_adapter_has_every_gradient_of_the_plain_formula(case, monkeypatch):
+    """One LoHa (linear, 1×1) or LoKr (conv; linear with a low-rank ``w2``) training alone on a layer runs
+    ``op(x, W + ΔW)`` forward and its activation route's backward
+    (:func:`lycoris_lite.algos.common.folded_route`): its output is the weight path's (to rounding), and
+    the gradients of the adapter, the input, and a base weight and bias left trainable are autograd's of
+    the plain formula."""
     from lycoris_lite.algos import common
 
     calls = []
     real = common.folded_route
     monkeypatch.setattr(common, "folded_route", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(24, 32) if layer == "linear" else nn.Conv2d(24, 32, 1)).double()
-    model = AdapterModel(base, get_algorithm("loha").config_class(r=2, alpha=3.0, target_modules=["0"], init_weights=False))
+    factory, shape, algo, settings = FOLDED[case]
+    base = nn.Sequential(factory()).double()
+    model = AdapterModel(base, get_algorithm(algo).config_class(**settings, target_modules=["0"], init_weights=False))
     lay = model.model[0]
     lay.weight.requires_grad_(True)
     lay.bias.requires_grad_(True)
-    x = torch.randn((2, 5, 24) if layer == "linear" else (2, 24, 3, 3), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     for scale in (1.0, -0.6):
         model.set_scale("default", scale)
         wanted = list(lay.adapters["default"].parameters()) + [x, lay.weight, lay.bias]
@@ -130,3 +140,27 @@ def test_the_folded_route_of_a_lone_training_adapter_has_every_gradient_of_the_p
     with torch.no_grad():  # inference: the cached fold, not this route
         model(x)
     assert len(calls) == 2
+
+
+def test_every_operator_acts_on_a_conv_channel_axis_as_its_dense_matrix():
+    """``apply_channels_first`` (a conv's ``(N, D, H, W)`` activations, axis left in place) and ``apply``
+    (channels last) equal the dense matrix ``M`` and ``Mᵀ`` for every operator kind, and carry gradients."""
+    from lycoris_lite.operators import BlockDiagonal, Chain, Diagonal, LowRankUpdate, Scaled, dense
+
+    torch.manual_seed(0)
+    d = 12
+    ops = [BlockDiagonal(torch.randn(3, 4, 4, dtype=torch.float64)),
+           BlockDiagonal(torch.randn(3, 4, 4, dtype=torch.float64), perm=torch.randperm(d)),
+           LowRankUpdate(torch.randn(d, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)),
+           Diagonal(torch.randn(d, dtype=torch.float64))]
+    ops += [Chain(ops[:3]), Scaled(ops[1], 0.3)]
+    h = torch.randn(2, d, 3, 5, dtype=torch.float64, requires_grad=True)
+    for op in ops:
+        m = dense(op)
+        for transpose in (False, True):
+            want = torch.einsum("cj,njhw->nchw", m.T if transpose else m, h)
+            got = op.apply_channels_first(h, transpose)
+            assert relative_error(got, want) <= 1e-13, (type(op).__name__, transpose)
+            assert relative_error(op.apply(h.movedim(1, -1), transpose).movedim(-1, 1), want) <= 1e-13
+            upstream = torch.randn_like(got)
+            assert relative_error(torch.autograd.grad(got, h, upstream)[0], torch.autograd.grad(want, h, upstream)[0]) <= 1e-13

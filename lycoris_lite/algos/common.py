@@ -182,20 +182,26 @@ class _FactoredRoute(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, *tensors = ctx.saved_tensors
-        route = ctx.route
-        need_x, needs = ctx.needs_input_grad[1], ctx.needs_input_grad[2:]
-        if hasattr(route, "factors_vjp"):  # the factors' own backward, written out (no nested autograd)
-            grad_x, grad_factors = route.backward(x, route.factors(*tensors), grad.contiguous(), need_x)
-            grads = route.factors_vjp(tensors, grad_factors)
-            return (None, grad_x, *(g if need else None for g, need in zip(grads, needs)))
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
-            factors = route.factors(*inputs)
-        grad_x, grad_factors = route.backward(x, [f.detach() for f in factors], grad.contiguous(), need_x)
-        wanted = [t for t in inputs if t.requires_grad]
-        pairs = [(f, g) for f, g in zip(factors, grad_factors) if f.requires_grad]
-        found = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs]) if wanted else ())
-        return (None, grad_x, *(next(found) if t.requires_grad else None for t in inputs))
+        grad_x, grads = _route_backward(ctx.route, x, tensors, grad.contiguous(), ctx.needs_input_grad[1],
+                                        ctx.needs_input_grad[2:])
+        return (None, grad_x, *grads)
+
+
+def _route_backward(route, x, tensors, grad, need_x, needs):
+    """``(∂x, [∂tensor or None])`` of ``route.forward(x, *route.factors(*tensors))`` for the upstream
+    ``grad``: ``route.backward`` gives the factors' gradients, then ``route.factors_vjp`` (written out)
+    or autograd of ``route.factors`` takes them to the tensors."""
+    if hasattr(route, "factors_vjp"):  # the factors' own backward, written out (no nested autograd)
+        grad_x, grad_factors = route.backward(x, route.factors(*tensors), grad, need_x)
+        return grad_x, [g if need else None for g, need in zip(route.factors_vjp(tensors, grad_factors), needs)]
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
+        factors = route.factors(*inputs)
+    grad_x, grad_factors = route.backward(x, [f.detach() for f in factors], grad, need_x)
+    wanted = [t for t in inputs if t.requires_grad]
+    pairs = [(f, g) for f, g in zip(factors, grad_factors) if f.requires_grad]
+    found = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs]) if wanted else ())
+    return grad_x, [next(found) if t.requires_grad else None for t in inputs]
 
 
 class LowRankRoute:
@@ -259,8 +265,7 @@ class _FoldedRoute(torch.autograd.Function):
         grads = [None] * len(tensors)
         if any(needs):
             dtype = tensors[0].dtype
-            _, grad_factors = route.backward(x.to(dtype), route.factors(*tensors), grad.to(dtype), False)
-            grads = [g if need else None for g, need in zip(route.factors_vjp(tensors, grad_factors), needs)]
+            _, grads = _route_backward(route, x.to(dtype), tensors, grad.to(dtype), False, needs)
         return (None, grad_x, grad_weight, grad_bias, *grads)
 
 
@@ -276,13 +281,14 @@ def _folded_weight(route, weight: torch.Tensor, tensors) -> torch.Tensor:
 
 def folded_route(route, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  *tensors: torch.Tensor) -> torch.Tensor:
-    """``op(x, W) + bias + Δy`` of one low-rank adapter while training, with ``route`` a
-    :class:`LowRankRoute` that has ``factors_vjp``: forward folds ``ΔW = up·down`` into the base op
+    """``op(x, W) + bias + Δy`` of one adapter training alone on a layer, with ``route`` an activation
+    route of :func:`factored_route`'s kind that also has ``spec`` and, unless it is a
+    :class:`LowRankRoute` (``ΔW = up·down``), ``delta(*tensors)``: forward folds ``ΔW`` into the base op
     (one GEMM of the layer's size, as the frozen layer runs anyway, plus the ``out × in`` sum), and
     backward takes the route's: the adapter tensors' gradients from ``h = op(x, down)``, recomputed,
-    never the full ``∂W = gᵀ·x``. Against the route both ways it saves the forward's two thin GEMMs
-    (``T·p·(in + out)`` multiply-adds, ``p`` the route's rank), which for a rank-``r²`` LoHa is most of
-    the adapter's forward. Keeps ``x``, the weight and the tensors for backward (nothing new)."""
+    never the full ``∂W = gᵀ·x``. Against the route both ways it saves the route's forward (for a
+    low-rank route its two thin GEMMs, ``T·p·(in + out)`` multiply-adds at rank ``p``: most of a
+    rank-``r²`` LoHa's forward). Keeps ``x``, the weight and the tensors for backward (nothing new)."""
     return _FoldedRoute.apply(route, x, weight, bias, *tensors)
 
 

@@ -93,11 +93,16 @@ class KronLowRankRoute:
     recomputes ``low`` and ``mixed`` (two thin GEMMs) instead of keeping them. Every product keeps the
     short dimension ``r`` as the rows of its result, the GEMM shape MKL runs fast."""
 
-    def __init__(self, factors):
-        self.factors = factors
+    def __init__(self, factors, spec=None):
+        self.factors, self.spec = factors, spec
 
     def forward(self, x, w1, w2_a, w2_b):
         return delta_forward_low_rank(x, w1, w2_a, w2_b)
+
+    def delta(self, *tensors):
+        """``ΔW = kron(w1, w2_a·w2_b)`` (the scale is in ``w1``), for :func:`~lycoris_lite.algos.common.folded_route`."""
+        w1, w2_a, w2_b = self.factors(*tensors)
+        return torch.kron(w1.contiguous(), (w2_a @ w2_b).contiguous())
 
     def backward(self, x, factors, grad, need_x):
         w1, w2_a, w2_b = factors
@@ -131,6 +136,11 @@ class KronConvRoute:
 
     def forward(self, x, w1, w2):
         return delta_forward(x, w1, w2, 1.0, self.spec)
+
+    def delta(self, *tensors):
+        """``ΔW = kron(w1, w2)`` (the scale is in ``w1``), for :func:`~lycoris_lite.algos.common.folded_route`."""
+        w1, w2 = self.factors(*tensors)
+        return delta_weight(w1, w2, 1.0, self.spec.weight_shape)
 
     def backward(self, x, factors, grad, need_x):
         w1, w2 = factors
@@ -283,9 +293,9 @@ class LoKr(Algorithm):
         return abs(settings["scale"]) * float(w1.detach().abs().max()) * float(w2.detach().abs().max())
 
     @classmethod
-    def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
-        """The activation route; while training its activation-sized intermediates are recomputed in
-        backward instead of kept (only ``x``, which the base layer keeps anyway, and the factors are)."""
+    def _route(cls, params, spec, settings, multiplier):
+        """``(route or None, tensors)``: the route object of :func:`delta_forward` (a conv, or a
+        linear layer with a low-rank ``w2``), and the tensors its ``factors`` take."""
         keys = sorted(k for k in params if k != dora.KEY)
         values = [params[k] for k in keys]
         scale = settings["scale"] * multiplier
@@ -294,15 +304,36 @@ class LoKr(Algorithm):
             return cls._factors(dict(zip(keys, values)), spec, settings, scale)
 
         if spec.is_conv:
-            return factored_route(KronConvRoute(spec, factors), x, *values)
+            return KronConvRoute(spec, factors), values
         if "lokr_w2_a" in params and "lokr_t2" not in params:
             def low_rank_factors(*values):
                 p = dict(zip(keys, values))
                 return factor_w1(p) * scale, p["lokr_w2_a"], p["lokr_w2_b"]
 
-            return factored_route(KronLowRankRoute(low_rank_factors), x, *values)
+            return KronLowRankRoute(low_rank_factors, spec), values
+        return None, values
 
-        def route(x, *values):
-            return delta_forward(x, *factors(*values), 1.0, spec)
+    @classmethod
+    def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
+        """The activation route; while training its activation-sized intermediates are recomputed in
+        backward instead of kept (only ``x``, which the base layer keeps anyway, and the factors are)."""
+        route, values = cls._route(params, spec, settings, multiplier)
+        if route is not None:
+            return factored_route(route, x, *values)
+        scale = settings["scale"] * multiplier
+        keys = sorted(k for k in params if k != dora.KEY)
 
-        return recompute_in_backward(route, x, *values)
+        def full(x, *values):
+            return delta_forward(x, *cls._factors(dict(zip(keys, values)), spec, settings, scale), 1.0, spec)
+
+        return recompute_in_backward(full, x, *values)
+
+    @classmethod
+    def folded_route(cls, params, spec, settings, multiplier=1.0):
+        """Training alone on a layer: ``kron(w1, w2)`` folded into the base op forward (its route's
+        forward is a grouped conv of ``1/a`` of the base conv's work, or three thin GEMMs on a linear
+        layer), the route's backward (:func:`~lycoris_lite.algos.common.folded_route`)."""
+        if "lokr_t2" in params:
+            return None
+        route, values = cls._route(params, spec, settings, multiplier)
+        return None if route is None else (route, values)
