@@ -15,6 +15,10 @@ The contract an algorithm implements (all tensors float, shapes per :class:`Laye
   ``delta_weight(params, spec, settings) -> ΔW`` (base-weight shape, ``alpha / r`` included) and
   ``delta_forward(x, params, spec, settings, multiplier) -> multiplier·Δy`` (the cheap activation route,
   used when ``use_activation_route`` says so; otherwise the layer folds ``W + s·ΔW`` into the base op).
+  Optional: ``add_delta_forward(y, x, …)`` (inference: ``Δy`` added into the layer's output in place)
+  and ``folded_route(params, spec, settings, multiplier) -> (route, tensors) | None`` (training alone
+  on a layer: ``ΔW`` folded into the base op forward, the route's backward; see
+  :func:`lycoris_lite.algos.common.folded_route`).
 * multiplicative algorithms: ``transform(params, spec, settings) -> (input_op, output_op)`` with
   ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.operators`).
 * ``regularization(params, settings) -> tensor | None``: an optional training penalty.

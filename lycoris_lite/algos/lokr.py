@@ -330,10 +330,11 @@ class LoKr(Algorithm):
 
     @classmethod
     def folded_route(cls, params, spec, settings, multiplier=1.0):
-        """Training alone on a layer: ``kron(w1, w2)`` folded into the base op forward (its route's
-        forward is a grouped conv of ``1/a`` of the base conv's work, or three thin GEMMs on a linear
-        layer), the route's backward (:func:`~lycoris_lite.algos.common.folded_route`)."""
-        if "lokr_t2" in params:
+        """Training alone on a conv: ``kron(w1, w2)`` folded into the base conv forward (its route's
+        forward is a grouped conv of ``1/a`` of the base conv's work), the route's backward
+        (:func:`~lycoris_lite.algos.common.folded_route`). Never on a linear layer, whose route never
+        builds the full Kronecker product."""
+        if not spec.is_conv or "lokr_t2" in params:
             return None
         route, values = cls._route(params, spec, settings, multiplier)
         return None if route is None else (route, values)
