@@ -265,7 +265,7 @@ def report(env: dict, samples: dict, memory: dict, check: float) -> str:
             f"| adapter tensors held (MiB) | {o['adapter_bytes'] / 2**20:.1f} | {d['adapter_bytes'] / 2**20:.1f} | |",
             f"| peak − rest (MiB) | {mib(o['peak_kb'] - o['rest_kb']):.1f} | {mib(d['peak_kb'] - d['rest_kb']):.1f} | "
             f"**{(d['peak_kb'] - d['rest_kb']) / max(o['peak_kb'] - o['rest_kb'], 1):.2f}×** |",
-            f"| idle file block kept for the next load (MiB) | {o.get('idle_bytes', 0) / 2**20:.1f} | – | |",
+            f"| idle file block kept for the next load (MiB) | {o['idle_bytes'] / 2**20:.1f} | – | |",
             f"| kept: after − rest (MiB) | {mib(o['after_kb'] - o['rest_kb']):.1f} | {mib(d['after_kb'] - d['rest_kb']):.1f} | |",
             f"| transient: peak − after (MiB) | {mib(o['peak_kb'] - o['after_kb']):.1f} | {mib(d['peak_kb'] - d['after_kb']):.1f} | |",
             f"| transient ÷ adapter tensors | {transient_copies(o):.2f} | {transient_copies(d):.2f} | |",
