@@ -36,22 +36,19 @@ an unload reuses the pages; loading files of other sizes never pushes out the id
 from __future__ import annotations
 
 import collections
-import ctypes
 import mmap
 import os
-import sys
 import threading
 
 import numpy as np
 import torch
 
+from . import portable
+
 ALIGN_BYTES = 64
 #: idle blocks kept for reuse (the rest are unmapped, oldest first)
 MAX_IDLE = 2
 _HUGE_PAGE = 2 * 1024 * 1024
-_MADV_FREE = 8
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23
 _MIN_ADVISED = 4 * _HUGE_PAGE
 
 
@@ -85,18 +82,14 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def _madvise_range(start: int, nbytes: int, page: int, advice: int) -> bool:
-    """``madvise(advice)`` on the ``page``-aligned interior of ``[start, start + nbytes)`` (Linux, at
-    least 8 MiB); whether the kernel took it. Silently ``False`` elsewhere or when refused."""
-    if not sys.platform.startswith("linux") or nbytes < _MIN_ADVISED:
+    """``madvise(advice)`` on the ``page``-aligned interior of ``[start, start + nbytes)`` (at least 8 MiB;
+    :func:`lycoris_lite.portable.madvise`: Linux); whether the kernel took it. Silently ``False``
+    elsewhere or when refused."""
+    if nbytes < _MIN_ADVISED:
         return False
     first = (start + page - 1) // page * page
     length = (start + nbytes - first) // page * page
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return madvise(first, length, advice) == 0
-    except (OSError, AttributeError):
-        return False
+    return portable.madvise(first, length, advice)
 
 
 def _madvise(block: torch.Tensor, page: int, advice: int) -> bool:
@@ -110,14 +103,14 @@ def _populate(block: torch.Tensor) -> bool:
     """Fault ``block``'s pages in at once (``MADV_POPULATE_WRITE``, Linux 5.14+): the kernel zeroes
     them in one call instead of one trap per 4 KiB page on first write. Measured on this task's VM, 1 GiB:
     0.24 s populated against 0.2–1.6 s of faults during the first fill."""
-    return _madvise(block, mmap.PAGESIZE, _MADV_POPULATE_WRITE)
+    return _madvise(block, mmap.PAGESIZE, portable.MADV_POPULATE_WRITE)
 
 
 def _advise_huge_pages(block: torch.Tensor) -> bool:
     """Ask the kernel for transparent huge pages on the 2 MiB-aligned interior of ``block`` (CPU,
     Linux, when :func:`huge_pages_wanted`); whether the kernel took the advice (silently nothing
     elsewhere or when it is refused)."""
-    return huge_pages_wanted() and _madvise(block, _HUGE_PAGE, _MADV_HUGEPAGE)
+    return huge_pages_wanted() and _madvise(block, _HUGE_PAGE, portable.MADV_HUGEPAGE)
 
 
 # ---- the pool of mapped blocks -----------------------------------------------------------------------
@@ -209,7 +202,7 @@ class _Pool:
     @staticmethod
     def _lazy_free(block: _Block) -> bool:
         block.resident = False
-        return _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, _MADV_FREE)
+        return _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, portable.MADV_FREE)
 
     def _decay(self, key: int) -> None:
         self.lock.acquire()
@@ -249,17 +242,13 @@ _READ_POOL = _Pool()  # blocks of adapter files read (:func:`read_block`): kept 
 
 
 def release_idle() -> int:
-    """Unmap the idle blocks kept for the next fuse or file read, and this thread's :func:`scratch`
-    buffer, now; the number of bytes they held."""
-    held = scratch_bytes()
-    _SCRATCH.buffer = None
-    return _POOL.release() + _READ_POOL.release() + held
+    """Unmap the idle blocks kept for the next fuse or file read now; the number of bytes they held."""
+    return _POOL.release() + _READ_POOL.release()
 
 
 def idle_bytes() -> int:
-    """Bytes held by idle blocks (their pages may already have been taken back by the kernel) and by
-    this thread's :func:`scratch` buffer."""
-    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle)) + scratch_bytes()
+    """Bytes held by idle blocks (their pages may already have been taken back by the kernel)."""
+    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle))
 
 
 def _pooled_block(nbytes: int, dtype: torch.dtype, pool: _Pool) -> torch.Tensor:
@@ -287,7 +276,7 @@ def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.dev
     sizes = [torch.Size(s).numel() for s in shapes]
     total = sum(-(-n // step) * step for n in sizes) + step
     device = torch.device(device)
-    if device.type == "cpu" and sys.platform.startswith("linux") and total * itemsize >= _MIN_ADVISED:
+    if device.type == "cpu" and portable.pools_memory() and total * itemsize >= _MIN_ADVISED:
         block = _pooled_block(total * itemsize, dtype, _pool or _POOL)
     else:
         block = torch.empty(total, dtype=dtype, device=device)
@@ -330,34 +319,3 @@ def is_file_block(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is this very tensor object of a file read (:func:`mark_file_block`): views or
     copies made from it afterwards are not."""
     return tensor.__dict__.get(_FILE_BLOCK, False)
-
-
-# ---- per-thread scratch ------------------------------------------------------------------------------
-_SCRATCH = threading.local()
-
-
-def scratch(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` on this thread's scratch buffer (CPU; elsewhere a new
-    tensor, the CUDA caching allocator being cheap already), for a value consumed at once and dropped,
-    such as the ``Δy`` an inference forward adds into the layer's output: the next call reuses the same
-    memory, where a new tensor of activation size is a fresh mapping whose pages fault in each time
-    (glibc hands large blocks back to the kernel). The buffer grows to the largest size asked for and
-    stays until :func:`release_idle` (on this thread) or the thread ends. The result is only valid
-    until this thread's next call: never keep it or hand it to autograd."""
-    device = torch.device(device)
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = 1
-    for d in shape:
-        count *= d
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < count * itemsize:
-        buffer = _SCRATCH.buffer = torch.empty(max(count * itemsize, ALIGN_BYTES), dtype=torch.uint8)
-    return buffer[:count * itemsize].view(dtype).view(tuple(shape))
-
-
-def scratch_bytes() -> int:
-    """Bytes held by this thread's scratch buffer."""
-    buffer = getattr(_SCRATCH, "buffer", None)
-    return 0 if buffer is None else buffer.numel()

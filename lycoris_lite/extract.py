@@ -38,6 +38,7 @@ SVD methods (``method``):
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import portable
 from .algos.lora import LoRA, LoRAConfig
 from .formats.kohya import LayerEntry
 from .layer import AdapterLayer
@@ -92,19 +94,21 @@ def check_rank_choice(rank, energy, max_rank=None, method: str = "auto") -> None
 
 
 def full_svd(flat: torch.Tensor, full_matrices: bool = False, driver: str | None = None):
-    """``torch.linalg.svd``, retried in float64 on the rare float32 non-convergence."""
+    """``torch.linalg.svd``, retried in float64 (on :func:`lycoris_lite.portable.float64_device`) on the
+    rare float32 non-convergence; the factors come back on ``flat``'s device in its dtype."""
     try:
         return torch.linalg.svd(flat, full_matrices=full_matrices, driver=driver)
     except RuntimeError:
-        u, s, vh = torch.linalg.svd(flat.double(), full_matrices=full_matrices)
-        return u.to(flat.dtype), s.to(flat.dtype), vh.to(flat.dtype)
+        wide = flat.to(portable.float64_device(flat.device), torch.float64)
+        return tuple(f.to(flat.device, flat.dtype) for f in torch.linalg.svd(wide, full_matrices=full_matrices))
 
 
 def _top_energy(projected: torch.Tensor, rank: int) -> torch.Tensor:
     """``Σ`` of the ``rank`` largest squared singular values of a wide ``(q, n)`` matrix, from its
-    ``q × q`` Gram matrix in float64 (LAPACK on the wide matrix itself is many times slower)."""
-    wide = projected.double()
-    return torch.linalg.eigvalsh(wide @ wide.T)[-rank:].sum().to(projected.dtype)
+    ``q × q`` Gram matrix in float64 (LAPACK on the wide matrix itself is many times slower), on
+    :func:`lycoris_lite.portable.float64_device`; the sum comes back on ``projected``'s device."""
+    wide = projected.to(portable.float64_device(projected.device), torch.float64)
+    return torch.linalg.eigvalsh(wide @ wide.T)[-rank:].sum().to(projected.device, projected.dtype)
 
 
 def _wide_svd(projected: torch.Tensor):
@@ -243,22 +247,28 @@ def adapter_delta(layer: AdapterLayer, adapter_name: str, multiplier: float = 1.
     float64 layer), from the layer's original weight (merged adapters left out).
 
     Additive algorithms give their ``delta_weight`` (the formula itself, no ``W + ΔW − W`` rounding);
-    multiplicative ones ``L·W·R − W``, computed in float64. A single adapter's change is linear in its
-    multiplier (``W + s·(L·W·R − W)``, see :mod:`lycoris_lite.layer`), so this is ``multiplier · ΔW(1)``.
+    multiplicative ones ``L·W·R − W``, computed in float64 (on a CPU copy of the layer where its device
+    has no float64: :func:`lycoris_lite.portable.float64_device`). A single adapter's change is linear in
+    its multiplier (``W + s·(L·W·R − W)``, see :mod:`lycoris_lite.layer`), so this is ``multiplier · ΔW(1)``.
+    The result is on the layer's device.
     """
     slot = layer.adapters[adapter_name]
     dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
     if slot.algorithm.multiplicative:
-        base = layer.effective_weight([]).double()
+        work = layer
+        if not portable.supports_float64(layer.weight.device):
+            work = copy.deepcopy(layer).to(portable.float64_device(layer.weight.device))
+        base = work.effective_weight([]).double()
+        slot = work.adapters[adapter_name]
         saved = slot.scale
         slot.scale = 1.0
         try:
-            delta = layer.effective_weight([adapter_name], base=base) - base
+            delta = work.effective_weight([adapter_name], base=base) - base
         finally:
             slot.scale = saved
     else:
         delta = slot.algorithm.delta_weight(slot.tensors(dtype), layer.spec, slot.settings)
-    return (delta * multiplier if multiplier != 1.0 else delta).to(dtype)
+    return (delta * multiplier if multiplier != 1.0 else delta).to(layer.weight.device, dtype)
 
 
 def layer_delta(layer: AdapterLayer, adapter_name: str) -> torch.Tensor:
@@ -396,9 +406,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _relative_change(base: torch.Tensor, tuned: torch.Tensor) -> float:
-    wide = torch.float64
-    diff = torch.linalg.vector_norm(tuned.to(base.device, wide) - base.to(wide))
-    norm = torch.linalg.vector_norm(base.to(wide))
+    device, wide = portable.float64_device(base.device), torch.float64
+    diff = torch.linalg.vector_norm(tuned.to(device, wide) - base.to(device, wide))
+    norm = torch.linalg.vector_norm(base.to(device, wide))
     return float(diff / norm) if norm > 0 else math.inf
 
 

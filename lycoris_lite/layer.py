@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffers import is_file_block
-from .checks import all_finite, max_magnitude
+from .checks import all_finite
 from .layer_kind import LayerSpec, move_channels_back, move_channels_last
 from .algos import common, dora
-from .operators import Diagonal, Operator, low_rank_parts, orthogonal_blocks, rotate_output, scaled
+from .operators import Diagonal, Operator, is_one, low_rank_parts, orthogonal_blocks, rotate_output, scaled
 from .registry import Algorithm
 
 
@@ -111,19 +111,44 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 class AdapterSlot(nn.Module):
     """One adapter on one layer: its tensors (registered by their file key), algorithm, settings and
-    the user's multiplier."""
+    the user's multiplier.
 
-    def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
+    The multiplier is held twice, as one value: :attr:`scale` (a Python float, what fusing, saving and
+    the pipeline read) and the 0-d buffer ``multiplier`` (what the forward reads), both written only by
+    the ``scale`` setter. The forward never branches on its value, so changing it under
+    ``torch.compile`` never retraces; only a change to or from 0 (:attr:`muted`: the adapter leaves the
+    forward) does. Calling the slot returns ``(tensors, multiplier)``: a module call, so offload hooks
+    on the slot (accelerate's sequential CPU offload) bring its tensors to the device first."""
+
+    def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor],
+                 dtype: torch.dtype, device: torch.device):
         super().__init__()
         # plain attributes straight into __dict__: what nn.Module.__setattr__ does for them, without its
         # per-call checks (they add up over a UNet's layers)
-        self.__dict__.update(algorithm=algorithm, settings=settings, scale=1.0, _cache=None)
+        self.__dict__.update(algorithm=algorithm, settings=settings, _scale=1.0, muted=False)
         for key, value in params.items():  # frozen: the controller's set_adapter makes the active ones trainable
             self.register_parameter(key, nn.Parameter(value, requires_grad=False))
+        self.register_buffer("multiplier", torch.ones((), dtype=dtype, device=device), persistent=False)
 
     @property
     def algorithm_name(self) -> str:
         return self.algorithm.name
+
+    @property
+    def scale(self) -> float:
+        """The user's multiplier ``s`` (``W + s·ΔW``, or ``M_s = I + s·(M − I)``)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        value = float(value)
+        self.__dict__.update(_scale=value, muted=value == 0.0)
+        with torch.no_grad():
+            self.multiplier.fill_(value)
+
+    def forward(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(tensors by key, multiplier)`` as the layer's forward uses them."""
+        return dict(self._parameters), self.multiplier
 
     def set_trainable(self, trainable: bool) -> None:
         """``requires_grad_(trainable)`` on the tensors whose flag differs (no walk of the module tree)."""
@@ -137,32 +162,44 @@ class AdapterSlot(nn.Module):
             return dict(params)
         return {k: v.to(dtype) for k, v in params.items()}
 
-    def cached(self, what: str, dtype: torch.dtype, compute):
-        """``compute(tensors)`` memoised while the tensors are unchanged and no graph is needed
-        (inference): keyed on each tensor's version counter and storage."""
-        params = self._parameters.values()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return compute(self.tensors(dtype))
-        key = (what, dtype, tuple((p._version, p.data_ptr(), p.device) for p in params))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        value = compute(self.tensors(dtype))
-        self._cache = (key, value)
-        return value
-
     def extra_repr(self) -> str:
         return f"{self.algorithm_name}, scale={self.scale}"
 
 
 @dataclass
+class _Use:
+    """An adapter as one computation uses it: its slot, its tensors (in the computation's dtype) and
+    its multiplier: the slot's float ``scale`` when fusing, its ``multiplier`` tensor in the forward
+    (or the number 1 while training at scale 1, which keeps the orthogonal fast paths)."""
+
+    slot: AdapterSlot
+    params: dict[str, torch.Tensor]
+    multiplier: float | torch.Tensor
+
+    @property
+    def algorithm(self) -> type[Algorithm]:
+        return self.slot.algorithm
+
+    @property
+    def settings(self) -> dict:
+        return self.slot.settings
+
+
+@dataclass
 class _Term:
     """``coef · L_t · S · R_t`` in the expansion of the multiplicative chain; ``S`` is the weight
-    (``source=None``) or the ``ΔW`` of a DoRA adapter (``source`` its slot)."""
+    (``source=None``) or the ``ΔW`` of a DoRA adapter (``source`` its use). ``coef`` is a number or a
+    0-d tensor (see :func:`~lycoris_lite.operators.is_one`)."""
 
-    coef: float
+    coef: float | torch.Tensor
     inputs: list[Operator] = field(default_factory=list)  # R_1 .. R_k (W ← W·R_1 first)
     outputs: list[Operator] = field(default_factory=list)  # L_1 .. L_k (W ← L_1·W first)
-    source: AdapterSlot | None = None
+    source: _Use | None = None
+
+    @property
+    def plain(self) -> bool:
+        """``1 · W``: nothing to apply."""
+        return is_one(self.coef) and not self.inputs and not self.outputs and self.source is None
 
 
 class AdapterLayer(nn.Module):
@@ -193,15 +230,20 @@ class AdapterLayer(nn.Module):
     def add(self, name: str, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
         """Attach adapter ``name``. A new DoRA adapter (settings ``dora_init``) gets its magnitude
         ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init)."""
-        dtype = compute_dtype(self.weight.dtype)
-        params = {k: _own_storage(v.to(device=self.weight.device, dtype=dtype)) for k, v in params.items()}
+        weight = self.weight
+        if weight.is_meta:
+            raise RuntimeError(
+                f"layer {self.layer_name!r} has its weight on the meta device (offloaded, e.g. by accelerate's "
+                "sequential CPU offload): attach adapters before enabling offload, or remove the offload hooks first")
+        dtype = compute_dtype(weight.dtype)
+        params = {k: _own_storage(v.to(device=weight.device, dtype=dtype)) for k, v in params.items()}
         settings = dict(settings)
         if settings.pop("dora_init", False):
             with torch.no_grad():
                 delta = algorithm.delta_weight(params, self.spec, settings)
-                original = (self._backup if self._backup is not None else self.weight).to(delta)
+                original = (self._backup if self._backup is not None else weight).to(delta)
                 params[dora.KEY] = dora.magnitude_from_weight(params[dora.KEY], original, delta, settings["dora"])
-        self.adapters[name] = AdapterSlot(algorithm, settings, params)
+        self.adapters[name] = AdapterSlot(algorithm, settings, params, dtype, weight.device)
 
     def remove(self, name: str):
         if name in self.merged:
@@ -218,26 +260,40 @@ class AdapterLayer(nn.Module):
     def live_adapters(self) -> list[str]:
         if self.disabled:
             return []
-        return [n for n in self.ordered(self.active) if n not in self.merged and self.adapters[n].scale != 0]
+        return [n for n in self.ordered(self.active) if n not in self.merged and not self.adapters[n].muted]
+
+    def _fuse_uses(self, names, dtype) -> list[_Use]:
+        """``names`` as fusing uses them: tensors in ``dtype``, the float scale."""
+        return [_Use(self.adapters[n], self.adapters[n].tensors(dtype), self.adapters[n].scale) for n in names]
+
+    def _forward_uses(self, names) -> list[_Use]:
+        """``names`` as the forward uses them: each slot called (its offload hooks run), its multiplier
+        tensor, or the number 1 for a slot training at scale 1."""
+        uses = []
+        for n in names:
+            slot = self.adapters[n]
+            params, multiplier = slot()
+            training = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+            uses.append(_Use(slot, params, 1.0 if training and slot.scale == 1.0 else multiplier))
+        return uses
 
     # ---- the composition plan -----------------------------------------------------------------
-    def _plan(self, names, dtype, base: torch.Tensor | None = None):
-        """``(terms, additive slots)`` for ``names`` in composition order. ``base``: the weight the
+    def _plan(self, uses: list[_Use], dtype, base: torch.Tensor | None = None):
+        """``(terms, additive uses)`` for ``uses`` in composition order. ``base``: the weight the
         chain starts from, which DoRA stages need for their norms (default: the current weight)."""
         terms = [_Term(1.0)]
         additive = []
-        for name in names:
-            slot = self.adapters[name]
-            algo = slot.algorithm
-            if slot.settings.get("dora"):
-                terms = self._decomposition_stage(terms, slot, dtype, base)
+        for use in uses:
+            algo = use.algorithm
+            if use.settings.get("dora"):
+                terms = self._decomposition_stage(terms, use, dtype, base)
                 continue
             if not algo.multiplicative:
-                additive.append(slot)
+                additive.append(use)
                 continue
-            in_op, out_op = slot.cached("transform", dtype, lambda t, a=algo, s=slot: a.transform(t, self.spec, s.settings))
-            s = slot.scale
-            if in_op is not None and out_op is not None and s != 1.0:
+            in_op, out_op = algo.transform(use.params, self.spec, use.settings)
+            s = use.multiplier
+            if in_op is not None and out_op is not None and not is_one(s):
                 # W + s(L W R − W) is not a product of one-sided factors: split every term in two
                 terms = [t for old in terms for t in (
                     _Term(old.coef * (1 - s), old.inputs, old.outputs, old.source),
@@ -250,17 +306,17 @@ class AdapterLayer(nn.Module):
                         t.outputs = t.outputs + [scaled(out_op, s)]
         return terms, additive
 
-    def _decomposition_stage(self, terms: list[_Term], slot: AdapterSlot, dtype, base) -> list[_Term]:
+    def _decomposition_stage(self, terms: list[_Term], use: _Use, dtype, base) -> list[_Term]:
         """Append a DoRA stage ``W ← (1 − s + s·g) ⊙ W + s·g ⊙ ΔW``, ``g = m/‖W + ΔW‖`` per channel of
         its axis, to the expansion ``terms`` of the chain so far (``W`` = their sum)."""
-        spec, settings, s = self.spec, slot.settings, slot.scale
+        spec, settings, s = self.spec, use.settings, use.multiplier
         axis = settings["dora"]
-        params = slot.tensors(dtype)
+        params = {k: v.to(dtype) for k, v in use.params.items()}
         if base is None:
             base = self.weight.detach()
         with torch.no_grad():
             running = self._expand(terms, base.to(dtype), dtype)
-            delta = slot.algorithm.delta_weight(params, spec, settings)
+            delta = use.algorithm.delta_weight(params, spec, settings)
         gain = dora.gain(params[dora.KEY], running + delta, axis).reshape(-1)
         if axis == "input":  # the flat input index is channel·kh·kw + tap
             gain = gain.repeat_interleave(spec.taps)
@@ -268,18 +324,18 @@ class AdapterLayer(nn.Module):
         side = "inputs" if axis == "input" else "outputs"
         for t in terms:
             setattr(t, side, getattr(t, side) + [keep])
-        return terms + [_Term(s, **{side: [own]}, source=slot)]
+        return terms + [_Term(s, **{side: [own]}, source=use)]
 
     def _source_weight(self, term: _Term, base: torch.Tensor, dtype) -> torch.Tensor:
         """``S`` of a term: ``base`` or the source adapter's ``ΔW``."""
         if term.source is None:
             return base
-        slot = term.source
-        return slot.algorithm.delta_weight(slot.tensors(dtype), self.spec, slot.settings)
+        use = term.source
+        return use.algorithm.delta_weight({k: v.to(dtype) for k, v in use.params.items()}, self.spec, use.settings)
 
     def _expand(self, terms: list[_Term], base: torch.Tensor, dtype) -> torch.Tensor:
         """``Σ coef · L·S·R`` as a dense weight."""
-        if len(terms) == 1 and terms[0].coef == 1.0 and terms[0].source is None:
+        if len(terms) == 1 and is_one(terms[0].coef) and terms[0].source is None:
             return self._transform_weight(base, terms[0])
         return sum(t.coef * self._transform_weight(self._source_weight(t, base, dtype), t) for t in terms)
 
@@ -304,14 +360,12 @@ class AdapterLayer(nn.Module):
             base = self._backup if self._backup is not None else self.weight.detach()
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         w = base.to(device=self.weight.device, dtype=dtype)
-        terms, additive = self._plan(self.ordered(names), dtype, w)
-        plain = len(terms) == 1 and terms[0].coef == 1.0 and terms[0].source is None and not (
-            terms[0].inputs or terms[0].outputs)
-        direct = out is not None and out.dtype == dtype and additive and plain
+        terms, additive = self._plan(self._fuse_uses(self.ordered(names), dtype), dtype, w)
+        direct = out is not None and out.dtype == dtype and additive and len(terms) == 1 and terms[0].plain
         result = w if direct else self._expand(terms, w, dtype)
-        for slot in additive:
-            result = slot.algorithm.add_delta_weight(result, slot.tensors(dtype), self.spec, slot.settings, slot.scale,
-                                                     out=out if direct else None)
+        for use in additive:
+            result = use.algorithm.add_delta_weight(result, use.params, self.spec, use.settings, use.multiplier,
+                                                    out=out if direct else None)
         if out is None or direct:
             return result
         return out.copy_(result)
@@ -320,28 +374,27 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec, weight, bias = self.spec, self.weight, self.bias
         if self.disabled and self._backup is not None:
-            return spec.op(x, self._backup.to(weight.device), bias)
+            return spec.op(x, self._backup.to(device=weight.device, dtype=weight.dtype), bias)
         names = self.live_adapters()
         if not names:
             return spec.op(x, weight, bias)
         cdtype = compute_dtype(weight.dtype)
-        terms, additive = self._plan(names, cdtype)
+        terms, additive = self._plan(self._forward_uses(names), cdtype)
         routed = []
         folded = []
-        for slot in additive:
-            (routed if slot.algorithm.use_activation_route(spec, slot.settings, self._needs_grad(slot)) else folded).append(slot)
+        for use in additive:
+            (routed if use.algorithm.use_activation_route(spec, use.settings, self._needs_grad(use)) else folded).append(use)
 
         weight_delta = None
-        for slot in folded:
-            delta = slot.scale * slot.cached("delta", cdtype, lambda t, s=slot: s.algorithm.delta_weight(t, spec, s.settings))
+        for use in folded:
+            delta = use.multiplier * use.algorithm.delta_weight(use.params, spec, use.settings)
             weight_delta = delta if weight_delta is None else weight_delta + delta
 
-        plain = (len(terms) == 1 and terms[0].coef == 1.0 and not terms[0].inputs and not terms[0].outputs
-                 and terms[0].source is None)
+        plain = len(terms) == 1 and terms[0].plain
         if plain and weight_delta is None and len(routed) == 1:
-            slot = routed[0]
-            folded_route = None if (slot.settings.get("dropout") and self.training) or not self._needs_grad(slot) \
-                else slot.algorithm.folded_route(slot.tensors(), spec, slot.settings, slot.scale)
+            use = routed[0]
+            folded_route = None if (use.settings.get("dropout") and self.training) or not self._needs_grad(use) \
+                else use.algorithm.folded_route(use.params, spec, use.settings, use.multiplier)
             if folded_route is not None:  # one adapter training alone: folded forward, route backward
                 return common.folded_route(folded_route[0], x, weight, bias, *folded_route[1])
         if plain:
@@ -361,27 +414,27 @@ class AdapterLayer(nn.Module):
             if weight_delta is not None:
                 y = y + spec.op(x, weight_delta.to(weight.dtype))
 
-        for slot in routed:
-            if torch.is_grad_enabled() or (slot.settings.get("dropout") and self.training):
+        for use in routed:
+            if torch.is_grad_enabled() or (use.settings.get("dropout") and self.training):
                 # out of place: in place on the base op's output measured 15-30 % slower steps
                 # (linear LoRA, 1 thread), though autograd keeps no copy of it
-                y = y + self._route(x, slot, slot.scale, cdtype).to(y.dtype)
+                y = y + self._route(x, use, use.multiplier, cdtype).to(y.dtype)
             else:  # inference: accumulated into the fresh output in place
-                y = slot.algorithm.add_delta_forward(y, x.to(cdtype), slot.tensors(), spec, slot.settings, slot.scale)
+                y = use.algorithm.add_delta_forward(y, x.to(cdtype), use.params, spec, use.settings, use.multiplier)
         return y
 
-    def _route(self, x: torch.Tensor, slot: AdapterSlot, multiplier: float, cdtype) -> torch.Tensor:
+    def _route(self, x: torch.Tensor, use: _Use, multiplier, cdtype) -> torch.Tensor:
         """``multiplier · op(x, ΔW)`` of an additive adapter through its activation route (with its
         input dropout while training)."""
         xa = x.to(cdtype)
-        p = slot.settings.get("dropout", 0.0)
+        p = use.settings.get("dropout", 0.0)
         if p and self.training:
             xa = F.dropout(xa, p, training=True)
-        return slot.algorithm.delta_forward(xa, slot.tensors(), self.spec, slot.settings, multiplier)
+        return use.algorithm.delta_forward(xa, use.params, self.spec, use.settings, multiplier)
 
     @staticmethod
-    def _needs_grad(slot: AdapterSlot) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in slot.parameters())
+    def _needs_grad(use: _Use) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in use.params.values())
 
     def _low_rank_term(self, x: torch.Tensor, term: _Term, cdtype, bias=None) -> torch.Tensor | None:
         """A term whose only transform is one ``I − U·C·Uᵀ`` (HRA) runs like a rank-r LoRA:
@@ -393,7 +446,7 @@ class AdapterLayer(nn.Module):
         laid out so their gradients run as wide GEMMs (``up`` column-major: 4-5x faster on MKL at r ≤ 9).
         """
         ops = term.inputs + term.outputs
-        parts = low_rank_parts(ops[0]) if len(ops) == 1 and term.coef == 1.0 else None
+        parts = low_rank_parts(ops[0]) if len(ops) == 1 and is_one(term.coef) and term.source is None else None
         if parts is None:
             return None
         spec = self.spec
@@ -415,7 +468,7 @@ class AdapterLayer(nn.Module):
         with exact Cayley at multiplier 1), while training: ``y = M·op(x, W·R) + bias`` through
         :func:`rotate_output`, which keeps ``y`` for backward instead of the base output (one activation
         less than autograd keeps; ``M``'s gradient is taken from ``y`` through ``M``'s orthogonality)."""
-        if term.coef != 1.0 or len(term.outputs) != 1:
+        if not is_one(term.coef) or term.source is not None or len(term.outputs) != 1:
             return None
         blocks = orthogonal_blocks(term.outputs[0])
         if blocks is None or not (torch.is_grad_enabled() and blocks.requires_grad):
@@ -429,21 +482,53 @@ class AdapterLayer(nn.Module):
     def _term_forward(self, x: torch.Tensor, term: _Term, cdtype) -> torch.Tensor:
         """``coef · op(x, L·S·R)`` (no bias), rotating activations where that is exact and cheap; a
         DoRA term's ``ΔW`` runs through its algorithm's activation route where it has one."""
-        spec, weight, slot = self.spec, self.weight, term.source
-        routed = (slot is not None and (spec.is_pointwise or not term.inputs)
-                  and slot.algorithm.use_activation_route(spec, slot.settings, self._needs_grad(slot)))
-        if slot is not None and not routed:
-            delta = slot.cached("delta", cdtype, lambda t: slot.algorithm.delta_weight(t, spec, slot.settings))
-            weight = delta.to(weight.dtype)
+        spec, weight, use = self.spec, self.weight, term.source
+        routed = (use is not None and (spec.is_pointwise or not term.inputs)
+                  and use.algorithm.use_activation_route(spec, use.settings, self._needs_grad(use)))
+        if use is not None and not routed:
+            weight = use.algorithm.delta_weight(use.params, spec, use.settings).to(weight.dtype)
         if term.inputs and not spec.is_pointwise:
             # a k×k conv's input-side rotation mixes kernel taps: rotate the weight instead
             weight = self._transform_weight(weight.to(cdtype), _Term(1.0, term.inputs), inputs=True).to(self.weight.dtype)
         elif term.inputs:
             x = _apply_ops(x, reversed(term.inputs), spec, cdtype)  # y = x Rᵀ Wᵀ: R_k acts first on x
-        h = self._route(x, slot, term.coef, cdtype).to(x.dtype) if routed else spec.op(x, weight)
+        h = self._route(x, use, term.coef, cdtype).to(x.dtype) if routed else spec.op(x, weight)
         if term.outputs:
             h = _apply_ops(h, term.outputs, spec, cdtype)
-        return h if term.coef == 1.0 or routed else h * term.coef
+        return h if is_one(term.coef) or routed else h * term.coef
+
+    # ---- following the module through .to(), .half(), offload ------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        """``fn`` on the layer's tensors (``nn.Module.to``, ``.half()``, ``.cuda()``, offload hooks) under
+        one rule: the base weight and bias take ``fn`` as any module's do; the adapter tensors follow
+        them to their device and take the compute dtype of the new weight dtype
+        (:func:`compute_dtype`: float32 for a float16/bfloat16 weight, else the weight's own), never a
+        half-precision copy; the kept original of a fused weight takes ``fn`` too (or, when kept on
+        ``backup_device``, only its dtype), so unfusing restores exactly ``original.to(dtype, device)``."""
+        super()._apply(fn, recurse=False)
+        base = self._base_module
+        for key in ("weight", "bias"):  # the base module holds the same Parameters (fn may swap them)
+            if key in self._parameters:
+                base._parameters[key] = self._parameters[key]
+        weight = self.weight
+        dtype = compute_dtype(weight.dtype) if weight.is_floating_point() else torch.float32
+
+        def follow(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(torch.empty(0, dtype=t.dtype, device=t.device))  # where fn sends a tensor like t
+            if moved.dtype == t.dtype or not t.is_floating_point():
+                return fn(t)
+            return t.to(device=moved.device, dtype=dtype)
+
+        if recurse:
+            for slot in self.adapters.values():
+                slot._apply(follow)
+        if self._backup is not None:
+            backup = self._backup
+            if self.backup_device is None or weight.is_meta:
+                self._backup = fn(backup)
+            else:
+                self._backup = backup.to(dtype=weight.dtype)
+        return self
 
     # ---- merge / unmerge ----------------------------------------------------------------------
     @torch.no_grad()
@@ -462,27 +547,6 @@ class AdapterLayer(nn.Module):
                     raise ValueError(
                         f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was merged"
                     )
-
-    @torch.no_grad()
-    def merge_bound(self, names) -> float | None:
-        """An upper bound on ``max |W_eff|`` when ``names`` (finite, checked) are merged onto the
-        unmerged weight: the weight's largest magnitude (:func:`~lycoris_lite.checks.max_magnitude`,
-        known while the tensor is unchanged) plus each additive adapter's ``|s| · delta_bound``. None
-        when adapters are merged already or one of them is multiplicative, DoRA or has no bound; the
-        merged weight is then checked instead."""
-        if self._backup is not None:
-            return None
-        total = 0.0
-        for name in names:
-            slot = self.adapters[name]
-            if slot.algorithm.multiplicative or slot.settings.get("dora"):
-                return None
-            bound = slot.algorithm.delta_bound(slot.tensors(), self.spec, slot.settings)
-            if bound is None:
-                return None
-            total += abs(slot.scale) * bound
-        magnitude = max_magnitude(self.weight)
-        return None if magnitude is None else magnitude + total
 
     def write_merged(self, names, new_weight: torch.Tensor) -> None:
         """Swap in ``new_weight`` (from :meth:`merged_weight`); the original tensor becomes the backup."""
@@ -507,8 +571,8 @@ class AdapterLayer(nn.Module):
         """Restore the original weight exactly."""
         if self._backup is None:
             return
-        backup = self._backup
-        self.weight.data = backup if backup.device == self.weight.device else backup.to(self.weight.device)
+        backup, weight = self._backup, self.weight
+        self.weight.data = backup.to(device=weight.device, dtype=weight.dtype)
         self._backup = None
         self.merged = []
 

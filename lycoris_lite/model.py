@@ -22,7 +22,7 @@ from torch import nn
 
 from . import algos  # noqa: F401  (registers the algorithms)
 from .buffers import packed_empty
-from .checks import all_finite, within_range
+from .checks import all_finite
 from .config import AdapterConfig
 from .layer import AdapterLayer, submodule, walk_modules
 from .layer_kind import LayerSpec
@@ -137,8 +137,7 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
     (``packed``, :func:`~lycoris_lite.buffers.packed_empty`; the block is the one copy of the merged
     layers that merging costs, freed when they are all unmerged) or into a tensor of its own each
     (``packed=False``, for weights that outlive the adapters). With ``safe_merge`` the adapter tensors
-    and every new weight are checked for NaN/Inf first, so a failure changes nothing; a new weight whose
-    magnitude is bounded within its dtype's range (:meth:`AdapterLayer.merge_bound`) needs no look."""
+    and every new weight are checked for NaN/Inf first, so a failure changes nothing."""
     plan = [(layer, todo) for layer in layers if (todo := [n for n in layer.ordered(names) if n not in layer.merged])]
     if safe_merge:
         for layer, todo in plan:
@@ -154,7 +153,7 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
     staged = []
     for (layer, todo), out in zip(plan, outs):
         new = layer.merged_weight(todo, out=out)
-        if safe_merge and not within_range(layer.merge_bound(todo), new.dtype) and not all_finite(new):
+        if safe_merge and not all_finite(new):
             raise ValueError(f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged")
         staged.append(new)
     for (layer, todo), new in zip(plan, staged):

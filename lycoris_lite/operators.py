@@ -11,7 +11,8 @@ vector ``v`` along the last dimension) and ``apply(v, transpose=True) = v @ M``.
 * :class:`Diagonal` ``M = diag(d)``.
 * :class:`Chain` ``M = S_k ⋯ S_1`` (``S_1`` applied first).
 * :class:`Scaled` ``M_s = I + s (M - I)``: the user's multiplier on a multiplicative adapter, so that
-  ``s = 0`` is the identity and ``s = 1`` the full transform; negative values extrapolate.
+  ``s = 0`` is the identity and ``s = 1`` the full transform; negative values extrapolate. ``s`` is a
+  number or a 0-d tensor (the forward's multiplier, see :func:`is_one`).
 
 ``orthogonal`` says an operator is exactly orthogonal (``Mᵀ M = I`` up to rounding: an exact Cayley
 transform, not its Neumann series nor a rotation stored as given), which lets :func:`rotate_output`
@@ -21,6 +22,13 @@ take ``M``'s gradient from its output instead of keeping its input for backward.
 from __future__ import annotations
 
 import torch
+
+
+def is_one(value) -> bool:
+    """Whether ``value`` is the Python number 1: a multiplier known to be exactly one while the forward
+    is traced. A tensor multiplier (the layer's ``multiplier`` buffer) is never taken for one, so no
+    code path depends on its value: changing it never retraces a compiled forward."""
+    return isinstance(value, (int, float)) and value == 1.0
 
 
 class Operator:
@@ -133,20 +141,23 @@ class Chain(Operator):
 
 
 class Scaled(Operator):
-    def __init__(self, op: Operator, scale: float):
-        self.op, self.scale = op, float(scale)
+    def __init__(self, op: Operator, scale):
+        self.op, self.scale = op, scale if isinstance(scale, torch.Tensor) else float(scale)
         self.size = op.size
-        self.orthogonal = op.orthogonal and self.scale == 1.0
+        self.orthogonal = op.orthogonal and is_one(self.scale)
 
     def apply(self, v, transpose=False):
-        if self.scale == 1.0:
+        if is_one(self.scale):
             return self.op.apply(v, transpose)
-        return torch.lerp(v, self.op.apply(v, transpose), self.scale)
+        return torch.lerp(v, self.op.apply(v, transpose), self._weight(v))
 
     def apply_channels_first(self, h, transpose=False):
-        if self.scale == 1.0:
+        if is_one(self.scale):
             return self.op.apply_channels_first(h, transpose)
-        return torch.lerp(h, self.op.apply_channels_first(h, transpose), self.scale)
+        return torch.lerp(h, self.op.apply_channels_first(h, transpose), self._weight(h))
+
+    def _weight(self, like: torch.Tensor):
+        return self.scale.to(like.dtype) if isinstance(self.scale, torch.Tensor) else self.scale
 
     def to(self, dtype):
         return Scaled(self.op.to(dtype), self.scale)
@@ -207,10 +218,12 @@ def rotate_output(v: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | No
     return _OrthogonalOutputRotation.apply(v, blocks, bias)
 
 
-def scaled(op: Operator | None, scale: float) -> Operator | None:
+def scaled(op: Operator | None, scale) -> Operator | None:
+    """``op`` under the multiplier ``scale`` (a number or a 0-d tensor): :class:`Scaled` unless
+    ``scale`` is the number 1."""
     if op is None:
         return None
-    return op if scale == 1.0 else Scaled(op, scale)
+    return op if is_one(scale) else Scaled(op, scale)
 
 
 def dense(op: Operator, dtype=torch.float64) -> torch.Tensor:

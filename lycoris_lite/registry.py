@@ -143,13 +143,6 @@ class Algorithm:
         return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier, out=out)
 
     @classmethod
-    def delta_bound(cls, params, spec: LayerSpec, settings: dict) -> float | None:
-        """An upper bound on ``max |ΔW|`` from the factors alone (a few small reductions), or None.
-        With it a safe merge of finite factors onto a weight of known magnitude needs no look at the
-        merged weight (:meth:`~lycoris_lite.layer.AdapterLayer.merge_bound`)."""
-        return None
-
-    @classmethod
     def delta_forward(cls, x, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0) -> torch.Tensor | None:
         """``multiplier · spec.op(x, ΔW)``; implementations fold the scale into their smallest factor."""
         return None

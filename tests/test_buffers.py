@@ -176,25 +176,7 @@ def test_file_reads_have_a_pool_of_their_own_and_never_push_out_the_idle_fuse_bl
     assert buffers.release_idle() == held and buffers.idle_bytes() == 0
 
 
-def test_scratch_is_one_growing_buffer_per_thread_released_on_demand():
-    import threading
-
-    a = buffers.scratch((4, 8), torch.float32, torch.device("cpu"))
-    b = buffers.scratch((2, 3), torch.float16, torch.device("cpu"))  # smaller: the same memory
-    assert a.shape == (4, 8) and b.shape == (2, 3) and b.dtype == torch.float16
-    assert a.data_ptr() == b.data_ptr() and buffers.scratch_bytes() == 128
-    big = buffers.scratch((64, 64), torch.float32, torch.device("cpu"))  # larger: the buffer grows
-    assert buffers.scratch_bytes() == 64 * 64 * 4 and big.data_ptr() % 64 == 0
-    seen = {}
-    worker = threading.Thread(target=lambda: seen.update(ptr=buffers.scratch((64, 64), torch.float32, "cpu").data_ptr()))
-    worker.start()
-    worker.join()
-    assert seen["ptr"] != big.data_ptr()  # another thread never shares it
-    assert buffers.idle_bytes() == 64 * 64 * 4 and buffers.release_idle() == 64 * 64 * 4
-    assert buffers.scratch_bytes() == 0
-
-
-def test_lora_inference_adds_through_the_scratch_bit_for_bit_as_the_training_forward():
+def test_lora_inference_is_bit_for_bit_the_training_forward():
     from torch import nn
 
     from lycoris_lite import AdapterModel, LoRAConfig
@@ -209,4 +191,3 @@ def test_lora_inference_adds_through_the_scratch_bit_for_bit_as_the_training_for
         with torch.no_grad():
             inference = model(x)
         assert torch.equal(inference, with_grad)
-        assert buffers.scratch_bytes() >= 3 * 50 * 48 * 4  # its Δy went through the scratch

@@ -220,22 +220,3 @@ def test_training_from_identity_moves_away_from_identity(algo):
     (model(x) - target).square().mean().backward()
     opt.step()
     assert relative_error(model(x).detach(), before) > 1e-6
-
-
-@pytest.mark.parametrize("algo,layer,options", CASES, ids=IDS)
-def test_delta_bound_bounds_the_weight_change(algo, layer, options):
-    """``delta_bound`` (what lets a safe merge skip looking at the merged weight) is an upper bound on
-    ``max |ΔW|``, and a tight one (within the ℓ1/ℓ∞ slack of a product)."""
-    model, _ = make(algo, layer, **options)
-    lay = model.model[0]
-    slot = lay.adapters["default"]
-    bound = slot.algorithm.delta_bound(slot.tensors(), lay.spec, slot.settings)
-    if bound is None:  # multiplicative, or a Tucker core: the merged weight is looked at instead
-        assert slot.algorithm.multiplicative or {"lora_mid", "hada_t1"} & set(slot.tensors())
-        return
-    exact = (lay.effective_weight(["default"]) - lay.weight).abs().max().item()
-    if slot.settings.get("dora"):
-        assert lay.merge_bound(["default"]) is None  # DoRA rescales the weight: not additive
-        return
-    assert exact <= bound * (1 + 1e-12) and bound <= 1e4 * exact  # LoKr's bound is the exact maximum
-    assert lay.merge_bound(["default"]) == pytest.approx(lay.weight.abs().max().item() + bound)

@@ -33,13 +33,6 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-def product_bound(left: torch.Tensor, right: torch.Tensor) -> float:
-    """An upper bound on ``max |left @ right|`` for 2-D factors: the largest row ℓ1 norm of ``left``
-    times the largest ``|right|`` (``|Σ_k l_ik r_kj| ≤ Σ_k |l_ik| · max |r|``)."""
-    left, right = left.detach(), right.detach()
-    return float(left.abs().sum(1).max()) * float(right.abs().max())
-
-
 def skew(raw: torch.Tensor) -> torch.Tensor:
     """``Q = B - Bᵀ`` over the last two dims: a skew-symmetric matrix from an unconstrained one."""
     return raw - raw.transpose(-1, -2)

@@ -26,7 +26,7 @@ import torch
 
 from ..registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
-from .common import LowRankRoute, factored_route, init_factors, product_bound, rebuild_tucker
+from .common import LowRankRoute, factored_route, init_factors, rebuild_tucker
 from .lora import lora_scale
 
 
@@ -191,9 +191,3 @@ class LoHa(Algorithm):
         return delta_weight(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
                             settings["scale"], spec.weight_shape, params.get("hada_t1"), params.get("hada_t2"))
 
-    @classmethod
-    def delta_bound(cls, params, spec, settings):
-        if "hada_t1" in params:
-            return None
-        return abs(settings["scale"]) * product_bound(params["hada_w1_a"], params["hada_w1_b"].flatten(1)) * \
-            product_bound(params["hada_w2_a"], params["hada_w2_b"].flatten(1))

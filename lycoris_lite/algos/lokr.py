@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..operators import is_one
 from ..registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
 from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
@@ -279,18 +280,12 @@ class LoKr(Algorithm):
         a, b, c, d = settings["shape"]
         w2_shape = (b, d, *spec.kernel_size) if spec.is_conv else (b, d)
         w1 = factor_w1(params)
-        return w1 if scale == 1.0 else w1 * scale, factor_w2(params, w2_shape)
+        return w1 if is_one(scale) else w1 * scale, factor_w2(params, w2_shape)
 
     @classmethod
     def delta_weight(cls, params, spec, settings):
         w1, w2 = cls._factors(params, spec, settings)
         return delta_weight(w1, w2, settings["scale"], spec.weight_shape)
-
-    @classmethod
-    def delta_bound(cls, params, spec, settings):
-        """``max |kron(w1, w2)| = max |w1| · max |w2|`` (the factors are small)."""
-        w1, w2 = cls._factors(params, spec, settings)
-        return abs(settings["scale"]) * float(w1.detach().abs().max()) * float(w2.detach().abs().max())
 
     @classmethod
     def _route(cls, params, spec, settings, multiplier):

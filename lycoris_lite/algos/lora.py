@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..buffers import scratch
 from ..layer_kind import LayerSpec
+from ..operators import is_one
 from ..registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
-from .common import kaiming_, product_bound, rebuild_tucker
+from .common import kaiming_, rebuild_tucker
 
 
 def lora_scale(alpha: float, r: int, rank_stabilized: bool = False) -> float:
@@ -72,7 +72,7 @@ def delta_forward(x, down, up, scale: float, spec: LayerSpec, mid=None) -> torch
         h = spec.op(spec.pointwise(x, down.flatten(1)), mid)
     else:
         h = spec.op(x, down)
-    return spec.pointwise(h if scale == 1.0 else h * scale, up.flatten(1))
+    return spec.pointwise(h if is_one(scale) else h * scale, up.flatten(1))
 
 
 @dataclass
@@ -150,12 +150,6 @@ class LoRA(Algorithm):
         return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
 
     @classmethod
-    def delta_bound(cls, params, spec, settings):
-        if "lora_mid" in params:
-            return None
-        return abs(settings["scale"]) * product_bound(params["lora_up"].flatten(1), params["lora_down"].flatten(1))
-
-    @classmethod
     def add_delta_weight(cls, weight, params, spec, settings, multiplier=1.0, out=None):
         """``W + multiplier·scale·up @ down`` by :func:`add_low_rank` (no ΔW tensor; Tucker: the default)."""
         if "lora_mid" in params:
@@ -170,20 +164,3 @@ class LoRA(Algorithm):
         return delta_forward(x, params["lora_down"], params["lora_up"], settings["scale"] * multiplier, spec,
                              params.get("lora_mid"))
 
-    @classmethod
-    def add_delta_forward(cls, y, x, params, spec, settings, multiplier=1.0):
-        """Inference on a linear layer: ``y += up(s · down(x))`` with ``Δy`` computed into this
-        thread's scratch memory (:func:`lycoris_lite.buffers.scratch`) and added in place: no new
-        activation-sized tensor (on the CPU each was a fresh mapping whose pages faulted in: at 320
-        channels × 8192 tokens and r=32 the LoRA cost 0.65-1.4 of the base GEMM that way, 0.37 now,
-        1 thread). The same GEMM and the same add as :meth:`delta_forward`'s, so bit for bit its result
-        (and diffusers'). Convs, Tucker cores and mixed dtypes take the default."""
-        up = params["lora_up"]
-        if "lora_mid" in params or spec.is_conv or y.dtype != up.dtype or not y.is_contiguous():
-            return super().add_delta_forward(y, x, params, spec, settings, multiplier)
-        scale = settings["scale"] * multiplier
-        h = spec.op(x, params["lora_down"])
-        h = (h if scale == 1.0 else h * scale).reshape(-1, up.shape[1])
-        delta = scratch(y.shape, y.dtype, y.device).view(-1, up.shape[0])
-        torch.mm(h, up.T, out=delta)  # the GEMM F.linear(h, up) runs, into memory this thread reuses
-        return y.add_(delta.view(y.shape))

@@ -11,7 +11,6 @@ never a mixture; the hidden temporaries it leaves are removed by the next write 
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import json
 import os
@@ -26,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .. import portable
 from ..buffers import mark_file_block, read_block
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".bin", ".pth"}
@@ -177,22 +177,19 @@ def _read_tensors(path: Path, header: dict, data_start: int) -> dict[str, torch.
     return state
 
 
-#: buffers one ``preadv`` call fills at most (POSIX guarantees 16; Linux and macOS take 1024)
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
-
-
 def _read_spans(fh, path: Path, data_start: int, spans: list) -> None:
     """Fill each ``(start, writable memoryview)`` of ``spans`` (sorted, not overlapping) with its bytes of
-    the data section: runs of adjacent spans in one ``os.preadv`` where the OS has it, else one
-    ``readinto`` each. A short read (the file shrank) raises :class:`AdapterFileError`."""
+    the data section: runs of adjacent spans in one :func:`lycoris_lite.portable.read_into` (one
+    ``os.preadv`` where the OS has it, else one span a call). A short read (the file shrank) raises
+    :class:`AdapterFileError`."""
+    limit = portable.read_batch_limit()
     i = 0
     while i < len(spans):
         start, first = spans[i]
         run, stop = [first], start + len(first)
-        if hasattr(os, "preadv"):
-            while i + len(run) < len(spans) and len(run) < _IOV_MAX and spans[i + len(run)][0] == stop:
-                run.append(spans[i + len(run)][1])
-                stop += len(run[-1])
+        while i + len(run) < len(spans) and len(run) < limit and spans[i + len(run)][0] == stop:
+            run.append(spans[i + len(run)][1])
+            stop += len(run[-1])
         done = 0
         while done < stop - start:  # a read may return less than asked (signals, 2 GiB caps)
             pending, skip = [], done
@@ -202,11 +199,7 @@ def _read_spans(fh, path: Path, data_start: int, spans: list) -> None:
                     continue
                 pending.append(view[skip:] if skip else view)
                 skip = 0
-            if hasattr(os, "preadv"):
-                got = os.preadv(fh.fileno(), pending, data_start + start + done)
-            else:
-                fh.seek(data_start + start + done)
-                got = fh.readinto(pending[0])
+            got = portable.read_into(fh, pending, data_start + start + done)
             if not got:
                 raise AdapterFileError(f"{path.name}: the file changed while it was read (it ends early)")
             done += got
@@ -260,37 +253,12 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> tupl
     return _read_tensors(path, header, data_start), metadata
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it, for a
-    moment, for every thread)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
 
 
 def _temporary_prefix(path: Path) -> str:
     """``.NAME.HOST-PID.``: whose temporary it is, so a later write can tell a dead writer's leftovers."""
     return f".{path.name}.{_HOST}-{os.getpid()}."
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -302,7 +270,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for entry in map(Path, glob.glob(glob.escape(str(path.parent / prefix)) + "*.tmp")):
         owner = entry.name[len(prefix):].split(".", 1)[0]
         host, _, pid = owner.rpartition("-")
-        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+        if host != _HOST or not pid.isdigit() or portable.process_alive(int(pid)):
             continue
         try:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -310,19 +278,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             continue
         removed.append(entry)
     return removed
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -340,33 +295,21 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = folder / path.name
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~portable.umask())
+        portable.fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    _fsync_folder(path.parent)
+    portable.fsync_folder(path.parent)
     return path
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None],
                         replaceable: Callable[[Path], bool] | None = None) -> Path:
     """Call ``write(tmp_folder)`` then put that folder at ``path``: the folder is the old or the new one.
 
-    An existing folder at ``path`` is swapped out in one step (``renameat2(RENAME_EXCHANGE)``; elsewhere
-    two renames, between which the folder is briefly absent) and deleted, so it must hold nothing but a
+    An existing folder at ``path`` is swapped out in one step (Linux: :func:`lycoris_lite.portable.exchange`;
+    elsewhere two renames, between which the folder is briefly absent) and deleted, so it must hold nothing but a
     previous version: ``replaceable(path)`` says so. When it holds other files too, the new files are
     written into it one by one instead (each atomically, the set not)."""
     path = Path(path)
@@ -380,20 +323,21 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None],
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~portable.umask())
         if not path.is_dir():
             os.replace(tmp, path)
-        elif _exchange(tmp, path):
+        elif portable.exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the temporary name
         else:
+            # moved into a temporary folder under its own name: Windows cannot rename onto an existing folder
             old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
-            os.replace(path, old)
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_folder(path.parent)
+    portable.fsync_folder(path.parent)
     return path
 
 
