@@ -29,7 +29,7 @@ from .config import AdapterConfig
 from .formats import diffusers_format, kohya, peft_format
 from .formats.names import build_name_map
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
-from .model import AdapterController, controller_for
+from .model import AdapterController, check_not_offloaded, controller_for
 from .registry import ALGORITHMS, get_algorithm
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -276,6 +276,7 @@ def attach_adapter(target, read: ReadAdapter, *, activate: bool = True, scale: f
         ctrl = controller_for(components[c], create=False)
         if ctrl is not None and read.name in ctrl.configs:
             raise ValueError(f"adapter {read.name!r} already exists; delete it first or pick another name")
+        check_not_offloaded(components[c], read.plans[c])
     for c, layers in read.plans.items():
         ctrl = controller_for(components[c])
         ctrl.attach(read.name, read.layer_plan(c), read.configs.get(c) or _summary_config(layers), activate=activate,

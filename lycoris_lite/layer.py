@@ -147,8 +147,10 @@ class AdapterSlot(nn.Module):
             self.multiplier.fill_(value)
 
     def forward(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(tensors by key, multiplier)`` as the layer's forward uses them."""
-        return dict(self._parameters), self.multiplier
+        """``(tensors by key, multiplier)`` as the layer's forward uses them: views, which keep the
+        storage they have now (and pass gradients to the parameters) when an offload hook swaps the
+        parameters' ``.data`` back out as this call returns (diffusers' group offloading)."""
+        return {k: v.view_as(v) for k, v in self._parameters.items()}, self.multiplier.view_as(self.multiplier)
 
     def set_trainable(self, trainable: bool) -> None:
         """``requires_grad_(trainable)`` on the tensors whose flag differs (no walk of the module tree)."""
@@ -231,10 +233,6 @@ class AdapterLayer(nn.Module):
         """Attach adapter ``name``. A new DoRA adapter (settings ``dora_init``) gets its magnitude
         ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init)."""
         weight = self.weight
-        if weight.is_meta:
-            raise RuntimeError(
-                f"layer {self.layer_name!r} has its weight on the meta device (offloaded, e.g. by accelerate's "
-                "sequential CPU offload): attach adapters before enabling offload, or remove the offload hooks first")
         dtype = compute_dtype(weight.dtype)
         params = {k: _own_storage(v.to(device=weight.device, dtype=dtype)) for k, v in params.items()}
         settings = dict(settings)

@@ -160,6 +160,37 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
         layer.write_merged(todo, new)
 
 
+def offload_hook(model: nn.Module) -> str | None:
+    """What offloads ``model``'s weights module by module, or None: ``"sequential CPU offload"``
+    (accelerate's ``cpu_offload`` / ``enable_sequential_cpu_offload``: hooks that keep each module's
+    tensors on the meta device between calls) or ``"group offloading"`` (diffusers'
+    ``enable_group_offload``). Whole-model offload (``enable_model_cpu_offload``) moves the model with
+    ``.to()`` and is not reported: adapters follow it. Read from the hooks' own attributes."""
+    for _, module in walk_modules(model):
+        hook = module.__dict__.get("_hf_hook")
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            return "sequential CPU offload"
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None and "group_offloading" in getattr(registry, "hooks", {}):
+            return "group offloading"
+    return None
+
+
+def check_not_offloaded(model: nn.Module, plan: dict) -> None:
+    """Refuse to attach to an offloaded model, before anything changes: the offload hooks hold the
+    weights elsewhere and know nothing of the adapter tensors (attach first, then offload; the
+    pipeline's ``load_adapter`` does that dance itself)."""
+    kind = offload_hook(model)
+    meta = [n for n in plan if getattr(submodule(model, n), "weight", None) is not None
+            and submodule(model, n).weight.is_meta]
+    if kind is not None or meta:
+        raise RuntimeError(
+            f"this model is offloaded ({kind or 'weights on the meta device, e.g. ' + repr(meta[0])}): its weights are "
+            "brought in by hooks that know nothing of new adapter tensors. Attach adapters before enabling offload, or "
+            "remove the offload hooks first (pipe.load_adapter does this for sequential CPU offload and group "
+            "offloading)")
+
+
 def controller_for(model: nn.Module, create: bool = True) -> "AdapterController | None":
     ctrl = model.__dict__.get(_ATTR)
     if ctrl is None and create:
@@ -256,6 +287,7 @@ class AdapterController:
             raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
         if not validated:
             self.check_plan(name, plan)
+        check_not_offloaded(self.model, plan)
         save_names = self._modules_to_save_targets(config)
 
         # all checks passed: change the model

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import files
 from .layer import AdapterLayer
-from .model import AdapterController, controller_for, merge_layers
+from .model import AdapterController, controller_for, merge_layers, offload_hook
 
 COMPONENTS = files.COMPONENTS
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -240,13 +240,53 @@ class LycorisPipelineMixin:
                                  "or hotswap=True to replace its weights")
             if "." in name:
                 raise ValueError(f"adapter names cannot contain dots: {name!r}")
-            loaded = files.attach_adapter(components, read, activate=False)
+            with self._offload_suspended():
+                loaded = files.attach_adapter(components, read, activate=False)
             state.adapters[name] = AdapterInfo(name, loaded.format, list(loaded.components), loaded.algorithms,
                                                dict(loaded.metadata), source_name)
             state.stack.append(name)
         state.adapters[name].weight = weight
         self._apply()
         return name
+
+    @contextmanager
+    def _offload_suspended(self):
+        """Take module-by-module offload off the components for the block, then put it back as it was
+        (as diffusers' own LoRA loader does), so new adapter tensors are attached to real weights and
+        the offload hooks, applied again, see them: accelerate's sequential CPU offload (re-enabled with
+        the device it had) and diffusers' group offloading (re-applied with its config). Group offloading
+        to disk is refused: its weights are not in memory while the hooks are off."""
+        components = self._adapter_components()
+        kinds = {c: offload_hook(m) for c, m in components.items()}
+        if not any(kinds.values()):
+            yield
+            return
+        from accelerate.hooks import remove_hook_from_module
+        from diffusers.hooks.group_offloading import _apply_group_offloading, _get_top_level_group_offload_hook
+        from diffusers.hooks.hooks import HookRegistry
+
+        grouped = {}
+        for c, kind in kinds.items():
+            if kind == "group offloading":
+                hook = _get_top_level_group_offload_hook(components[c])
+                if hook is None or hook.config.offload_to_disk_path:
+                    raise RuntimeError(f"{c} is group-offloaded {'to disk' if hook else 'below its top level'}: "
+                                       "load adapters before enabling group offloading")
+                grouped[c] = hook.config
+        sequential = [c for c, kind in kinds.items() if kind == "sequential CPU offload"]
+        for c in sequential:
+            remove_hook_from_module(components[c], recurse=True)
+        for c in grouped:
+            registry = HookRegistry.check_if_exists_or_initialize(components[c])
+            for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
+                registry.remove_hook(name, recurse=True)
+        try:
+            yield
+        finally:
+            for c, config in grouped.items():
+                _apply_group_offloading(components[c], config)
+            if sequential:
+                self.enable_sequential_cpu_offload(device=getattr(self, "_offload_device", None))
 
     def _hotswap(self, read: files.ReadAdapter) -> None:
         components = self._adapter_components()

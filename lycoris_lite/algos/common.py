@@ -119,10 +119,18 @@ def _training(tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _nested_autograd_traced(route=None) -> bool:
+    """Whether a backward written with nested ``torch.autograd.grad`` (:class:`_Recomputed`, and
+    :func:`_route_backward` for a route without ``factors_vjp``) would run under ``torch.compile``, where
+    dynamo breaks the graph on it. There the plain formula is traced instead and autograd (with the
+    compiler's own choice of what to keep or recompute) differentiates it: same values and gradients."""
+    return torch.compiler.is_compiling() and (route is None or not hasattr(route, "factors_vjp"))
+
+
 def recompute_in_backward(fn, *tensors: torch.Tensor) -> torch.Tensor:
     """``fn(*tensors)``; while training, only ``tensors`` are kept for backward (not ``fn``'s
     intermediates), and backward runs ``fn`` once more (autograd of the same formula)."""
-    if _training(tensors):
+    if _training(tensors) and not _nested_autograd_traced():
         return _Recomputed.apply(fn, *tensors)
     return fn(*tensors)
 
@@ -226,7 +234,7 @@ def factored_route(route, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tens
     ``backward(x, factors, ∂Δy, need_x) -> (∂x, ∂factors)`` and optionally ``factors_vjp``. While
     training only ``x`` and ``tensors`` are kept; the activation-sized intermediates are recomputed in
     ``backward``."""
-    if _training((x, *tensors)):
+    if _training((x, *tensors)) and not _nested_autograd_traced(route):
         return _FactoredRoute.apply(route, x, *tensors)
     return route.forward(x, *route.factors(*tensors))
 
@@ -282,6 +290,8 @@ def folded_route(route, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     never the full ``∂W = gᵀ·x``. Against the route both ways it saves the route's forward (for a
     low-rank route its two thin GEMMs, ``T·p·(in + out)`` multiply-adds at rank ``p``: most of a
     rank-``r²`` LoHa's forward). Keeps ``x``, the weight and the tensors for backward (nothing new)."""
+    if _nested_autograd_traced(route):
+        return route.spec.op(x, _folded_weight(route, weight, tensors), bias)
     return _FoldedRoute.apply(route, x, weight, bias, *tensors)
 
 

@@ -1,0 +1,277 @@
+"""What users do to a model with adapters: cast it, move it, offload it, compile it, write its tensors in
+place. Every test is generated from the registry (each algorithm, with its variants where they take
+another code path), always with non-identity adapter weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from lycoris_lite import ALGORITHMS, AdapterModel, LoRAConfig, get_algorithm
+from lycoris_lite.layer import AdapterLayer
+from tests.test_contract import SMALL, VARIANTS
+
+HALF = [torch.float16, torch.bfloat16]
+# one variant per code path the forward takes differently (DoRA stages, two-sided rotations, Tucker)
+PATHS = [(a, {}) for a in SMALL] + [
+    ("lora", {"use_dora": True}), ("lokr", {"use_dora": True, "dora_axis": "input"}), ("oft", {"rotation_side": "input",
+                                                                                              "rescale": True}),
+    ("hra", {"rotation_side": "output"}), ("loha", {"use_tucker": True, "alpha": 1024.0}),
+]
+PATH_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in PATHS]
+
+
+class Net(nn.Module):
+    """A conv (3×3), then two linear layers: every layer kind in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(24, 48, 3, padding=1)
+        self.proj = nn.Linear(48, 48)
+        self.out = nn.Linear(48, 24)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)
+        return self.out(torch.nn.functional.gelu(self.proj(h)))
+
+
+def build(algo: str, options: dict | None = None, seed: int = 0, name: str = "default") -> tuple[AdapterModel, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = Net()
+    config = get_algorithm(algo).config_class(**{**SMALL[algo], **(options or {})},
+                                              target_modules=["conv", "proj", "out"], init_weights=False)
+    model = AdapterModel(net, config, name)
+    return model, torch.randn(2, 24, 5, 5)
+
+
+def adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor an adapter layer holds besides the base weight and bias: adapter parameters,
+    multipliers, kept originals."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for slot in module.adapters.values():
+                found += list(slot.parameters()) + list(slot.buffers())
+            if module._backup is not None:
+                found.append(module._backup)
+    return found
+
+
+def test_paths_cover_every_algorithm():
+    assert {a for a, _ in PATHS} == set(ALGORITHMS) == set(VARIANTS)
+
+
+# ---- casting and moving after attaching --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("algo,options", PATHS, ids=PATH_IDS)
+def test_cast_after_attaching_keeps_adapters_in_float32(algo, options, dtype):
+    """``model.to(half)`` after attaching: the base takes the half dtype, every adapter tensor stays
+    float32 (never rounded through half: back in float32 they are bit for bit what they were), and the
+    forward (inference and training) runs and equals the float32 adapter on the half-rounded base."""
+    model, x = build(algo, options)
+    before = {id(t): t.detach().clone() for t in adapter_tensors(model)}
+    params = model.controller.trainable_parameters()
+    originals = [p.detach().clone() for p in params]
+    model.model.to(dtype)
+    assert model.model.proj.weight.dtype == dtype
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(model))
+    out = model(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().square().mean().backward()  # training in half precision: the adapter gets float32 grads
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        inference = model(x.to(dtype))
+    reference, _ = build(algo, options)  # same seed: same base and adapter
+    for (_, mine), (_, theirs) in zip(model.model.named_parameters(), reference.model.named_parameters()):
+        if mine.dtype == dtype:  # the reference's base rounded as the cast rounded it
+            theirs.data = theirs.data.to(dtype).float()
+    expected = reference(x.to(dtype).float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (inference.float() - expected).abs().max() <= tol * expected.abs().max()
+    model.model.float()
+    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+    assert all(torch.equal(t, before[id(t)]) for t in adapter_tensors(model) if id(t) in before)
+
+
+@pytest.mark.parametrize("algo", list(SMALL))
+def test_fuse_then_cast_unfuse_restores_the_original_in_the_new_dtype(algo):
+    """Fused, then ``.to(bfloat16)``: the kept originals follow; disabling while fused runs the base;
+    unfusing puts back exactly ``original.to(bfloat16)``."""
+    model, x = build(algo)
+    originals = {n: p.detach().clone() for n, p in model.model.named_parameters() if not n.count(".adapters.")}
+    model.merge_adapter()
+    model.model.to(torch.bfloat16)
+    assert all(t.dtype in (torch.float32, torch.bfloat16) for t in adapter_tensors(model))
+    with model.disable_adapter():
+        disabled = model(x.to(torch.bfloat16))
+    model.unmerge_adapter()
+    for n, p in model.model.named_parameters():
+        if n in originals:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, originals[n].to(torch.bfloat16)), n
+    with model.disable_adapter():
+        assert torch.equal(disabled, model(x.to(torch.bfloat16)))
+
+
+def test_to_meta_leaves_nothing_behind():
+    """``.to("meta")`` with adapters attached and fused: every adapter tensor and kept original goes too."""
+    model, _ = build("lora")
+    model.add_adapter("oft", get_algorithm("oft").config_class(block_size=4, target_modules=["proj"], init_weights=False))
+    model.set_adapter(["default", "oft"])
+    model.merge_adapter()
+    model.model.to("meta")
+    held = adapter_tensors(model)
+    assert held and all(t.is_meta for t in held)
+
+
+def test_half_and_float_round_trip_keeps_adapter_bits():
+    """``.half()`` then ``.float()``: adapters never pass through half precision."""
+    model, x = build("loha")
+    expected = model(x)
+    model.model.half()
+    model.model.float()
+    layer = model.model.proj
+    assert layer.weight.dtype == torch.float32
+    assert not torch.equal(model(x), expected)  # the base went through half...
+    for module in model.model.modules():  # ...the adapters did not
+        if isinstance(module, AdapterLayer):
+            assert module.adapters["default"].multiplier.dtype == torch.float32
+
+
+# ---- in-place writes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo,options", PATHS, ids=PATH_IDS)
+def test_writes_through_data_are_seen_by_the_next_forward(algo, options):
+    """EMA ``copy_to`` writes parameters through ``.data`` (no version bump): the next forward uses the
+    new values, inference and training alike (nothing is remembered between calls)."""
+    model, x = build(algo, options)
+    other, _ = build(algo, options, seed=1)
+    with torch.no_grad():
+        model(x)  # a forward before the write
+    for (_, mine), (_, theirs) in zip(model.controller.adapter_tensors("default").items(),
+                                      other.controller.adapter_tensors("default").items()):
+        for key in mine:
+            mine[key].data.copy_(theirs[key])
+    mine_base = dict(model.model.named_parameters())
+    for n, p in other.model.named_parameters():
+        if ".adapters." not in n:
+            mine_base[n].data.copy_(p)
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))
+    assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize("algo,options", PATHS, ids=PATH_IDS)
+def test_an_inactive_adapter_holds_its_parameters_only(algo, options):
+    """After forwards (inference and training) and deactivation, a layer and its slots hold no tensor
+    but the parameters, the multiplier and the base weight: nothing is kept between calls."""
+    model, x = build(algo, options)
+    model.add_adapter("other", LoRAConfig(r=2, target_modules=["proj"], init_weights=False))
+    with torch.no_grad():
+        model(x)
+    model(x).square().mean().backward()
+    model.set_adapter("other")
+    with torch.no_grad():
+        model(x)
+    for module in model.model.modules():
+        if isinstance(module, AdapterLayer):
+            assert module._backup is None
+            for slot in module.adapters.values():
+                stray = [k for k, v in vars(slot).items() if isinstance(v, torch.Tensor) or
+                         (isinstance(v, (tuple, list)) and any(isinstance(i, torch.Tensor) for i in v))]
+                assert stray == [] and set(slot._buffers) == {"multiplier"}
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------
+def _compiled(net):
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(net, backend="aot_eager")
+
+
+def _graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,options", PATHS, ids=PATH_IDS)
+def test_inference_compiles_whole_and_weight_changes_never_recompile(algo, options):
+    """Each algorithm alone and stacked with a LoRA: one graph, no break; changing the weights (not to
+    0) reuses it; the compiled forward equals the eager one bit for bit."""
+    model, x = build(algo, options)
+    model.add_adapter("lora", LoRAConfig(r=2, target_modules=["conv", "proj", "out"], init_weights=False))
+    compiled = _compiled(model.model)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # dynamo's note on lru_cache (BOFT's permutations)
+        for stack in (["default"], ["default", "lora"]):
+            graphs = None
+            for weight in (1.0, 0.5, -0.3):
+                model.set_adapters(stack, weight)
+                got = compiled(x)
+                assert torch.equal(got, model.model(x))
+                graphs = _graphs() if graphs is None else graphs
+                assert _graphs() == graphs, f"recompiled for weight {weight} of {stack}"
+    assert _graph_breaks() == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,options", PATHS, ids=PATH_IDS)
+def test_training_compiles_without_graph_breaks(algo, options):
+    """A compiled training step gives the eager gradients, with no graph break (the memory-saving
+    custom backward passes that call autograd themselves hand over to autograd of the same formula
+    under compile)."""
+    model, x = build(algo, options)
+    params = model.controller.trainable_parameters()
+    compiled = _compiled(model.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x).square().mean().backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    model.model(x).square().mean().backward()
+    for g, p in zip(grads, params):
+        assert (g - p.grad).abs().max() <= 1e-5 * (p.grad.abs().max() + 1e-12)
+    assert _graph_breaks() == 0, dict(counters["graph_break"])
+    assert _graphs() == 1
+
+
+# ---- offload -------------------------------------------------------------------------------------------
+def test_sequential_offload_after_attaching_loads_the_adapters():
+    """accelerate's ``cpu_offload`` (what ``enable_sequential_cpu_offload`` runs) after attaching: every
+    weight, adapters included, is on the meta device between calls and brought in by the hooks; the
+    output is the one without offload, and weight changes still apply."""
+    accelerate = pytest.importorskip("accelerate")
+    model, x = build("lokr")
+    model.add_adapter("oft", get_algorithm("oft").config_class(block_size=4, target_modules=["proj"], init_weights=False))
+    model.set_adapter(["default", "oft"])
+    with torch.no_grad():
+        expected = model(x)
+        model.set_adapters(["default", "oft"], 0.5)
+        half = model(x)
+        model.set_adapters(["default", "oft"], 1.0)
+    accelerate.cpu_offload(model.model, execution_device=torch.device("cpu"))
+    assert model.model.proj.adapters["oft"].oft_blocks.is_meta
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        model.set_adapters(["default", "oft"], 0.5)
+        assert torch.equal(model(x), half)
+
+
+def test_attaching_to_an_offloaded_model_is_refused_before_anything_changes():
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    net = Net()
+    accelerate.cpu_offload(net, execution_device=torch.device("cpu"))
+    names = [n for n, _ in net.named_modules()]
+    with pytest.raises(RuntimeError, match="offload"):
+        AdapterModel(net, LoRAConfig(r=2, target_modules=["proj", "out"]))
+    assert [n for n, _ in net.named_modules()] == names
+    assert not any(isinstance(m, AdapterLayer) for m in net.modules())
