@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -275,3 +276,102 @@ def test_attaching_to_an_offloaded_model_is_refused_before_anything_changes():
         AdapterModel(net, LoRAConfig(r=2, target_modules=["proj", "out"]))
     assert [n for n, _ in net.named_modules()] == names
     assert not any(isinstance(m, AdapterLayer) for m in net.modules())
+
+
+# ---- on a pipeline -------------------------------------------------------------------------------------
+def _pipeline_with_files(tmp_path, algos, text_encoder=True):
+    lycoris_lite = pytest.importorskip("lycoris_lite")
+    from lycoris_lite.models import build_tiny_sd_pipeline
+    from tests.pipeline_checks import make_file
+
+    pipe = lycoris_lite.enable(build_tiny_sd_pipeline())
+    files = [make_file(pipe, tmp_path / f"{a}_{i}.safetensors", algo=a, seed=i, text_encoder=text_encoder)
+             for i, a in enumerate(algos)]
+    return pipe, files
+
+
+def _unet_call(pipe, seed=0):
+    """One UNet call at fixed inputs (the text encoder left out: what adapters on the denoiser change)."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = pipe.unet.dtype
+    sample = torch.randn(1, 4, 8, 8, generator=g).to(dtype)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g).to(dtype)
+    with torch.no_grad():
+        return pipe.unet(sample, 10, context).sample
+
+
+def test_pipeline_cast_after_loading_runs_and_unfuses_exactly(tmp_path):
+    """``load_adapter`` (LoRA, LoKr, OFT), then ``pipe.to(torch.bfloat16)``: the UNet runs with the
+    adapters (not the base), fused is the unfused result to bfloat16 rounding, disabling while fused runs
+    the kept originals (which followed the cast), and unfusing restores exactly the bfloat16 weights."""
+    pipe, files = _pipeline_with_files(tmp_path, ["lora", "lokr", "oft"], text_encoder=False)
+    for f in files:
+        pipe.load_adapter(f, scale=0.7)
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    out = _unet_call(pipe).float()
+    pipe.disable_adapters()
+    base = _unet_call(pipe).float()
+    pipe.enable_adapters()
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 0.05 * base.abs().max()
+    weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".adapters." not in n}
+    pipe.fuse_adapters()
+    fused = _unet_call(pipe).float()
+    assert (fused - out).abs().max() < 0.05 * out.abs().max()
+    pipe.disable_adapters()
+    assert torch.equal(_unet_call(pipe).float(), base)
+    pipe.enable_adapters()
+    pipe.unfuse_adapters()
+    assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters() if n in weights)
+
+
+@pytest.mark.slow
+def test_compiled_unet_keeps_its_graph_across_weights_and_hotswaps(tmp_path):
+    """``torch.compile(pipe.unet)``: set_adapters weight changes and a ``hotswap=True`` load of a
+    same-shaped file reuse the graph; outputs equal the eager UNet's."""
+    pipe, files = _pipeline_with_files(tmp_path, ["loha", "loha"], text_encoder=False)
+    name = pipe.load_adapter(files[0], adapter_name="style")
+    eager = pipe.unet
+    pipe.unet = _compiled(eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = _unet_call(pipe)
+        graphs = _graphs()
+        pipe.set_adapters([name], 0.4)
+        second = _unet_call(pipe)
+        pipe.load_adapter(files[1], adapter_name="style", hotswap=True)
+        third = _unet_call(pipe)
+    assert _graphs() == graphs and _graph_breaks() == 0
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    pipe.unet = eager
+    assert torch.equal(third, _unet_call(pipe))
+
+
+def test_group_offloading_before_and_after_loading(tmp_path):
+    """diffusers' group offloading (to disk, so an offloaded weight holds garbage until the hooks bring
+    it in): loading before it works at block and leaf level; loading after it is done by taking the
+    hooks off and putting them back (offload to memory) or refused clearly, changing nothing (to disk)."""
+    pytest.importorskip("diffusers.hooks.group_offloading")
+    pipe, files = _pipeline_with_files(tmp_path, ["lora"], text_encoder=False)
+    pipe.load_adapter(files[0])
+    expected = _unet_call(pipe)
+    pipe.delete_adapters(pipe.get_active_adapters())
+    for level, when in (("block_level", "before"), ("leaf_level", "before"), ("leaf_level", "after")):
+        fresh, _ = _pipeline_with_files(tmp_path / level / when, [], text_encoder=False)
+        if when == "before":
+            fresh.load_adapter(files[0])
+        kwargs = {"num_blocks_per_group": 1} if level == "block_level" else {}
+        fresh.unet.enable_group_offload(torch.device("cpu"), offload_type=level,
+                                        offload_to_disk_path=str(tmp_path / level / when / "offload")
+                                        if when == "before" else None, **kwargs)
+        if when == "after":
+            fresh.load_adapter(files[0])
+        # to rounding: tensors read back from the offload files sit at other alignments, where MKL's GEMMs
+        # round differently
+        assert torch.allclose(_unet_call(fresh), expected, rtol=1e-4, atol=1e-5), (level, when)
+    disk, _ = _pipeline_with_files(tmp_path / "disk", [], text_encoder=False)
+    disk.unet.enable_group_offload(torch.device("cpu"), offload_type="leaf_level",
+                                   offload_to_disk_path=str(tmp_path / "disk" / "offload"))
+    with pytest.raises(RuntimeError, match="group-offloaded to disk"):
+        disk.load_adapter(files[0])
+    assert disk.list_adapters() == {} and not any(isinstance(m, AdapterLayer) for m in disk.unet.modules())
