@@ -114,10 +114,12 @@ class AdapterSlot(nn.Module):
     the user's multiplier.
 
     The multiplier is held twice, as one value: :attr:`scale` (a Python float, what fusing, saving and
-    the pipeline read) and the 0-d buffer ``multiplier`` (what the forward reads), both written only by
-    the ``scale`` setter. The forward never branches on its value, so changing it under
-    ``torch.compile`` never retraces; only a change to or from 0 (:attr:`muted`: the adapter leaves the
-    forward) does. Calling the slot returns ``(tensors, multiplier)``: a module call, so offload hooks
+    the pipeline read) and the 0-d buffer ``multiplier`` (what the forward reads: ``scale`` times the
+    part of the settings' ``alpha / r`` that :meth:`~lycoris_lite.registry.Algorithm.forward_gain`
+    moves out of :attr:`forward_settings`), both written only by the ``scale`` and ``settings``
+    setters. The forward never branches on its value, so changing the weight, or hotswapping a file
+    with another alpha, never retraces a compiled forward; only a change to or from 0 (:attr:`muted`:
+    the adapter leaves the forward) does. Calling the slot returns ``(tensors, multiplier)``: a module call, so offload hooks
     on the slot (accelerate's sequential CPU offload) bring its tensors to the device first."""
 
     def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor],
@@ -125,10 +127,11 @@ class AdapterSlot(nn.Module):
         super().__init__()
         # plain attributes straight into __dict__: what nn.Module.__setattr__ does for them, without its
         # per-call checks (they add up over a UNet's layers)
-        self.__dict__.update(algorithm=algorithm, settings=settings, _scale=1.0, muted=False)
+        self.__dict__.update(algorithm=algorithm, _scale=1.0, muted=False)
         for key, value in params.items():  # frozen: the controller's set_adapter makes the active ones trainable
             self.register_parameter(key, nn.Parameter(value, requires_grad=False))
         self.register_buffer("multiplier", torch.ones((), dtype=dtype, device=device), persistent=False)
+        self.settings = settings
 
     @property
     def algorithm_name(self) -> str:
@@ -143,11 +146,28 @@ class AdapterSlot(nn.Module):
     def scale(self, value: float) -> None:
         value = float(value)
         self.__dict__.update(_scale=value, muted=value == 0.0)
+        self._fill_multiplier()
+
+    @property
+    def settings(self) -> dict:
+        """The per-layer settings (rank, ``alpha / r``, block sizes…); set as a whole (a hotswap)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: dict) -> None:
+        forward_settings, gain = self.algorithm.forward_gain(value)
+        self.__dict__.update(_settings=value, forward_settings=forward_settings, _gain=gain)
+        self._fill_multiplier()
+
+    def _fill_multiplier(self) -> None:
+        """``multiplier = scale · g`` (:meth:`~lycoris_lite.registry.Algorithm.forward_gain`), written
+        in place: a compiled forward keeps reading the same buffer."""
         with torch.no_grad():
-            self.multiplier.fill_(value)
+            self.multiplier.fill_(self._scale * self._gain)
 
     def forward(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(tensors by key, multiplier)`` as the layer's forward uses them: views, which keep the
+        """``(tensors by key, multiplier)`` as the layer's forward uses them (with
+        :attr:`forward_settings`): views, which keep the
         storage they have now (and pass gradients to the parameters) when an offload hook swaps the
         parameters' ``.data`` back out as this call returns (diffusers' group offloading)."""
         return {k: v.view_as(v) for k, v in self._parameters.items()}, self.multiplier.view_as(self.multiplier)
@@ -170,21 +190,19 @@ class AdapterSlot(nn.Module):
 
 @dataclass
 class _Use:
-    """An adapter as one computation uses it: its slot, its tensors (in the computation's dtype) and
-    its multiplier: the slot's float ``scale`` when fusing, its ``multiplier`` tensor in the forward
-    (or the number 1 while training at scale 1, which keeps the orthogonal fast paths)."""
+    """An adapter as one computation uses it: its slot, its tensors (in the computation's dtype), its
+    multiplier and the settings that go with it: the slot's float ``scale`` and ``settings`` when
+    fusing; in the forward its ``multiplier`` tensor and ``forward_settings`` (or the number 1 and the
+    settings while training at scale 1, which keeps the orthogonal fast paths)."""
 
     slot: AdapterSlot
     params: dict[str, torch.Tensor]
     multiplier: float | torch.Tensor
+    settings: dict
 
     @property
     def algorithm(self) -> type[Algorithm]:
         return self.slot.algorithm
-
-    @property
-    def settings(self) -> dict:
-        return self.slot.settings
 
 
 @dataclass
@@ -262,7 +280,8 @@ class AdapterLayer(nn.Module):
 
     def _fuse_uses(self, names, dtype) -> list[_Use]:
         """``names`` as fusing uses them: tensors in ``dtype``, the float scale."""
-        return [_Use(self.adapters[n], self.adapters[n].tensors(dtype), self.adapters[n].scale) for n in names]
+        slots = [self.adapters[n] for n in names]
+        return [_Use(slot, slot.tensors(dtype), slot.scale, slot.settings) for slot in slots]
 
     def _forward_uses(self, names) -> list[_Use]:
         """``names`` as the forward uses them: each slot called (its offload hooks run), its multiplier
@@ -272,7 +291,9 @@ class AdapterLayer(nn.Module):
             slot = self.adapters[n]
             params, multiplier = slot()
             training = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
-            uses.append(_Use(slot, params, 1.0 if training and slot.scale == 1.0 else multiplier))
+            unit = training and slot.scale == 1.0
+            uses.append(_Use(slot, params, 1.0, slot.settings) if unit else
+                        _Use(slot, params, multiplier, slot.forward_settings))
         return uses
 
     # ---- the composition plan -----------------------------------------------------------------

@@ -325,7 +325,7 @@ class LycorisPipelineMixin:
                 if isinstance(target, torch.Tensor):
                     target.copy_(value)
                 else:
-                    target.settings.update(value)
+                    target.settings = {**target.settings, **value}
 
     # ---- the stack --------------------------------------------------------------------------------
     def set_adapters(self, adapter_names, weights=None) -> None:

@@ -169,6 +169,17 @@ class Algorithm:
         return cls.activation_route
 
     @classmethod
+    def forward_gain(cls, settings: dict) -> tuple[dict, float]:
+        """``(settings', g)`` with ``g · ΔW(settings') = ΔW(settings)``: the factor of the file's
+        ``alpha / r`` that the forward moves out of the settings into the layer's multiplier tensor, so
+        a compiled forward reads it as data and a hotswap to another alpha never retraces. Additive
+        algorithms are linear in ``settings["scale"]``; DoRA (a norm of ``W + ΔW``) and the rotations are
+        not: they keep their settings (``g = 1``)."""
+        if cls.multiplicative or settings.get("dora") or "scale" not in settings:
+            return settings, 1.0
+        return {**settings, "scale": 1.0}, float(settings["scale"])
+
+    @classmethod
     def transform(cls, params, spec: LayerSpec, settings: dict) -> tuple[Operator | None, Operator | None]:
         raise NotImplementedError
 

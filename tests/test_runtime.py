@@ -328,8 +328,12 @@ def test_pipeline_cast_after_loading_runs_and_unfuses_exactly(tmp_path):
 @pytest.mark.slow
 def test_compiled_unet_keeps_its_graph_across_weights_and_hotswaps(tmp_path):
     """``torch.compile(pipe.unet)``: set_adapters weight changes and a ``hotswap=True`` load of a
-    same-shaped file reuse the graph; outputs equal the eager UNet's."""
+    same-shaped file with another alpha reuse the graph; outputs equal the eager UNet's."""
+    from safetensors.torch import load_file, save_file
+
     pipe, files = _pipeline_with_files(tmp_path, ["loha", "loha"], text_encoder=False)
+    other = load_file(files[1])
+    save_file({k: v * 3 if k.endswith(".alpha") else v for k, v in other.items()}, files[1])
     name = pipe.load_adapter(files[0], adapter_name="style")
     eager = pipe.unet
     pipe.unet = _compiled(eager)
