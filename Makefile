@@ -24,7 +24,7 @@ install-ui:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
 	$(PIP) install --quiet --disable-pip-version-check -e ".[ui]"
 
-# The web UI: `make ui` opens the tiny model and make demo's adapters (outputs/demo); UI_ARGS="--model PATH --adapters DIR …"
+# The web UI: `make ui` opens the tiny model and make demo's adapters (outputs/demo); UI_ARGS="--model PATH --adapters DIR --device cuda --dtype bfloat16 …"
 ui: install-ui
 	$(PYTHON) ui/app.py $(UI_ARGS)
 

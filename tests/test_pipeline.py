@@ -17,27 +17,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import lycoris_lite
-from lycoris_lite import PRESETS, AdapterLayer, HRAConfig, HRAModel, controller_for, get_algorithm
+from lycoris_lite import PRESETS, AdapterLayer, HRAConfig, HRAModel, controller_for
 from lycoris_lite.files import save_adapter
 from lycoris_lite.formats.safe_io import read_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from tests.pipeline_checks import make_file, parts, render, state_of
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"lora": {"r": 4}, "loha": {"r": 4, "alpha": 16}, "lokr": {"r": 4}, "oft": {"block_size": 4},
-            "boft": {"block_size": 4, "butterfly_factor": 2}, "hra": {"r": 4}}
-
-
-def render(pipe, **kwargs):
-    generator = torch.Generator().manual_seed(0)
-    return pipe("a photo of sks dog", num_inference_steps=2, generator=generator, output_type="np", **kwargs).images
-
-
-def parts(pipe):
-    return [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
-
-
-def state_of(pipe):
-    return {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in parts(pipe)}
 
 
 def untouched(pipe, before) -> bool:
@@ -45,29 +31,6 @@ def untouched(pipe, before) -> bool:
     return all(now[c].keys() == before[c].keys() and all(torch.equal(now[c][k], before[c][k]) for k in before[c])
                for c in before) and not any(isinstance(m, AdapterLayer) for c in parts(pipe)
                                             for m in getattr(pipe, c).modules())
-
-
-def make_file(pipe, path, algo="lora", unet_targets="unet-full", text_encoder=True, seed=0, fmt="kohya",
-              amplify=1.0):
-    """An adapter file with non-trivial weights, made on ``pipe`` (left as it was)."""
-    cls = get_algorithm(algo).config_class
-    gen = torch.Generator().manual_seed(seed)
-    for c in parts(pipe):
-        if c != "unet" and not text_encoder:
-            continue
-        targets = PRESETS[unet_targets] if c == "unet" else PRESETS["text-encoder"]
-        ctrl = controller_for(getattr(pipe, c))
-        ctrl.add_adapter("tmp", cls(**SETTINGS[algo], target_modules=targets, init_weights=False), generator=gen)
-        if amplify != 1.0:
-            with torch.no_grad():
-                for p in ctrl.trainable_parameters(["tmp"]):
-                    p.mul_(amplify)
-    out = save_adapter(pipe, "tmp", path, format=fmt)
-    for c in parts(pipe):
-        ctrl = controller_for(getattr(pipe, c), create=False)
-        if ctrl is not None:
-            ctrl.unload()
-    return out
 
 
 @pytest.fixture(scope="module")

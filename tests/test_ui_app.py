@@ -17,11 +17,13 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from lycoris_lite import webui
+from lycoris_lite.models import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -257,6 +259,38 @@ def test_launch_settings_and_password(served, tmp_path):
         client.close()
     finally:
         demo.close()
+
+
+# ---- --dtype ---------------------------------------------------------------------------------------------
+def test_dtype_defaults_follow_the_device_and_bad_values_are_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app.parse_args([]).dtype == torch.float32
+    assert app.parse_args(["--device", "cpu"]).dtype == torch.float32
+    assert app.parse_args(["--device", "cuda"]).dtype == torch.float16  # parsing only: nothing moves to CUDA
+    assert app.parse_args(["--dtype", "bfloat16"]).dtype == torch.bfloat16
+    assert "warning" not in capsys.readouterr().err
+    assert app.parse_args(["--dtype", "float16"]).dtype == torch.float16
+    assert "float16 on the CPU is slow" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app.parse_args(["--dtype", "float64"])
+    assert "--dtype: invalid choice: 'float64'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "folder"])
+def test_bfloat16_pipeline_renders_with_an_adapter(model, tmp_path):
+    if model == "folder":  # a diffusers folder: loaded by from_pretrained(torch_dtype=...)
+        model = str(tmp_path / "model")
+        build_tiny_sd_pipeline(path=model)
+        webui.write_example_adapters(build_tiny_sd_pipeline(), tmp_path / "adapters")
+    args = app.parse_args(["--model", model, "--dtype", "bfloat16", "--adapters", str(tmp_path / "adapters")])
+    engine = app.open_engine(args.model, args.adapters, dtype=args.dtype)   # tiny-sd writes the example adapters
+    weights = [*engine.pipe.unet.parameters(), *engine.pipe.text_encoder.parameters()]
+    assert {p.dtype for p in weights} == {torch.bfloat16}
+    settings = webui.GenerationSettings("a photo of sks dog", seed=3, steps=2, width=64, height=64)
+    base = np.asarray(engine.generate(settings, []).images[0]).astype(int)
+    styled = engine.generate(settings, [webui.StackEntry("watercolor", 1.0)])
+    assert styled.loaded_from_disk == ["watercolor"]
+    assert np.abs(np.asarray(styled.images[0]).astype(int) - base).mean() > 1
 
 
 # ---- a real browser --------------------------------------------------------------------------------------

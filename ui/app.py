@@ -2,6 +2,7 @@
 
     python ui/app.py [--model tiny-sd|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
                      [--auth USER:PASSWORD] [--share] [--max-upload-mb 512] [--max-loaded 8] [--slots 4]
+                     [--device cuda] [--dtype float16|bfloat16|float32]
 
 A Gradio page over :mod:`lycoris_lite.webui`, which does the work: the adapter library, the shared
 pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
@@ -22,8 +23,10 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 from lycoris_lite import webui  # noqa: E402
+from lycoris_lite.cli import DTYPES  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
 LIBRARY_HEADERS = ["adapter", "algorithm", "rank", "family", "trigger words", "size", "status"]
@@ -275,13 +278,24 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def _device_type(device: str | None) -> str:
+    """Where the pipeline runs: ``--device``'s type, else the CPU (where ``load_pipeline`` leaves it)."""
+    return torch.device(device).type if device else "cpu"
+
+
+def default_dtype(device: str | None) -> torch.dtype:
+    """float16 where the pipeline runs on CUDA, float32 elsewhere (the CPU's fast dtype)."""
+    return torch.float16 if _device_type(device) == "cuda" else torch.float32
+
+
 def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bool = True,
-                device: str | None = None) -> webui.SharedPipeline:
-    """Load ``model`` and the adapters folder; the tiny model's folder without adapters gets the example
-    adapters (in ``examples/``)."""
+                device: str | None = None, dtype: torch.dtype | None = None) -> webui.SharedPipeline:
+    """Load ``model`` in ``dtype`` (diffusers' ``torch_dtype``; the tiny model is cast) and the adapters
+    folder; the tiny model's folder without adapters gets the example adapters (in ``examples/``).
+    Adapters loaded later follow the library's rule for the layers' dtype."""
     from lycoris_lite.models import TINY_SD_NAME, load_pipeline
 
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, torch_dtype=dtype)
     if device:
         pipe = pipe.to(device)
     library = webui.AdapterLibrary(adapters)
@@ -291,8 +305,9 @@ def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bo
     return webui.SharedPipeline(pipe, library, name, max_loaded=max_loaded)
 
 
-def main(argv: list[str] | None = None, *, block: bool = True):
-    """Parse the command line and serve; with ``block=False`` return ``(demo, url)`` at once (tests)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``dtype`` comes back as a ``torch.dtype`` (:func:`default_dtype` when not given).
+    float16 on the CPU is allowed with a warning."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-sd", help="tiny-sd, a diffusers folder or a hub id")
     parser.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS, help="the adapters folder (subfolders too)")
@@ -305,13 +320,25 @@ def main(argv: list[str] | None = None, *, block: bool = True):
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept attached (least recently used leave)")
     parser.add_argument("--slots", type=int, default=4, help="stack rows on the page")
     parser.add_argument("--device", help="e.g. cuda (default: where the model loads)")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="the pipeline's dtype (default: float16 with --device cuda, float32 otherwise)")
     parser.add_argument("--no-examples", action="store_true", help="never write the example adapters")
     args = parser.parse_args(argv)
+    args.dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
+    if args.dtype == torch.float16 and _device_type(args.device) == "cpu":
+        print("warning: float16 on the CPU is slow and some operations may not support it; "
+              "bfloat16 or float32 suit the CPU better", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None, *, block: bool = True):
+    """Parse the command line and serve; with ``block=False`` return ``(demo, url)`` at once (tests)."""
+    args = parse_args(argv)
     auth = parse_auth(args.auth)
     if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it", file=sys.stderr)
     engine = open_engine(args.model, args.adapters, max_loaded=args.max_loaded, examples=not args.no_examples,
-                         device=args.device)
+                         device=args.device, dtype=args.dtype)
     max_bytes = int(args.max_upload_mb * 2**20)
     pipe = engine.pipe
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
