@@ -306,7 +306,8 @@ def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; ``dtype`` comes back as a ``torch.dtype`` (:func:`default_dtype` when not given).
+    """The command line; ``device`` defaults to CUDA when there is one, and ``dtype`` comes back as a
+    ``torch.dtype`` (:func:`default_dtype` when not given).
     float16 on the CPU is allowed with a warning."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-sd", help="tiny-sd, a diffusers folder or a hub id")
@@ -319,11 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest adapter upload")
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept attached (least recently used leave)")
     parser.add_argument("--slots", type=int, default=4, help="stack rows on the page")
-    parser.add_argument("--device", help="e.g. cuda (default: where the model loads)")
+    parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda when there is one, else the CPU)")
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help="the pipeline's dtype (default: float16 with --device cuda, float32 otherwise)")
     parser.add_argument("--no-examples", action="store_true", help="never write the example adapters")
     args = parser.parse_args(argv)
+    if args.device is None and torch.cuda.is_available():
+        args.device = "cuda"
     args.dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
     if args.dtype == torch.float16 and _device_type(args.device) == "cpu":
         print("warning: float16 on the CPU is slow and some operations may not support it; "
