@@ -32,6 +32,7 @@ demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo
 
 test: install
+	lint-imports
 	$(PYTHON) -m pytest -q --durations=15
 
 bench: install

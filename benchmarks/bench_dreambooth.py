@@ -207,7 +207,7 @@ def memory_child(args) -> None:
 
 
 def _targets(args) -> list[str]:
-    from lycoris_lite.presets import resolve_targets
+    from lycoris_lite.base.presets import resolve_targets
 
     targets = resolve_targets(args.targets)
     return targets if isinstance(targets, list) else [t.strip() for t in args.targets.split(",")]

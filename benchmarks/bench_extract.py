@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lycoris_lite.extract import extract_lora  # noqa: E402
+from lycoris_lite.tools.extract import extract_lora  # noqa: E402
 from lycoris_lite.models import build_sd15_unet  # noqa: E402
 
 SCENARIOS = ("planted", "slow-decay")

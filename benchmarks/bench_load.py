@@ -101,7 +101,7 @@ def build_pipeline():
 
 def write_file(pipe, path: str, rank: int, alpha: float, dtype: torch.dtype) -> str:
     from lycoris_lite import LoRAConfig, controller_for
-    from lycoris_lite.files import save_adapter
+    from lycoris_lite.io.files import save_adapter
 
     g = torch.Generator().manual_seed(0)
     for component, targets in ((pipe.unet, UNET_TARGETS), (pipe.text_encoder, TE_TARGETS)):
@@ -115,7 +115,7 @@ def write_file(pipe, path: str, rank: int, alpha: float, dtype: torch.dtype) -> 
 
 # ---- the two loaders ----------------------------------------------------------------------------------
 def load_ours(pipe, path):
-    from lycoris_lite.files import load_adapter
+    from lycoris_lite.io.files import load_adapter
 
     return load_adapter(pipe, path, ADAPTER)
 
@@ -207,7 +207,7 @@ def memory_child(args) -> None:
     pipe = build_pipeline()
     load, _ = LOADERS[args.memory_child]
     if args.memory_child == "ours":
-        import lycoris_lite.files  # noqa: F401  (imported before the measurement, as diffusers' loaders are)
+        import lycoris_lite.io.files  # noqa: F401  (imported before the measurement, as diffusers' loaders are)
     gc.collect()
     if not C.reset_peak_rss():
         raise RuntimeError("cannot reset peak RSS (/proc/self/clear_refs)")
@@ -218,7 +218,7 @@ def memory_child(args) -> None:
     if args.memory_child == "ours":
         # the file's block is kept idle for the next load (buffers' read pool, MADV_FREE after 10 s):
         # hand it back now, so "kept" is what the adapter holds and the block counts as transient
-        from lycoris_lite import buffers
+        from lycoris_lite.core import buffers
 
         idle = buffers.idle_bytes()
         buffers.release_idle()

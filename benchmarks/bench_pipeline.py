@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import _status_kb, reset_peak_rss  # noqa: E402
 
 import lycoris_lite  # noqa: E402
-from lycoris_lite import PRESETS, buffers, controller_for, get_algorithm  # noqa: E402
-from lycoris_lite.files import save_adapter  # noqa: E402
-from lycoris_lite.formats import safe_io  # noqa: E402
+from lycoris_lite import PRESETS, controller_for, get_algorithm
+from lycoris_lite.core import buffers
+from lycoris_lite.io.files import save_adapter  # noqa: E402
+from lycoris_lite.io.formats import safe_io  # noqa: E402
 from lycoris_lite.models import build_sd15_unet, build_tiny_sd_pipeline  # noqa: E402
 
 TARGETS = PRESETS["unet-attn-ff"]
@@ -67,7 +68,7 @@ def make_adapter_file(pipe, path: Path, algo: str, settings: dict, seed: int) ->
 
 
 def targeted_numel(unet) -> int:
-    from lycoris_lite.model import find_targets
+    from lycoris_lite.core.controller import find_targets
     from lycoris_lite.algos.lora import LoRAConfig
 
     return sum(unet.get_submodule(n).weight.numel() for n in find_targets(unet, LoRAConfig(target_modules=TARGETS)))
@@ -91,7 +92,7 @@ def count_reads():
         return real(*args, **kwargs)
 
     safe_io.read_state_dict = counting
-    lycoris_lite.files.read_state_dict = counting
+    lycoris_lite.io.files.read_state_dict = counting
     return calls
 
 

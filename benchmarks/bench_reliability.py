@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
 
 import lycoris_lite  # noqa: E402
 from lycoris_lite import PRESETS, controller_for, get_algorithm  # noqa: E402
-from lycoris_lite.files import save_adapter  # noqa: E402
+from lycoris_lite.io.files import save_adapter  # noqa: E402
 
 LIB_DIR = str(Path(lycoris_lite.__file__).resolve().parent)
 ALGOS = ("lora", "loha", "lokr", "oft", "boft", "hra")
@@ -1162,12 +1162,12 @@ def live_tensors() -> int:
 
 def leak_cycles(target, source: Path, cycles: int, fuse: bool = True, time_limit: float = 900.0) -> dict:
     """``cycles`` × (load ``source``, [fuse, unfuse,] unload) on ``target``: a pipeline given
-    ``lycoris_lite.enable`` (its API) or a bare UNet (:func:`lycoris_lite.files.load_adapter` and the
+    ``lycoris_lite.enable`` (its API) or a bare UNet (:func:`lycoris_lite.io.files.load_adapter` and the
     controller's ``unload``). After each cycle: ``gc.collect()``, then VmRSS (*raw*), then
     ``malloc_trim(0)`` and VmRSS again (*trimmed*: glibc's free heap pages given back, so what is left is
     memory in use), and the number of live tensors. Growth is measured from the end of the first cycle
     (which allocates the caches, the name maps and the allocator's arenas for good)."""
-    from lycoris_lite.files import load_adapter
+    from lycoris_lite.io.files import load_adapter
 
     is_pipe = hasattr(target, "load_adapter")
     raw, trimmed, tensors, seconds = [], [], [], []
@@ -1466,12 +1466,12 @@ def cached_tiny_models():
 
 
 def run_cli_bad_arguments(names: dict[str, Path], cases=None) -> list[dict]:
-    """Each bad command line through ``lycoris_lite.cli.main`` in this process: its exit status, whether
+    """Each bad command line through ``lycoris_lite.integrations.cli.main`` in this process: its exit status, whether
     stderr says what :data:`CLI_BAD_ARGUMENTS` expects, and whether anything was written (every file
     under the inputs' folder compared before and after)."""
     import re
 
-    from lycoris_lite import cli
+    from lycoris_lite.integrations import cli
 
     folder = names["lora"].parent
     results = []
@@ -1541,7 +1541,7 @@ TRAINER_BAD_ARGUMENTS = [
 
 def trainer_args(out: Path, **overrides) -> list[str]:
     """A short, valid DreamBooth run on the tiny model and ``samples/instance`` (options override)."""
-    from lycoris_lite.training.options import to_argv
+    from lycoris_lite.integrations.training.options import to_argv
 
     settings = {"pretrained_model_name_or_path": "tiny-sd", "instance_data_dir": ROOT / "samples" / "instance",
                 "instance_prompt": "a photo of sks duck", "resolution": 64, "train_batch_size": 1,
@@ -1687,11 +1687,11 @@ def killed_training(folder: Path, kills: int = 3, steps: int = 24, every: int = 
 
 def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 1 << 20,
                            time_limit: float = 600.0) -> dict:
-    """A process writing training checkpoints (``lycoris_lite.training.checkpoint.save``: adapter state,
+    """A process writing training checkpoints (``lycoris_lite.integrations.training.checkpoint.save``: adapter state,
     optimizer, scheduler, state.json and the adapter file, keeping the newest two) SIGKILLed at random
     moments, ``kills`` times. After each kill every ``checkpoint-N`` folder must load and hold exactly
     step N's content, and ``latest()`` must name a complete one; the next process resumes from it."""
-    from lycoris_lite.training import checkpoint
+    from lycoris_lite.integrations.training import checkpoint
 
     rng = random.Random(seed)
     out = folder / "checkpoints"
@@ -1755,7 +1755,7 @@ def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 
 
 
 def save_tensors_file(path: Path, state: dict[str, torch.Tensor]) -> None:
-    from lycoris_lite.formats.safe_io import write_state_dict
+    from lycoris_lite.io.formats.safe_io import write_state_dict
 
     write_state_dict(path, state)
 
@@ -1995,7 +1995,7 @@ def sd15_leaks(cycles: int, folder: Path) -> dict:
     """``cycles`` load/unload cycles of a LoRA (r=16, attention + feed-forward) on the full-size
     SD-1.5-shaped UNet (859M parameters, float32), and the peak memory of one load against the file."""
     from lycoris_lite import LoRAConfig
-    from lycoris_lite.files import load_adapter
+    from lycoris_lite.io.files import load_adapter
     from lycoris_lite.models import build_sd15_unet
 
     t0 = time.time()
@@ -2098,7 +2098,7 @@ def run(sections, sizes: dict, log=print, results: dict | None = None) -> dict:
                     pipe.save_adapter(v[0], target, format=fmt, metadata=v[1])
 
                 def verify(path):
-                    lycoris_lite.files.read_adapter(pipe, path, "check")
+                    lycoris_lite.io.files.read_adapter(pipe, path, "check")
 
                 results["killwrite"][fmt] = kill_during_writes(write, versions, target, sizes["kills"], seed=1,
                                                                verify=verify)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from lycoris_lite import PRESETS, controller_for, get_algorithm
-from lycoris_lite.layer import AdapterLayer
+from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.models import build_sd15_unet
 
 ALGOS = {"lora": {"r": 32}, "loha": {"r": 16}, "lokr": {"factor": 8}, "oft": {"block_size": 64},

@@ -4,7 +4,7 @@
 
 On the SD-1.5-shaped UNet (859,520,964 parameters) and text encoder (123,060,480) with seeded random
 weights (the tiny VAE and tokenizer: nothing here decodes), four adapter files are written and served by
-:class:`lycoris_lite.webui.SharedPipeline`, the engine behind ``ui/app.py``:
+:class:`lycoris_lite.integrations.webui.SharedPipeline`, the engine behind ``ui/app.py``:
 
 * stack A: LoRA r=16 (UNet attention + feed-forward + proj, and the text encoder) and LoKr r=8 (UNet
   attention);
@@ -35,8 +35,12 @@ from unittest import mock
 
 import torch
 
-from lycoris_lite import PRESETS, controller_for, files, get_algorithm, webui
-from lycoris_lite.formats import safe_io
+from lycoris_lite import PRESETS, controller_for, get_algorithm
+
+from lycoris_lite.io import files
+
+from lycoris_lite.integrations import webui
+from lycoris_lite.io.formats import safe_io
 from lycoris_lite.models import build_sd15_text_encoder, build_sd15_unet, build_tiny_sd_pipeline
 
 ADAPTERS = {  # name: (algorithm, settings, UNet targets, also the text encoder)
@@ -94,7 +98,7 @@ class OpenCounter:
                                  ("safetensors.safe_open", safetensors.safe_open),
                                  ("safetensors.torch.load_file", safetensors.torch.load_file),
                                  ("torch.load", torch.load),
-                                 ("lycoris_lite.files.read_state_dict", safe_io.read_state_dict)]:
+                                 ("lycoris_lite.io.files.read_state_dict", safe_io.read_state_dict)]:
             self._stack.enter_context(mock.patch(target, self._wrap(target, original)))
         return self
 

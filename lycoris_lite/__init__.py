@@ -12,25 +12,19 @@ from .algos.loha import LoHaConfig
 from .algos.lokr import LoKrConfig
 from .algos.lora import LoRAConfig
 from .algos.oft import OFTConfig
-from .config import AdapterConfig
-from .layer import AdapterLayer
-from .model import (
-    AdapterController,
-    AdapterModel,
-    BOFTModel,
-    HRAModel,
-    LoHaModel,
-    LoKrModel,
-    LoRAModel,
-    OFTModel,
-    controller_for,
-)
-from .pipeline import LycorisPipelineMixin, enable
-from .arithmetic import COMBINATION_TYPES, combine_adapters
-from .extract import extract_lora
-from .merge import load_merged, merge_adapter_files, save_merged
-from .presets import PRESETS
-from .registry import ALGORITHMS, config_from_dict, get_algorithm
+from .base.config import AdapterConfig
+from .core.layer import AdapterLayer
+from .core.controller import AdapterController, controller_for
+from .integrations.peft_style import AdapterModel, BOFTModel, HRAModel, LoHaModel, LoKrModel, LoRAModel, OFTModel
+from .integrations.pipeline import LycorisPipelineMixin, enable
+from .tools.arithmetic import COMBINATION_TYPES, combine_adapters
+from .tools.extract import extract_lora
+from .tools.merged import load_merged, merge_adapter_files, save_merged
+from .base.presets import PRESETS
+from .base.registry import ALGORITHMS, config_from_dict, get_algorithm
+
+#: PEFT's spellings, so PEFT code ports by changing the import
+LoraConfig, LoraModel = LoRAConfig, LoRAModel
 
 __version__ = "0.1.0"
 
@@ -38,6 +32,6 @@ __all__ = [
     "COMBINATION_TYPES", "combine_adapters", "extract_lora", "load_merged", "merge_adapter_files", "save_merged",
     "ALGORITHMS", "PRESETS", "AdapterConfig", "AdapterController", "AdapterLayer", "AdapterModel",
     "BOFTConfig", "BOFTModel", "HRAConfig", "HRAModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-    "LoRAConfig", "LoRAModel", "LycorisPipelineMixin", "OFTConfig", "OFTModel", "config_from_dict", "controller_for",
+    "LoRAConfig", "LoRAModel", "LoraConfig", "LoraModel", "LycorisPipelineMixin", "OFTConfig", "OFTModel", "config_from_dict", "controller_for",
     "enable", "get_algorithm",
 ]

@@ -1,7 +1,7 @@
-"""``python -m lycoris_lite inspect FILE`` / ``convert IN OUT --to FORMAT``: see :mod:`lycoris_lite.cli`."""
+"""``python -m lycoris_lite inspect FILE`` / ``convert IN OUT --to FORMAT``: see :mod:`lycoris_lite.integrations.cli`."""
 
 import sys
 
-from .cli import main
+from .integrations.cli import main
 
 sys.exit(main())

@@ -434,7 +434,7 @@ def build_tiny_vae(seed: int = 0, *, scaling_factor: float = 0.18215, sample_siz
     return vae.eval()
 
 
-def _save_pipeline(pipe, path: str | os.PathLike, tokenizer_dirs: tuple[str, ...]) -> None:
+def save_pipeline(pipe, path: str | os.PathLike, tokenizer_dirs: tuple[str, ...]) -> None:
     """``save_pretrained`` plus the slow-tokenizer files.
 
     transformers 5 saves a ``CLIPTokenizer`` as ``tokenizer.json`` only; transformers 4's
@@ -483,7 +483,7 @@ def build_tiny_sd_pipeline(seed: int = 0, path: str | os.PathLike | None = None)
         requires_safety_checker=False,
     )
     if path is not None:
-        _save_pipeline(pipe, path, ("tokenizer",))
+        save_pipeline(pipe, path, ("tokenizer",))
     return pipe
 
 
@@ -600,7 +600,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, path: str | os.PathLike | None = Non
         add_watermarker=False,
     )
     if path is not None:
-        _save_pipeline(pipe, path, ("tokenizer", "tokenizer_2"))
+        save_pipeline(pipe, path, ("tokenizer", "tokenizer_2"))
     return pipe
 
 

@@ -19,7 +19,7 @@ The class is ``StableDiffusionPipeline`` with :class:`lycoris_lite.LycorisPipeli
 
 from diffusers import StableDiffusionPipeline
 
-from lycoris_lite.pipeline import LycorisPipelineMixin
+from lycoris_lite.integrations.pipeline import LycorisPipelineMixin
 
 
 class LycorisStableDiffusionPipeline(LycorisPipelineMixin, StableDiffusionPipeline):

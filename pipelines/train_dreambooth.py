@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from lycoris_lite.training import adapters, checkpoint, data, images, loss, options  # noqa: E402
-from lycoris_lite.training.data import TrainingInputError  # noqa: E402
+from lycoris_lite.integrations.training import adapters, checkpoint, data, images, loss, options  # noqa: E402
+from lycoris_lite.integrations.training.data import TrainingInputError  # noqa: E402
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import lycoris_lite  # noqa: E402
 from lycoris_lite import ALGORITHMS  # noqa: E402
 from lycoris_lite.models import build_tiny_sd_pipeline  # noqa: E402
-from lycoris_lite.training import data, loss  # noqa: E402
+from lycoris_lite.integrations.training import data, loss  # noqa: E402
 
 SCALES = (0.0, 0.5, 1.0)
 PROMPT = "a photo of sks duck"

@@ -38,7 +38,7 @@ from torch._dynamo.utils import counters
 
 import lycoris_lite
 from lycoris_lite import ALGORITHMS, PRESETS, controller_for, get_algorithm
-from lycoris_lite.files import save_adapter
+from lycoris_lite.io.files import save_adapter
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 SETTINGS = {"lora": {"r": 4}, "loha": {"r": 4, "alpha": 16}, "lokr": {"r": 4}, "oft": {"block_size": 4},

@@ -1,4 +1,4 @@
-"""Adapter arithmetic (``lycoris_lite.arithmetic``): PEFT's ``add_weighted_adapter`` on LoRA, every
+"""Adapter arithmetic (``lycoris_lite.tools.arithmetic``): PEFT's ``add_weighted_adapter`` on LoRA, every
 type; the ΔW-space extension to every registered algorithm and to mixes; bad input.
 
 DARE draws random masks. PEFT draws them with ``torch.bernoulli`` on the global RNG, which its
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from lycoris_lite import ALGORITHMS, LoRAConfig, controller_for, get_algorithm
-from lycoris_lite.arithmetic import COMBINATION_TYPES, combine_adapters, merge_tensors
-from lycoris_lite.extract import adapter_delta
+from lycoris_lite.tools.arithmetic import COMBINATION_TYPES, combine_adapters, merge_tensors
+from lycoris_lite.tools.extract import adapter_delta
 from tests.reference import transformed_weight
 from tests.test_contract import SMALL
 
@@ -79,6 +79,11 @@ def peft_layers(peft_model) -> dict[str, LoraLayer]:
     return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def add_weighted(ctrl, *args, **kwargs):
+    """``add_weighted_adapter`` on the model ``ctrl`` manages (what ``AdapterModel.add_weighted_adapter`` runs)."""
+    return combine_adapters({"model": ctrl.model}, *args, **kwargs)
+
+
 def run_both(pair, names, weights, new, combination_type, seed=0, **kwargs):
     """PEFT's and our ``add_weighted_adapter`` with the same arguments and the same DARE mask stream."""
     peft_model, ours = pair
@@ -89,8 +94,8 @@ def run_both(pair, names, weights, new, combination_type, seed=0, **kwargs):
         peft_model.add_weighted_adapter(names, weights, new, combination_type=combination_type, **kwargs)
     finally:
         torch.bernoulli = bernoulli
-    return controller_for(ours).add_weighted_adapter(names, weights, new, combination_type, **kwargs,
-                                                     generator=torch.Generator().manual_seed(seed))
+    return combine_adapters({"model": ours}, names, weights, new, combination_type, **kwargs,
+                            generator=torch.Generator().manual_seed(seed))
 
 
 def compare(pair, new):
@@ -205,12 +210,12 @@ def test_every_algorithm_combines_in_delta_space(algo):
     ``dare_ties`` PEFT's own rules applied to the ΔW's (same mask stream)."""
     model, ctrl = two_adapters({"a": algo, "b": algo})
     weights = [0.7, -0.4]
-    ctrl.add_weighted_adapter(["a", "b"], weights, "cat", "cat")
-    ctrl.add_weighted_adapter(["a", "b"], weights, "svd", "svd", svd_rank=3)
-    ctrl.add_weighted_adapter(["a", "b"], weights, "ties", "ties", density=0.4)
-    ctrl.add_weighted_adapter(["a", "b"], weights, "dare", "dare_ties", density=0.4, generator=torch.Generator().manual_seed(5))
+    add_weighted(ctrl, ["a", "b"], weights, "cat", "cat")
+    add_weighted(ctrl, ["a", "b"], weights, "svd", "svd", svd_rank=3)
+    add_weighted(ctrl, ["a", "b"], weights, "ties", "ties", density=0.4)
+    add_weighted(ctrl, ["a", "b"], weights, "dare", "dare_ties", density=0.4, generator=torch.Generator().manual_seed(5))
     if algo != "lora":
-        ctrl.add_weighted_adapter(["a", "b"], weights, "linear", "linear")
+        add_weighted(ctrl, ["a", "b"], weights, "linear", "linear")
     g = torch.Generator().manual_seed(5)
     for path, layer in ctrl.layers():
         want = sum(w * reference_delta(layer, n) for w, n in zip(weights, ["a", "b"]))
@@ -238,12 +243,12 @@ def test_a_mix_of_algorithms_orthogonal_ones_included():
     algos = {"lora": "lora", "lokr": "lokr", "oft": "oft", "hra": "hra"}
     model, ctrl = two_adapters(algos)
     weights = [0.5, 1.5, 0.8, -0.3]
-    ctrl.add_weighted_adapter(list(algos), weights, "exact", "cat")
+    add_weighted(ctrl, list(algos), weights, "exact", "cat")
     with pytest.raises(ValueError, match="needs svd_rank"):
-        ctrl.add_weighted_adapter(list(algos), weights, "small", "svd")
-    ctrl.add_weighted_adapter(list(algos), weights, "small", "magnitude_prune_svd", svd_rank=5, density=1.0)
+        add_weighted(ctrl, list(algos), weights, "small", "svd")
+    add_weighted(ctrl, list(algos), weights, "small", "magnitude_prune_svd", svd_rank=5, density=1.0)
     with pytest.raises(ValueError, match="one algorithm with the same shapes"):
-        ctrl.add_weighted_adapter(list(algos), weights, "bad", "linear")
+        add_weighted(ctrl, list(algos), weights, "bad", "linear")
     for path, layer in ctrl.layers():
         want = sum(w * reference_delta(layer, n) for w, n in zip(weights, algos))
         assert rel(combined(layer, "exact"), want) < 1e-5
@@ -314,7 +319,7 @@ def test_bad_input_is_refused_and_changes_nothing(change, message):
     args = {"adapters": ["a", "b"], "weights": [1.0, 0.5], "adapter_name": "new", "combination_type": "svd", **change}
     before, configs = state_of(model), dict(ctrl.configs)
     with pytest.raises(ValueError, match=message):
-        ctrl.add_weighted_adapter(args.pop("adapters"), args.pop("weights"), args.pop("adapter_name"), **args)
+        add_weighted(ctrl, args.pop("adapters"), args.pop("weights"), args.pop("adapter_name"), **args)
     assert ctrl.configs == configs
     after = state_of(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

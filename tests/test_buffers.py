@@ -1,4 +1,4 @@
-"""The fuse's memory block (``lycoris_lite.buffers``): kept idle for the next fuse, never reused while a
+"""The fuse's memory block (``lycoris_lite.core.buffers``): kept idle for the next fuse, never reused while a
 tensor still points into it, decayed to ``MADV_FREE``, released on demand, and safe against the
 finaliser that returns it running inside the pool's own code."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from lycoris_lite import buffers
+from lycoris_lite.core import buffers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is Linux only")
 

@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lycoris_lite import ALGORITHMS, AdapterModel, controller_for, get_algorithm
-from lycoris_lite.cli import main
-from lycoris_lite.extract import adapter_to_lora, attach_entries, extract_lora
-from lycoris_lite.files import components_of, load_adapter, save_adapter
-from lycoris_lite.formats.safe_io import read_state_dict
-from lycoris_lite.metadata import build_metadata, family_from_metadata, most_frequent_tags, summarize_metadata
+from lycoris_lite.integrations.cli import main
+from lycoris_lite.tools.extract import adapter_to_lora, attach_entries, extract_lora
+from lycoris_lite.io.files import components_of, load_adapter, save_adapter
+from lycoris_lite.io.formats.safe_io import read_state_dict
+from lycoris_lite.io.metadata import build_metadata, family_from_metadata, most_frequent_tags, summarize_metadata
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

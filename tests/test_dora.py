@@ -27,8 +27,8 @@ from torch import nn
 
 from lycoris_lite import AdapterModel, LoHaConfig, LoKrConfig, LoRAConfig, controller_for
 from lycoris_lite.algos import dora
-from lycoris_lite.files import load_adapter, save_adapter
-from lycoris_lite.layer_kind import LayerSpec
+from lycoris_lite.io.files import load_adapter, save_adapter
+from lycoris_lite.base.layer_kind import LayerSpec
 from lycoris_lite.models import build_tiny_sd_pipeline
 from tests.golden_mapping import load_into, lycoris_tensors, make_base
 from tests.reference import relative_error

@@ -1,4 +1,4 @@
-"""LoRA extraction (``lycoris_lite.extract``): one matrix with each SVD method and rank choice, and a
+"""LoRA extraction (``lycoris_lite.tools.extract``): one matrix with each SVD method and rank choice, and a
 fully fine-tuned model against its base (planted low-rank changes recovered exactly, full-rank ones
 reported honestly, changes a LoRA cannot hold listed)."""
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lycoris_lite import LoRAConfig, controller_for, extract_lora
-from lycoris_lite.extract import lora_factors, randomized_svd
+from lycoris_lite.tools.extract import lora_factors, randomized_svd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

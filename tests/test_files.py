@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from lycoris_lite import ALGORITHMS, PRESETS, AdapterLayer, controller_for, get_algorithm
-from lycoris_lite.files import load_adapter, save_adapter
-from lycoris_lite.formats.names import diffusers_to_sgm
-from lycoris_lite.formats.safe_io import AdapterFileError, read_state_dict
+from lycoris_lite.io.files import load_adapter, save_adapter
+from lycoris_lite.io.formats.names import diffusers_to_sgm
+from lycoris_lite.io.formats.safe_io import AdapterFileError, read_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 SETTINGS = {"lora": {"r": 4}, "loha": {"r": 4, "alpha": 16}, "lokr": {"r": 4}, "oft": {"block_size": 4, "rescale": True},
@@ -165,7 +165,7 @@ def test_family_is_read_from_the_cross_attention_width_of_every_algorithm(algo):
     from types import SimpleNamespace
 
     from lycoris_lite import AdapterModel
-    from lycoris_lite.formats import kohya
+    from lycoris_lite.io.formats import kohya
 
     for width, family in kohya.FAMILY_WIDTHS.items():
         model = AdapterModel(torch.nn.Sequential(torch.nn.Linear(width, 320, bias=False)),

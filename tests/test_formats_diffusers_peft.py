@@ -28,9 +28,9 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
 from lycoris_lite import AdapterLayer, BOFTConfig, HRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, OFTConfig, controller_for  # noqa: E402
-from lycoris_lite.files import detect_format, load_adapter, save_adapter  # noqa: E402
-from lycoris_lite.formats import peft_format  # noqa: E402
-from lycoris_lite.formats.safe_io import read_state_dict  # noqa: E402
+from lycoris_lite.io.files import detect_format, load_adapter, save_adapter  # noqa: E402
+from lycoris_lite.io.formats import peft_format  # noqa: E402
+from lycoris_lite.io.formats.safe_io import read_state_dict  # noqa: E402
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 
 TOL = 1e-5

@@ -34,7 +34,7 @@ from lycoris.modules import ButterflyOFTModule, DiagOFTModule, LoConModule, Loha
 
 from lycoris_lite import AdapterModel, BOFTConfig, LoHaConfig, LoKrConfig, LoRAConfig, OFTConfig  # noqa: E402
 from lycoris_lite.algos.boft import butterfly_blocks, butterfly_perm  # noqa: E402
-from lycoris_lite.operators import BlockDiagonal, dense  # noqa: E402
+from lycoris_lite.base.operators import BlockDiagonal, dense  # noqa: E402
 
 try:  # tests/ as a package or as a rootdir on sys.path
     from .golden_mapping import load_into, lycoris_tensors

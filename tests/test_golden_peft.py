@@ -39,7 +39,7 @@ from lycoris_lite import (  # noqa: E402
     OFTConfig,
 )
 from lycoris_lite.algos.boft import butterfly_blocks, butterfly_perm  # noqa: E402
-from lycoris_lite.operators import BlockDiagonal, Chain, dense  # noqa: E402
+from lycoris_lite.base.operators import BlockDiagonal, Chain, dense  # noqa: E402
 
 try:  # tests/ as a package or as a rootdir on sys.path
     from .golden_mapping import load_into, peft_tensors, skew_from_peft_vector
@@ -253,7 +253,7 @@ def test_oft_multi_adapter_order_bug():
     while merging them one after the other gives ``W R_aᵀ R_bᵀ``. Block size 4 (≥ 3) rotations do not
     commute, so PEFT's forward and merge disagree.
 
-    Ours uses one composition for both (``lycoris_lite/layer.py``: multiplicative adapters compose
+    Ours uses one composition for both (``lycoris_lite/core/layer.py``: multiplicative adapters compose
     in the order they were added, ``W_eff = M_b(M_a(W))`` with ``M(W) = W·R`` on the input side),
     which is PEFT's sequential merge ``W R_aᵀ R_bᵀ`` for adapters added a, then b."""
     torch.manual_seed(3)

@@ -2,7 +2,7 @@
 
 The training forward takes routes with hand-written backward passes that keep less for backward and
 recompute the rest (:mod:`lycoris_lite.algos.common` ``factored_route``/``recompute_in_backward``, the
-orthogonal output rotation in :mod:`lycoris_lite.operators`). For every algorithm × layer kind ×
+orthogonal output rotation in :mod:`lycoris_lite.base.operators`). For every algorithm × layer kind ×
 option set of the contract tests, in float64:
 
 * the gradients of the adapter tensors and of the input equal autograd's gradients of the plain
@@ -146,7 +146,7 @@ def test_the_folded_route_of_a_lone_training_adapter_has_every_gradient_of_the_p
 def test_every_operator_acts_on_a_conv_channel_axis_as_its_dense_matrix():
     """``apply_channels_first`` (a conv's ``(N, D, H, W)`` activations, axis left in place) and ``apply``
     (channels last) equal the dense matrix ``M`` and ``Mᵀ`` for every operator kind, and carry gradients."""
-    from lycoris_lite.operators import BlockDiagonal, Chain, Diagonal, LowRankUpdate, Scaled, dense
+    from lycoris_lite.base.operators import BlockDiagonal, Chain, Diagonal, LowRankUpdate, Scaled, dense
 
     torch.manual_seed(0)
     d = 12

@@ -2,7 +2,7 @@
 "Combine, extract, merge" commands as written.
 
 ``merge`` output must reload (``DiffusionPipeline.from_pretrained`` for the folder,
-``lycoris_lite.merge.load_merged`` for ``--single-file``) with bit-identical weights and render exactly
+``lycoris_lite.tools.merged.load_merged`` for ``--single-file``) with bit-identical weights and render exactly
 (``np.array_equal``) what the pipeline with the same adapters attached and fused renders.
 
 One caveat, measured here and true of any diffusers folder: ``from_pretrained`` leaves each tensor a view
@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from lycoris_lite import LoKrConfig, LoRAConfig, OFTConfig, controller_for, load_merged
-from lycoris_lite.cli import main
-from lycoris_lite.extract import adapter_delta
-from lycoris_lite.files import components_of, load_adapter, save_adapter
-from lycoris_lite.formats.safe_io import read_state_dict
+from lycoris_lite.integrations.cli import main
+from lycoris_lite.tools.extract import adapter_delta
+from lycoris_lite.io.files import components_of, load_adapter, save_adapter
+from lycoris_lite.io.formats.safe_io import read_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from torch import nn
 
 import lycoris_lite as L
 from lycoris_lite import ALGORITHMS, AdapterLayer, AdapterModel, get_algorithm
-from lycoris_lite.model import controller_for
+from lycoris_lite.core.controller import controller_for
 from tests.test_contract import SMALL
 
 
@@ -217,7 +217,7 @@ def test_a_fuse_block_is_populated_at_once_and_gets_huge_pages_only_when_wanted(
     pages are faulted in by one MADV_POPULATE_WRITE where the kernel has it: writing it traps no more."""
     import resource
 
-    from lycoris_lite import buffers
+    from lycoris_lite.core import buffers
 
     block = torch.empty(16 * 2 ** 20 // 4)
     monkeypatch.delenv("LYCORIS_LITE_HUGE_PAGES", raising=False)

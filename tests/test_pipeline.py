@@ -18,8 +18,8 @@ from diffusers import StableDiffusionPipeline
 
 import lycoris_lite
 from lycoris_lite import PRESETS, AdapterLayer, HRAConfig, HRAModel, controller_for
-from lycoris_lite.files import save_adapter
-from lycoris_lite.formats.safe_io import read_state_dict
+from lycoris_lite.io.files import save_adapter
+from lycoris_lite.io.formats.safe_io import read_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from tests.pipeline_checks import make_file, parts, render, state_of
 
@@ -153,7 +153,7 @@ def test_a_stack_mixes_algorithms_each_at_its_own_weight(pipe, adapters, base):
     # the same stack built layer by layer with the controllers, composed in load order
     pipe.unload_adapters()
     for n, a, w in zip(names, ("lora", "lokr", "oft"), [0.8, 1.2, 0.6]):
-        lycoris_lite.files.load_adapter(pipe, adapters[a], n, scale=w)
+        lycoris_lite.io.files.load_adapter(pipe, adapters[a], n, scale=w)
     for c in ("unet", "text_encoder"):
         controller_for(getattr(pipe, c)).set_adapter(names)
     assert np.array_equal(render(pipe), stacked)

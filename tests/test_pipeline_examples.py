@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lycoris_lite import ALGORITHMS, PRESETS, AdapterLayer, HRAConfig, HRAModel, get_algorithm
+from lycoris_lite import ALGORITHMS, PRESETS, AdapterLayer, AdapterModel, HRAConfig, HRAModel, get_algorithm
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_every_algorithm_on_the_tiny_pipeline_merges_and_unloads_exactly(pipe, a
                 "boft": {"block_size": 4, "butterfly_factor": 2}, "hra": {"r": 4}}[algo]
     cfg = get_algorithm(algo).config_class(**settings, target_modules=PRESETS["unet-full"], init_weights=False)
     unet = pipe.unet
-    pipe.unet = HRAModel(unet, cfg, algo)
+    pipe.unet = AdapterModel(unet, cfg, algo)
     try:
         unmerged = render(pipe)
         assert np.abs(unmerged - base).max() > 1e-3
@@ -83,3 +83,22 @@ def test_readme_python_example_runs():
     assert blocks, "README has no python example"
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_typed_models_take_their_own_config_only_and_peft_spellings_port():
+    """``LoRAModel`` … ``HRAModel`` refuse another algorithm's config (PEFT's classes are typed too), before
+    touching the model; ``LoraConfig``/``LoraModel`` are the same classes as ours."""
+    import lycoris_lite
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    before = [type(m) for m in net.modules()]
+    with pytest.raises(TypeError, match="HRAModel takes a HRAConfig, got LoRAConfig"):
+        HRAModel(net, lycoris_lite.LoRAConfig(r=2, target_modules=["0"]))
+    assert [type(m) for m in net.modules()] == before
+    assert lycoris_lite.LoraConfig is lycoris_lite.LoRAConfig and lycoris_lite.LoraModel is lycoris_lite.LoRAModel
+    model = lycoris_lite.LoraModel(net, lycoris_lite.LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    assert isinstance(model, AdapterModel) and model.peft_config["default"].alpha == 4
+    for algo in ALGORITHMS:  # every algorithm has its typed model, named as PEFT names it
+        config_class = get_algorithm(algo).config_class
+        typed = getattr(lycoris_lite, config_class.__name__.removesuffix("Config") + "Model")
+        assert typed.config_class is config_class

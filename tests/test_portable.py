@@ -1,4 +1,4 @@
-"""Windows and macOS on a Linux machine (``lycoris_lite.portable``): each platform rule the code depends on
+"""Windows and macOS on a Linux machine (``lycoris_lite.base.portable``): each platform rule the code depends on
 is emulated here (Windows' fsync through a writable handle only, no ``os.preadv``, no ``ctypes.CDLL(None)``,
 ``os.kill`` that terminates, no renaming onto a folder; no ``madvise``; a device without float64), and
 saving, reading, fusing and extracting must give what they give on Linux."""
@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lycoris_lite import PRESETS, AdapterModel, LoRAConfig, OFTConfig, controller_for
-from lycoris_lite import buffers, portable
-from lycoris_lite.extract import adapter_delta, extract_lora, full_svd
-from lycoris_lite.files import save_adapter
-from lycoris_lite.formats import safe_io
-from lycoris_lite.formats.safe_io import read_state_dict
-from lycoris_lite.layer import AdapterLayer
+from lycoris_lite.core import buffers
+from lycoris_lite.base import portable
+from lycoris_lite.tools.extract import adapter_delta, extract_lora, full_svd
+from lycoris_lite.io.files import save_adapter
+from lycoris_lite.io.formats import safe_io
+from lycoris_lite.io.formats.safe_io import read_state_dict
+from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")

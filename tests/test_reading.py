@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lycoris_lite import ALGORITHMS, PRESETS, LoRAConfig, controller_for
-from lycoris_lite.buffers import is_file_block
-from lycoris_lite.files import load_adapter, save_adapter
-from lycoris_lite.formats import safe_io
-from lycoris_lite.formats.names import build_name_map
-from lycoris_lite.formats.safe_io import AdapterFileError, read_state_dict
-from lycoris_lite.layer import AdapterLayer, walk_modules
-from lycoris_lite.layer_kind import LayerSpec
+from lycoris_lite.core.buffers import is_file_block
+from lycoris_lite.io.files import load_adapter, save_adapter
+from lycoris_lite.io.formats import safe_io
+from lycoris_lite.io.formats.names import build_name_map
+from lycoris_lite.io.formats.safe_io import AdapterFileError, read_state_dict
+from lycoris_lite.core.layer import AdapterLayer, walk_modules
+from lycoris_lite.base.layer_kind import LayerSpec
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 

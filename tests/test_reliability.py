@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_reliability as rel  # noqa: E402
 
-from lycoris_lite.formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict  # noqa: E402
+from lycoris_lite.io.formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUZZ_SEED = 4  # 200 cases of this run cover every mutation and every seed file (asserted below)
@@ -234,7 +234,7 @@ def test_a_save_killed_at_random_moments_leaves_the_old_or_the_new_adapter(pipe,
     try:
         result = rel.kill_during_writes(lambda v: pipe.save_adapter(v[0], target, format=fmt, metadata=v[1]),
                                         versions, target, kills=6, seed=3,
-                                        verify=lambda p: rel.lycoris_lite.files.read_adapter(pipe, p, "check"))
+                                        verify=lambda p: rel.lycoris_lite.io.files.read_adapter(pipe, p, "check"))
     finally:
         pipe.unload_adapters()
     assert result["kills"] == 6 and result["partial_or_mixed"] == 0, result["problems"]
@@ -283,7 +283,7 @@ TRAINER_MAIN_LEVEL = {"missing-images", "missing-model", "resume-missing", "targ
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in rel.TRAINER_BAD_ARGUMENTS
                                   if c[0] not in TRAINER_MAIN_LEVEL or c[0] == "resume-missing"])
 def test_trainer_bad_options_exit_2_with_a_message_before_anything_is_written(case, tmp_path, capsys):
-    from lycoris_lite.training import options
+    from lycoris_lite.integrations.training import options
 
     case_id, overrides, message = case
     (tmp_path / "bad.toml").write_text("learning_rat = 0.1\n")
@@ -306,7 +306,7 @@ def test_trainer_bad_options_exit_2_with_a_message_before_anything_is_written(ca
     ('output_name = "sub/name"', r"--output_name must be a plain file name"),
 ])
 def test_trainer_ranges_apply_to_values_from_config_files(tmp_path, capsys, toml, message):
-    from lycoris_lite.training import options
+    from lycoris_lite.integrations.training import options
 
     (tmp_path / "run.toml").write_text(toml + "\n")
     argv = rel.trainer_args(tmp_path / "out", seed=None, learning_rate=None, config=tmp_path / "run.toml")
@@ -317,7 +317,7 @@ def test_trainer_ranges_apply_to_values_from_config_files(tmp_path, capsys, toml
 
 
 def test_trainer_range_edges_and_the_clipping_off_value_are_accepted(tmp_path):
-    from lycoris_lite.training import options
+    from lycoris_lite.integrations.training import options
 
     args = options.parse_args(rel.trainer_args(
         tmp_path / "out", max_grad_norm=0, seed=2**32 - 1, adam_beta1=0, lr_warmup_steps=0, max_train_steps=None,
@@ -387,7 +387,7 @@ def test_our_safetensors_reader_equals_safetensors_for_every_dtype_aligned_or_no
 
 
 def test_atomic_writes_leave_no_temporaries_even_when_the_writer_fails(tmp_path):
-    from lycoris_lite.formats.safe_io import atomic_write
+    from lycoris_lite.io.formats.safe_io import atomic_write
 
     target = tmp_path / "adapter.safetensors"
 

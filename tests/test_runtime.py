@@ -14,7 +14,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lycoris_lite import ALGORITHMS, AdapterModel, LoRAConfig, get_algorithm
-from lycoris_lite.layer import AdapterLayer
+from lycoris_lite.core.layer import AdapterLayer
 from tests.test_contract import SMALL, VARIANTS
 
 HALF = [torch.float16, torch.bfloat16]
@@ -379,3 +379,24 @@ def test_group_offloading_before_and_after_loading(tmp_path):
     with pytest.raises(RuntimeError, match="group-offloaded to disk"):
         disk.load_adapter(files[0])
     assert disk.list_adapters() == {} and not any(isinstance(m, AdapterLayer) for m in disk.unet.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="inductor needs a C++ compiler on the CPU")
+def test_inductor_compiles_a_mixed_stack_once():
+    """The default backend (inductor, generated C++ on the CPU) on a stack of every kind of forward path
+    (a low-rank route, a folded ΔW, a rotation): no graph break, one graph across weight changes, and
+    the eager result to float32 rounding."""
+    model, x = build("loha")
+    model.add_adapter("oft", get_algorithm("oft").config_class(block_size=4, target_modules=["proj", "conv"],
+                                                               init_weights=False))
+    model.add_adapter("lora", LoRAConfig(r=2, target_modules=["conv", "proj", "out"], init_weights=False))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model.model)
+    with torch.no_grad():
+        for weight in (1.0, 0.6):
+            model.set_adapters(["default", "oft", "lora"], weight)
+            expected = model.model(x)
+            assert torch.allclose(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    assert _graph_breaks() == 0 and _graphs() == 1

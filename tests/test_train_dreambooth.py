@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycoris_lite import ALGORITHMS, controller_for
-from lycoris_lite.files import load_adapter
-from lycoris_lite.metadata import summarize_metadata
+from lycoris_lite.io.files import load_adapter
+from lycoris_lite.io.metadata import summarize_metadata
 from lycoris_lite.models import build_tiny_sd_pipeline
-from lycoris_lite.training import data, loss, options
+from lycoris_lite.integrations.training import data, loss, options
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "train_dreambooth.py"

@@ -22,7 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from lycoris_lite import webui
+from lycoris_lite.integrations import webui
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")

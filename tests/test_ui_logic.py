@@ -1,4 +1,4 @@
-"""The web UI's logic without a page (``lycoris_lite.webui``): prompt tags, PNG parameters, safe upload
+"""The web UI's logic without a page (``lycoris_lite.integrations.webui``): prompt tags, PNG parameters, safe upload
 names, the adapter library and the shared pipeline on the tiny model (stacks, cache, order, fuse, cancel,
 concurrency, uploads). Images are 64x64, 2 steps."""
 
@@ -16,9 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lycoris_lite import PRESETS, LoRAConfig, controller_for, files, webui
+from lycoris_lite import PRESETS, LoRAConfig, controller_for
+
+from lycoris_lite.io import files
+
+from lycoris_lite.integrations import webui
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
-from lycoris_lite.webui import GenerationSettings, StackEntry
+from lycoris_lite.integrations.webui import GenerationSettings, StackEntry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@
                      [--auth USER:PASSWORD] [--share] [--max-upload-mb 512] [--max-loaded 8] [--slots 4]
                      [--device cuda] [--dtype float16|bfloat16|float32]
 
-A Gradio page over :mod:`lycoris_lite.webui`, which does the work: the adapter library, the shared
+A Gradio page over :mod:`lycoris_lite.integrations.webui`, which does the work: the adapter library, the shared
 pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
 ``gr.State``; every event that touches the pipeline shares one queue slot (``concurrency_id="gpu"``) and
 the library's lock. With no arguments it opens the embedded tiny model and ``outputs/demo`` (where
@@ -25,8 +25,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; mus
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from lycoris_lite import webui  # noqa: E402
-from lycoris_lite.cli import DTYPES  # noqa: E402
+from lycoris_lite.integrations import webui
+from lycoris_lite.integrations.cli import DTYPES  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
 LIBRARY_HEADERS = ["adapter", "algorithm", "rank", "family", "trigger words", "size", "status"]

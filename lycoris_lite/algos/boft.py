@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from ..registry import Algorithm, register
+from ..base.registry import Algorithm, register
 from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
 from .oft import (RotationConfig, init_rotation, require_output_side, rescale_from_file, rescale_to_file,
                   rotation_operators)

@@ -1,7 +1,7 @@
 """DoRA: weight decomposition for the additive algorithms (LoRA, LoHa, LoKr).
 
 An adapter with ``use_dora=True`` keeps a magnitude ``m`` (``dora_scale``) beside its ``ΔW`` and is a
-stage of the layer's multiplicative chain (see :mod:`lycoris_lite.layer`), applied to the weight ``W``
+stage of the layer's multiplicative chain (see :mod:`lycoris_lite.core.layer`), applied to the weight ``W``
 it receives:
 
     D(W) = m ⊙ (W + ΔW) / ‖W + ΔW‖,     W' = W + s·(D(W) − W)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig, check_choice
+from ..base.config import AdapterConfig, check_choice
 
 AXES = ("output", "input")
 KEY = "dora_scale"

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig, check_choice
-from ..operators import LowRankUpdate
-from ..registry import Algorithm, register
+from ..base.config import AdapterConfig, check_choice
+from ..base.operators import LowRankUpdate
+from ..base.registry import Algorithm, register
 from .common import ROTATION_SIDES, kaiming_, rotated_dim
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import Algorithm, file_alpha, pattern_value, register
+from ..base.registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
 from .common import LowRankRoute, factored_route, init_factors, rebuild_tucker
 from .lora import lora_scale

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..operators import is_one
-from ..registry import Algorithm, file_alpha, pattern_value, register
+from ..base.operators import is_one
+from ..base.registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
 from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
 from .lora import lora_scale

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layer_kind import LayerSpec
-from ..operators import is_one
-from ..registry import Algorithm, file_alpha, pattern_value, register
+from ..base.layer_kind import LayerSpec
+from ..base.operators import is_one
+from ..base.registry import Algorithm, file_alpha, pattern_value, register
 from . import dora
 from .common import kaiming_, rebuild_tucker
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig, check_choice
-from ..operators import BlockDiagonal, Chain, Diagonal
-from ..registry import Algorithm, register
+from ..base.config import AdapterConfig, check_choice
+from ..base.operators import BlockDiagonal, Chain, Diagonal
+from ..base.registry import Algorithm, register
 from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, normal_, rotated_dim, skew
 
 
@@ -45,7 +45,7 @@ def compact(chain, group: int) -> BlockDiagonal:
 def rotation_operators(blocks, side: str, rescale=None, perms=None, group: int | None = None,
                        orthogonal: bool = True):
     """``(input_op, output_op)`` for rotation blocks on ``side`` and an optional output rescale.
-    ``orthogonal``: the blocks are exactly orthogonal (exact Cayley), see :mod:`lycoris_lite.operators`.
+    ``orthogonal``: the blocks are exactly orthogonal (exact Cayley), see :mod:`lycoris_lite.base.operators`.
 
     ``blocks`` is ``(n, b, b)`` (one stage) or a list of stages with matching ``perms`` that all act
     within contiguous groups of ``group`` indices (butterfly stages), compacted into one operator. Stages

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ..formats.safe_io import atomic_write, read_state_dict, write_state_dict
+from ...io.formats.safe_io import atomic_write, read_state_dict, write_state_dict
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TEMP_PREFIX = ".tmp-"

@@ -20,7 +20,7 @@ The contract an algorithm implements (all tensors float, shapes per :class:`Laye
   on a layer: ``ΔW`` folded into the base op forward, the route's backward; see
   :func:`lycoris_lite.algos.common.folded_route`).
 * multiplicative algorithms: ``transform(params, spec, settings) -> (input_op, output_op)`` with
-  ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.operators`).
+  ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.base.operators`).
 * ``regularization(params, settings) -> tensor | None``: an optional training penalty.
 
 Decomposable algorithms (``decomposable = True``) add ``{"dora": axis}`` to their settings and a

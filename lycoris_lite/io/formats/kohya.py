@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer import base_module_at
-from ..layer_kind import LayerSpec
-from ..registry import Algorithm, detect_algorithm
+from ...core.layer import base_module_at
+from ...base.layer_kind import LayerSpec
+from ...base.registry import Algorithm, detect_algorithm
 from .names import ComponentNames
 
 

@@ -5,7 +5,7 @@ the same rules applied to each adapter's weight change ``ΔW`` for every other a
 
 Notation, per layer: adapter ``i`` with weight ``w_i``; ``ΔW_i`` its weight change at multiplier 1
 (``alpha / r`` included; for OFT, BOFT and HRA the effective change ``L·W·R − W`` of the layer's original
-weight, see :func:`lycoris_lite.extract.adapter_delta`). The user's multipliers (``set_scale``) are left
+weight, see :func:`lycoris_lite.tools.extract.adapter_delta`). The user's multipliers (``set_scale``) are left
 out: the weights play their part. For a LoRA, ``A`` is ``lora_down`` and ``B`` ``lora_up``, and
 ``c_i = w_i · alpha_i / r_i``.
 
@@ -56,9 +56,9 @@ import torch
 from torch import nn
 
 from .extract import adapter_delta, attach_entries, full_svd, lora_entry, lora_factors, lora_layout
-from .formats.kohya import LayerEntry
-from .layer import AdapterLayer
-from .model import controller_for
+from ..io.formats.kohya import LayerEntry
+from ..core.layer import AdapterLayer
+from ..core.controller import controller_for
 
 COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
                      "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")

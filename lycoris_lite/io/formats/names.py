@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ...core.layer import AdapterLayer, walk_modules
+
 # component -> (prefix written, prefixes read)
 UNET_PREFIXES = ("lora_unet_", "lycoris_", "oft_unet_")
 TE_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
@@ -83,8 +85,6 @@ class ComponentNames:
 
 def adapter_capable_paths(model: nn.Module) -> list[str]:
     """Paths of the modules an adapter may sit on (wrapped ones by their original path)."""
-    from ..layer import AdapterLayer, walk_modules
-
     out = []
     for name, module in walk_modules(model):
         if not name or ".modules_to_save." in f".{name}.":

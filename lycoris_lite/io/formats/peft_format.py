@@ -44,13 +44,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..algos import dora
-from ..layer import base_module_at
-from ..layer_kind import LayerSpec
-from ..registry import get_algorithm
+from ...algos import dora
+from ...core.layer import base_module_at
+from ...base.layer_kind import LayerSpec
+from ...base.registry import get_algorithm
 from .kohya import LayerEntry
 from .names import adapter_capable_paths
 from .safe_io import AdapterFileError, atomic_write, read_state_dict, write_state_dict
+from ...algos.boft import butterfly_perm
+from ...algos.common import factorization
+from ...algos.lora import lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -212,8 +215,6 @@ def peft_perm_indices(perm_matrix: torch.Tensor) -> torch.Tensor:
 def _boft_block_maps(stages: int, block_num: int, block_size: int, perms=None):
     """Per stage ``(blk, loc)``: our block ``k`` is PEFT's block ``blk[k]`` with its rows/columns
     ``loc[k]`` (see :func:`boft_blocks_from_peft`)."""
-    from ..algos.boft import butterfly_perm
-
     dim = block_num * block_size
     maps = []
     for i in range(stages):
@@ -299,8 +300,6 @@ def dora_to_peft(magnitude: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """PEFT's LoKr ``factorization``: ``(factor, dim // factor)`` unsorted when ``factor`` divides,
     else the most square split (LyCORIS's, which sorts the first case too)."""
-    from ..algos.common import factorization
-
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     return factorization(dimension, factor)
@@ -629,8 +628,6 @@ def our_config(config: dict, layers: dict[str, LayerEntry]):
 # ---- writing -----------------------------------------------------------------------------------------
 def _lora_alphas(layers: dict[str, LayerEntry]) -> tuple[bool, dict[str, float]]:
     """``(use_rslora, {path: alpha})`` reproducing every layer's scale under PEFT's rule."""
-    from ..algos.lora import lora_scale
-
     def fits(entry, rslora):
         s = entry.settings
         return lora_scale(s["alpha"], s["r"], rslora) == s["scale"]

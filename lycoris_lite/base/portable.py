@@ -11,7 +11,7 @@
   ``os.kill`` terminates the process, so ``OpenProcess`` + ``GetExitCodeProcess`` instead.
 * Positioned, vectored reads (:func:`read_into`): ``os.preadv`` where the OS has it (Linux, macOS 11+,
   the BSDs), else ``seek`` + ``readinto`` of one buffer at a time.
-* ``madvise`` and the pooled anonymous mappings of :mod:`lycoris_lite.buffers` (:func:`madvise`,
+* ``madvise`` and the pooled anonymous mappings of :mod:`lycoris_lite.core.buffers` (:func:`madvise`,
   :func:`pools_memory`): Linux only.
 * float64 (:func:`float64_device`): Apple's MPS has none; float64 work for such a device runs on the CPU.
 
@@ -164,7 +164,7 @@ def read_into(fh, buffers: list, offset: int) -> int:
 
 # ---- memory ------------------------------------------------------------------------------------------
 def pools_memory() -> bool:
-    """Whether large CPU blocks are pooled anonymous mappings (:mod:`lycoris_lite.buffers`): Linux only,
+    """Whether large CPU blocks are pooled anonymous mappings (:mod:`lycoris_lite.core.buffers`): Linux only,
     where ``madvise`` can hand an idle block's pages back and fault new ones in at once."""
     return LINUX
 

@@ -1,9 +1,8 @@
 """Injection by name pattern and adapter management for any ``nn.Module``.
 
 :class:`AdapterController` does the work on a model tree (one per model, found with
-:func:`controller_for`); :class:`AdapterModel` (alias ``LoRAModel`` … ``HRAModel``) wraps a model with
-the PEFT-style API, so ``pipe.unet = HRAModel(pipe.unet, config, "default")`` works. The diffusers
-integration drives the same controller without wrapping.
+:func:`controller_for`); the PEFT-style wrapper (:mod:`lycoris_lite.integrations.peft_style`) and the
+diffusers integration (:mod:`lycoris_lite.integrations.pipeline`) drive it.
 
 Adding an adapter is all-or-nothing: every target, its layer type and the config's fit to it are
 checked before any module is touched.
@@ -20,13 +19,13 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from . import algos  # noqa: F401  (registers the algorithms)
+from .. import algos  # noqa: F401  (registers the algorithms)
 from .buffers import packed_empty
-from .checks import all_finite
-from .config import AdapterConfig
+from ..base.checks import all_finite
+from ..base.config import AdapterConfig
 from .layer import AdapterLayer, submodule, walk_modules
-from .layer_kind import LayerSpec
-from .registry import algorithm_for
+from ..base.layer_kind import LayerSpec
+from ..base.registry import algorithm_for
 
 _ATTR = "_lycoris_controller"
 
@@ -134,7 +133,7 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
     """Merge adapters ``names`` into each of ``layers`` (those a layer lacks are skipped).
 
     Every new weight is computed before any is written, into one block of memory per dtype and device
-    (``packed``, :func:`~lycoris_lite.buffers.packed_empty`; the block is the one copy of the merged
+    (``packed``, :func:`~lycoris_lite.core.buffers.packed_empty`; the block is the one copy of the merged
     layers that merging costs, freed when they are all unmerged) or into a tensor of its own each
     (``packed=False``, for weights that outlive the adapters). With ``safe_merge`` the adapter tensors
     and every new weight are checked for NaN/Inf first, so a failure changes nothing."""
@@ -343,7 +342,7 @@ class AdapterController:
                 del wrapper.modules_to_save[name]
         del self.configs[name]
         remaining = [n for n in self.active if n != name]
-        self.set_adapter(remaining) if remaining else self._set_active([])
+        self.set_adapter(remaining) if remaining else self.set_active([])
         for layer_name, layer in list(self.layers()):
             if not layer.adapters:
                 parent, child = _parent(self.model, layer_name)
@@ -354,7 +353,9 @@ class AdapterController:
     def active_adapters(self) -> list[str]:
         return list(self.active)
 
-    def _set_active(self, names: list[str]) -> None:
+    def set_active(self, names: list[str]) -> None:
+        """Make ``names`` the active adapters, in that order, leaving trainable flags as they are
+        (:meth:`set_adapter` also makes them trainable). Names are not checked."""
         self.active = list(names)
         for _, layer in self.layers():
             layer.active = [n for n in names if n in layer.adapters]
@@ -364,7 +365,7 @@ class AdapterController:
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active adapters (trainable; the others frozen)."""
         names = self._check_names(names)
-        self._set_active(names)
+        self.set_active(names)
         for _, layer in self.layers():
             for adapter_name, slot in layer.adapters.items():
                 slot.set_trainable(adapter_name in names)
@@ -481,20 +482,6 @@ class AdapterController:
         """Remove every adapter; the model is bitwise the original. Returns the model."""
         return self._restore(keep_merged=False)
 
-    # ---- arithmetic -----------------------------------------------------------------------------
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = False,
-                             svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total", generator: torch.Generator | None = None):
-        """PEFT's ``add_weighted_adapter`` for every algorithm: see :mod:`lycoris_lite.arithmetic`."""
-        from .arithmetic import combine_adapters
-
-        return combine_adapters({"model": self.model}, adapters, weights, adapter_name, combination_type,
-                                density=density, majority_sign_method=majority_sign_method, svd_rank=svd_rank,
-                                svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
-                                generator=generator)
-
     # ---- tensors --------------------------------------------------------------------------------
     def adapter_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """``{layer_name: {key: tensor}}`` of adapter ``name`` (detached)."""
@@ -554,93 +541,3 @@ def _check_shapes(layer_name, given: dict, expected: dict, check_values: bool = 
             )
         if check_values and not all_finite(value):
             raise ValueError(f"layer {layer_name!r}: {key} has NaN/Inf values")
-
-
-# ---- the PEFT-style wrapper -------------------------------------------------------------------------
-class AdapterModel(nn.Module):
-    """``AdapterModel(model, config, adapter_name="default")``: ``model`` with adapters, forwarding
-    every other attribute to it. ``LoRAModel`` … ``HRAModel`` are this class."""
-
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        self.model = model
-        self.controller.add_adapter(adapter_name, config, generator=generator, activate=True)
-
-    @property
-    def controller(self) -> AdapterController:
-        return controller_for(self.model)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
-        return self.controller.configs
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.controller.active_adapters
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        active = self.controller.active_adapters
-        return active[0] if len(active) == 1 else active
-
-    def add_adapter(self, adapter_name: str, config: AdapterConfig, **kwargs) -> None:
-        self.controller.add_adapter(adapter_name, config, **kwargs)
-
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.controller.set_adapter(adapter_name)
-
-    def set_adapters(self, adapter_names, weights=None) -> None:
-        self.controller.set_adapters(adapter_names, weights)
-
-    def set_scale(self, adapter_name: str, scale: float, layers=None) -> None:
-        self.controller.set_scale(adapter_name, scale, layers)
-
-    def disable_adapter(self):
-        return self.controller.disable_adapter()
-
-    def enable_adapter_layers(self) -> None:
-        self.controller.enable_adapter_layers()
-
-    def disable_adapter_layers(self) -> None:
-        self.controller.disable_adapter_layers()
-
-    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
-        self.controller.merge_adapter(adapter_names, safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        self.controller.unmerge_adapter()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        return self.controller.merge_and_unload(progressbar, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self.controller.unload()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.controller.delete_adapter(adapter_name)
-
-    def regularization_loss(self, adapter_names=None) -> torch.Tensor:
-        return self.controller.regularization_loss(adapter_names)
-
-    def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd", **kwargs):
-        """PEFT's ``add_weighted_adapter`` for every algorithm: see :mod:`lycoris_lite.arithmetic`."""
-        return self.controller.add_weighted_adapter(adapters, weights, adapter_name, combination_type, **kwargs)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return self.controller.get_nb_trainable_parameters()
-
-    def print_trainable_parameters(self) -> None:
-        self.controller.print_trainable_parameters()
-
-
-LoRAModel = LoHaModel = LoKrModel = OFTModel = BOFTModel = HRAModel = AdapterModel

@@ -4,7 +4,7 @@ Fusing keeps every original weight (for the bit-exact unfuse) and writes the mer
 memory: exactly one copy of the targeted weights. Allocating that copy layer by layer costs the
 allocator's slack on top (measured 7 % on the SD-1.5 UNet) and one page fault per 4 KiB on first
 touch, which on a CPU takes about as long as the merge's arithmetic. :func:`packed_empty` carves
-the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.layer._own_storage`
+the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.core.layer._own_storage`
 keeps adapter tensors, so GEMMs round the same as on separately allocated tensors).
 
 On Linux a CPU block of 8 MiB or more is an anonymous mapping of this module's (:class:`_Block`), and
@@ -43,7 +43,7 @@ import threading
 import numpy as np
 import torch
 
-from . import portable
+from ..base import portable
 
 ALIGN_BYTES = 64
 #: idle blocks kept for reuse (the rest are unmapped, oldest first)
@@ -83,7 +83,7 @@ def _flag(name: str, default: bool) -> bool:
 
 def _madvise_range(start: int, nbytes: int, page: int, advice: int) -> bool:
     """``madvise(advice)`` on the ``page``-aligned interior of ``[start, start + nbytes)`` (at least 8 MiB;
-    :func:`lycoris_lite.portable.madvise`: Linux); whether the kernel took it. Silently ``False``
+    :func:`lycoris_lite.base.portable.madvise`: Linux); whether the kernel took it. Silently ``False``
     elsewhere or when refused."""
     if nbytes < _MIN_ADVISED:
         return False

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import files
-from ..config import AdapterConfig
-from ..formats import diffusers_format, peft_format
-from ..metadata import build_metadata
-from ..model import AdapterController, controller_for
+from ...io import files
+from ...base.config import AdapterConfig
+from ...io.formats import diffusers_format, peft_format
+from ...io.metadata import build_metadata
+from ...core.controller import AdapterController, controller_for
 
 ADAPTER_NAME = "dreambooth"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -47,12 +47,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import portable
-from .algos.lora import LoRA, LoRAConfig
-from .formats.kohya import LayerEntry
-from .layer import AdapterLayer
-from .layer_kind import LayerSpec
-from .model import AdapterController, controller_for
+from ..base import portable
+from ..algos.lora import LoRA, LoRAConfig
+from ..io.formats.kohya import LayerEntry
+from ..core.layer import AdapterLayer
+from ..base.layer_kind import LayerSpec
+from ..core.controller import AdapterController, controller_for
+from ..io.files import components_of, COMPONENTS
 
 METHODS = ("auto", "randomized", "full")
 #: power iterations of the randomized SVD before ``auto`` gives up on it
@@ -94,7 +95,7 @@ def check_rank_choice(rank, energy, max_rank=None, method: str = "auto") -> None
 
 
 def full_svd(flat: torch.Tensor, full_matrices: bool = False, driver: str | None = None):
-    """``torch.linalg.svd``, retried in float64 (on :func:`lycoris_lite.portable.float64_device`) on the
+    """``torch.linalg.svd``, retried in float64 (on :func:`lycoris_lite.base.portable.float64_device`) on the
     rare float32 non-convergence; the factors come back on ``flat``'s device in its dtype."""
     try:
         return torch.linalg.svd(flat, full_matrices=full_matrices, driver=driver)
@@ -106,7 +107,7 @@ def full_svd(flat: torch.Tensor, full_matrices: bool = False, driver: str | None
 def _top_energy(projected: torch.Tensor, rank: int) -> torch.Tensor:
     """``Σ`` of the ``rank`` largest squared singular values of a wide ``(q, n)`` matrix, from its
     ``q × q`` Gram matrix in float64 (LAPACK on the wide matrix itself is many times slower), on
-    :func:`lycoris_lite.portable.float64_device`; the sum comes back on ``projected``'s device."""
+    :func:`lycoris_lite.base.portable.float64_device`; the sum comes back on ``projected``'s device."""
     wide = projected.to(portable.float64_device(projected.device), torch.float64)
     return torch.linalg.eigvalsh(wide @ wide.T)[-rank:].sum().to(projected.device, projected.dtype)
 
@@ -248,8 +249,8 @@ def adapter_delta(layer: AdapterLayer, adapter_name: str, multiplier: float = 1.
 
     Additive algorithms give their ``delta_weight`` (the formula itself, no ``W + ΔW − W`` rounding);
     multiplicative ones ``L·W·R − W``, computed in float64 (on a CPU copy of the layer where its device
-    has no float64: :func:`lycoris_lite.portable.float64_device`). A single adapter's change is linear in
-    its multiplier (``W + s·(L·W·R − W)``, see :mod:`lycoris_lite.layer`), so this is ``multiplier · ΔW(1)``.
+    has no float64: :func:`lycoris_lite.base.portable.float64_device`). A single adapter's change is linear in
+    its multiplier (``W + s·(L·W·R − W)``, see :mod:`lycoris_lite.core.layer`), so this is ``multiplier · ΔW(1)``.
     The result is on the layer's device.
     """
     slot = layer.adapters[adapter_name]
@@ -362,8 +363,6 @@ class Extraction:
 
     def attach(self, target, adapter_name: str = "extracted", activate: bool = True) -> None:
         """Attach the LoRA to ``target`` (the base pipeline, a ``{component: model}`` dict or a model)."""
-        from .files import components_of
-
         attach_entries(components_of(target), adapter_name, self.entries, activate=activate)
 
 
@@ -378,8 +377,6 @@ def _state_of(model) -> Mapping[str, torch.Tensor]:
 def _tuned_components(tuned, bases: dict[str, nn.Module]) -> dict[str, Mapping[str, torch.Tensor]]:
     """``{component: state dict}`` of ``tuned``: a pipeline, a dict of models or state dicts, a model or a
     state dict (for a single base component)."""
-    from .files import COMPONENTS
-
     if isinstance(tuned, nn.Module) or (isinstance(tuned, Mapping) and not set(tuned) <= set(COMPONENTS)):
         if len(bases) != 1:
             raise ValueError(f"tuned is one model but the base has {sorted(bases)}; give a pipeline or "
@@ -432,8 +429,6 @@ def extract_lora(base, tuned=None, rank: int | None = None, *, energy: float | N
         down, up, error, _ = lora_factors(base, tuned if rank is None else rank, energy=energy,
                                           max_rank=max_rank, method=method, seed=seed)
         return down, up, error
-    from .files import components_of
-
     check_rank_choice(rank, energy, max_rank, method)
     if tuned is None:
         raise ValueError("extract_lora needs the tuned model")

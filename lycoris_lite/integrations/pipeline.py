@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import files
-from .layer import AdapterLayer
-from .model import AdapterController, controller_for, merge_layers, offload_hook
+from ..io import files
+from ..core.layer import AdapterLayer
+from ..core.controller import AdapterController, controller_for, merge_layers, offload_hook
+from ..tools.arithmetic import combine_adapters
 
 COMPONENTS = files.COMPONENTS
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -207,7 +208,7 @@ class LycorisPipelineMixin:
         """Load an adapter and add it to the active stack; returns its name.
 
         ``source``: a kohya/LyCORIS or diffusers ``.safetensors`` file, a diffusers or PEFT folder, or a
-        state dict (any algorithm; see :func:`lycoris_lite.files.read_adapter`). The name defaults to the
+        state dict (any algorithm; see :func:`lycoris_lite.io.files.read_adapter`). The name defaults to the
         file's stem. ``scale`` weights every component; ``unet_scale`` (a number or block-wise dict) and
         ``text_encoder_scale`` override it per component.
 
@@ -383,7 +384,7 @@ class LycorisPipelineMixin:
             plan.append((ctrl, layers, scales))
         for ctrl, layers, scales in plan:
             active = [n for n in state.stack if n in ctrl.configs]
-            ctrl._set_active(active)
+            ctrl.set_active(active)
             for name, per_layer in scales.items():
                 for ln, s in per_layer.items():
                     layers[ln].adapters[name].scale = s
@@ -425,11 +426,9 @@ class LycorisPipelineMixin:
     def combine_adapters(self, adapters, weights, adapter_name: str, combination_type: str = "svd",
                          **kwargs) -> str:
         """A new adapter ``adapter_name``, the weighted combination of loaded ``adapters`` (PEFT's
-        ``add_weighted_adapter`` for every algorithm: :func:`lycoris_lite.arithmetic.combine_adapters`,
+        ``add_weighted_adapter`` for every algorithm: :func:`lycoris_lite.tools.arithmetic.combine_adapters`,
         whose keyword arguments ``density``, ``majority_sign_method``, ``svd_rank``, … pass through).
         It is added to the end of the active stack; the inputs stay loaded."""
-        from .arithmetic import combine_adapters
-
         names = self._check_names(adapters)
         if adapter_name in self._lycoris.adapters:
             raise ValueError(f"an adapter named {adapter_name!r} is already loaded")

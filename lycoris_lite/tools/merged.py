@@ -2,7 +2,7 @@
 
 * :func:`merge_adapter_files` loads adapter files (kohya/LyCORIS, diffusers or PEFT; any algorithm) onto a
   pipeline, each at its multiplier, merges them in the order given (the composition order of
-  :mod:`lycoris_lite.layer`) and puts the original modules back. The weights are then bit for bit those
+  :mod:`lycoris_lite.core.layer`) and puts the original modules back. The weights are then bit for bit those
   of the same pipeline with the adapters attached and fused. Nothing changes unless every file loads
   and every merged weight is finite.
 * :func:`save_merged` writes the pipeline as a diffusers folder (``save_pretrained``, plus the slow
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import LoadedAdapter, components_of, load_adapter
-from .formats.safe_io import read_state_dict, write_state_dict
-from .model import controller_for
+from ..io.files import LoadedAdapter, components_of, load_adapter
+from ..io.formats.safe_io import read_state_dict, write_state_dict
+from ..core.controller import controller_for
+from ..models import save_pipeline, load_pipeline
 
 MERGED_KEY = "lycoris_lite.merged"
 MERGED_FORMAT = 1
@@ -117,13 +118,11 @@ def save_merged(pipe, out: str | os.PathLike, *, single_file: bool = False, base
         return write_state_dict(out, _state_for_file(modules), {MERGED_KEY: json.dumps(provenance)})
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; pick a new path")
-    from .models import _save_pipeline
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         tokenizers = tuple(name for name, value in pipe.components.items()
                            if name.startswith("tokenizer") and value is not None)
-        _save_pipeline(pipe, tmp, tokenizers)
+        save_pipeline(pipe, tmp, tokenizers)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         os.replace(tmp, out)
     finally:
@@ -136,8 +135,6 @@ def load_merged(path: str | os.PathLike, base: str | os.PathLike | None = None, 
     """The pipeline of a single-file checkpoint written by :func:`save_merged`: the base pipeline
     (``base``, default the recorded ``base_model``; ``load_kwargs`` go to ``models.load_pipeline``) with
     every component's tensors from the file, loaded strictly."""
-    from .models import load_pipeline
-
     state, metadata = read_state_dict(path)
     if MERGED_KEY not in metadata:
         raise ValueError(f"{path}: not a merged checkpoint written by lycoris-lite (no {MERGED_KEY!r} metadata)")

@@ -10,7 +10,7 @@
   ``parameters`` chunk): the prompt line with the applied stack as ``<lora:…>`` tags, ``Negative prompt:``,
   then ``Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …, Lora hashes: "name: hash"``.
 * :class:`AdapterLibrary`: the adapters folder as cards (name, algorithm, rank, family, trigger words,
-  metadata, A1111 short hash) read with :func:`lycoris_lite.cli.describe`, cached per file version.
+  metadata, A1111 short hash) read with :func:`lycoris_lite.integrations.cli.describe`, cached per file version.
 * :class:`SharedPipeline`: the pipeline every session shares. Every change to it happens under one
   process-wide lock: before each generation it is brought to the session's stack from the adapters
   already attached (a loaded adapter stays attached and costs nothing while inactive, so switching sets
@@ -41,10 +41,16 @@ from typing import Callable
 
 import torch
 
-from . import __version__, files
-from .formats import kohya
-from .formats.safe_io import PICKLE_SUFFIXES, AdapterFileError, atomic_write, check_safetensors_header
+from .. import __version__
+from ..io import files
+from ..io.formats import kohya
+from ..io.formats.safe_io import PICKLE_SUFFIXES, AdapterFileError, atomic_write, check_safetensors_header
 from .pipeline import enable
+from .cli import CLIError, describe
+from ..base.presets import PRESETS
+from ..core.controller import controller_for
+from ..base.registry import get_algorithm
+from ..io.metadata import build_metadata
 
 SAFETENSORS = ".safetensors"
 MAX_SEED = 2**32 - 1
@@ -310,8 +316,6 @@ class AdapterCard:
 
 def read_card(path: Path) -> AdapterCard:
     """A card for one adapter file or folder (problems are recorded, never raised)."""
-    from .cli import CLIError, describe
-
     card = AdapterCard(adapter_name(path), path, _stamp(path))
     if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
         card.problem = ("a pickle file, which can run code when loaded: convert it with "
@@ -408,9 +412,6 @@ EXAMPLES = (
 def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "tiny-sd") -> list[Path]:
     """Write :data:`EXAMPLES` (non-identity random weights, fixed seeds) for ``pipe`` into ``folder``;
     ``pipe`` must have no adapters and is left as it was."""
-    from . import PRESETS, controller_for, get_algorithm
-    from .metadata import build_metadata
-
     components = files.components_of(pipe)
     if any(controller_for(m, create=False) is not None for m in components.values()):
         raise ValueError("write_example_adapters needs a pipeline without adapters")

@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from .. import portable
-from ..buffers import mark_file_block, read_block
+from ...base import portable
+from ...core.buffers import mark_file_block, read_block
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".bin", ".pth"}
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -135,7 +135,7 @@ _TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
 
 def _read_tensors(path: Path, header: dict, data_start: int) -> dict[str, torch.Tensor]:
     """The tensors of a validated safetensors file, each read straight from the file into its place in
-    one block holding this file's tensors (64-byte aligned views: :func:`lycoris_lite.buffers.read_block`),
+    one block holding this file's tensors (64-byte aligned views: :func:`lycoris_lite.core.buffers.read_block`),
     so nothing is copied twice and attaching keeps them as they are. The reads are batched:
     tensors that lie back to back in the file fill in one ``preadv`` call (up to ``IOV_MAX`` buffers).
     No mapping of the file is kept, so a file rewritten in place while it is read gives an error, not
@@ -179,7 +179,7 @@ def _read_tensors(path: Path, header: dict, data_start: int) -> dict[str, torch.
 
 def _read_spans(fh, path: Path, data_start: int, spans: list) -> None:
     """Fill each ``(start, writable memoryview)`` of ``spans`` (sorted, not overlapping) with its bytes of
-    the data section: runs of adjacent spans in one :func:`lycoris_lite.portable.read_into` (one
+    the data section: runs of adjacent spans in one :func:`lycoris_lite.base.portable.read_into` (one
     ``os.preadv`` where the OS has it, else one span a call). A short read (the file shrank) raises
     :class:`AdapterFileError`."""
     limit = portable.read_batch_limit()
@@ -308,7 +308,7 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None],
                         replaceable: Callable[[Path], bool] | None = None) -> Path:
     """Call ``write(tmp_folder)`` then put that folder at ``path``: the folder is the old or the new one.
 
-    An existing folder at ``path`` is swapped out in one step (Linux: :func:`lycoris_lite.portable.exchange`;
+    An existing folder at ``path`` is swapped out in one step (Linux: :func:`lycoris_lite.base.portable.exchange`;
     elsewhere two renames, between which the folder is briefly absent) and deleted, so it must hold nothing but a
     previous version: ``replaceable(path)`` says so. When it holds other files too, the new files are
     written into it one by one instead (each atomically, the set not)."""

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import non_finite_keys
-from .config import AdapterConfig
+from ..base.checks import non_finite_keys
+from ..base.config import AdapterConfig
 from .formats import diffusers_format, kohya, peft_format
 from .formats.names import build_name_map
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
-from .model import AdapterController, check_not_offloaded, controller_for
-from .registry import ALGORITHMS, get_algorithm
+from ..core.controller import AdapterController, check_not_offloaded, controller_for
+from ..base.registry import ALGORITHMS, get_algorithm
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 META_PREFIX = "lycoris_lite."

@@ -22,8 +22,8 @@ kept (unregistered) and put back by :meth:`AdapterLayer.unwrap`.
 
 Merging swaps the weight's storage for a newly computed tensor and keeps the original tensor as the
 backup (same device, or ``backup_device``); unmerging swaps it back, so unmerge is bit-exact after any
-number of cycles and costs one copy of the merged layers (:func:`~lycoris_lite.model.merge_layers`
-puts the merged weights of a fuse into one block, :mod:`lycoris_lite.buffers`).
+number of cycles and costs one copy of the merged layers (:func:`~lycoris_lite.core.controller.merge_layers`
+puts the merged weights of a fuse into one block, :mod:`lycoris_lite.core.buffers`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffers import is_file_block
-from .checks import all_finite
-from .layer_kind import LayerSpec, move_channels_back, move_channels_last
-from .algos import common, dora
-from .operators import Diagonal, Operator, is_one, low_rank_parts, orthogonal_blocks, rotate_output, scaled
-from .registry import Algorithm
+from ..base.checks import all_finite
+from ..base.layer_kind import LayerSpec, move_channels_back, move_channels_last
+from ..algos import common, dora
+from ..base.operators import Diagonal, Operator, is_one, low_rank_parts, orthogonal_blocks, rotate_output, scaled
+from ..base.registry import Algorithm
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,7 +100,7 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy when it is a view into a larger buffer or not 64-byte aligned: kept as a
     parameter, a view would hold the whole buffer, and MKL's GEMMs round differently for operands off
     16-byte alignment, so a reloaded adapter would not compute bit for bit like the one saved. The
-    tensors our reader gives (:func:`lycoris_lite.buffers.read_block`) are aligned views into a block
+    tensors our reader gives (:func:`lycoris_lite.core.buffers.read_block`) are aligned views into a block
     holding one file's tensors and nothing else: they are kept as they are."""
     if t.data_ptr() % 64 == 0 and t.is_contiguous() and is_file_block(t):
         return t
@@ -115,7 +115,7 @@ class AdapterSlot(nn.Module):
 
     The multiplier is held twice, as one value: :attr:`scale` (a Python float, what fusing, saving and
     the pipeline read) and the 0-d buffer ``multiplier`` (what the forward reads: ``scale`` times the
-    part of the settings' ``alpha / r`` that :meth:`~lycoris_lite.registry.Algorithm.forward_gain`
+    part of the settings' ``alpha / r`` that :meth:`~lycoris_lite.base.registry.Algorithm.forward_gain`
     moves out of :attr:`forward_settings`), both written only by the ``scale`` and ``settings``
     setters. The forward never branches on its value, so changing the weight, or hotswapping a file
     with another alpha, never retraces a compiled forward; only a change to or from 0 (:attr:`muted`:
@@ -160,7 +160,7 @@ class AdapterSlot(nn.Module):
         self._fill_multiplier()
 
     def _fill_multiplier(self) -> None:
-        """``multiplier = scale · g`` (:meth:`~lycoris_lite.registry.Algorithm.forward_gain`), written
+        """``multiplier = scale · g`` (:meth:`~lycoris_lite.base.registry.Algorithm.forward_gain`), written
         in place: a compiled forward keeps reading the same buffer."""
         with torch.no_grad():
             self.multiplier.fill_(self._scale * self._gain)
@@ -209,7 +209,7 @@ class _Use:
 class _Term:
     """``coef · L_t · S · R_t`` in the expansion of the multiplicative chain; ``S`` is the weight
     (``source=None``) or the ``ΔW`` of a DoRA adapter (``source`` its use). ``coef`` is a number or a
-    0-d tensor (see :func:`~lycoris_lite.operators.is_one`)."""
+    0-d tensor (see :func:`~lycoris_lite.base.operators.is_one`)."""
 
     coef: float | torch.Tensor
     inputs: list[Operator] = field(default_factory=list)  # R_1 .. R_k (W ← W·R_1 first)

@@ -24,6 +24,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..base.registry import get_algorithm
+
 PREFIX = "lycoris_lite."
 
 #: kohya's ``ss_base_model_version`` for each family, and back
@@ -223,21 +225,19 @@ def build_metadata(algorithm: str, config=None, *, base_model: str | None = None
                    network_alpha: float | None = None) -> dict[str, str]:
     """The metadata we write, as ``{key: str}`` for ``save_adapter(..., metadata=...)``.
 
-    * ``config``: an :class:`~lycoris_lite.config.AdapterConfig`, its ``to_dict()``, or
+    * ``config``: an :class:`~lycoris_lite.base.config.AdapterConfig`, its ``to_dict()``, or
       ``{component: config dict}`` (what ``save_adapter`` itself writes); stored as JSON in
-      ``lycoris_lite.config``.
+      ``lycoris_lite.base.config``.
     * ``base_model``: ``"SD 1.x"`` / ``"SD 2.x"`` / ``"SDXL"`` (written as kohya's
       ``ss_base_model_version`` and ``ss_v2``) or any other string (kept as is).
     * ``training``: settings such as ``learning_rate``, ``max_train_steps``, ``resolution``; all go
-      to ``lycoris_lite.training`` (JSON) and the kohya ones (:data:`TRAINING_KEYS`) to ``ss_<name>`` too.
+      to ``lycoris_lite.integrations.training`` (JSON) and the kohya ones (:data:`TRAINING_KEYS`) to ``ss_<name>`` too.
     * ``trigger_words``: kept in order in ``lycoris_lite.trigger_words`` and written as
       ``ss_tag_frequency`` (``{"trigger_words": {word: count}}``, counts falling in the given order), so
       AUTOMATIC1111 lists them first.
     * ``network_dim`` / ``network_alpha`` default to the config's ``r`` / ``alpha`` (block size and
       constraint for OFT/BOFT, as LyCORIS records them).
     """
-    from .registry import get_algorithm
-
     algorithm = get_algorithm(algorithm).name
     cfg = _config_dict(config)
     single = cfg if cfg is not None and "algo" in cfg else None

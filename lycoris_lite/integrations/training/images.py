@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats.safe_io import atomic_write
+from ...io.formats.safe_io import atomic_write
 from .data import image_files, mix_seed
 
 

@@ -12,9 +12,22 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
+class _PeftSpellings(type):
+    """Configs take PEFT's field names as keywords too (``LoRAConfig(lora_alpha=16)``, the class's
+    ``aliases``), so PEFT code ports by changing the import; giving both spellings is an error."""
+
+    def __call__(cls, *args, **kwargs):
+        for old, new in cls.aliases.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{cls.__name__} got both {old!r} and {new!r} (the same field)")
+                kwargs[new] = kwargs.pop(old)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class AdapterConfig:
-    """Fields every algorithm understands.
+class AdapterConfig(metaclass=_PeftSpellings):
+    """Fields every algorithm understands (PEFT's names for them are accepted as keywords too).
 
     * ``r``: rank (LoRA/LoHa/LoKr), number of reflections (HRA), number of blocks (OFT/BOFT, 0 = derive
       from ``block_size``).

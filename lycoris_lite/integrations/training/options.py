@@ -22,9 +22,10 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from ..config import AdapterConfig
-from ..presets import PRESETS
-from ..registry import ALGORITHMS, Algorithm, get_algorithm
+from ...base.config import AdapterConfig
+from ...base.presets import PRESETS
+from ...base.registry import ALGORITHMS, Algorithm, get_algorithm
+from ...base.presets import resolve_targets
 
 SAVE_FORMATS = ("kohya", "diffusers", "peft")
 SAVE_PRECISIONS = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
@@ -260,8 +261,6 @@ def adapter_config(args, component: str) -> AdapterConfig:
     """The adapter config of ``component`` ("unet" or "text_encoder") from the parsed options.
 
     Adapters start at the identity (``init_weights=True``): step 0 is the base model."""
-    from ..presets import resolve_targets
-
     fields = {name: getattr(args, name) for name in algorithm_options() if getattr(args, name) is not None}
     if args.rank is not None:
         fields["r"] = args.rank

@@ -32,9 +32,9 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..layer import base_module_at
-from ..layer_kind import LayerSpec
-from ..registry import get_algorithm
+from ...core.layer import base_module_at
+from ...base.layer_kind import LayerSpec
+from ...base.registry import get_algorithm
 from .kohya import LayerEntry, check_unknown
 from .peft_format import (
     _lora_alphas,

@@ -2,7 +2,7 @@
 
 ``inspect`` reads an adapter without a model: format, algorithms with their layer counts, ranks,
 alphas, module count, the model family (from key names and cross-attention widths, else from the
-metadata), the metadata summary (:mod:`lycoris_lite.metadata`) and the trigger words. ``--json`` prints
+metadata), the metadata summary (:mod:`lycoris_lite.io.metadata`) and the trigger words. ``--json`` prints
 the same as one JSON object.
 
 ``convert`` needs the base model (``--model``: ``tiny-sd``, ``tiny-sdxl``, a diffusers folder or a hub
@@ -12,18 +12,18 @@ id) to map module names and to know the base weights. It loads IN onto the model
 * without ``--rank``: losslessly; when the target format cannot hold the adapter (LoHa/LoKr/OFT/BOFT/HRA
   as a diffusers LoRA, output-side rotations as PEFT, …) it stops with an error that asks for ``--rank``;
 * with ``--rank N``: a LoRA of rank ``≤ N`` extracted from each layer's effective weight change
-  (:mod:`lycoris_lite.extract`); the relative error of every layer is printed, then the max and mean.
+  (:mod:`lycoris_lite.tools.extract`); the relative error of every layer is printed, then the max and mean.
 
 The source's descriptive metadata (kohya's training keys and tag frequencies, ``modelspec.*``, our base
 model, trigger words and training settings) is carried over.
 
 ``combine`` loads several adapters (``--adapter FILE:WEIGHT``, repeated) onto ``--model`` and writes their
-weighted combination (:mod:`lycoris_lite.arithmetic`: ``--type svd|cat|linear|ties|dare_linear|…``) as
+weighted combination (:mod:`lycoris_lite.tools.arithmetic`: ``--type svd|cat|linear|ties|dare_linear|…``) as
 one LoRA file. ``extract`` writes the LoRA of a fully fine-tuned model (``--tuned``) against its base
-(``--base``) at ``--rank N`` or ``--energy F`` (:func:`lycoris_lite.extract.extract_lora`), printing each
+(``--base``) at ``--rank N`` or ``--energy F`` (:func:`lycoris_lite.tools.extract.extract_lora`), printing each
 layer's relative error and every other changed tensor a LoRA cannot hold. ``merge`` fuses adapters into
 the model and saves it as a diffusers folder, or one safetensors file with ``--single-file``
-(:mod:`lycoris_lite.merge`).
+(:mod:`lycoris_lite.tools.merged`).
 
 Exit status: 0 on success, 2 for bad arguments or unusable input; nothing is written then.
 """
@@ -38,10 +38,21 @@ from pathlib import Path
 
 import torch
 
-from .formats import kohya
-from .formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
-from .metadata import PREFIX, summarize_metadata
-from .registry import detect_algorithm, pattern_value
+from ..io.formats import kohya
+from ..io.formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
+from ..io.metadata import PREFIX, summarize_metadata
+from ..base.registry import detect_algorithm, pattern_value
+from ..io.files import detect_format
+from ..io.formats.diffusers_format import component_metadata
+from ..models import load_pipeline
+from ..io.files import components_of
+from ..io import files
+from ..tools.extract import adapter_to_lora, attach_entries
+from ..tools.arithmetic import combine_adapters
+from ..tools.extract import extract_lora
+from ..tools.merged import merge_adapter_files, save_merged
+from ..tools.arithmetic import COMBINATION_TYPES, SIGN_METHODS
+from ..tools.extract import METHODS
 
 FORMATS = ("kohya", "diffusers", "peft")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -185,9 +196,6 @@ def _kohya_spelling(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, to
 
 def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
     """What ``inspect`` reports, as a JSON-ready dict."""
-    from .files import detect_format
-    from .formats.diffusers_format import component_metadata
-
     file, fmt, state, metadata, configs = read_source(path, allow_pickle)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     loose = []
@@ -339,8 +347,6 @@ def _header_metadata(path: Path) -> dict[str, str]:
 
 
 def _load_pipe(name: str):
-    from .models import load_pipeline
-
     try:
         return load_pipeline(name)
     except (OSError, ValueError, TypeError) as exc:  # FileNotFoundError is an OSError
@@ -348,8 +354,6 @@ def _load_pipe(name: str):
 
 
 def _load_model(name: str):
-    from .files import components_of
-
     return components_of(_load_pipe(name))
 
 
@@ -386,9 +390,6 @@ def _check_output(args) -> Path:
 
 
 def convert(args, out=sys.stdout) -> int:
-    from . import files
-    from .extract import adapter_to_lora, attach_entries
-
     if not Path(args.input).exists():
         raise CLIError(f"{args.input}: no such file or folder")
     target = _check_output(args)
@@ -479,9 +480,6 @@ def _print_errors(errors: dict[str, dict[str, float]], out, extra=None) -> tuple
 
 
 def combine(args, out=sys.stdout) -> int:
-    from . import files
-    from .arithmetic import combine_adapters
-
     _check_adapters(args.adapter)
     target = _check_adapter_output(args.out, args.to, [p for p, _ in args.adapter])
     components = _load_model(args.model)
@@ -515,9 +513,6 @@ def combine(args, out=sys.stdout) -> int:
 
 
 def extract(args, out=sys.stdout) -> int:
-    from . import files
-    from .extract import extract_lora
-
     target = _check_adapter_output(args.out, args.to, [])
     base, tuned = _load_model(args.base), _load_model(args.tuned)
     label = f"rank ≤ {args.rank}" if args.rank is not None else f"energy {args.energy}"
@@ -547,8 +542,6 @@ def extract(args, out=sys.stdout) -> int:
 
 
 def merge(args, out=sys.stdout) -> int:
-    from .merge import merge_adapter_files, save_merged
-
     _check_adapters(args.adapter)
     target = Path(args.out)
     _check_parent(target)
@@ -569,7 +562,7 @@ def merge(args, out=sys.stdout) -> int:
                                             adapters=args.adapter), target, "the merged model")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    kind = "one safetensors file; reload with lycoris_lite.merge.load_merged" if args.single_file else \
+    kind = "one safetensors file; reload with lycoris_lite.tools.merged.load_merged" if args.single_file else \
         "diffusers folder; reload with DiffusionPipeline.from_pretrained"
     print(f"wrote {written} ({kind})", file=out)
     return 0
@@ -621,9 +614,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (torch.load, weights_only)")
     c.set_defaults(func=convert)
 
-    from .arithmetic import COMBINATION_TYPES, SIGN_METHODS
-    from .extract import METHODS
-
     def adapters_and_model(p, what):
         p.add_argument("--model", required=True, metavar="tiny-sd|tiny-sdxl|PATH", help=f"the base model {what}")
         p.add_argument("--adapter", required=True, action="append", type=_adapter_arg, metavar="FILE[:WEIGHT]",
@@ -671,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="OUT",
                    help="a new folder (diffusers), or NAME.safetensors with --single-file")
     g.add_argument("--single-file", action="store_true",
-                   help="one safetensors file (component.key tensors; reload with lycoris_lite.merge.load_merged)")
+                   help="one safetensors file (component.key tensors; reload with lycoris_lite.tools.merged.load_merged)")
     g.set_defaults(func=merge)
     return parser
 
