@@ -67,7 +67,8 @@ def build_unet(model: str, device, dtype):
 
 
 def attach_ours(unet, algo: str, targets: list[str], settings: dict) -> list:
-    from lycoris_lite import controller_for, get_algorithm
+    from lycoris_lite import controller_for
+    from lycoris_lite.base.registry import get_algorithm
 
     config = get_algorithm(algo).config_class(**settings, target_modules=targets, init_weights=False)
     controller = controller_for(unet)

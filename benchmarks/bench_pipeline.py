@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import _status_kb, reset_peak_rss  # noqa: E402
 
 import lycoris_lite  # noqa: E402
-from lycoris_lite import PRESETS, controller_for, get_algorithm
+from lycoris_lite import PRESETS, controller_for
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core import buffers
 from lycoris_lite.io.files import save_adapter  # noqa: E402
 from lycoris_lite.io.formats import safe_io  # noqa: E402

@@ -53,7 +53,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lycoris_lite  # noqa: E402
-from lycoris_lite import PRESETS, controller_for, get_algorithm  # noqa: E402
+from lycoris_lite import PRESETS, controller_for  # noqa: E402
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.io.files import save_adapter  # noqa: E402
 
 LIB_DIR = str(Path(lycoris_lite.__file__).resolve().parent)

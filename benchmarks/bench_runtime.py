@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from lycoris_lite import PRESETS, controller_for, get_algorithm
+from lycoris_lite import PRESETS, controller_for
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.models import build_sd15_unet
 

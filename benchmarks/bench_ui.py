@@ -35,7 +35,8 @@ from unittest import mock
 
 import torch
 
-from lycoris_lite import PRESETS, controller_for, get_algorithm
+from lycoris_lite import PRESETS, controller_for
+from lycoris_lite.base.registry import get_algorithm
 
 from lycoris_lite.io import files
 

@@ -1,8 +1,13 @@
-"""lycoris-lite: LyCORIS-style adapters (LoRA, LoHa, LoKr, OFT, BOFT, HRA) for diffusers.
+"""lycoris-lite: LyCORIS-style adapters (LoRA, LoHa, LoKr, OFT, BOFT, HRA, with DoRA) for diffusers.
 
-Public API::
+The public API is the names below; everything else lives in the layered subpackages (see README's
+"Layout") and may change. ::
 
-    from lycoris_lite import HRAConfig, HRAModel
+    import lycoris_lite
+    pipe = lycoris_lite.enable(pipe)                      # a diffusers pipeline gains load_adapter & co.
+    pipe.load_adapter("style.safetensors", scale=0.8)
+
+    from lycoris_lite import HRAConfig, HRAModel          # PEFT-style
     pipe.unet = HRAModel(pipe.unet, HRAConfig(r=8, target_modules=["to_q", "to_v"]), "default")
 """
 
@@ -13,15 +18,14 @@ from .algos.lokr import LoKrConfig
 from .algos.lora import LoRAConfig
 from .algos.oft import OFTConfig
 from .base.config import AdapterConfig
-from .core.layer import AdapterLayer
-from .core.controller import AdapterController, controller_for
-from .integrations.peft_style import AdapterModel, BOFTModel, HRAModel, LoHaModel, LoKrModel, LoRAModel, OFTModel
-from .integrations.pipeline import LycorisPipelineMixin, enable
-from .tools.arithmetic import COMBINATION_TYPES, combine_adapters
-from .tools.extract import extract_lora
-from .tools.merged import load_merged, merge_adapter_files, save_merged
 from .base.presets import PRESETS
-from .base.registry import ALGORITHMS, config_from_dict, get_algorithm
+from .base.registry import ALGORITHMS, config_from_dict
+from .core.controller import controller_for
+from .integrations.peft_style import AdapterModel, BOFTModel, HRAModel, LoHaModel, LoKrModel, LoRAModel, OFTModel
+from .integrations.pipeline import enable
+from .io.files import load_adapter, save_adapter
+from .tools.arithmetic import combine_adapters
+from .tools.extract import extract_lora
 
 #: PEFT's spellings, so PEFT code ports by changing the import
 LoraConfig, LoraModel = LoRAConfig, LoRAModel
@@ -29,9 +33,8 @@ LoraConfig, LoraModel = LoRAConfig, LoRAModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMBINATION_TYPES", "combine_adapters", "extract_lora", "load_merged", "merge_adapter_files", "save_merged",
-    "ALGORITHMS", "PRESETS", "AdapterConfig", "AdapterController", "AdapterLayer", "AdapterModel",
-    "BOFTConfig", "BOFTModel", "HRAConfig", "HRAModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
-    "LoRAConfig", "LoRAModel", "LoraConfig", "LoraModel", "LycorisPipelineMixin", "OFTConfig", "OFTModel", "config_from_dict", "controller_for",
-    "enable", "get_algorithm",
+    "ALGORITHMS", "PRESETS", "AdapterConfig", "AdapterModel", "BOFTConfig", "BOFTModel", "HRAConfig", "HRAModel",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "LoRAConfig", "LoRAModel", "LoraConfig", "LoraModel",
+    "OFTConfig", "OFTModel", "combine_adapters", "config_from_dict", "controller_for", "enable", "extract_lora",
+    "load_adapter", "save_adapter",
 ]

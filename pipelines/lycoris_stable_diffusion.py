@@ -10,7 +10,7 @@
     pipe.load_adapter("style.safetensors", scale=0.8)   # LoRA, LoHa, LoKr, OFT, BOFT, HRA files
     image = pipe("a photo of sks dog").images[0]
 
-The class is ``StableDiffusionPipeline`` with :class:`lycoris_lite.LycorisPipelineMixin` in front:
+The class is ``StableDiffusionPipeline`` with :class:`lycoris_lite.integrations.pipeline.LycorisPipelineMixin` in front:
 ``load_adapter``, ``set_adapters``, ``get_active_adapters``, ``list_adapters``, ``fuse_adapters``,
 ``unfuse_adapters``, ``disable_adapters``, ``enable_adapters``, ``delete_adapters``,
 ``unload_adapters`` and ``save_adapter``. For SDXL or any other pipeline instance, call

@@ -37,7 +37,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import lycoris_lite
-from lycoris_lite import ALGORITHMS, PRESETS, controller_for, get_algorithm
+from lycoris_lite import ALGORITHMS, PRESETS, controller_for
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.io.files import save_adapter
 from lycoris_lite.models import build_tiny_sd_pipeline
 

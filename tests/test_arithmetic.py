@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from lycoris_lite import ALGORITHMS, LoRAConfig, controller_for, get_algorithm
+from lycoris_lite import ALGORITHMS, LoRAConfig, controller_for
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.tools.arithmetic import COMBINATION_TYPES, combine_adapters, merge_tensors
 from lycoris_lite.tools.extract import adapter_delta
 from tests.reference import transformed_weight

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lycoris_lite import ALGORITHMS, AdapterModel, controller_for, get_algorithm
+from lycoris_lite import ALGORITHMS, AdapterModel, controller_for
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.integrations.cli import main
 from lycoris_lite.tools.extract import adapter_to_lora, attach_entries, extract_lora
 from lycoris_lite.io.files import components_of, load_adapter, save_adapter

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lycoris_lite import ALGORITHMS, AdapterModel, get_algorithm
+from lycoris_lite import ALGORITHMS, AdapterModel
+from lycoris_lite.base.registry import get_algorithm
 from tests.reference import relative_error, transformed_weight
 
 # small settings that fit every test layer (24 -> 48 channels); one entry per registered algorithm

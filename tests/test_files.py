@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lycoris_lite import ALGORITHMS, PRESETS, AdapterLayer, controller_for, get_algorithm
+from lycoris_lite import ALGORITHMS, PRESETS, controller_for
+from lycoris_lite.core.layer import AdapterLayer
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.io.files import load_adapter, save_adapter
 from lycoris_lite.io.formats.names import diffusers_to_sgm
 from lycoris_lite.io.formats.safe_io import AdapterFileError, read_state_dict

@@ -27,7 +27,8 @@ import peft.tuners.boft.layer as peft_boft_layer  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
-from lycoris_lite import AdapterLayer, BOFTConfig, HRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, OFTConfig, controller_for  # noqa: E402
+from lycoris_lite import BOFTConfig, HRAConfig, LoHaConfig, LoKrConfig, LoRAConfig, OFTConfig, controller_for  # noqa: E402
+from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.io.files import detect_format, load_adapter, save_adapter  # noqa: E402
 from lycoris_lite.io.formats import peft_format  # noqa: E402
 from lycoris_lite.io.formats.safe_io import read_state_dict  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from lycoris_lite import AdapterModel, get_algorithm
+from lycoris_lite import AdapterModel
+from lycoris_lite.base.registry import get_algorithm
 from tests.reference import relative_error
 from tests.test_contract import CASES, IDS, SMALL, make
 

@@ -36,7 +36,8 @@ lycoris = pytest.importorskip("lycoris")
 import lycoris.kohya as lykohya  # noqa: E402
 from lycoris.wrapper import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
 
-from lycoris_lite import controller_for, get_algorithm  # noqa: E402
+from lycoris_lite import controller_for  # noqa: E402
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.io.files import load_adapter, save_adapter  # noqa: E402
 from lycoris_lite.models import build_tiny_sd_pipeline  # noqa: E402
 

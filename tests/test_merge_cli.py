@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from lycoris_lite import LoKrConfig, LoRAConfig, OFTConfig, controller_for, load_merged
+from lycoris_lite import LoKrConfig, LoRAConfig, OFTConfig, controller_for
+from lycoris_lite.tools.merged import load_merged
 from lycoris_lite.integrations.cli import main
 from lycoris_lite.tools.extract import adapter_delta
 from lycoris_lite.io.files import components_of, load_adapter, save_adapter

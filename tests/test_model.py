@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import lycoris_lite as L
-from lycoris_lite import ALGORITHMS, AdapterLayer, AdapterModel, get_algorithm
+from lycoris_lite import ALGORITHMS, AdapterModel
+from lycoris_lite.core.layer import AdapterLayer
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core.controller import controller_for
 from tests.test_contract import SMALL
 

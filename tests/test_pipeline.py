@@ -17,7 +17,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import lycoris_lite
-from lycoris_lite import PRESETS, AdapterLayer, HRAConfig, HRAModel, controller_for
+import lycoris_lite.integrations.pipeline
+from lycoris_lite import PRESETS, HRAConfig, HRAModel, controller_for
+from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.io.files import save_adapter
 from lycoris_lite.io.formats.safe_io import read_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
@@ -348,7 +350,7 @@ def test_community_pipeline_loads_with_custom_pipeline_and_has_the_methods(pipe,
     community = DiffusionPipeline.from_pretrained(
         folder, custom_pipeline=str(ROOT / "pipelines" / "lycoris_stable_diffusion.py"), trust_remote_code=True)
     assert type(community).__name__ == "LycorisStableDiffusionPipeline"
-    assert isinstance(community, lycoris_lite.LycorisPipelineMixin)
+    assert isinstance(community, lycoris_lite.integrations.pipeline.LycorisPipelineMixin)
     name = community.load_adapter(adapters["oft"], scale=0.7)
     expected_name = pipe.load_adapter(adapters["oft"], scale=0.7)
     assert name == expected_name

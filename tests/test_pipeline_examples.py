@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lycoris_lite import ALGORITHMS, PRESETS, AdapterLayer, AdapterModel, HRAConfig, HRAModel, get_algorithm
+from lycoris_lite import ALGORITHMS, PRESETS, AdapterModel, HRAConfig, HRAModel
+from lycoris_lite.core.layer import AdapterLayer
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.models import build_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

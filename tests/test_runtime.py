@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from lycoris_lite import ALGORITHMS, AdapterModel, LoRAConfig, get_algorithm
+from lycoris_lite import ALGORITHMS, AdapterModel, LoRAConfig
+from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core.layer import AdapterLayer
 from tests.test_contract import SMALL, VARIANTS
 
