@@ -24,6 +24,7 @@ from .buffers import packed_empty
 from ..base.checks import all_finite
 from ..base.config import AdapterConfig
 from .layer import AdapterLayer, submodule, walk_modules
+from .stack import LayerWeights, Stack
 from ..base.layer_kind import LayerSpec
 from ..base.registry import algorithm_for
 
@@ -211,8 +212,7 @@ class AdapterController:
     def __init__(self, model: nn.Module):
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
-        self.active: list[str] = []
-        self.enabled = True
+        self.stack = Stack()  # the one owner of the active set, the weights and the on/off switch
         self._requires_grad: dict[str, bool] | None = None
         self._saved_modules: dict[str, ModulesToSave] = {}
 
@@ -341,26 +341,66 @@ class AdapterController:
             if name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[name]
         del self.configs[name]
-        remaining = [n for n in self.active if n != name]
+        self.stack = self.stack.without([name])
+        remaining = self.active
         self.set_adapter(remaining) if remaining else self.set_active([])
         for layer_name, layer in list(self.layers()):
             if not layer.adapters:
                 parent, child = _parent(self.model, layer_name)
                 setattr(parent, child, layer.unwrap())
 
-    # ---- activation and scales --------------------------------------------------------------------
+    # ---- the stack ------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        return list(self.stack.names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.stack.enabled
+
     @property
     def active_adapters(self) -> list[str]:
-        return list(self.active)
+        return list(self.stack.names)
+
+    def check_stack(self, stack: Stack) -> dict[str, AdapterLayer]:
+        """Raise ``ValueError`` unless ``stack`` fits this model: known adapter names, per-layer weights
+        on layers that carry the adapter, and unchanged weights for fused adapters. Returns the layers
+        by path (for :meth:`apply_stack`). Changes nothing."""
+        self._check_names(list(stack.names) + list(stack.weights))
+        layers = dict(self.layers())
+        for name, weights in stack.weights.items():
+            stray = [ln for ln in weights.layers if ln not in layers or name not in layers[ln].adapters]
+            if stray:
+                raise ValueError(f"adapter {name!r} has a weight for {stray[0]!r}, a layer it is not on")
+        for ln, layer in layers.items():
+            for name in layer.merged:
+                if layer.adapters[name].scale != stack.weight(name, ln):
+                    raise ValueError(f"adapter {name!r} is fused at weight {layer.adapters[name].scale}; "
+                                     "unfuse before changing it")
+        return layers
+
+    def apply_stack(self, stack: Stack, layers: dict[str, AdapterLayer] | None = None) -> None:
+        """Make ``stack`` this model's stack: checked (:meth:`check_stack`) unless ``layers`` (its
+        result) is given, then laid out on every layer (active names, weights, on/off) and on the modules
+        trained in full. The only place that writes that state."""
+        if layers is None:
+            layers = self.check_stack(stack)
+        names = stack.names
+        for ln, layer in layers.items():
+            layer.active = [n for n in names if n in layer.adapters]
+            layer.disabled = not stack.enabled
+            for name, slot in layer.adapters.items():
+                weight = stack.weight(name, ln)
+                if slot.scale != weight:
+                    slot.scale = weight
+        for wrapper in self._saved_modules.values():
+            wrapper.active = next((n for n in reversed(names) if n in wrapper.modules_to_save), None)
+        self.stack = stack
 
     def set_active(self, names: list[str]) -> None:
         """Make ``names`` the active adapters, in that order, leaving trainable flags as they are
-        (:meth:`set_adapter` also makes them trainable). Names are not checked."""
-        self.active = list(names)
-        for _, layer in self.layers():
-            layer.active = [n for n in names if n in layer.adapters]
-        for wrapper in self._saved_modules.values():
-            wrapper.active = next((n for n in reversed(names) if n in wrapper.modules_to_save), None)
+        (:meth:`set_adapter` also makes them trainable)."""
+        self.apply_stack(self.stack.with_names(names))
 
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active adapters (trainable; the others frozen)."""
@@ -376,14 +416,19 @@ class AdapterController:
     def set_scale(self, name: str, scale: float, layers: Iterable[str] | None = None) -> None:
         """The user's multiplier for adapter ``name`` (on the given layers, default all)."""
         self._check_names(name)
-        if not isinstance(scale, (int, float)) or scale != scale:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        wanted = None if layers is None else set(layers)
-        for layer_name, layer in self.layers():
-            if name in layer.adapters and (wanted is None or layer_name in wanted):
-                if name in layer.merged and layer.adapters[name].scale != scale:
-                    raise ValueError(f"adapter {name!r} is merged; unmerge before changing its scale")
-                layer.adapters[name].scale = float(scale)
+        if layers is None:
+            weight = LayerWeights(scale)
+        else:
+            current = self.stack.weights.get(name, LayerWeights())
+            weight = LayerWeights(current.default, {**current.layers, **{ln: scale for ln in layers}})
+        try:
+            self.apply_stack(self.stack.with_weights({name: weight}))
+        except ValueError as error:
+            if "fused" in str(error):
+                raise ValueError(f"adapter {name!r} is merged; unmerge before changing its scale") from None
+            raise
 
     def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
         names = self._check_names(names)
@@ -393,35 +438,26 @@ class AdapterController:
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
-        for name, weight in zip(names, weights):
-            self.set_scale(name, weight)
+        self.apply_stack(self.stack.with_weights(dict(zip(names, weights))))
         self.set_adapter(names)
 
     def enable_adapter_layers(self) -> None:
-        self.enabled = True
-        for _, layer in self.layers():
-            layer.disabled = False
+        self.apply_stack(self.stack.with_enabled(True))
 
     def disable_adapter_layers(self) -> None:
-        self.enabled = False
-        for _, layer in self.layers():
-            layer.disabled = True
+        self.apply_stack(self.stack.with_enabled(False))
 
     @contextmanager
     def disable_adapter(self):
         """Run the base model inside the block (merged weights included), then restore."""
-        was_enabled = self.enabled
-        saved = {n: w.active for n, w in self._saved_modules.items()}
+        saved = self.stack
         self.disable_adapter_layers()
         for wrapper in self._saved_modules.values():
             wrapper.active = None
         try:
             yield
         finally:
-            if was_enabled:
-                self.enable_adapter_layers()
-            for n, w in self._saved_modules.items():
-                w.active = saved[n]
+            self.apply_stack(self.stack.with_enabled(saved.enabled))
 
     # ---- merging --------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -455,7 +491,7 @@ class AdapterController:
         self.model.__dict__.pop("save_pretrained", None)
         self.model.__dict__.pop(_ATTR, None)
         self.configs.clear()
-        self.active = []
+        self.stack = Stack()
         self._saved_modules = {}
         self._requires_grad = None
         return self.model

@@ -22,7 +22,9 @@ import os
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from torch import nn
 from ..io import files
 from ..core.layer import AdapterLayer
 from ..core.controller import AdapterController, controller_for, merge_layers, offload_hook
+from ..core.stack import LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
 
 COMPONENTS = files.COMPONENTS
@@ -157,14 +160,28 @@ class AdapterInfo:
     algorithms: dict[str, int]
     metadata: dict[str, str] = field(default_factory=dict)
     source: str | None = None
-    weight: dict = field(default_factory=dict)   # {component: float | block dict}
+
+
+@dataclass(frozen=True)
+class PipelineStack:
+    """The pipeline's stack, one immutable value: ``names`` (the active adapters, in order), ``weights``
+    (each loaded adapter's weight as :func:`normalize_weight` gives it: ``{component: number or
+    block-wise dict}``) and ``enabled``. :meth:`LycorisPipelineMixin._apply` turns it into one
+    :class:`~lycoris_lite.core.stack.Stack` per component, checks them all, then applies them."""
+
+    names: tuple[str, ...] = ()
+    weights: Mapping[str, dict] = field(default_factory=dict)
+    enabled: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
 
 
 @dataclass
 class _State:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)   # in load order
-    stack: list[str] = field(default_factory=list)
-    enabled: bool = True
+    stack: PipelineStack = field(default_factory=PipelineStack)
 
 
 class LycorisPipelineMixin:
@@ -245,9 +262,14 @@ class LycorisPipelineMixin:
                 loaded = files.attach_adapter(components, read, activate=False)
             state.adapters[name] = AdapterInfo(name, loaded.format, list(loaded.components), loaded.algorithms,
                                                dict(loaded.metadata), source_name)
-            state.stack.append(name)
-        state.adapters[name].weight = weight
-        self._apply()
+        stack = state.stack
+        names = stack.names if hotswap or name in stack.names else stack.names + (name,)
+        try:
+            self._apply(replace(stack, names=names, weights={**stack.weights, name: weight}))
+        except ValueError:
+            if not hotswap:  # all or nothing: the new adapter goes again
+                self._remove(name)
+            raise
         return name
 
     @contextmanager
@@ -338,65 +360,44 @@ class LycorisPipelineMixin:
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapters but {len(weights)} weights")
-        state = self._lycoris
         components = list(self._adapter_components())
         new = {n: normalize_weight(w, components) for n, w in zip(names, weights)}
-        old = (list(state.stack), {n: state.adapters[n].weight for n in state.adapters})
-        state.stack = names
-        for n, w in new.items():
-            state.adapters[n].weight = w
-        try:
-            self._apply()
-        except Exception:
-            state.stack = old[0]
-            for n, w in old[1].items():
-                state.adapters[n].weight = w
-            self._apply()
-            raise
+        stack = self._lycoris.stack
+        self._apply(replace(stack, names=tuple(names), weights={**stack.weights, **new}))
 
-    def _layer_scales(self, name: str, component: str, layers: dict[str, AdapterLayer]) -> dict[str, float]:
-        """``{layer: scale}`` of adapter ``name`` on ``component``'s ``layers`` (path -> layer)."""
-        weight = self._lycoris.adapters[name].weight.get(component, 1.0)
-        layer_names = [ln for ln, layer in layers.items() if name in layer.adapters]
-        if isinstance(weight, dict):
-            return unet_layer_scales(weight, layer_names)
-        return {ln: weight for ln in layer_names}
+    @staticmethod
+    def _layer_weights(weight, component: str, name: str, layers: dict[str, AdapterLayer]) -> LayerWeights:
+        """One adapter's weight on ``component`` (``{component: number or block dict}``) as per-layer weights."""
+        value = weight.get(component, 1.0)
+        if not isinstance(value, dict):
+            return LayerWeights(value)
+        return LayerWeights(1.0, unet_layer_scales(value, [ln for ln, layer in layers.items() if name in layer.adapters]))
 
-    def _apply(self) -> None:
-        """Bring every component to the stack: active adapters and per-layer scales (checked first)."""
-        state = self._lycoris
+    def _apply(self, stack: PipelineStack | None = None) -> None:
+        """Make ``stack`` (default: the current one, laid out again) the pipeline's stack: one
+        :class:`Stack` per component, every one checked (fused adapters stay in the stack at their
+        weight) before any is applied, so a refusal changes nothing."""
+        stack = self._lycoris.stack if stack is None else stack
+        fused = set(self.fused_adapters)
+        out = fused - set(stack.names)
+        if out:
+            raise ValueError(f"adapter {sorted(out)[0]!r} is fused; unfuse before taking it out of the stack")
         plan = []
         for c, ctrl in self._controllers().items():
             layers = dict(ctrl.layers())
-            scales = {}
-            for name in ctrl.configs:
-                scales[name] = self._layer_scales(name, c, layers)
-                fused = False
-                for ln, s in scales[name].items():
-                    layer = layers[ln]
-                    if name in layer.merged:
-                        fused = True
-                        if layer.adapters[name].scale != s:
-                            raise ValueError(f"adapter {name!r} is fused at weight {layer.adapters[name].scale}; "
-                                             "unfuse before changing it")
-                if fused and name not in state.stack:
-                    raise ValueError(f"adapter {name!r} is fused; unfuse before taking it out of the stack")
-            plan.append((ctrl, layers, scales))
-        for ctrl, layers, scales in plan:
-            active = [n for n in state.stack if n in ctrl.configs]
-            ctrl.set_active(active)
-            for name, per_layer in scales.items():
-                for ln, s in per_layer.items():
-                    layers[ln].adapters[name].scale = s
+            weights = {n: self._layer_weights(stack.weights.get(n, {}), c, n, layers) for n in ctrl.configs}
+            component_stack = Stack(tuple(n for n in stack.names if n in ctrl.configs), weights, stack.enabled)
+            plan.append((ctrl, component_stack, ctrl.check_stack(component_stack)))
+        for ctrl, component_stack, layers in plan:
+            ctrl.apply_stack(component_stack, layers)
             for layer in layers.values():
                 for slot in layer.adapters.values():
                     slot.set_trainable(False)
-                layer.disabled = not state.enabled
-            ctrl.enabled = state.enabled
+        self._lycoris.stack = stack
 
     def get_active_adapters(self) -> list[str]:
         """The active stack, in order."""
-        return list(self._lycoris.stack)
+        return list(self._lycoris.stack.names)
 
     def list_adapters(self) -> dict[str, dict]:
         """``{name: {algorithm, algorithms, rank, weight, components, active, fused, format, source, metadata}}``."""
@@ -413,9 +414,9 @@ class LycorisPipelineMixin:
                 "algorithm": max(info.algorithms, key=info.algorithms.get) if info.algorithms else None,
                 "algorithms": dict(info.algorithms),
                 "rank": ranks.most_common(1)[0][0] if ranks else None,
-                "weight": dict(info.weight),
+                "weight": dict(self._lycoris.stack.weights.get(name, {})),
                 "components": list(info.components),
-                "active": name in self._lycoris.stack,
+                "active": name in self._lycoris.stack.names,
                 "fused": name in fused,
                 "format": info.format,
                 "source": info.source,
@@ -438,9 +439,9 @@ class LycorisPipelineMixin:
                            {"lora": sum(len(v) for v in combined.ranks.values())},
                            {files.META_PREFIX + "combined_from": ",".join(names)})
         self._lycoris.adapters[adapter_name] = info
-        info.weight = normalize_weight(1.0, list(self._adapter_components()))
-        self._lycoris.stack.append(adapter_name)
-        self._apply()
+        stack = self._lycoris.stack
+        self._apply(replace(stack, names=stack.names + (adapter_name,),
+                            weights={**stack.weights, adapter_name: normalize_weight(1.0, list(self._adapter_components()))}))
         return adapter_name
 
     # ---- fusing -----------------------------------------------------------------------------------
@@ -457,10 +458,11 @@ class LycorisPipelineMixin:
         With ``safe`` every new weight of every component is computed and checked for NaN/Inf before any
         is written, so a failure changes nothing. Extra memory: one copy of the targeted weights (the
         originals are kept for a bit-exact :meth:`unfuse_adapters`)."""
-        names = self._lycoris.stack if adapter_names is None else self._check_names(adapter_names)
-        inactive = [n for n in names if n not in self._lycoris.stack]
+        active = list(self._lycoris.stack.names)
+        names = active if adapter_names is None else self._check_names(adapter_names)
+        inactive = [n for n in names if n not in active]
         if inactive:
-            raise ValueError(f"adapter(s) {inactive} are not in the active stack {self._lycoris.stack}; "
+            raise ValueError(f"adapter(s) {inactive} are not in the active stack {active}; "
                              "set_adapters first")
         merge_layers([layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()], names, safe)
 
@@ -472,12 +474,10 @@ class LycorisPipelineMixin:
     # ---- switching off, removing, saving ------------------------------------------------------------
     def disable_adapters(self) -> None:
         """Run the base model (fused adapters included) until :meth:`enable_adapters`."""
-        self._lycoris.enabled = False
-        self._apply()
+        self._apply(replace(self._lycoris.stack, enabled=False))
 
     def enable_adapters(self) -> None:
-        self._lycoris.enabled = True
-        self._apply()
+        self._apply(replace(self._lycoris.stack, enabled=True))
 
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters (their tensors are freed); the rest of the stack stays."""
@@ -485,17 +485,23 @@ class LycorisPipelineMixin:
         fused = [n for n in names if n in self.fused_adapters]
         if fused:
             raise ValueError(f"adapter(s) {fused} are fused; unfuse_adapters() first")
-        state = self._lycoris
+        for name in names:
+            self._remove(name)
+        self._apply()
+
+    def _remove(self, name: str) -> None:
+        """Detach adapter ``name`` from every component and forget it (a component left without
+        adapters gets its original modules back)."""
         for ctrl in self._controllers().values():
-            for name in names:
-                if name in ctrl.configs:
-                    ctrl.delete_adapter(name)
+            if name in ctrl.configs:
+                ctrl.delete_adapter(name)
             if not ctrl.configs:
                 ctrl.unload()
-        for name in names:
-            del state.adapters[name]
-        state.stack = [n for n in state.stack if n not in names]
-        self._apply()
+        state = self._lycoris
+        state.adapters.pop(name, None)
+        stack = state.stack
+        state.stack = PipelineStack(tuple(n for n in stack.names if n != name),
+                                    {n: w for n, w in stack.weights.items() if n != name}, stack.enabled)
 
     def unload_adapters(self) -> None:
         """Remove every adapter: the pipeline's modules, keys and weights are bitwise the original."""
@@ -517,16 +523,21 @@ class LycorisPipelineMixin:
     # ---- per-call scale (diffusers' ``cross_attention_kwargs={"scale": s}``) ------------------------
     @contextmanager
     def _call_scale(self, scale: float):
-        """Multiply every unfused adapter's weight by ``scale`` for one call."""
-        layers = [layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()]
-        saved = [(slot, slot.scale) for layer in layers for n, slot in layer.adapters.items() if n not in layer.merged]
-        for slot, s in saved:
-            slot.scale = s * scale
+        """Multiply every unfused adapter's weight by ``scale`` for one call: each component's stack
+        with scaled weights (fused layers keep theirs), then the saved stacks back."""
+        saved = {ctrl: ctrl.stack for ctrl in self._controllers().values()}
+        for ctrl, stack in saved.items():
+            weights = {}
+            for name, weight in stack.weights.items():
+                merged = {ln: weight.at(ln) for ln, layer in ctrl.layers() if name in layer.merged}
+                weights[name] = LayerWeights(weight.default * scale,
+                                             {**{ln: w * scale for ln, w in weight.layers.items()}, **merged})
+            ctrl.apply_stack(replace(stack, weights=weights))
         try:
             yield
         finally:
-            for slot, s in saved:
-                slot.scale = s
+            for ctrl, stack in saved.items():
+                ctrl.apply_stack(stack)
 
     def __call__(self, *args, **kwargs):
         cak = kwargs.get("cross_attention_kwargs")
