@@ -49,7 +49,7 @@ def test_the_layers_are_the_stack_laid_out_and_a_refused_stack_changes_nothing()
     ctrl = m.controller
     ctrl.set_adapters(["b", "a"], [0.5, 0.75])
     assert ctrl.stack.names == ("b", "a") and ctrl.active == ["b", "a"]
-    assert layout(m) == {"0": (["a"], False, {"a": 0.75}), "1": (["a", "b"], False, {"a": 0.75, "b": 0.5})}
+    assert layout(m) == {"0": (["a"], False, {"a": 0.75}), "1": (["b", "a"], False, {"a": 0.75, "b": 0.5})}
     ctrl.set_scale("a", 0.1, layers=["1"])  # per layer
     assert ctrl.stack.weight("a", "1") == 0.1 and ctrl.stack.weight("a", "0") == 0.75
     before = (ctrl.stack, layout(m))
