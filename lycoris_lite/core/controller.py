@@ -192,6 +192,15 @@ def check_not_offloaded(model: nn.Module, plan: dict) -> None:
 
 
 def controller_for(model: nn.Module, create: bool = True) -> "AdapterController | None":
+    """The :class:`AdapterController` that manages ``model``'s adapters (one per model, kept on the model).
+
+    Args:
+        model: any ``nn.Module`` (a UNet, a text encoder, a transformer).
+        create: make one when the model has none yet.
+
+    Returns:
+        The controller, or None when there is none and ``create`` is False.
+    """
     ctrl = model.__dict__.get(_ATTR)
     if ctrl is None and create:
         ctrl = AdapterController(model)

@@ -558,6 +558,15 @@ def enable(pipe):
 
     The instance's class becomes a subclass of its own class with the same name (so ``save_pretrained``
     and ``model_index.json`` are unchanged); calling ``enable`` again does nothing.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` (SD 1.x/2.x, SDXL).
+
+    Returns:
+        ``pipe`` itself, now with ``load_adapter``, ``set_adapters``, ``fuse_adapters`` & co.
+
+    Raises:
+        TypeError: ``pipe`` has no ``unet`` module.
     """
     if isinstance(pipe, LycorisPipelineMixin):
         return pipe

@@ -268,9 +268,25 @@ def combine_adapters(components: dict[str, nn.Module], adapters: list[str], weig
 
     ``svd_rank`` (``*_svd`` types) defaults to the largest LoRA rank among the inputs and is required
     when an input is not a LoRA; ``svd_full_matrices`` and ``svd_driver`` go to ``torch.linalg.svd``
-    (PEFT's default is ``full_matrices=True``; the truncated factors are the same). All or nothing:
-    ``ValueError`` for unknown adapters or types, a density outside (0, 1] (or one given to a type that
-    does not use it), mismatched algorithms or shapes for the same-shape types, or an existing name.
+    (PEFT's default is ``full_matrices=True``; the truncated factors are the same).
+
+    Args:
+        components: ``{component: model}``; each model carrying one of ``adapters`` gets the new one.
+        adapters, weights: the inputs and their weights ``w_i`` (the result is ``Σ w_i ΔW_i`` for the
+            exact types).
+        adapter_name: the new adapter's name.
+        combination_type: one of :data:`COMBINATION_TYPES` (PEFT's names).
+        density, majority_sign_method, svd_rank, svd_clamp, svd_full_matrices, svd_driver: as PEFT's.
+        generator: the random stream of the ``dare_*`` masks.
+        activate: add the new adapter to the active set.
+
+    Returns:
+        A :class:`Combination` (ranks and each layer's relative error where the type approximates).
+
+    Raises:
+        ValueError: unknown adapters or types, a density outside (0, 1] (or one given to a type that does
+            not use it), mismatched algorithms or shapes for the same-shape types, or an existing name.
+            All or nothing: nothing is attached then.
     """
     adapters, weights = _check_arguments(adapters, weights, adapter_name, combination_type, density,
                                          majority_sign_method, svd_rank, svd_clamp)

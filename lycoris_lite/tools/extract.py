@@ -424,6 +424,19 @@ def extract_lora(base, tuned=None, rank: int | None = None, *, energy: float | N
 
     ``extract_lora(delta_weight, rank)`` with one tensor is the per-tensor form
     (:func:`lora_factors`), returning ``(lora_down, lora_up, relative error)``.
+
+    Args:
+        base, tuned: as above (or a ``ΔW`` tensor and a rank).
+        rank, energy, max_rank: the rank rule (one of ``rank`` or ``energy``; ``max_rank`` caps ``energy``).
+        method: ``"auto"``, ``"svd"`` or ``"randomized"`` (see the module docstring); ``seed`` for the latter.
+        progress: called as ``progress(component, path, error)`` after each layer.
+
+    Returns:
+        An :class:`Extraction`, or ``(lora_down, lora_up, relative error)`` for a tensor.
+
+    Raises:
+        ValueError: no tuned model, adapters attached to the base, another architecture or other shapes,
+            or a bad rank rule.
     """
     if isinstance(base, torch.Tensor):
         down, up, error, _ = lora_factors(base, tuned if rank is None else rank, energy=energy,
