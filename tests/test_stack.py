@@ -42,6 +42,10 @@ def test_a_stack_is_an_immutable_checked_value():
     with pytest.raises(ValueError, match="repeat"):
         Stack(["a", "a"])
     assert stack.without(["a"]) == Stack(["b"], {"b": LayerWeights(1.0, {"1": 0.25})})
+    import copy
+    import pickle
+
+    assert copy.deepcopy(stack) == stack and pickle.loads(pickle.dumps(stack)) == stack  # copy.deepcopy(pipe) works
 
 
 def test_the_layers_are_the_stack_laid_out_and_a_refused_stack_changes_nothing():

@@ -10,12 +10,39 @@ over; nothing rolls back, because nothing is written before the whole stack has 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 
 #: an adapter's weight: one number for every layer, or ``{layer path: number}`` (layers not named: ``default``)
 Weight = float | Mapping[str, float]
+
+
+class FrozenMapping(Mapping):
+    """A read-only mapping (a copy of the one given) that copies and pickles like any value, as
+    ``copy.deepcopy(pipe)`` needs (``MappingProxyType`` does neither)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a FrozenMapping cannot be changed")
+
+    def __reduce__(self):
+        return FrozenMapping, (self._items,)
+
+    def __repr__(self) -> str:
+        return f"FrozenMapping({self._items!r})"
 
 
 def _number(value, what: str) -> float:
@@ -33,7 +60,7 @@ class LayerWeights:
 
     def __post_init__(self):
         object.__setattr__(self, "default", _number(self.default, "an adapter weight"))
-        object.__setattr__(self, "layers", MappingProxyType(
+        object.__setattr__(self, "layers", FrozenMapping(
             {str(k): _number(v, f"the weight of layer {k!r}") for k, v in dict(self.layers).items()}))
 
     def at(self, layer: str) -> float:
@@ -58,7 +85,7 @@ class Stack:
             raise ValueError(f"adapter names repeat in {list(names)}")
         weights = {n: w if isinstance(w, LayerWeights) else LayerWeights(w) for n, w in dict(self.weights).items()}
         object.__setattr__(self, "names", names)
-        object.__setattr__(self, "weights", MappingProxyType(weights))
+        object.__setattr__(self, "weights", FrozenMapping(weights))
         object.__setattr__(self, "enabled", bool(self.enabled))
 
     def weight(self, name: str, layer: str) -> float:

@@ -24,7 +24,6 @@ from collections import Counter
 from contextlib import contextmanager
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from ..io import files
 from ..core.layer import AdapterLayer
 from ..core.controller import AdapterController, controller_for, merge_layers, offload_hook
-from ..core.stack import LayerWeights, Stack
+from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
 
 COMPONENTS = files.COMPONENTS
@@ -175,7 +174,7 @@ class PipelineStack:
 
     def __post_init__(self):
         object.__setattr__(self, "names", tuple(self.names))
-        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+        object.__setattr__(self, "weights", FrozenMapping(self.weights))
 
 
 @dataclass
@@ -394,6 +393,11 @@ class LycorisPipelineMixin:
                 for slot in layer.adapters.values():
                     slot.set_trainable(False)
         self._lycoris.stack = stack
+
+    @property
+    def adapter_stack(self) -> PipelineStack:
+        """The pipeline's stack (immutable): active names in order, every loaded adapter's weight, on/off."""
+        return self._lycoris.stack
 
     def get_active_adapters(self) -> list[str]:
         """The active stack, in order."""
