@@ -43,11 +43,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (_quiet, _status_kb, env_for_memory_child, library_fingerprint, paired_ratio,  # noqa: E402
-                    reset_peak_rss, synchronize)
+from common import (DTYPES, _quiet, _status_kb, env_for_memory_child, library_fingerprint,  # noqa: E402
+                    paired_ratio, reset_peak_rss, synchronize)
 
 ALGOS = ("lora", "loha", "lokr", "oft", "boft", "hra")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: adapter sizes, the same on both sides (lycoris_lite's names; PEFT's spelled in attach_peft): the
 #: sizes of benchmarks/bench_train_step.py for SD 1.5, smaller ones that fit the tiny UNet's 8-32 widths
 SETTINGS = {

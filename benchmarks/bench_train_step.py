@@ -326,6 +326,8 @@ def main(argv=None) -> int:
         snapshot = args.lib_root = snapshot_library()
     if args.lib_root:
         sys.path.insert(0, args.lib_root)
+        for name in [m for m in sys.modules if m == "lycoris_lite" or m.startswith("lycoris_lite.")]:
+            del sys.modules[name]  # common imported the repo's copy (for DTYPES): measure the snapshot's
     try:
         return run(args)
     finally:

@@ -18,13 +18,20 @@ import hashlib
 import io
 import os
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: the tests' harness
+from tests.reliability import memory  # noqa: E402
+
+from lycoris_lite.base import dtypes
 
 # ---- shapes (Stable Diffusion 1.x UNet layers, batch 2) ----------------------------------------------
 
@@ -35,7 +42,7 @@ SHAPES = {
     "conv3x3_320@64": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = dtypes.DTYPES
 
 
 # ---- one benchmarked configuration ----------------------------------------------------------------
@@ -311,21 +318,11 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 # ---- memory -----------------------------------------------------------------------------------------
 
 def _status_kb(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise KeyError(field_name)
+    """A ``/proc/self/status`` field in KiB (the harness's reader, :mod:`tests.reliability.memory`)."""
+    return memory._status(field_name) // 1024
 
 
-def reset_peak_rss() -> bool:
-    """Reset VmHWM (peak RSS) to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+reset_peak_rss = memory.reset_peak  # VmHWM (peak RSS) back to the current RSS
 
 
 def step_peak_memory(case: Case, x: torch.Tensor, device="cpu") -> float:

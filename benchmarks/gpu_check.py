@@ -34,7 +34,7 @@ from common import library_fingerprint  # noqa: E402
 import diffusers  # noqa: E402
 
 import lycoris_lite  # noqa: E402
-from lycoris_lite.integrations.cli import DTYPES  # noqa: E402
+from lycoris_lite.base.dtypes import DTYPES  # noqa: E402
 from tests import pipeline_checks as checks  # noqa: E402
 
 

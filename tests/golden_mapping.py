@@ -14,8 +14,8 @@ PEFT (installed 0.21.x)
   (Tucker) ones (``use_effective_conv2d`` == our ``use_tucker``). PEFT's LoKr scale is always
   ``alpha/r``; ours is 1 when both Kronecker factors are full (LyCORIS's rule), so the golden tests
   use configurations where a factor is low-rank (or alpha == r).
-* OFT: see :func:`lycoris_lite.io.formats.peft_format.oft_blocks_from_peft`.
-* BOFT: see :func:`lycoris_lite.io.formats.peft_format.boft_blocks_from_peft`.
+* OFT: see :func:`lycoris_lite.algos.oft.oft_blocks_from_peft`.
+* BOFT: see :func:`lycoris_lite.algos.boft.boft_blocks_from_peft`.
 * HRA: ``hra_u`` unchanged (``(in·kh·kw, r)`` on both sides, ``W' = W · Π(I − 2ûûᵀ)``).
 
 LyCORIS (``lycoris-lora``)
@@ -33,18 +33,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The PEFT mappings are the library's (the PEFT folder reader/writer uses them); the derivations are in
+# The PEFT mappings are the library's (each algorithm's PEFT codec uses them); the derivations are in
 # their docstrings.
-from lycoris_lite.io.formats.peft_format import (  # noqa: F401  (re-exported for the tests)
+from lycoris_lite.algos.boft import (  # noqa: F401  (re-exported for the tests)
     boft_blocks_from_peft,
     boft_blocks_to_peft,
     boft_rescale_from_peft,
-    oft_blocks_from_peft,
-    oft_blocks_to_peft,
     peft_butterfly_perm,
     peft_perm_indices,
-    skew_from_peft_vector,
 )
+from lycoris_lite.algos.oft import oft_blocks_from_peft, oft_blocks_to_peft, skew_from_peft_vector  # noqa: F401
 
 
 # ---- PEFT: the whole layer ------------------------------------------------------------------------

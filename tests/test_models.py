@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from lycoris_lite import models  # noqa: E402
+from lycoris_lite.models import full_size, loading  # noqa: E402
 
 PROMPT_A = "a photo of sks dog"
 PROMPT_B = "a painting of a cat"
@@ -373,8 +374,8 @@ def test_fast_seeded_init_is_deterministic():
     def make(seed, dtype=torch.float32):
         with torch.device("meta"):
             unet = UNet2DConditionModel(**models.tiny_unet_config())
-        unet = models._cast(unet, dtype).to_empty(device="cpu")
-        models._fast_seeded_init(unet, seed)
+        unet = full_size._cast(unet, dtype).to_empty(device="cpu")
+        full_size._fast_seeded_init(unet, seed)
         return unet
 
     a, b, c = make(0), make(0), make(1)
@@ -428,7 +429,7 @@ def test_load_pipeline_tiny(sd_pipe):
 
 
 def test_hub_id_detection():
-    assert models._looks_like_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert models._looks_like_hub_id("owner/name.v2")
+    assert loading._looks_like_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert loading._looks_like_hub_id("owner/name.v2")
     for not_hub in ("./x/y", "/abs/path", "a/b/c", "plain", "../up", "owner/", "C:\\x\\y"):
-        assert not models._looks_like_hub_id(not_hub), not_hub
+        assert not loading._looks_like_hub_id(not_hub), not_hub

@@ -26,7 +26,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from lycoris_lite.integrations import webui
-from lycoris_lite.integrations.cli import DTYPES  # noqa: E402
+from lycoris_lite.base.dtypes import DTYPES  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
 LIBRARY_HEADERS = ["adapter", "algorithm", "rank", "family", "trigger words", "size", "status"]

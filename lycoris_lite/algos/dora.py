@@ -126,3 +126,18 @@ def file_settings(spec, tensors: dict, name: str = "") -> dict:
 def magnitude_from_weight(relative: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, axis: str) -> torch.Tensor:
     """``m = relative ⊙ ‖W + ΔW‖``: the magnitude a new adapter starts from (:func:`init_params`)."""
     return relative * channel_norm(weight + delta, axis).to(relative.dtype)
+
+
+# ---- PEFT's layout -----------------------------------------------------------------------------------
+def from_peft(magnitude: torch.Tensor, spec, path: str) -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector`` (``(out,)`` Linear, ``(1, out, 1, 1)`` Conv2d: one norm per output
+    channel) -> our ``dora_scale`` ``(out, 1[, 1, 1])``."""
+    if magnitude.numel() != spec.out_features:
+        raise ValueError(f"layer {path!r}: lora_magnitude_vector has shape {tuple(magnitude.shape)}; the layer has "
+                         f"{spec.out_features} outputs")
+    return magnitude.reshape(magnitude_shape(spec, "output"))
+
+
+def to_peft(magnitude: torch.Tensor, spec) -> torch.Tensor:
+    """Our output-axis ``dora_scale`` -> PEFT's ``lora_magnitude_vector``."""
+    return magnitude.reshape(1, -1, 1, 1) if spec.is_conv else magnitude.reshape(-1)

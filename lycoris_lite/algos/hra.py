@@ -13,6 +13,8 @@ The chain is applied in compact WY form ``M = I − Û T Ûᵀ`` with ``T`` uppe
 * ``init_weights=True`` with even ``r``: columns repeated in pairs, so each pair of reflections
   cancels and ``M = I`` exactly. Odd ``r`` cannot start at the identity (a warning says so).
 * :func:`orthogonality_penalty` ``‖I − ÛᵀÛ‖_F``: the paper's regulariser, used by the trainer.
+
+PEFT (``HRA``): ``hra_u`` unchanged, input side only; ``r`` and ``apply_GS`` once per adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import LowRankUpdate
 from ..base.registry import Algorithm, register
+from . import peft
 from .common import ROTATION_SIDES, kaiming_, rotated_dim
 
 
@@ -92,6 +95,15 @@ class HRA(Algorithm):
     config_class = HRAConfig
     multiplicative = True
     detect_keys = ("hra_u",)
+    peft_type = "HRA"
+    peft_keys = ("hra_u",)
+    file_keys = frozenset(peft_keys)
+    lycoris_args = {"apply_GS": "apply_GS", "rotation_side": "rotation_side"}
+
+    @classmethod
+    def describe_size(cls, tensors):
+        u = tensors.get("hra_u")
+        return "?" if u is None else f"r={u.shape[-1]}"
 
     @classmethod
     def input_width(cls, file_tensors):
@@ -116,12 +128,30 @@ class HRA(Algorithm):
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, apply_gs=False):
+        """``apply_gs``: the reflections are Gram–Schmidt orthonormalised (PEFT's ``apply_GS``)."""
         dim, r = tensors["hra_u"].shape
         if side is None:  # PEFT's (input) side unless only the output side fits
             side = "input" if dim == spec.flat_in else "output"
         if dim != rotated_dim(spec, side):
             raise ValueError(f"layer {name!r}: hra_u {(dim, r)} does not fit the {side} dimension {rotated_dim(spec, side)}")
         return {"r": r, "side": side, "dim": dim, "apply_gs": bool(apply_gs)}
+
+    @classmethod
+    def from_peft(cls, spec, tensors, config, names):
+        params = {"hra_u": tensors["hra_u"]}
+        return cls.settings_from_tensors(spec, params, None, names[0], "input", apply_gs=bool(config.get("apply_GS"))), params
+
+    @classmethod
+    def to_peft(cls, layers, specs, component):
+        for path, e in layers.items():
+            peft.require_input_side(component, path, e.settings, cls.name)
+        r = peft.one_value({e.settings["r"] for e in layers.values()}, "number of reflections r", component)
+        gs = peft.one_value({bool(e.settings["apply_gs"]) for e in layers.values()}, "apply_GS", component)
+        return {p: {"hra_u": e.tensors["hra_u"]} for p, e in layers.items()}, {"r": r, "apply_GS": gs, "init_weights": True}
+
+    @classmethod
+    def peft_config_fields(cls, config, layers):
+        return {"r": config.get("r", 8), "apply_GS": bool(config.get("apply_GS")), "rotation_side": "input"}
 
     @classmethod
     def transform(cls, params, spec, settings):

@@ -16,6 +16,9 @@ backward takes the Khatri-Rao route (:meth:`LoHa.folded_route`): the forward's t
 and the step costs about what a rank-16 LoRA's does (1.05–1.11× ours at 640 wide, against 1.31× with
 the route both ways). The Hadamard product recomputes its factors in the backward pass instead of
 keeping two ``out × in`` intermediates.
+
+PEFT (``LOHA``): the same keys and layouts; scale ``alpha/r``; ``use_effective_conv2d`` is ``use_tucker``
+(one setting for all k×k convs); no DoRA.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
-from . import dora
+from . import dora, peft
 from .common import LowRankRoute, factored_route, init_factors, rebuild_tucker
-from .lora import lora_scale
+from .lora import alpha_for, lora_scale
 
 
 class _HadamardProduct(torch.autograd.Function):
@@ -147,12 +150,22 @@ class LoHa(Algorithm):
         return delta_forward(x, params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
                              settings["scale"] * multiplier, spec)
     detect_keys = ("hada_w1_a",)
+    peft_type = "LOHA"
+    peft_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    peft_fields = {"alpha": float}
+    file_keys = frozenset({*peft_keys, dora.KEY})
+    lycoris_args = {"use_tucker": "use_tucker"}
 
     @classmethod
     def input_width(cls, file_tensors):
         """``hada_w1_b``'s columns (times ``kh·kw`` on a conv without a Tucker core)."""
         w1_b = file_tensors.get("hada_w1_b")
         return w1_b.shape[1] if w1_b is not None and w1_b.dim() >= 2 else None
+
+    @classmethod
+    def describe_size(cls, tensors):
+        b = tensors.get("hada_w1_b")
+        return "?" if b is None else f"r={b.shape[0]}" + (" tucker" if "hada_t1" in tensors else "")
 
     @classmethod
     def resolve(cls, config, spec, name):
@@ -185,6 +198,31 @@ class LoHa(Algorithm):
         r = tensors["hada_w1_b"].shape[0]
         a = file_alpha(alpha, r)
         return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": tucker, **dora.file_settings(spec, tensors, name)}
+
+    @classmethod
+    def to_kohya(cls, params, settings):
+        return super().to_kohya(params, settings)[0], alpha_for(settings)
+
+    @classmethod
+    def from_peft(cls, spec, tensors, config, names):
+        return peft.rank_scaled(cls, spec, dict(tensors), config, names, "alpha")
+
+    @classmethod
+    def to_peft(cls, layers, specs, component):
+        peft.require_no_dora(component, layers, cls.name)
+        effective = {bool(e.settings["tucker"]) for p, e in layers.items() if specs[p].is_conv and specs[p].taps > 1}
+        effective = peft.one_value(effective, "use_effective_conv2d", component) if effective else False
+        r, rank_pattern = peft.common_and_patterns({p: e.settings["r"] for p, e in layers.items()}, int)
+        alpha, alpha_pattern = peft.common_and_patterns({p: alpha_for(e.settings) for p, e in layers.items()})
+        return {p: dict(e.tensors) for p, e in layers.items()}, {
+            "r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "use_effective_conv2d": effective, "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+
+    @classmethod
+    def peft_config_fields(cls, config, layers):
+        g = config.get
+        return {"r": g("r", 8), "alpha": g("alpha", 8), "use_tucker": bool(g("use_effective_conv2d")),
+                "rank_pattern": g("rank_pattern") or {}, "alpha_pattern": g("alpha_pattern") or {}}
 
     @classmethod
     def delta_weight(cls, params, spec, settings):

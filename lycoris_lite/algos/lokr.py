@@ -17,6 +17,10 @@ Activation route (never builds ``kron`` for a linear layer): with ``X = x.reshap
 channel groups and mix the groups with ``w1``. While training the routes keep only ``x`` and the
 factors; their thin intermediates are recomputed in backward (:class:`KronLowRankRoute`,
 :class:`KronConvRoute`, otherwise ``recompute_in_backward``).
+
+PEFT (``LOKR``): the same keys and layouts; PEFT's scale is always ``alpha/r`` with the config's ``r``
+(kept as the layer's scale, also with both factors full), its ``decompose_factor`` does not sort
+``(factor, dim // factor)`` (:func:`peft_factorization`); no DoRA.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import torch
 
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
-from . import dora
+from . import dora, peft
 from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
-from .lora import lora_scale
+from .lora import alpha_for, lora_scale
 
 
 def factor_w1(params) -> torch.Tensor:
@@ -166,6 +170,32 @@ class KronConvRoute:
         return (grad_x.reshape(x.shape) if need_x else None), (grad_w1, grad_w2)
 
 
+def peft_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's LoKr ``factorization``: ``(factor, dim // factor)`` unsorted when ``factor`` divides,
+    else the most square split (LyCORIS's, which sorts the first case too)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    return factorization(dimension, factor)
+
+
+def peft_lokr_shapes(spec, r: int, decompose_both: bool, factor: int, effective: bool) -> dict[str, tuple]:
+    """The tensors (key -> shape) PEFT's ``LoKrLayer.update_layer`` creates for a layer."""
+    a, b = peft_factorization(spec.out_features, factor)
+    c, d = peft_factorization(spec.in_features, factor)
+    use_w1 = not (decompose_both and r < max(a, c) / 2)
+    use_w2 = not (r < max(b, d) / 2)
+    effective = effective and spec.is_conv and spec.kernel_size != (1, 1)
+    kh, kw = spec.kernel_size
+    shapes = {"lokr_w1": (a, c)} if use_w1 else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+    if use_w2:
+        shapes["lokr_w2"] = (b, d, kh, kw) if spec.is_conv else (b, d)
+    elif effective:
+        shapes.update(lokr_t2=(r, r, kh, kw), lokr_w2_a=(r, b), lokr_w2_b=(r, d))
+    else:
+        shapes.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d * spec.taps))
+    return shapes
+
+
 @dataclass
 class LoKrConfig(dora.DecomposableConfig):
     """LoKr. ``factor`` (-1 = most square split), ``decompose_both`` (w1 low-rank too),
@@ -192,6 +222,17 @@ class LoKr(Algorithm):
     config_class = LoKrConfig
     decomposable = True
     detect_keys = ("lokr_w1", "lokr_w1_a")
+    peft_type = "LOKR"
+    peft_keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    peft_fields = {"alpha": float, "decompose_factor": int}
+    file_keys = frozenset({*peft_keys, dora.KEY})
+    lycoris_args = {"use_tucker": "use_tucker", "factor": "factor", "decompose_both": "decompose_both",
+                    "full_matrix": "full_matrix"}
+
+    @classmethod
+    def describe_size(cls, tensors):
+        low = tensors.get("lokr_w2_b", tensors.get("lokr_w1_b"))
+        return "full" if low is None else f"r={low.shape[0]}"
 
     @classmethod
     def input_width(cls, file_tensors):
@@ -242,7 +283,9 @@ class LoKr(Algorithm):
                 **dora.init_params(spec, settings, init_weights, generator)}
 
     @classmethod
-    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, peft_rank=None):
+        """``peft_rank``: the rank a PEFT config gives, whose scale is ``alpha / peft_rank`` whatever
+        the factors (LyCORIS's is 1 when both are full)."""
         if "lokr_w1" in tensors:
             a, c = tensors["lokr_w1"].shape[:2]
         else:
@@ -260,19 +303,78 @@ class LoKr(Algorithm):
         w1_low, w2_low = "lokr_w1" not in tensors, "lokr_w2" not in tensors
         # LyCORIS / ComfyUI / AUTOMATIC1111: the rank of the decomposed factor, w2's winning
         r = tensors["lokr_w2_b"].shape[0] if w2_low else tensors["lokr_w1_b"].shape[0] if w1_low else 1
+        if peft_rank is not None:
+            if w1_low or w2_low:
+                peft.check_rank(name, peft_rank, r)
+            r = peft_rank
         a_value = file_alpha(alpha, r)
+        scaled = w1_low or w2_low or peft_rank is not None
         return {"r": r, "alpha": a_value, "shape": [a, b, c, d], "w1_low_rank": w1_low, "w2_low_rank": w2_low,
-                "tucker": tucker, "scale": lora_scale(a_value, r) if (w1_low or w2_low) else 1.0,
+                "tucker": tucker, "scale": lora_scale(a_value, r) if scaled else 1.0,
                 **dora.file_settings(spec, tensors, name)}
 
     @classmethod
     def to_kohya(cls, params, settings):
-        tensors, alpha = super().to_kohya(params, settings)
+        tensors, _ = super().to_kohya(params, settings)
         if not settings["w1_low_rank"] and not settings["w2_low_rank"] and settings["scale"] != 1.0:
             # LyCORIS's loaders ignore alpha when both factors are full (scale 1): fold a scale such a
             # layer carries (PEFT's alpha/r, from PEFT folders) into w1
             tensors["lokr_w1"] = tensors["lokr_w1"] * settings["scale"]
-        return tensors, alpha
+        return tensors, alpha_for(settings)
+
+    @classmethod
+    def from_peft(cls, spec, tensors, config, names):
+        params = dict(tensors)
+        r, alpha = peft.rank_and_alpha(config, names, "alpha")
+        return cls.settings_from_tensors(spec, params, alpha, names[0], peft_rank=r), params
+
+    @classmethod
+    def to_peft(cls, layers, specs, component):
+        """PEFT's ``r``, ``decompose_both``, ``decompose_factor`` and ``use_effective_conv2d`` that rebuild
+        every layer's tensors (``ValueError`` when none do)."""
+        peft.require_no_dora(component, layers, cls.name)
+        decompose_both = any(e.settings["w1_low_rank"] for e in layers.values())
+        effective = any(e.settings["tucker"] for e in layers.values())
+        candidates = [-1] + sorted({e.settings["shape"][k] for e in layers.values() for k in (0, 2)})
+        factor = None
+        for f in candidates:
+            if all((peft_factorization(specs[p].out_features, f), peft_factorization(specs[p].in_features, f))
+                   == (tuple(e.settings["shape"][:2]), tuple(e.settings["shape"][2:])) for p, e in layers.items()):
+                factor = f
+                break
+        if factor is None:
+            raise ValueError(f"{component}: no PEFT decompose_factor reproduces these LoKr factor shapes (PEFT does not "
+                             "sort (factor, dim // factor) when factor > √dim); use factor=-1 or factor ≤ √dim")
+        ranks, alphas = {}, {}
+        for path, e in layers.items():
+            s = e.settings
+            a, b, c, d = s["shape"]
+            if s["w2_low_rank"]:
+                options = [s["r"]]
+            elif s["w1_low_rank"]:
+                options = [e.tensors["lokr_w1_a"].shape[1]]
+            else:
+                options = [s["r"], max(b, d), max(a, b, c, d)]
+            want = {k: tuple(v.shape) for k, v in e.tensors.items()}
+            r_p = next((r for r in options if peft_lokr_shapes(specs[path], r, decompose_both, factor, effective) == want),
+                       None)
+            if r_p is None:
+                raise ValueError(f"{component}: layer {path!r}: PEFT's LoKr rules (decompose_both={decompose_both}, "
+                                 f"use_effective_conv2d={effective}) give other tensors than {want}")
+            ranks[path], alphas[path] = r_p, alpha_for(s, r_p)
+        r, rank_pattern = peft.common_and_patterns(ranks, int)
+        alpha, alpha_pattern = peft.common_and_patterns(alphas)
+        return {p: dict(e.tensors) for p, e in layers.items()}, {
+            "r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "decompose_both": decompose_both, "decompose_factor": factor, "use_effective_conv2d": effective,
+            "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "init_weights": True}
+
+    @classmethod
+    def peft_config_fields(cls, config, layers):
+        g = config.get
+        return {"r": g("r", 8), "alpha": g("alpha", 8), "use_tucker": bool(g("use_effective_conv2d")),
+                "rank_pattern": g("rank_pattern") or {}, "alpha_pattern": g("alpha_pattern") or {},
+                "factor": g("decompose_factor", -1), "decompose_both": bool(g("decompose_both"))}
 
     @classmethod
     def _factors(cls, params, spec, settings, scale=1.0):

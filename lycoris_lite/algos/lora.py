@@ -8,11 +8,16 @@ Shapes (kohya/LyCORIS layout, so file tensors are used as they are):
   ``lora_up (out, r, 1, 1)``; ``ΔW[p,q] = Σ mid[i,j] up[p,i] down[j,q]``.
 
 Activation route: ``Δy = up(s · down(x))`` (two thin ops; the full ΔW is never built).
+
+PEFT (``LORA``): ``lora_A.weight`` is ``lora_down``, ``lora_B.weight`` ``lora_up`` (the same tensors), scale
+``alpha/r`` or ``alpha/√r`` (``use_rslora``), ``lora_magnitude_vector`` the DoRA magnitude on the output
+axis (``use_dora``; :func:`lycoris_lite.algos.dora.from_peft`). PEFT's LoRA has no Tucker core.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +25,33 @@ import torch
 from ..base.layer_kind import LayerSpec
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
-from . import dora
+from . import dora, peft
 from .common import kaiming_, rebuild_tucker
 
 
 def lora_scale(alpha: float, r: int, rank_stabilized: bool = False) -> float:
     """The one place ``alpha / r`` (or ``alpha / √r``) is computed for the LoRA family."""
     return alpha / (math.sqrt(r) if rank_stabilized else r)
+
+
+def alpha_for(settings: dict, r: int | None = None, rank_stabilized: bool = False) -> float:
+    """The alpha a file stores for a layer of the LoRA family so that a loader computing
+    :func:`lora_scale` at rank ``r`` (default: the layer's) gets the layer's scale: the layer's own alpha
+    when it does, else the inverse of :func:`lora_scale` (``scale · r`` or ``scale · √r``)."""
+    r = settings["r"] if r is None else r
+    if lora_scale(settings["alpha"], r, rank_stabilized) == settings["scale"]:
+        return float(settings["alpha"])
+    return float(settings["scale"]) * (math.sqrt(r) if rank_stabilized else r)
+
+
+def peft_alphas(layers: dict) -> tuple[bool, dict[str, float]]:
+    """``(use_rslora, {path: alpha})`` reproducing every layer's scale under PEFT's LoRA rule."""
+    def fits(settings, rank_stabilized):
+        return lora_scale(settings["alpha"], settings["r"], rank_stabilized) == settings["scale"]
+
+    settings = [e.settings for e in layers.values()]
+    rslora = not all(fits(s, False) for s in settings) and all(fits(s, True) for s in settings)
+    return rslora, {path: alpha_for(e.settings, rank_stabilized=rslora) for path, e in layers.items()}
 
 
 def delta_weight(down, up, scale: float, mid=None, shape=None) -> torch.Tensor:
@@ -102,11 +127,24 @@ class LoRA(Algorithm):
     decomposable = True
     detect_keys = ("lora_up.weight",)
     kohya_keys = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
+    peft_type = "LORA"
+    peft_keys = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    peft_fields = {"lora_alpha": float}
+    peft_unsupported = {"lora_B.bias": "LoRA bias (lora_bias=True)", "lora_embedding_A": "LoRA on embeddings",
+                        "lora_embedding_B": "LoRA on embeddings"}
+    file_keys = frozenset({*kohya_keys.values(), *peft_keys, *peft_unsupported, dora.KEY})
+    lycoris_name = "locon"
+    lycoris_args = {"use_tucker": "use_tucker", "use_rslora": "rs_lora", "dropout": "dropout"}
 
     @classmethod
     def input_width(cls, file_tensors):
-        down = file_tensors.get("lora_down.weight")
+        down = file_tensors.get("lora_down.weight", file_tensors.get("lora_A.weight"))
         return down.shape[1] if down is not None and down.dim() >= 2 else None
+
+    @classmethod
+    def describe_size(cls, tensors):
+        down = tensors.get("lora_down.weight", tensors.get("lora_A.weight"))
+        return "?" if down is None else f"r={down.shape[0]}" + (" tucker" if "lora_mid.weight" in tensors else "")
 
     @classmethod
     def resolve(cls, config, spec, name):
@@ -139,11 +177,58 @@ class LoRA(Algorithm):
         return {**params, **dora.init_params(spec, settings, init_weights, generator)}
 
     @classmethod
-    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, rank_stabilized=False):
+        """``rank_stabilized``: the file's scale is ``alpha/√r`` (PEFT's ``use_rslora``)."""
         r = tensors["lora_down"].shape[0]
         a = file_alpha(alpha, r)
-        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": "lora_mid" in tensors, "dropout": 0.0,
-                **dora.file_settings(spec, tensors, name)}
+        return {"r": r, "alpha": a, "scale": lora_scale(a, r, rank_stabilized), "tucker": "lora_mid" in tensors,
+                "dropout": 0.0, **dora.file_settings(spec, tensors, name)}
+
+    @classmethod
+    def to_kohya(cls, params, settings):
+        return super().to_kohya(params, settings)[0], alpha_for(settings)
+
+    @classmethod
+    def check_peft_config(cls, config, component):
+        """PEFT's LoRA has DoRA (``use_dora``)."""
+
+    @classmethod
+    def from_peft(cls, spec, tensors, config, names):
+        params = {"lora_down": tensors["lora_A.weight"], "lora_up": tensors["lora_B.weight"]}
+        if config.get("use_dora") or "lora_magnitude_vector" in tensors:
+            params[dora.KEY] = dora.from_peft(tensors["lora_magnitude_vector"], spec, names[0])
+        return peft.rank_scaled(cls, spec, params, config, names, "lora_alpha",
+                                rank_stabilized=bool(config.get("use_rslora")))
+
+    @classmethod
+    def to_peft(cls, layers, specs, component):
+        for path, e in layers.items():
+            if e.settings.get("tucker") or "lora_mid" in e.tensors:
+                raise ValueError(f"{component}: layer {path!r} is a Tucker LoRA (lora_mid), which PEFT's LoRA cannot hold")
+        axis = peft.one_value({e.settings.get("dora") for e in layers.values()},
+                              "use_dora setting (DoRA on every layer or none)", component)
+        if axis == "input":
+            raise ValueError(f"{component}: DoRA on the input axis (LyCORIS's older dora_scale (1, in)) has no PEFT form; "
+                             "PEFT normalises per output channel. Save it with format='kohya'")
+        tensors = {}
+        for path, e in layers.items():
+            tensors[path] = {"lora_A.weight": e.tensors["lora_down"], "lora_B.weight": e.tensors["lora_up"]}
+            if axis:
+                tensors[path]["lora_magnitude_vector"] = dora.to_peft(e.tensors[dora.KEY], specs[path])
+        rslora, alphas = peft_alphas(layers)
+        r, rank_pattern = peft.common_and_patterns({p: e.settings["r"] for p, e in layers.items()}, int)
+        alpha, alpha_pattern = peft.common_and_patterns(alphas)
+        dropout = Counter(float(e.settings.get("dropout", 0.0)) for e in layers.values()).most_common(1)[0][0]
+        return tensors, {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                         "use_rslora": rslora, "lora_dropout": dropout, "fan_in_fan_out": False, "use_dora": bool(axis),
+                         "lora_bias": False, "init_lora_weights": True}
+
+    @classmethod
+    def peft_config_fields(cls, config, layers):
+        g = config.get
+        return {"r": g("r", 8), "alpha": g("lora_alpha", 8), "use_rslora": bool(g("use_rslora")),
+                "use_dora": bool(g("use_dora")), "rank_pattern": g("rank_pattern") or {},
+                "alpha_pattern": g("alpha_pattern") or {}}
 
     @classmethod
     def delta_weight(cls, params, spec, settings):

@@ -11,10 +11,19 @@ Cayley-Neumann series), ``M = blockdiag(R_1..R_n)``.
 * ``rescale`` adds a per-output-channel scale: ``W' = diag(rescale) · (...)``.
 
 With the user's multiplier ``s`` the layer applies ``W + s·(W' − W)``.
+
+PEFT (``OFT``, PEFT ≥ 0.16's OFTv2): ``oft_R.weight`` ``(n, b(b−1)/2)``, the strict upper triangle of
+``Q_p`` per block, is our input-side ``oft_blocks`` ``B = Q/2`` with ``Q = −Q_p`` (exact Cayley) or
+``Q = Q_p`` (Cayley–Neumann): :func:`oft_blocks_from_peft`. PEFT's ``coft`` (a clamp per block) is
+applied once when reading (:func:`peft_coft_project`); our COFT (over all blocks together), ``rescale``
+and LyCORIS's legacy ``oft_diag`` have no PEFT form.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +31,7 @@ import torch
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import BlockDiagonal, Chain, Diagonal
 from ..base.registry import Algorithm, register
+from . import peft
 from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, normal_, rotated_dim, skew
 
 
@@ -136,12 +146,104 @@ def init_rotation(shape, spec, settings, init_weights, generator):
     return params
 
 
+def rotation_network_dim_alpha(config: dict) -> tuple:
+    """LyCORIS's ``network_dim`` / ``network_alpha`` of OFT and BOFT: the number of blocks when given,
+    else the block size; the COFT constraint."""
+    return config.get("r") or config.get("block_size"), config.get("constraint", 0.0)
+
+
+# ---- PEFT's layout -----------------------------------------------------------------------------------
+def skew_from_peft_vector(vec: torch.Tensor, block_size: int) -> torch.Tensor:
+    """PEFT's skew matrix: ``U[rows, cols] = vec`` on the strict upper triangle (``triu_indices``
+    order), ``Q_p = U − Uᵀ``. ``vec``: ``(n, b(b−1)/2)`` -> ``(n, b, b)``."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1)
+    upper = torch.zeros(vec.shape[0], block_size, block_size, dtype=vec.dtype, device=vec.device)
+    upper[:, rows, cols] = vec
+    return upper - upper.transpose(1, 2)
+
+
+def peft_vector_from_skew(q: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`skew_from_peft_vector`: the strict upper triangle of each block."""
+    b = q.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1)
+    return q[:, rows, cols]
+
+
+def oft_blocks_from_peft(vec: torch.Tensor, block_size: int, cayley_neumann: bool) -> torch.Tensor:
+    """Our input-side ``oft_blocks`` ``B`` for PEFT's ``oft_R.weight`` vector.
+
+    PEFT rotates the input, ``x ← x·blockdiag(R_p)``, so ``W'_f = W_f · blockdiag(R_p)ᵀ``; ours
+    (``rotation_side="input"``) is ``W'_f = W_f · blockdiag(R)``, hence we need ``R = R_pᵀ``.
+
+    * exact Cayley: ``R_p = (I − Q_p)(I + Q_p)⁻¹`` so ``R_pᵀ = (I + Q_p)(I − Q_p)⁻¹``, which is our
+      ``(I − Q)(I + Q)⁻¹`` with ``Q = −Q_p``.
+    * Cayley–Neumann: PEFT's series is ``I + 2Q_p + 2Q_p² + … + Q_p^{n−1}`` (a truncation of
+      ``(I + Q_p)(I − Q_p)⁻¹``, i.e. of the transpose of its own exact transform); its transpose is
+      the same series in ``Q_pᵀ = −Q_p``, which is ours (``I − 2Q + 2Q² − …``) with ``Q = +Q_p``.
+
+    ``Q = B − Bᵀ``, so ``B = Q/2`` gives any wanted skew ``Q`` (exactly: ``Q/2 − (−Q/2) = Q`` in
+    floating point). The sign flip between PEFT's exact and Neumann variants is PEFT's (its two
+    variants approximate transposed rotations); ours are consistent.
+    """
+    q_p = skew_from_peft_vector(vec, block_size)
+    q = q_p if cayley_neumann else -q_p
+    return q / 2
+
+
+def oft_blocks_to_peft(blocks: torch.Tensor, cayley_neumann: bool) -> torch.Tensor:
+    """PEFT's ``oft_R.weight`` for our input-side ``oft_blocks``: the inverse of
+    :func:`oft_blocks_from_peft` (``Q_p = ∓(B − Bᵀ)``, upper triangle)."""
+    q = blocks - blocks.transpose(-1, -2)
+    return peft_vector_from_skew(q if cayley_neumann else -q)
+
+
+def oft_block_size_from_vector(length: int) -> int:
+    """``b`` with ``b(b−1)/2 = length`` (``ValueError`` if there is none)."""
+    b = (1 + math.isqrt(1 + 8 * length)) // 2
+    if b * (b - 1) // 2 != length:
+        raise ValueError(f"an OFT vector of length {length} is not the upper triangle of a square block")
+    return b
+
+
+def peft_coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.Tensor:
+    """PEFT's COFT projection (``OFTRotationModule._project_batch``), which PEFT applies to its parameter
+    in place before every use: each block's skew matrix is pulled onto the Frobenius ball of radius
+    ``eps/√n``. Idempotent, so applying it once at load gives PEFT's forward."""
+    q = skew_from_peft_vector(vec, block_size)
+    radius = eps / math.sqrt(q.shape[0])
+    norm = torch.linalg.matrix_norm(q, keepdim=True)
+    q = torch.where(norm <= radius, q, radius * (q / norm))
+    return peft_vector_from_skew(q)
+
+
 @register
 class OFT(Algorithm):
     name = "oft"
     config_class = OFTConfig
     multiplicative = True
     detect_keys = ("oft_blocks",)
+    peft_type = "OFT"
+    peft_keys = ("oft_R.weight",)
+    peft_fields = {"oft_block_size": int, "num_cayley_neumann_terms": int, "eps": float}
+    peft_unsupported = {
+        "oft_r": "OFT from PEFT < 0.14 (retrain with PEFT >= 0.16, whose OFTv2 layout is oft_R.weight)",
+        "oft_s": "OFT from PEFT < 0.14 (retrain with PEFT >= 0.16, whose OFTv2 layout is oft_R.weight)",
+    }
+    file_keys = frozenset({"oft_blocks", "oft_diag", "rescale", *peft_keys, *peft_unsupported})
+    lycoris_name = "diag-oft"
+    lycoris_args = {"constraint": "constraint", "rescale": "rescaled", "block_size": "block_size",
+                    "rotation_side": "rotation_side"}
+
+    @classmethod
+    def describe_size(cls, tensors):
+        blocks = next((tensors[k] for k in ("oft_blocks", "oft_diag", "oft_R.weight") if k in tensors), None)
+        if blocks is None:
+            return "?"
+        return f"block {blocks.shape[-1]}" if blocks.dim() == 3 else f"{blocks.shape[0]} blocks"
+
+    @classmethod
+    def network_dim_alpha(cls, config):
+        return rotation_network_dim_alpha(config)
 
     @classmethod
     def resolve(cls, config, spec, name):
@@ -175,8 +277,9 @@ class OFT(Algorithm):
         return rescale_to_file(params, settings), settings["radius"] / settings["dim"]
 
     @classmethod
-    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
-        """LyCORIS/kohya files rotate the output side; ``alpha`` is the COFT constraint."""
+    def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, neumann_terms=0):
+        """LyCORIS/kohya files rotate the output side; ``alpha`` is the COFT constraint.
+        ``neumann_terms``: the rotation is the Cayley–Neumann series (PEFT's ``use_cayley_neumann``)."""
         side = side or "output"
         blocks = tensors["oft_blocks"]
         dim = rotated_dim(spec, side)
@@ -184,8 +287,67 @@ class OFT(Algorithm):
         if blocks.shape[1] != b or n * b != dim:
             raise ValueError(f"layer {name!r}: OFT blocks {tuple(blocks.shape)} do not fit the {side} dimension {dim}")
         return {"side": side, "dim": dim, "block_num": n, "block_size": b,
-                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": 0,
+                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": neumann_terms,
                 "conv": spec.is_conv}
+
+    @classmethod
+    def check_peft_config(cls, config, component):
+        super().check_peft_config(config, component)
+        if config.get("use_cayley_neumann", True):
+            version = str(config.get("peft_version") or "0.0.0").partition("@")[0]
+            parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2]) or (0,)
+            if parts < (0, 18):
+                warnings.warn(f"{component}: this OFT adapter uses the Cayley–Neumann series and was saved by PEFT "
+                              f"{version} (< 0.18), whose series differs slightly; it is read with the current one, "
+                              "as PEFT does", stacklevel=4)
+
+    @classmethod
+    def from_peft(cls, spec, tensors, config, names):
+        name = names[0]
+        vec = tensors["oft_R.weight"]
+        if vec.dim() != 2:
+            raise ValueError(f"layer {name!r}: oft_R.weight has shape {tuple(vec.shape)}, expected (blocks, b(b-1)/2)")
+        dim = spec.flat_in
+        b = oft_block_size_from_vector(vec.shape[1]) if vec.shape[1] else 1
+        shared = bool(config.get("block_share"))
+        if dim % b or (shared and vec.shape[0] != 1) or (not shared and vec.shape[0] * b != dim):
+            raise ValueError(f"layer {name!r}: oft_R.weight {tuple(vec.shape)} (block size {b}) does not fit "
+                             f"the input dimension {dim}")
+        if config.get("coft"):
+            vec = peft_coft_project(vec, b, float(config.get("eps", 6e-5)))
+        neumann = bool(config.get("use_cayley_neumann", True))
+        blocks = oft_blocks_from_peft(vec, b, neumann)
+        if shared:
+            blocks = blocks.expand(dim // b, b, b).clone()
+        params = {"oft_blocks": blocks}
+        terms = int(config.get("num_cayley_neumann_terms", 5)) if neumann else 0
+        return cls.settings_from_tensors(spec, params, None, name, "input", neumann_terms=terms), params
+
+    @classmethod
+    def to_peft(cls, layers, specs, component):
+        for path, e in layers.items():
+            s = e.settings
+            peft.require_input_side(component, path, s, cls.name)
+            if s.get("rotation_given"):
+                raise ValueError(f"{component}: layer {path!r} holds a legacy LyCORIS rotation (oft_diag); not PEFT")
+            if "rescale" in e.tensors:
+                raise ValueError(f"{component}: layer {path!r} has an OFT rescale, which PEFT's OFT does not have")
+            if s["radius"] > 0:
+                raise ValueError(f"{component}: layer {path!r} uses a COFT constraint over all blocks together; PEFT's "
+                                 "coft clamps each block, so it cannot be written exactly")
+        terms = peft.one_value({e.settings["neumann_terms"] for e in layers.values()}, "Cayley–Neumann setting",
+                               component)
+        tensors = {p: {"oft_R.weight": oft_blocks_to_peft(e.tensors["oft_blocks"], terms > 0)} for p, e in layers.items()}
+        return tensors, {**peft.blocks_config(component, layers, "oft_block_size", "r"), "use_cayley_neumann": terms > 0,
+                         "num_cayley_neumann_terms": terms if terms > 0 else 5, "coft": False, "eps": 6e-5,
+                         "block_share": False, "module_dropout": 0.0, "fan_in_fan_out": False, "init_weights": True}
+
+    @classmethod
+    def peft_config_fields(cls, config, layers):
+        g = config.get
+        return {"r": g("r", 0) or 0, "block_size": g("oft_block_size", 32) or 0, "rotation_side": "input",
+                "use_cayley_neumann": bool(g("use_cayley_neumann", True)),
+                "num_cayley_neumann_terms": max(int(g("num_cayley_neumann_terms", 5)), 2)}
 
     @classmethod
     def transform(cls, params, spec, settings):

@@ -27,11 +27,25 @@ Decomposable algorithms (``decomposable = True``) add ``{"dora": axis}`` to thei
 ``dora_scale`` tensor when DoRA is on (:mod:`lycoris_lite.algos.dora`); settings from ``resolve`` then
 also carry ``dora_init``, and ``init_params`` gives the magnitude relative to ``‖W + ΔW‖``, which the
 layer turns into the absolute one when it attaches the adapter (it alone sees the weight).
+
+What the file formats, ``inspect`` and the UI need to know of an algorithm is declared here too, so a
+new algorithm is one new module (``tests/test_toy_algorithm.py`` registers one):
+
+* kohya/LyCORIS files: ``detect_keys``, ``kohya_keys``, ``matches``, ``from_kohya`` / ``to_kohya``
+  (``settings_from_tensors`` computes the scale from the file's alpha), ``input_width``;
+  ``lycoris_name``, ``lycoris_args`` and ``network_dim_alpha`` for kohya's ``ss_network_*`` metadata.
+* PEFT folders: ``peft_type``, ``peft_keys``, ``peft_unsupported``, ``peft_fields``, ``check_peft_config``,
+  ``from_peft`` / ``to_peft`` (one module's tensors and the ``adapter_config.json`` fields) and
+  ``peft_config_fields``; an algorithm without ``peft_type`` has no PEFT form.
+* every format: ``file_keys`` (all tensor names its modules carry), ``describe_size`` (``inspect``'s
+  and the UI cards' size in words).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Iterable
 
 import torch
 
@@ -67,6 +81,23 @@ class Algorithm:
     detect_keys: ClassVar[tuple[str, ...]] = ()
     #: our tensor key -> its kohya/LyCORIS file key, where they differ
     kohya_keys: ClassVar[dict[str, str]] = {}
+    #: every tensor name (after ``<module>.``) this algorithm's modules carry in any file format
+    #: (kohya/LyCORIS, PEFT): what names a module's algorithm in ``inspect`` and where the module path
+    #: of a dotted (diffusers/PEFT) key ends; must include ``detect_keys`` and ``peft_keys``
+    file_keys: ClassVar[frozenset[str]] = frozenset()
+    #: LyCORIS's ``algo`` network argument (kohya's ``ss_network_args``); ``None``: :attr:`name`
+    lycoris_name: ClassVar[str | None] = None
+    #: our config field -> LyCORIS's network argument, written (as a string) when the field is set
+    lycoris_args: ClassVar[dict[str, str]] = {}
+    #: PEFT's ``peft_type`` for this algorithm; ``None``: PEFT has no such method (no PEFT folders)
+    peft_type: ClassVar[str | None] = None
+    #: the tensor names (after ``<module>.``) of a module in PEFT's layout
+    peft_keys: ClassVar[tuple[str, ...]] = ()
+    #: tensor names PEFT writes for features we do not have -> what the feature is (a clear refusal)
+    peft_unsupported: ClassVar[dict[str, str]] = {}
+    #: ``adapter_config.json`` fields ``from_peft`` reads as numbers -> ``int`` or ``float`` (checked first,
+    #: so a wrong value is a clear error; ``r`` and the patterns are checked for every method)
+    peft_fields: ClassVar[dict[str, type]] = {}
 
     @classmethod
     def resolve(cls, config: AdapterConfig, spec: LayerSpec, name: str) -> dict:
@@ -98,9 +129,11 @@ class Algorithm:
 
     @classmethod
     def settings_from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], alpha: float | None,
-                              name: str, side: str | None = None) -> dict:
-        """Per-layer settings of an adapter read from a file (ranks from shapes, the file's alpha
-        rule); ``ValueError`` when the tensors do not fit the layer."""
+                              name: str, side: str | None = None, **options) -> dict:
+        """Per-layer settings of an adapter read from a file: ranks from shapes, the scale from the
+        file's ``alpha`` (``None``: the file has none, see :func:`file_alpha`), ``side`` of a rotation;
+        ``options`` are what a format holds elsewhere (PEFT's ``use_rslora``, …, each algorithm names
+        its own). ``ValueError`` when the tensors do not fit the layer."""
         raise NotImplementedError
 
     @classmethod
@@ -125,10 +158,53 @@ class Algorithm:
 
     @classmethod
     def to_kohya(cls, params: dict[str, torch.Tensor], settings: dict) -> tuple[dict[str, torch.Tensor], float | None]:
-        """``(tensors by file key, alpha)``: loaders compute ``alpha / rank``, so for the LoRA family
-        ``alpha = scale · rank`` (rank-stabilised scales included)."""
-        tensors = {cls.kohya_keys.get(k, k): v for k, v in params.items()}
-        return tensors, settings["scale"] * settings["r"] if "scale" in settings else None
+        """``(tensors by file key, alpha)``; ``alpha`` ``None`` writes none (the LoRA family writes the
+        alpha from which loaders' ``alpha / rank`` gives the layer's scale)."""
+        return {cls.kohya_keys.get(k, k): v for k, v in params.items()}, None
+
+    @classmethod
+    def network_dim_alpha(cls, config: dict) -> tuple:
+        """kohya's ``ss_network_dim`` / ``ss_network_alpha`` for a config dict (``to_dict``), as LyCORIS
+        records them: the rank and the alpha (``None`` alpha: the rank)."""
+        r = config.get("r")
+        return r, config.get("alpha") if config.get("alpha") is not None else r
+
+    @classmethod
+    def describe_size(cls, tensors: dict[str, torch.Tensor]) -> str:
+        """One module's size in words for ``inspect`` and the UI cards (``r=4``, ``r=4 tucker``,
+        ``full``, ``block 8``), from its tensors by file key in any format; ``"?"`` when they do not say."""
+        return "?"
+
+    # ---- PEFT folders ---------------------------------------------------------------------------
+    @classmethod
+    def check_peft_config(cls, config: dict, component: str) -> None:
+        """Refuse (``ValueError``) or warn about ``adapter_config.json`` settings this algorithm cannot
+        read as PEFT means them. PEFT has DoRA (``use_dora``) for LoRA alone."""
+        if config.get("use_dora"):
+            raise ValueError(f"{component}: use_dora=True on a {cls.peft_type} adapter (PEFT has DoRA for LoRA only)")
+
+    @classmethod
+    def from_peft(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], config: dict,
+                  names: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(settings, tensors by our key)`` of one PEFT module: its tensors by :attr:`peft_keys` and the
+        folder's ``adapter_config.json``; ``names`` are the module's names for ``rank_pattern`` /
+        ``alpha_pattern`` (:func:`pattern_value`). ``ValueError`` (or ``KeyError`` for a missing
+        tensor) when they do not form an adapter of the layer."""
+        raise ValueError(f"{cls.name} has no PEFT form")
+
+    @classmethod
+    def to_peft(cls, layers: dict[str, "LayerEntry"], specs: dict[str, LayerSpec],
+                component: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """``({module path: {PEFT key: tensor}}, adapter_config fields)`` of one component's layers (all
+        of this algorithm; ``specs`` by the same paths). ``ValueError`` when PEFT cannot hold them
+        exactly (nothing is written then)."""
+        raise ValueError(f"{component}: no PEFT layout for {cls.name!r}")
+
+    @classmethod
+    def peft_config_fields(cls, config: dict, layers: dict[str, "LayerEntry"]) -> dict:
+        """Our config's fields describing a PEFT adapter (its ``adapter_config.json`` and the layers read
+        from it; best effort: the per-layer settings are what the layers use)."""
+        return {}
 
     @classmethod
     def delta_weight(cls, params, spec: LayerSpec, settings: dict) -> torch.Tensor:
@@ -188,12 +264,29 @@ class Algorithm:
         return None
 
 
+@dataclass
+class LayerEntry:
+    """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys)."""
+
+    algorithm: type[Algorithm]
+    settings: dict
+    tensors: dict[str, torch.Tensor]
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+#: the per-module tensor of kohya/LyCORIS files every algorithm may carry (its alpha)
+ALPHA_KEY = "alpha"
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
     if cls.name in ALGORITHMS:
         raise ValueError(f"algorithm {cls.name!r} registered twice")
+    undeclared = sorted((set(cls.detect_keys) | set(cls.peft_keys)) - cls.file_keys)
+    if undeclared:
+        raise ValueError(f"algorithm {cls.name!r}: file_keys lacks {undeclared}")
+    taken = next((a.name for a in ALGORITHMS.values() if cls.peft_type and a.peft_type == cls.peft_type), None)
+    if taken:
+        raise ValueError(f"algorithm {cls.name!r}: PEFT type {cls.peft_type!r} is {taken!r}'s")
     cls.config_class.algo = cls.name
     ALGORITHMS[cls.name] = cls
     return cls
@@ -223,19 +316,43 @@ def detect_algorithm(file_tensors: dict[str, torch.Tensor]) -> type[Algorithm] |
     return found[0] if len(found) == 1 else None
 
 
+def algorithm_of(file_tensors: dict[str, torch.Tensor]) -> type[Algorithm] | None:
+    """The algorithm of one module's tensors in any format: :func:`detect_algorithm` (kohya/LyCORIS
+    keys, told apart by shapes), else the one algorithm that alone owns some key (``file_keys``)."""
+    algo = detect_algorithm(file_tensors)
+    if algo is not None:
+        return algo
+    owners = set()
+    for key in file_tensors:
+        found = [a for a in ALGORITHMS.values() if key in a.file_keys]
+        if len(found) == 1:
+            owners.add(found[0])
+    return owners.pop() if len(owners) == 1 else None
+
+
+def file_key_roots() -> set[str]:
+    """The first dotted part of every registered file key (``lora_A`` of ``lora_A.weight``) and of
+    :data:`ALPHA_KEY`: in a dotted key, where the module path ends."""
+    return {k.split(".", 1)[0] for algo in ALGORITHMS.values() for k in algo.file_keys} | {ALPHA_KEY}
+
+
+def peft_algorithm(peft_type: str) -> type[Algorithm] | None:
+    """The registered algorithm of PEFT's ``peft_type`` (``"LORA"``, …), ``None`` if none."""
+    return next((a for a in ALGORITHMS.values() if a.peft_type is not None and a.peft_type == peft_type), None)
+
+
 def file_alpha(alpha, rank: int) -> float:
-    """LyCORIS's rule: a missing or zero alpha means ``alpha = rank`` (scale 1)."""
-    if alpha is None:
-        return float(rank)
-    value = float(alpha)
-    return float(rank) if value == 0 else value
+    """A file's alpha; ``None`` (the file has none) means ``alpha = rank`` (scale 1). (kohya/LyCORIS
+    files also mean ``alpha = rank`` by a zero alpha: :func:`lycoris_lite.io.formats.kohya.read` passes
+    ``None`` for it.)"""
+    return float(rank) if alpha is None else float(alpha)
 
 
-def pattern_value(patterns: dict, name: str, default):
-    """``rank_pattern``/``alpha_pattern`` lookup: first key with ``(.*\\.)?(key)$`` matching ``name``."""
-    import re
-
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+def pattern_value(patterns: dict | None, names: str | Iterable[str], default):
+    """``rank_pattern``/``alpha_pattern`` lookup (PEFT's rule): the first key with
+    ``re.match(rf"(.*\\.)?({key})$", name)`` matching, trying each of ``names`` in turn."""
+    for name in (names,) if isinstance(names, str) else names:
+        for key, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
     return default

@@ -1,9 +1,10 @@
 """Command line: ``python -m lycoris_lite inspect|convert|combine|extract|merge``.
 
-``inspect`` reads an adapter without a model: format, algorithms with their layer counts, ranks,
-alphas, module count, the model family (from key names and cross-attention widths, else from the
-metadata), the metadata summary (:mod:`lycoris_lite.io.metadata`) and the trigger words. ``--json`` prints
-the same as one JSON object.
+``inspect`` reads an adapter without a model (:mod:`lycoris_lite.io.inspect`): format, algorithms with
+their layer counts, ranks, alphas, module count, the model family (from key names and cross-attention
+widths, else from the metadata), the metadata summary (:mod:`lycoris_lite.io.metadata`) and the trigger
+words. ``--json`` prints the same as one JSON object. This module holds the argument parsing and the
+commands.
 
 ``convert`` needs the base model (``--model``: ``tiny-sd``, ``tiny-sdxl``, a diffusers folder or a hub
 id) to map module names and to know the base weights. It loads IN onto the model with
@@ -33,317 +34,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..io.formats import kohya
-from ..io.formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
-from ..io.metadata import PREFIX, summarize_metadata
-from ..base.registry import detect_algorithm, pattern_value
-from ..io.files import detect_format
-from ..io.formats.diffusers_format import component_metadata
-from ..models import load_pipeline
-from ..io.files import components_of
+from ..base.dtypes import DTYPES
 from ..io import files
-from ..tools.extract import adapter_to_lora, attach_entries
-from ..tools.arithmetic import combine_adapters
-from ..tools.extract import extract_lora
+from ..io.files import components_of
+from ..io.formats.peft_format import WEIGHTS_NAME as PEFT_WEIGHTS
+from ..io.inspect import InspectError, carried_metadata, describe, format_report, header_metadata
+from ..io.metadata import PREFIX
+from ..models import load_pipeline
+from ..tools.arithmetic import COMBINATION_TYPES, SIGN_METHODS, combine_adapters
+from ..tools.extract import METHODS, adapter_to_lora, attach_entries, extract_lora
 from ..tools.merged import merge_adapter_files, save_merged
-from ..tools.arithmetic import COMBINATION_TYPES, SIGN_METHODS
-from ..tools.extract import METHODS
 
-FORMATS = ("kohya", "diffusers", "peft")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-_CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "alpha", "use_rslora", "target_modules", "rank_pattern",
-                  "alpha_pattern", "base_model_name_or_path", "oft_block_size", "boft_block_size",
-                  "boft_n_butterfly_factor", "use_dora")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_", "oft_unet_")
-_COMPONENT_PREFIXES = (("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
-                       ("lora_unet_", "unet"), ("lycoris_", "unet"), ("oft_unet_", "unet"),
-                       ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
-                       ("base_model.model.", "model"))
-#: first segment of a tensor key after the module name -> algorithm (dotted formats; kohya files use the registry)
-_KEY_ROOTS = {"lora_A": "lora", "lora_B": "lora", "lora_down": "lora", "lora_up": "lora", "lora_mid": "lora",
-              "lora_magnitude_vector": "lora", "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_w2_a": "loha",
-              "hada_w2_b": "loha", "hada_t1": "loha", "hada_t2": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr",
-              "lokr_w1_b": "lokr", "lokr_w2": "lokr", "lokr_w2_a": "lokr", "lokr_w2_b": "lokr", "lokr_t2": "lokr",
-              "oft_R": "oft", "oft_r": "oft", "oft_s": "oft", "oft_blocks": "oft", "oft_diag": "oft",
-              "boft_R": "boft", "boft_s": "boft", "hra_u": "hra", "alpha": None, "rescale": None}
-#: metadata a converted file keeps from its source; the rest describes the source's tensors
-_CARRIED = {PREFIX + k for k in ("base_model", "trigger_words", "training")}
+FORMATS = files.FORMATS
 
 
-class CLIError(Exception):
-    """A bad argument or unusable input: reported on stderr, exit status 2."""
-
-
-# ---- reading an adapter without a model -----------------------------------------------------------
-def _read_one(file: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        state, metadata = read_state_dict(file, allow_pickle=allow_pickle)
-    except (AdapterFileError, FileNotFoundError) as exc:
-        raise CLIError(str(exc)) from None
-    if not state:
-        raise CLIError(f"{file}: holds no tensors")
-    return state, metadata
-
-
-def _adapter_config(folder: Path) -> dict:
-    try:
-        data = json.loads((folder / PEFT_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"{folder / PEFT_CONFIG}: not a readable JSON adapter config ({exc})") from None
-    return {k: data[k] for k in _CONFIG_FIELDS if k in data} if isinstance(data, dict) else {}
-
-
-def read_source(path: str, allow_pickle: bool = False):
-    """``(path, format or None, state, metadata, {component: adapter config})`` of a file, a diffusers
-    folder, a PEFT folder or a folder of per-component PEFT folders (whose keys are then prefixed with
-    their component, ``unet.<module path>.…``). ``None`` format: detect it from the keys."""
-    p = Path(path)
-    if p.is_file():
-        return (p, None, *_read_one(p, allow_pickle), {})
-    if not p.is_dir():
-        raise CLIError(f"{path}: no such file or folder")
-    if (p / PEFT_CONFIG).is_file():
-        return (p / PEFT_WEIGHTS, "peft", *_read_one(p / PEFT_WEIGHTS, allow_pickle), {"model": _adapter_config(p)})
-    if (p / DIFFUSERS_WEIGHTS).is_file():
-        return (p / DIFFUSERS_WEIGHTS, None, *_read_one(p / DIFFUSERS_WEIGHTS, allow_pickle), {})
-    parts = [c for c in COMPONENTS if (p / c / PEFT_CONFIG).is_file()]
-    if not parts:
-        raise CLIError(f"{path}: a folder without an adapter ({PEFT_CONFIG}, {DIFFUSERS_WEIGHTS} or per-component "
-                       f"PEFT folders {', '.join(c + '/' for c in COMPONENTS)})")
-    state, metadata, configs = {}, {}, {}
-    for c in parts:
-        part, meta = _read_one(p / c / PEFT_WEIGHTS, allow_pickle)
-        state.update({f"{c}.{k.removeprefix('base_model.model.')}": v for k, v in part.items()})
-        metadata = metadata or meta
-        configs[c] = _adapter_config(p / c)
-    return p, "peft", state, metadata, configs
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """``(module, tensor key)``: kohya names split at the first dot, dotted (diffusers / PEFT) names at
-    the first known adapter key; ``None`` for anything else."""
-    if key.startswith(_KOHYA_PREFIXES):
-        return tuple(key.split(".", 1)) if "." in key else None
-    parts = key.split(".")
-    for i, part in enumerate(parts[1:], 1):
-        if part in _KEY_ROOTS:
-            return ".".join(parts[:i]), ".".join(parts[i:])
-    return None
-
-
-def component_of(module: str) -> str:
-    return next((c for prefix, c in _COMPONENT_PREFIXES if module.startswith(prefix)), "unknown")
-
-
-def algorithm_of(tensors: dict[str, torch.Tensor]) -> str | None:
-    algo = detect_algorithm(tensors)
-    if algo is not None:
-        return algo.name
-    roots = {_KEY_ROOTS.get(k.split(".", 1)[0]) for k in tensors} - {None}
-    return roots.pop() if len(roots) == 1 else None
-
-
-def size_of(algo: str, t: dict[str, torch.Tensor]) -> str:
-    """One module's size in words: ``r=4``, ``r=4 tucker``, ``full``, ``block 8``, ``block 4 × 3 stages``."""
-    def first(*keys):
-        return next((t[k] for k in keys if k in t), None)
-
-    if algo == "lora":
-        down = first("lora_down.weight", "lora_A.weight")
-        return "?" if down is None else f"r={down.shape[0]}" + (" tucker" if "lora_mid.weight" in t else "")
-    if algo == "loha":
-        b = first("hada_w1_b")
-        return "?" if b is None else f"r={b.shape[0]}" + (" tucker" if "hada_t1" in t else "")
-    if algo == "lokr":
-        low = first("lokr_w2_b", "lokr_w1_b")
-        return "full" if low is None else f"r={low.shape[0]}"
-    if algo in ("oft", "boft"):
-        blocks = first("oft_blocks", "oft_diag", "boft_R", "oft_R.weight")
-        if blocks is None:
-            return "?"
-        if blocks.dim() == 4:
-            return f"block {blocks.shape[-1]} × {blocks.shape[0]} stages"
-        return f"block {blocks.shape[-1]}" if blocks.dim() == 3 else f"{blocks.shape[0]} blocks"
-    if algo == "hra":
-        u = first("hra_u")
-        return "?" if u is None else f"r={u.shape[-1]}"
-    return "?"
-
-
-def _kohya_spelling(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The modules' tensors under kohya names, which :func:`kohya.file_family` reads."""
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    out = {}
-    for module, tensors in modules.items():
-        component = component_of(module)
-        if module.startswith(_KOHYA_PREFIXES):
-            name = module
-        else:
-            bare = module.removeprefix("base_model.model.") if component == "model" else module.partition(".")[2]
-            name = prefix.get(component, "lora_unet_") + bare.replace(".", "_")
-        for key, value in tensors.items():
-            out[f"{name}.{key.replace('lora_A.weight', 'lora_down.weight')}"] = value
-    return out
-
-
-def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
-    """What ``inspect`` reports, as a JSON-ready dict."""
-    file, fmt, state, metadata, configs = read_source(path, allow_pickle)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    loose = []
-    for key, value in state.items():
-        split = split_key(key)
-        if split is None:
-            loose.append(key)
-        else:
-            modules.setdefault(split[0], {})[split[1]] = value
-    algorithms, components, alphas, sizes, unknown = Counter(), Counter(), Counter(), {}, []
-    for module, tensors in modules.items():
-        body = {k: v for k, v in tensors.items() if k != "alpha"}
-        algo = algorithm_of(body)
-        if algo is None:
-            unknown.append(module)
-            continue
-        algorithms[algo] += 1
-        components[component_of(module)] += 1
-        sizes.setdefault(algo, Counter())[size_of(algo, body)] += 1
-        alpha = tensors.get("alpha")
-        if alpha is not None and alpha.numel():
-            alphas[_number(float(alpha.reshape(-1)[0]))] += 1
-    summary = summarize_metadata(metadata, top_tags)
-    family, evidence = kohya.file_family(_kohya_spelling(modules))
-    if family is None and summary.family:
-        family, evidence = summary.family, "metadata"
-    try:
-        configs = configs or component_metadata(metadata)
-    except ValueError:
-        pass
-    if not alphas and configs:  # diffusers / PEFT: alphas live in the adapter config
-        for module, tensors in modules.items():
-            component = component_of(module)
-            config = configs.get(component) or configs.get("model") or {}
-            alpha = config.get("lora_alpha", config.get("alpha"))
-            bare = module.removeprefix("base_model.model.") if component == "model" else module.partition(".")[2]
-            alpha = pattern_value(config.get("alpha_pattern") or {}, bare, alpha)
-            if alpha is not None and module not in unknown:
-                alphas[_number(float(alpha))] += 1
-    return {
-        "file": str(file),
-        "size_bytes": sum(f.stat().st_size for f in ([file] if file.is_file() else file.rglob("*")) if f.is_file()),
-        "format": fmt or detect_format(state),
-        "tensors": len(state),
-        "dtypes": dict(Counter(str(v.dtype).removeprefix("torch.") for v in state.values())),
-        "modules": sum(algorithms.values()),
-        "components": dict(components),
-        "algorithms": dict(algorithms.most_common()),
-        "ranks": {a: dict(c.most_common()) for a, c in sizes.items()},
-        "alphas": dict(alphas.most_common()),
-        "family": family,
-        "family_evidence": evidence,
-        "trigger_words": summary.trigger_words,
-        "metadata": summary.to_dict(),
-        "adapter_config": configs,
-        "unrecognised_modules": sorted(unknown),
-        "loose_keys": sorted(loose),
-    }
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
-
-
-def _size(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} bytes"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-
-
-def _counts(counter: dict) -> str:
-    return ", ".join(f"{k} ×{v}" for k, v in counter.items()) or "-"
-
-
-def format_report(info: dict) -> str:
-    """The text ``inspect`` prints."""
-    lines = [
-        f"file:          {info['file']} ({_size(info['size_bytes'])}, {info['tensors']} tensors, "
-        f"{', '.join(info['dtypes'])})",
-        f"format:        {info['format']}",
-        f"family:        {info['family'] or 'unknown'}" + (f" ({info['family_evidence']})" if info["family"] else ""),
-        f"modules:       {info['modules']}" + (f" ({', '.join(f'{c} {n}' for c, n in info['components'].items())})"
-                                               if info["components"] else ""),
-        f"algorithms:    {', '.join(f'{a} ({n} layers)' for a, n in info['algorithms'].items()) or '-'}",
-        "ranks:         " + ("; ".join(f"{a}: {_counts(r)}" for a, r in info["ranks"].items()) or "-"),
-        f"alphas:        {_counts(info['alphas'])}",
-        f"trigger words: {', '.join(info['trigger_words']) or '-'}",
-    ]
-    if info["unrecognised_modules"]:
-        unknown = info["unrecognised_modules"]
-        lines.append(f"unrecognised:  {len(unknown)} module(s), e.g. {unknown[:3]}")
-    for component, config in (info["adapter_config"] or {}).items():
-        long = ("target_modules", "rank_pattern", "alpha_pattern")
-        shown = {k: v for k, v in config.items() if k not in long or not v}
-        lines.append(f"config ({component}): {json.dumps(shown)}")
-    m = info["metadata"]
-    meta = []
-    if m["network_module"]:
-        meta.append(("network module", m["network_module"]))
-    if m["network_args"]:
-        meta.append(("network args", ", ".join(f"{k}={v}" for k, v in m["network_args"].items())))
-    if m["network_dim"] is not None or m["network_alpha"] is not None:
-        meta.append(("dim / alpha", f"{m['network_dim']} / {m['network_alpha']}"))
-    if m["base_model"] or m["family"]:
-        shown = m["base_model"] or m["family"]
-        meta.append(("base model", shown + (f" ({m['family']})" if m["family"] and m["family"] != shown else "")))
-    if m["output_name"]:
-        meta.append(("output name", m["output_name"]))
-    if m["algorithms"]:
-        meta.append(("algorithms", json.dumps(m["algorithms"])))
-    if m["tag_count"]:
-        meta.append(("tags", f"{m['tag_count']} distinct in ss_tag_frequency"))
-    if m["training"]:
-        items = list(m["training"].items())
-        meta.append(("training", ", ".join(f"{k}={v}" for k, v in items[:12]) + (" …" if len(items) > 12 else "")))
-    if m["modelspec"]:
-        meta.append(("modelspec", ", ".join(f"{k}={v}" for k, v in m["modelspec"].items())))
-    if m["other_keys"]:
-        meta.append(("other keys", ", ".join(m["other_keys"])))
-    lines.append("metadata:" + ("" if meta else "      none"))
-    lines += [f"  {k + ':':<16}{v}" for k, v in meta]
-    return "\n".join(lines)
-
-
-# ---- convert -------------------------------------------------------------------------------------
-def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The source's descriptive metadata: kohya's ``ss_*`` (not the network keys), ``modelspec.*`` and our
-    base model, trigger words and training settings. What describes the source's tensors (network
-    keys, algorithms, configs, hashes, diffusers' ``lora_adapter_metadata``) is recomputed by the writer."""
-    return {k: v for k, v in metadata.items()
-            if k in _CARRIED or k.startswith("modelspec.") or (k.startswith("ss_") and not k.startswith("ss_network_"))}
-
-
-def _header_metadata(path: Path) -> dict[str, str]:
-    """The safetensors metadata of an adapter file or folder (PEFT folders: the first component's), read
-    from the header alone; ``{}`` when there is none."""
-    candidates = [path] if path.is_file() else [path / PEFT_WEIGHTS, path / DIFFUSERS_WEIGHTS] + [
-        path / c / PEFT_WEIGHTS for c in COMPONENTS]
-    for file in candidates:
-        if file.is_file() and file.suffix == ".safetensors":
-            try:
-                return check_safetensors_header(file)[1]
-            except (AdapterFileError, OSError):
-                return {}
-    return {}
+class CLIError(InspectError):
+    """A bad argument or unusable input: reported on stderr, exit status 2 (as an :class:`InspectError`
+    from reading an adapter is)."""
 
 
 def _load_pipe(name: str):
@@ -403,7 +114,7 @@ def convert(args, out=sys.stdout) -> int:
     print(f"loaded {args.input}: {info.format}, "
           f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}"
           + (f"; skipped {len(info.skipped_keys)} unknown keys" if info.skipped_keys else ""), file=out)
-    metadata = carried_metadata({**_header_metadata(Path(args.input)), **info.metadata})
+    metadata = carried_metadata({**header_metadata(Path(args.input)), **info.metadata})
     metadata[PREFIX + "converted_from"] = json.dumps({"format": info.format, "algorithms": info.algorithms})
 
     if args.rank is None:
@@ -675,7 +386,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args, out=out)
-    except CLIError as exc:
+    except InspectError as exc:  # CLIError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

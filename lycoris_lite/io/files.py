@@ -26,14 +26,14 @@ from torch import nn
 
 from ..base.checks import non_finite_keys
 from ..base.config import AdapterConfig
+from ..base.dtypes import DTYPES
 from .formats import diffusers_format, kohya, peft_format
-from .formats.names import build_name_map
+from .formats.names import COMPONENTS, KOHYA_PREFIXES, build_name_map
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
+from .metadata import PREFIX as META_PREFIX, component_config, network_metadata
 from ..core.controller import AdapterController, check_not_offloaded, controller_for
-from ..base.registry import ALGORITHMS, get_algorithm
+from ..base.registry import ALGORITHMS, LayerEntry, get_algorithm
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-META_PREFIX = "lycoris_lite."
 FORMATS = ("kohya", "diffusers", "peft")
 
 
@@ -72,11 +72,11 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
     keys = list(state)
-    if keys and all(k.split(".", 1)[0].startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_")) for k in keys):
+    if keys and all(k.split(".", 1)[0].startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return "kohya"
-    if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
+    if keys and all(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):
         return "diffusers"
-    if keys and all(k.startswith("base_model.model.") for k in keys):
+    if keys and all(k.startswith(peft_format.KEY_PREFIX) for k in keys):
         return "peft"
     if diffusers_format.looks_like_diffusers(keys):
         return "diffusers"  # one model's LoRA without component prefixes (``save_lora_adapter``)
@@ -96,18 +96,19 @@ def _sides_from_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return sides
 
 
-def _summary_config(entries: dict[str, kohya.LayerEntry]) -> AdapterConfig:
-    """A config that describes a loaded adapter: its most common algorithm, rank and alpha."""
+def _summary_config(entries: dict[str, LayerEntry]) -> AdapterConfig:
+    """A config that describes a loaded adapter: its most common algorithm, and that algorithm's most
+    common rank, alpha and DoRA axis where its layers' settings have them."""
     algo = Counter(e.algorithm.name for e in entries.values()).most_common(1)[0][0]
-    ranks = Counter(e.settings.get("r") for e in entries.values() if e.settings.get("r"))
-    cls = get_algorithm(algo).config_class
+    settings = [e.settings for e in entries.values() if e.algorithm.name == algo]
     fields = {"target_modules": sorted(entries)}
-    if ranks and algo in ("lora", "loha", "lokr", "hra"):
-        fields["r"] = ranks.most_common(1)[0][0]
-    axes = Counter(e.settings["dora"] for e in entries.values() if e.algorithm.name == algo and e.settings.get("dora"))
-    if axes:
-        fields.update(use_dora=True, dora_axis=axes.most_common(1)[0][0])
-    return cls(**fields)
+    for field_name, key in (("r", "r"), ("alpha", "alpha"), ("dora_axis", "dora")):
+        values = Counter(s[key] for s in settings if s.get(key))
+        if values:
+            fields[field_name] = values.most_common(1)[0][0]
+    if "dora_axis" in fields:
+        fields["use_dora"] = True
+    return get_algorithm(algo).config_class(**fields)
 
 
 def _default_name(path: Path) -> str:
@@ -119,14 +120,12 @@ def _default_name(path: Path) -> str:
 
 def _peft_folders(path: Path, components: dict[str, nn.Module], component: str | None) -> dict[str, Path]:
     """``{component: PEFT folder}`` for a folder source (a single adapter or per-component subfolders)."""
-    if peft_format.is_peft_folder(path):
+    found = peft_format.adapter_folders(path)
+    if None in found:
         if component is None:
             component = "unet" if "unet" in components or len(components) != 1 else next(iter(components))
         return {component: path}
-    found = {c: path / c for c in COMPONENTS if peft_format.is_peft_folder(path / c)}
-    if component is not None:
-        found = {c: p for c, p in found.items() if c == component}
-    return found
+    return {c: p for c, p in found.items() if component is None or c == component}
 
 
 def _read_peft(folders: dict[str, Path], components, allow_pickle: bool, strict: bool):
@@ -187,7 +186,7 @@ class ReadAdapter:
 
     name: str
     format: str
-    plans: dict[str, dict[str, kohya.LayerEntry]]   # component -> {module path: entry}
+    plans: dict[str, dict[str, LayerEntry]]   # component -> {module path: entry}
     configs: dict[str, AdapterConfig]
     skipped_keys: list[str]
     metadata: dict[str, str]
@@ -288,7 +287,7 @@ def attach_adapter(target, read: ReadAdapter, *, activate: bool = True, scale: f
                          read.skipped_keys, read.metadata)
 
 
-def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, kohya.LayerEntry]]:
+def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, LayerEntry]]:
     entries = {}
     for component, model in components.items():
         ctrl = controller_for(model, create=False)
@@ -298,19 +297,11 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
         for path, layer in ctrl.layers():
             if adapter_name in layer.adapters:
                 slot = layer.adapters[adapter_name]
-                layers[path] = kohya.LayerEntry(slot.algorithm, dict(slot.settings), slot.tensors())
+                layers[path] = LayerEntry(slot.algorithm, dict(slot.settings), slot.tensors())
         entries[component] = layers
     if not entries:
         raise ValueError(f"no adapter named {adapter_name!r} on these components")
     return entries
-
-
-def _dora_network_args(entries) -> dict[str, str]:
-    """LyCORIS's network args for DoRA (``dora_wd``, ``wd_on_output``), as kohya's scripts write them."""
-    axes = {e.settings.get("dora") for layers in entries.values() for e in layers.values()} - {None}
-    if not axes:
-        return {}
-    return {"dora_wd": "True", "wd_on_output": str(axes != {"input"})}
 
 
 def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: str = "kohya",
@@ -327,8 +318,8 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
-    if dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype}")
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be {', '.join(DTYPES)}, not {dtype}")
     components = components_of(target)
     entries = adapter_entries(components, adapter_name)
     path = Path(path)
@@ -353,15 +344,10 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     state = kohya.write(entries, names, dtype)
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())
     main = algorithms.most_common(1)[0][0]
-    ranks = [e.settings.get("r") for layers in entries.values() for e in layers.values() if e.settings.get("r")]
     sides = {e.algorithm.name: e.settings["side"] for layers in entries.values() for e in layers.values() if "side" in e.settings}
     configs = {c: controller_for(m).configs[adapter_name].to_dict() for c, m in components.items() if c in entries}
     meta = {
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps({"algo": "locon" if main == "lora" else "diag-oft" if main == "oft" else main,
-                                       **_dora_network_args(entries)}),
-        "ss_network_dim": str(max(ranks) if ranks else 0),
-        "ss_network_alpha": str(next((e.settings.get("alpha") for ls in entries.values() for e in ls.values() if "alpha" in e.settings), 1.0)),
+        **network_metadata(main, component_config(main, configs)),
         META_PREFIX + "algorithms": json.dumps(dict(algorithms)),
         META_PREFIX + "rotation_sides": json.dumps(sides),
         META_PREFIX + "config": json.dumps(configs),

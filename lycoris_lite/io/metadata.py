@@ -30,13 +30,6 @@ PREFIX = "lycoris_lite."
 
 #: kohya's ``ss_base_model_version`` for each family, and back
 BASE_MODEL_VERSIONS = {"SD 1.x": "sd_v1", "SD 2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}
-#: our config algorithm -> LyCORIS's ``algo`` network arg
-LYCORIS_ALGO_NAMES = {"lora": "locon", "oft": "diag-oft"}
-#: our config field -> LyCORIS network arg (values are written as strings, as sd-scripts does)
-_NETWORK_ARG_NAMES = {"use_tucker": "use_tucker", "use_rslora": "rs_lora", "dropout": "dropout", "factor": "factor",
-                      "decompose_both": "decompose_both", "full_matrix": "full_matrix", "constraint": "constraint",
-                      "rescale": "rescaled", "block_size": "block_size", "butterfly_factor": "butterfly_factor",
-                      "rotation_side": "rotation_side", "apply_GS": "apply_GS"}
 #: kohya's training-setting keys (``ss_<name>``) shown by AUTOMATIC1111; other settings stay in ours only
 TRAINING_KEYS = ("learning_rate", "unet_lr", "text_encoder_lr", "max_train_steps", "num_epochs", "epoch", "steps",
                  "batch_size_per_device", "total_batch_size", "gradient_accumulation_steps", "resolution", "seed",
@@ -197,16 +190,42 @@ def summarize_metadata(metadata: dict[str, str] | None, top_tags: int = 10) -> M
 
 
 def network_args(algorithm: str, config: dict | None = None) -> dict[str, str]:
-    """LyCORIS-style ``ss_network_args`` (string values) for ``algorithm`` and a config dict."""
-    args = {"algo": LYCORIS_ALGO_NAMES.get(algorithm, algorithm)}
-    for key, name in _NETWORK_ARG_NAMES.items():
-        if config and key in config and config[key] not in (None, False, 0, 0.0, ""):
+    """LyCORIS-style ``ss_network_args`` (string values, as sd-scripts writes them) for ``algorithm`` and
+    a config dict: its ``algo`` (``Algorithm.lycoris_name``), the config fields LyCORIS has an argument
+    for that are set (``Algorithm.lycoris_args``) and DoRA's ``dora_wd`` / ``wd_on_output``."""
+    algo = get_algorithm(algorithm)
+    args = {"algo": algo.lycoris_name or algo.name}
+    config = config or {}
+    for key, name in algo.lycoris_args.items():
+        # -1 is an automatic choice (LoKr's factor); the output side is LyCORIS's only one
+        if config.get(key) not in (None, False, 0, 0.0, "", -1) and not (key == "rotation_side" and config[key] == "output"):
             args[name] = str(config[key])
-    if config and config.get("factor", -1) == -1:
-        args.pop("factor", None)
-    if args.get("rotation_side") == "output":  # LyCORIS's only side: not an argument there
-        del args["rotation_side"]
+    if algo.decomposable and config.get("use_dora"):
+        args.update(dora_wd="True", wd_on_output=str(config.get("dora_axis", "output") != "input"))
     return args
+
+
+def network_metadata(algorithm: str, config: dict | None = None, network_dim=None, network_alpha=None) -> dict[str, str]:
+    """kohya's ``ss_network_*`` keys for ``algorithm`` and its config dict: module, args, and dim / alpha as
+    LyCORIS records them (``Algorithm.network_dim_alpha``) unless given. The one policy of every writer
+    (:func:`build_metadata`, ``files.save_adapter``)."""
+    dim, alpha = get_algorithm(algorithm).network_dim_alpha(config) if config is not None else (None, None)
+    network_dim = dim if network_dim is None else network_dim
+    network_alpha = alpha if network_alpha is None else network_alpha
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(network_args(algorithm, config))}
+    if network_dim is not None:
+        meta["ss_network_dim"] = str(network_dim)
+    if network_alpha is not None:
+        meta["ss_network_alpha"] = str(float(network_alpha))
+    return meta
+
+
+def component_config(algorithm: str, config: dict | None) -> dict | None:
+    """The config dict of ``algorithm`` in ``config``: a config dict itself, or the first of a
+    ``{component: config dict}`` whose algorithm it is."""
+    if config is not None and "algo" in config:
+        return config
+    return next((c for c in (config or {}).values() if isinstance(c, dict) and c.get("algo") == algorithm), None)
 
 
 def _config_dict(config) -> dict | None:
@@ -240,28 +259,10 @@ def build_metadata(algorithm: str, config=None, *, base_model: str | None = None
     """
     algorithm = get_algorithm(algorithm).name
     cfg = _config_dict(config)
-    single = cfg if cfg is not None and "algo" in cfg else None
-    if single is None and cfg:
-        single = next((c for c in cfg.values() if isinstance(c, dict) and c.get("algo") == algorithm), None)
-    if network_dim is None and single is not None:
-        rotation = algorithm in ("oft", "boft") and not single.get("r")
-        network_dim = single.get("block_size") if rotation else single.get("r")
-    if network_alpha is None and single is not None:
-        if algorithm in ("oft", "boft"):
-            network_alpha = single.get("constraint", 0.0)
-        else:
-            network_alpha = single.get("alpha") if single.get("alpha") is not None else network_dim
-    meta = {
-        PREFIX + "algorithm": algorithm,
-        "ss_network_module": "lycoris.kohya",
-        "ss_network_args": json.dumps(network_args(algorithm, single)),
-    }
+    meta = {PREFIX + "algorithm": algorithm,
+            **network_metadata(algorithm, component_config(algorithm, cfg), network_dim, network_alpha)}
     if cfg is not None:
         meta[PREFIX + "config"] = json.dumps(cfg)
-    if network_dim is not None:
-        meta["ss_network_dim"] = str(network_dim)
-    if network_alpha is not None:
-        meta["ss_network_alpha"] = str(float(network_alpha))
     if base_model:
         meta[PREFIX + "base_model"] = base_model
         if base_model in BASE_MODEL_VERSIONS:
@@ -286,5 +287,5 @@ def build_metadata(algorithm: str, config=None, *, base_model: str | None = None
     return meta
 
 
-__all__ = ["MetadataSummary", "build_metadata", "family_from_metadata", "most_frequent_tags", "network_args",
-           "summarize_metadata", "tag_counts"]
+__all__ = ["MetadataSummary", "build_metadata", "component_config", "family_from_metadata", "most_frequent_tags",
+           "network_args", "network_metadata", "summarize_metadata", "tag_counts"]

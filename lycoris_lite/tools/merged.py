@@ -16,7 +16,8 @@
 
   Tokenizers and the scheduler hold no weights and are not in the file: :func:`load_merged` builds the
   base pipeline (the recorded ``base_model``, or the one given) and loads every component's tensors into
-  it strictly (every key, every shape). Both outputs are written to a temporary name and renamed.
+  it strictly (every key, every shape). Both outputs are written to a temporary name and renamed
+  (:mod:`lycoris_lite.io.formats.safe_io`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..io.files import LoadedAdapter, components_of, load_adapter
-from ..io.formats.safe_io import read_state_dict, write_state_dict
+from ..io.formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
 from ..core.controller import controller_for
 from ..models import save_pipeline, load_pipeline
 
@@ -118,17 +118,13 @@ def save_merged(pipe, out: str | os.PathLike, *, single_file: bool = False, base
         return write_state_dict(out, _state_for_file(modules), {MERGED_KEY: json.dumps(provenance)})
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; pick a new path")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tokenizers = tuple(name for name, value in pipe.components.items()
-                           if name.startswith("tokenizer") and value is not None)
-        save_pipeline(pipe, tmp, tokenizers)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    tokenizers = tuple(name for name, value in pipe.components.items() if name.startswith("tokenizer") and value is not None)
+
+    def write(folder: Path) -> None:
+        save_pipeline(pipe, folder, tokenizers)
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+
+    return atomic_write_folder(out, write)
 
 
 def load_merged(path: str | os.PathLike, base: str | os.PathLike | None = None, **load_kwargs):

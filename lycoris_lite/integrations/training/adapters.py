@@ -10,12 +10,13 @@ from torch import nn
 
 from ...io import files
 from ...base.config import AdapterConfig
+from ...base.dtypes import DTYPES
 from ...io.formats import diffusers_format, peft_format
+from ...io.formats.kohya import model_family
 from ...io.metadata import build_metadata
 from ...core.controller import AdapterController, controller_for
 
 ADAPTER_NAME = "dreambooth"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def attach(models: dict[str, nn.Module], configs: dict[str, AdapterConfig], seed: int) -> dict[str, AdapterController]:
@@ -46,24 +47,18 @@ def regularization(controllers: dict[str, AdapterController]) -> torch.Tensor:
     return sum(ctrl.regularization_loss([ADAPTER_NAME]) for ctrl in controllers.values())
 
 
-def _named_parameters(controllers):
-    for component, ctrl in controllers.items():
-        for layer_name, layer in ctrl.layers():
-            if ADAPTER_NAME in layer.adapters:
-                for key, param in layer.adapters[ADAPTER_NAME].named_parameters(recurse=False):
-                    yield f"{component}.{layer_name}.{key}", param
-
-
 def adapter_state(controllers: dict[str, AdapterController]) -> dict[str, torch.Tensor]:
-    """Every trainable tensor as ``{"<component>.<layer>.<key>": tensor}`` (detached)."""
-    return {name: p.detach() for name, p in _named_parameters(controllers)}
+    """Every trainable tensor as ``{"<component>.<layer>.<key>": tensor}`` (detached: the parameters'
+    own storage)."""
+    return {f"{component}.{layer_name}.{key}": value for component, ctrl in controllers.items()
+            for layer_name, tensors in ctrl.adapter_tensors(ADAPTER_NAME).items() for key, value in tensors.items()}
 
 
 @torch.no_grad()
 def load_adapter_state(controllers: dict[str, AdapterController], tensors: dict[str, torch.Tensor]) -> None:
     """Copy ``tensors`` (from :func:`adapter_state`) into the live adapter; ``ValueError`` unless the
     names and shapes are exactly the live adapter's."""
-    params = dict(_named_parameters(controllers))
+    params = adapter_state(controllers)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ValueError(f"the checkpoint's adapter does not match this run's adapter settings: missing "
@@ -98,15 +93,6 @@ def adapter_path(output_dir: str | Path, output_name: str, save_format: str) -> 
     return output_dir / f"{output_name}.safetensors"
 
 
-def model_family(unet: nn.Module) -> str | None:
-    """``SD 1.x`` / ``SD 2.x`` / ``SDXL`` from the UNet's cross-attention width (``None`` otherwise)."""
-    config = getattr(unet, "config", None)
-    width = getattr(config, "cross_attention_dim", None)
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        return "SDXL"
-    return {768: "SD 1.x", 1024: "SD 2.x"}.get(width if isinstance(width, int) else None)
-
-
 def training_record(args, *, max_steps: int, seed: int, samples_per_step: int, mixed_precision: str,
                     num_instance: int, num_class: int, started: float) -> dict:
     """The training settings an adapter file records (kohya's names where kohya has one)."""
@@ -129,7 +115,7 @@ def metadata(models: dict[str, nn.Module], configs: dict[str, AdapterConfig], *,
              instance_prompt: str, training: dict, output_name: str) -> dict[str, str]:
     """The adapter file's metadata: algorithm and configs, base model, the instance prompt as trigger
     words, and the training settings (kohya's ``ss_*`` keys included)."""
-    family = model_family(models["unet"])
+    family = model_family(models)[0]
     return build_metadata(
         algo, {c: cfg.to_dict() for c, cfg in configs.items()}, base_model=family or base_model,
         target_modules={c: cfg.target_modules for c, cfg in configs.items()},

@@ -7,9 +7,10 @@ A checkpoint folder holds
 * ``state.json``: the step, the seed and the adapter configs;
 * whatever ``extra(folder)`` writes (the trainer puts the adapter file there, ready to use).
 
-It is written to a hidden temporary folder next to it and renamed into place, so a run killed at any
-moment leaves either the complete checkpoint or none (plus a hidden temporary, removed by
-:func:`remove_temporaries` on the next start). No RNG state is stored: every random draw of a run is a
+It is written to a hidden temporary folder next to it and renamed into place
+(:func:`lycoris_lite.io.formats.safe_io.atomic_write_folder`), so a run killed at any moment leaves either
+the complete checkpoint or none (plus a hidden temporary, removed by :func:`remove_temporaries` on the next
+start). No RNG state is stored: every random draw of a run is a
 function of ``(seed, sample position)`` or ``(seed, step)``, so the step and the seed resume it exactly.
 """
 
@@ -19,14 +20,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ...io.formats.safe_io import atomic_write, read_state_dict, write_state_dict
+from ...io.formats.safe_io import atomic_write, atomic_write_folder, read_state_dict, write_state_dict
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TEMP_PREFIX = ".tmp-"
@@ -71,9 +71,9 @@ def remove_temporaries(output_dir: str | Path) -> None:
     for entry in sorted(folder.rglob(".*"), key=lambda p: len(p.parts)):
         if not entry.exists():  # inside a folder removed above
             continue
-        if entry.is_dir() and entry.name.startswith(_TEMP_PREFIX):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.is_file() and entry.name.endswith(".tmp"):  # safe_io.atomic_write's temporaries
+        if entry.is_dir() and (entry.name.startswith(_TEMP_PREFIX) or entry.name.endswith(".tmp")):
+            shutil.rmtree(entry, ignore_errors=True)  # ours, and the temporary folders of safe_io's atomic writes
+        elif entry.is_file() and entry.name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
 
 
@@ -93,25 +93,19 @@ def save(output_dir: str | Path, step: int, *, adapter_state: dict[str, torch.Te
          total_limit: int | None = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically, then keep only the newest ``total_limit``."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}checkpoint-{step}-", dir=output_dir))
-    try:
-        write_state_dict(tmp / ADAPTER_STATE, {k: v.detach().float() for k, v in adapter_state.items()})
-        _torch_save(tmp / "optimizer.pt", optimizer.state_dict())
-        _torch_save(tmp / "scheduler.pt", scheduler.state_dict())
+
+    def write(folder: Path) -> None:
+        write_state_dict(folder / ADAPTER_STATE, {k: v.detach().float() for k, v in adapter_state.items()})
+        _torch_save(folder / "optimizer.pt", optimizer.state_dict())
+        _torch_save(folder / "scheduler.pt", scheduler.state_dict())
         if scaler is not None:
-            _torch_save(tmp / "scaler.pt", scaler.state_dict())
+            _torch_save(folder / "scaler.pt", scaler.state_dict())
         if extra is not None:
-            extra(tmp)
+            extra(folder)
         body = json.dumps({"step": step, **(state or {})}, indent=2, default=str)
-        atomic_write(tmp / STATE_FILE, lambda t: Path(t).write_text(body, encoding="utf-8"))
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write(folder / STATE_FILE, lambda t: Path(t).write_text(body, encoding="utf-8"))
+
+    final = atomic_write_folder(output_dir / f"checkpoint-{step}", write, replaceable=lambda _: True)
     if total_limit is not None:
         for _, path in checkpoints(output_dir)[:-total_limit]:
             _remove(path)

@@ -26,7 +26,6 @@ to a LoRA first.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
 import torch
@@ -34,20 +33,13 @@ from torch import nn
 
 from ...core.layer import base_module_at
 from ...base.layer_kind import LayerSpec
-from ...base.registry import get_algorithm
-from .kohya import LayerEntry, check_unknown
-from .peft_format import (
-    _lora_alphas,
-    _patterns,
-    check_config_values,
-    module_paths,
-    pattern_lookup,
-    resolve_path,
-)
+from ...base.registry import LayerEntry, get_algorithm
+from .kohya import check_unknown, join_modules
+from .names import COMPONENTS
+from .peft_format import check_config_values, module_paths, resolve_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # suffix -> role, longest first; "old" marks the attention-processor spelling (to_q_lora)
 _SUFFIXES = (
@@ -120,7 +112,7 @@ def component_metadata(metadata: dict[str, str] | None, default_component: str =
         elif "." not in key:
             out.setdefault(default_component, {})[key] = value
     for component, config in out.items():
-        check_config_values(config, component, f"the file's {METADATA_KEY}")
+        check_config_values(config, component, get_algorithm("lora"), f"the file's {METADATA_KEY}")
     return out
 
 
@@ -170,30 +162,24 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], metad
                 continue
             raise ValueError(f"{component}.{module}: has a LoRA {'up' if 'up' in tensors else 'down'} weight but no "
                              f"{'down' if 'up' in tensors else 'up'} weight")
-        params = {"lora_down": tensors["down"], "lora_up": tensors["up"]}
-        if params["lora_down"].dim() not in (2, 4) or params["lora_up"].dim() not in (2, 4):
-            raise ValueError(f"{component}.{module}: LoRA weights of shapes {tuple(params['lora_down'].shape)} / "
-                             f"{tuple(params['lora_up'].shape)} are neither linear nor conv weights")
+        down, up = tensors["down"], tensors["up"]
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+            raise ValueError(f"{component}.{module}: LoRA weights of shapes {tuple(down.shape)} / "
+                             f"{tuple(up.shape)} are neither linear nor conv weights")
         spec = LayerSpec.from_module(base_module_at(components[component], live), live)
-        if spec.is_conv and params["lora_up"].dim() == 2:
-            params["lora_up"] = params["lora_up"][:, :, None, None]
-        r = params["lora_down"].shape[0]
+        if spec.is_conv and up.dim() == 2:
+            up = up[:, :, None, None]
+        r = down.shape[0]
         config = configs.get(component)
         if config is not None:
             if config.get("use_dora"):
                 raise ValueError(f"{component}: DoRA adapters (use_dora=True) are not supported")
-            names = (live, module, live.removeprefix("text_model."))
-            r_cfg = int(pattern_lookup(config.get("rank_pattern"), names, config.get("r", r)))
-            if r_cfg != r:
-                raise ValueError(f"{component}.{module}: the file's metadata gives rank {r_cfg}, its tensors rank {r}")
-            alpha = float(pattern_lookup(config.get("alpha_pattern"), names, config.get("lora_alpha", r)))
-            rslora = bool(config.get("use_rslora"))
+            config = {"r": r, "lora_alpha": r, **config}  # diffusers' defaults: the tensors' rank, scale 1
         else:
-            alpha = float(tensors["alpha"].reshape(-1)[0]) if "alpha" in tensors and tensors["alpha"].numel() else float(r)
-            rslora = False
-        settings = lora.settings_from_tensors(spec, params, alpha, live)
-        settings["alpha"] = alpha
-        settings["scale"] = alpha / (math.sqrt(r) if rslora else r)
+            alpha = tensors.get("alpha")
+            config = {"r": r, "lora_alpha": float(alpha.reshape(-1)[0]) if alpha is not None and alpha.numel() else r}
+        settings, params = lora.from_peft(spec, {"lora_A.weight": down, "lora_B.weight": up}, config,
+                                          (live, module, live.removeprefix("text_model.")))
         plans.setdefault(component, {})[live] = LayerEntry(lora, settings, params)
     skipped += unknown_keys
     check_unknown(unknown_modules, unknown_keys, strict, "keys that are not LoRA weights")
@@ -231,24 +217,20 @@ def write(entries: dict[str, dict[str, LayerEntry]], components: dict[str, nn.Mo
             if entry.settings.get("tucker") or "lora_mid" in entry.tensors:
                 raise ValueError(f"layer {path!r} of the {component} is a Tucker LoRA (lora_mid), which diffusers' "
                                  "LoRA cannot hold; save it with format='kohya' or extract a plain LoRA")
-    state: dict[str, torch.Tensor] = {}
+    lora = get_algorithm("lora")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     flat: dict = {}
     for component, layers in entries.items():
         model = components[component]
-        for path, entry in layers.items():
-            prefix = f"{component}.{_file_path(component, model, path)}"
-            for ours, theirs in (("lora_down", "lora_A"), ("lora_up", "lora_B")):
-                value = entry.tensors[ours].detach()
-                state[f"{prefix}.{theirs}.weight"] = value.to(dtype) if dtype is not None else value
-        rslora, alphas = _lora_alphas(layers)
+        # PEFT's LoraConfig of the component, its patterns keyed by paths without ``text_model.``
         short = {p: p.removeprefix("text_model.") if component != "unet" else p for p in layers}
-        r, rank_pattern = _patterns({short[p]: e.settings["r"] for p, e in layers.items()}, int)
-        alpha, alpha_pattern = _patterns({short[p]: a for p, a in alphas.items()})
-        config = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                  "use_rslora": rslora, "use_dora": False, "lora_bias": False, "lora_dropout": 0.0,
-                  "target_modules": sorted(short.values()), "peft_type": "LORA", "bias": "none",
-                  "init_lora_weights": True}
+        specs = {short[p]: LayerSpec.from_module(base_module_at(model, p), p) for p in layers}
+        tensors, config = lora.to_peft({short[p]: e for p, e in layers.items()}, specs, component)
+        for path in layers:
+            modules[f"{component}.{_file_path(component, model, path)}"] = tensors[short[path]]
+        config.update(target_modules=sorted(short.values()), peft_type=lora.peft_type, bias="none")
         flat.update({f"{component}.{k}": v for k, v in config.items()})
+    state = join_modules(modules, dtype)
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())
     meta = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True),
             "lycoris_lite.algorithms": json.dumps(dict(algorithms))}

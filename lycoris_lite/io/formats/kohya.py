@@ -11,24 +11,16 @@ this module only splits names, maps them through the live model's name map and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ...core.layer import base_module_at
 from ...base.layer_kind import LayerSpec
-from ...base.registry import Algorithm, detect_algorithm
+from ...base.registry import ALPHA_KEY, LayerEntry, algorithm_of, detect_algorithm
 from .names import ComponentNames
 
-
-@dataclass
-class LayerEntry:
-    """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys)."""
-
-    algorithm: type[Algorithm]
-    settings: dict
-    tensors: dict[str, torch.Tensor]
+__all__ = ["FAMILY_WIDTHS", "FamilyMismatch", "LayerEntry", "check_family", "check_unknown", "file_family",
+           "join_modules", "model_family", "read", "split_modules", "write"]
 
 
 class FamilyMismatch(ValueError):
@@ -48,19 +40,25 @@ def split_modules(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
     return modules, loose
 
 
+def join_modules(modules: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_modules`: ``{"<module>.<key>": tensor}`` (detached; floating-point
+    tensors cast to ``dtype`` when given), what every format writes."""
+    return {f"{module}.{key}": value.detach().to(dtype) if dtype is not None and value.is_floating_point() else value.detach()
+            for module, tensors in modules.items() for key, value in tensors.items()}
+
+
 FAMILY_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention (text embedding) width
 
 
 def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
-    """``(family, evidence)`` from the keys and cross-attention widths of a kohya file: the input width
-    of a cross-attention ``to_k`` module, as its algorithm reads it (``Algorithm.input_width``)."""
+    """``(family, evidence)`` from the keys and cross-attention widths of a file with kohya module names
+    (tensor keys of any format): the input width of a cross-attention ``to_k`` module, as its algorithm
+    reads it (``Algorithm.input_width``)."""
     if any(k.startswith("lora_te2_") for k in state):
         return "SDXL", "lora_te2_ keys"
     modules, _ = split_modules({k: v for k, v in state.items() if "attn2_to_k" in k.split(".", 1)[0]})
     for tensors in modules.values():
-        tensors = {k.replace("lora_A.weight", "lora_down.weight").replace("lora_B.weight", "lora_up.weight"): v
-                   for k, v in tensors.items()}
-        algo = detect_algorithm(tensors)
+        algo = algorithm_of(tensors)
         width = algo.input_width(tensors) if algo is not None else None
         if width in FAMILY_WIDTHS:
             return FAMILY_WIDTHS[width], f"{width}-wide cross-attention"
@@ -68,11 +66,15 @@ def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
 
 
 def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
+    """``(family, evidence)`` of a pipeline's components: SDXL by its second text encoder or its UNet's
+    added ``text_time`` conditions, else by the UNet's cross-attention width."""
     if components.get("text_encoder_2") is not None:
         return "SDXL", "two text encoders"
-    unet = components.get("unet")
-    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
-    family = FAMILY_WIDTHS.get(width)
+    config = getattr(components.get("unet"), "config", None)
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return "SDXL", "text_time added conditions"
+    width = getattr(config, "cross_attention_dim", None)
+    family = FAMILY_WIDTHS.get(width) if isinstance(width, int) else None
     return family, f"{width}-wide cross-attention" if width else ""
 
 
@@ -120,8 +122,9 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             continue
         component, path = where
         tensors = dict(tensors)
-        alpha_tensor = tensors.pop("alpha", None)
+        alpha_tensor = tensors.pop(ALPHA_KEY, None)
         alpha = None if alpha_tensor is None else float(alpha_tensor.reshape(-1)[0]) if alpha_tensor.numel() else None
+        alpha = alpha or None  # LyCORIS's rule: a zero alpha is none (alpha = rank, scale 1)
         algo = detect_algorithm(tensors)
         if algo is None:
             unknown_keys += [f"{file_name}.{k}" for k in tensors]
@@ -154,15 +157,12 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
 def write(entries: dict[str, dict[str, LayerEntry]], names: dict[str, ComponentNames],
           dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Per-layer entries -> a kohya/LyCORIS state dict with the canonical names."""
-    state = {}
+    modules = {}
     for component, layers in entries.items():
         to_file = names[component].to_file
         for path, entry in layers.items():
             tensors, alpha = entry.algorithm.to_kohya(entry.tensors, entry.settings)
-            module = to_file[path]
-            for key, value in tensors.items():
-                value = value.detach()
-                state[f"{module}.{key}"] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
             if alpha is not None:
-                state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
-    return state
+                tensors = {**tensors, ALPHA_KEY: torch.tensor(float(alpha), dtype=dtype or torch.float32)}
+            modules[to_file[path]] = tensors
+    return join_modules(modules, dtype)

@@ -17,9 +17,13 @@ from torch import nn
 
 from ...core.layer import AdapterLayer, walk_modules
 
+#: the pipeline components adapters sit on, in the order files and folders list them
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # component -> (prefix written, prefixes read)
 UNET_PREFIXES = ("lora_unet_", "lycoris_", "oft_unet_")
 TE_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+#: kohya/LyCORIS module-name prefix -> component (text encoders first: ``lycoris_`` alone means the UNet)
+KOHYA_PREFIXES = {**{p: c for c, ps in TE_PREFIXES.items() for p in ps}, **{p: "unet" for p in UNET_PREFIXES}}
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "norm1": "in_layers.0", "norm2": "out_layers.0",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 

@@ -1,0 +1,24 @@
+"""What the web UI does, without the UI: one shared pipeline serving many sessions' adapter stacks.
+
+``ui/app.py`` is a Gradio page over this package; everything here is plain Python and testable alone.
+
+* :mod:`.tags`: a session's stack (:class:`StackEntry`), AUTOMATIC1111's ``<lora:name:w>`` prompt tags
+  (:func:`parse_prompt`) and its "parameters" text (:func:`format_parameters` / :func:`parse_parameters`).
+* :mod:`.library`: the adapters folder as cards (:class:`AdapterLibrary`), safe upload names and the
+  example adapters for the tiny model.
+* :mod:`.settings`: what a session asks for (:class:`GenerationSettings`) and gets (:class:`GenerationResult`).
+* :mod:`.engine`: :class:`SharedPipeline`, the pipeline every session shares, changed under one lock.
+* :mod:`.values`: page values as numbers, or a ``ValueError`` naming the field.
+"""
+
+from .engine import SharedPipeline
+from .library import (EXAMPLES, AdapterCard, AdapterLibrary, adapter_name, addnet_hash, read_card,
+                      safe_adapter_filename, write_example_adapters)
+from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancelled, GenerationResult,
+                       GenerationSettings)
+from .tags import StackEntry, effective_stack, format_parameters, parse_parameters, parse_prompt
+
+__all__ = ["DEFAULT_SCHEDULER", "EXAMPLES", "MAX_SEED", "SCHEDULERS", "AdapterCard", "AdapterLibrary",
+           "GenerationCancelled", "GenerationResult", "GenerationSettings", "SharedPipeline", "StackEntry",
+           "addnet_hash", "adapter_name", "effective_stack", "format_parameters", "parse_parameters", "parse_prompt",
+           "read_card", "safe_adapter_filename", "write_example_adapters"]

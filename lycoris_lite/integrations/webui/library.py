@@ -1,0 +1,222 @@
+"""The adapters folder as cards, and the example adapters written for the tiny model.
+
+* :class:`AdapterLibrary`: the adapters folder as cards (name, algorithm, rank, family, trigger words,
+  metadata, A1111 short hash) read with :func:`describe`, cached per file version.
+* :func:`safe_adapter_filename`: where an upload may go; :func:`addnet_hash`: AUTOMATIC1111's file hash.
+* :data:`EXAMPLES` / :func:`write_example_adapters`: five adapters of different algorithms for the tiny model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...base.presets import PRESETS
+from ...base.registry import get_algorithm
+from ...core.controller import controller_for
+from ...io import files
+from ...io.formats.safe_io import PICKLE_SUFFIXES, AdapterFileError
+from ...io.metadata import build_metadata
+from ...io.inspect import InspectError as CLIError, describe
+
+SAFETENSORS = ".safetensors"
+
+
+def addnet_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's hash of a safetensors file (``addnet_hash_safetensors``: SHA-256 of the bytes
+    after the header); ``Lora hashes`` shows its first 12 characters."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(8 + int.from_bytes(fh.read(8), "little"))
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_adapter_filename(name: str) -> str:
+    """A file name for an upload that cannot leave the adapters folder, or ``ValueError``.
+
+    Names with a path separator, a leading dot or a NUL are refused; other characters outside
+    ``[A-Za-z0-9_-]`` in the stem become ``_`` (so the stem is also the adapter's name); only
+    ``.safetensors`` is accepted.
+    """
+    name = unicodedata.normalize("NFKC", str(name or "")).strip()
+    if not name or any(c in name for c in "/\\\x00") or name.startswith("."):
+        raise ValueError(f"unsafe file name {name!r}: give a plain name such as style.safetensors")
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() != SAFETENSORS:
+        raise ValueError(f"{name!r}: only {SAFETENSORS} files are accepted (pickles can run code when loaded)")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:100]
+    if not stem:
+        raise ValueError(f"{name!r}: the name has no usable characters")
+    return stem + SAFETENSORS
+
+
+def adapter_name(path: Path) -> str:
+    """The name an adapter file or folder goes by (stacks, ``<lora:name:w>``): its stem, dots as ``_``."""
+    return (path.name if path.is_dir() else path.stem).replace(".", "_")
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    return any((path / p).is_file() for p in ("adapter_config.json", "pytorch_lora_weights.safetensors")) or any(
+        (path / c / "adapter_config.json").is_file() for c in files.COMPONENTS)
+
+
+def _stamp(path: Path) -> tuple:
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
+
+@dataclass
+class AdapterCard:
+    """What the library shows of one adapter, read from its file without touching the model."""
+
+    name: str
+    path: Path
+    stamp: tuple = ()
+    size_bytes: int = 0
+    format: str | None = None
+    algorithm: str | None = None
+    algorithms: dict = field(default_factory=dict)
+    rank: str | None = None
+    family: str | None = None
+    trigger_words: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    shorthash: str | None = None
+    problem: str | None = None        # unreadable, pickle, duplicate name, or does not fit the model
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    def details(self) -> dict:
+        """The card as JSON-ready data (the metadata panel)."""
+        return {"name": self.name, "file": self.path.name, "format": self.format, "algorithms": self.algorithms,
+                "rank": self.rank, "family": self.family, "trigger_words": self.trigger_words,
+                "hash": self.shorthash, "size_bytes": self.size_bytes, "problem": self.problem,
+                "metadata": self.metadata}
+
+
+def read_card(path: Path) -> AdapterCard:
+    """A card for one adapter file or folder (problems are recorded, never raised)."""
+    card = AdapterCard(adapter_name(path), path, _stamp(path))
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        card.problem = ("a pickle file, which can run code when loaded: convert it with "
+                        "`python -m lycoris_lite convert` first")
+        return card
+    try:
+        info = describe(str(path))
+    except (CLIError, AdapterFileError, ValueError, OSError) as exc:
+        card.problem = f"unreadable: {exc}"
+        return card
+    card.size_bytes, card.format = info["size_bytes"], info["format"]
+    card.algorithms = info["algorithms"]
+    card.algorithm = next(iter(info["algorithms"]), None)
+    ranks = info["ranks"].get(card.algorithm) or {}
+    card.rank = next(iter(ranks), None)
+    card.family, card.trigger_words = info["family"], info["trigger_words"]
+    card.metadata = {k: v for k, v in info["metadata"].items() if v not in (None, {}, [], "", 0)}
+    weights = Path(info["file"])
+    if weights.is_file() and weights.suffix == SAFETENSORS:
+        card.shorthash = addnet_hash(weights)[:12]
+    if not card.algorithms:
+        card.problem = "no adapter layers recognised"
+    return card
+
+
+class AdapterLibrary:
+    """The adapters folder, as cards: its ``*.safetensors`` files and diffusers/PEFT adapter folders, also
+    in subfolders (``outputs/demo/<algo>/…`` of ``make demo``) down to :attr:`MAX_DEPTH`; hidden entries and
+    training checkpoints (``checkpoint-N/``) are skipped. Cards are cached per file version (size and
+    modification time), so a rescan re-reads only what changed."""
+
+    MAX_DEPTH = 3
+    _SKIPPED_FOLDER = re.compile(r"^checkpoint-\d+$")
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).resolve()
+        self._cache: dict[Path, AdapterCard] = {}
+
+    def entries(self) -> list[Path]:
+        found = []
+
+        def walk(folder: Path, depth: int) -> None:
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith("."):
+                    continue  # hidden files and the temporaries of atomic writes
+                if path.is_file() and path.suffix.lower() in {SAFETENSORS, *PICKLE_SUFFIXES}:
+                    found.append(path)
+                elif path.is_dir() and _is_adapter_folder(path):
+                    found.append(path)
+                elif path.is_dir() and depth < self.MAX_DEPTH and not self._SKIPPED_FOLDER.match(path.name):
+                    walk(path, depth + 1)
+
+        if self.folder.is_dir():
+            walk(self.folder, 1)
+        return found
+
+    def scan(self) -> list[AdapterCard]:
+        cards, seen = [], set()
+        cache = {}
+        for path in self.entries():
+            card = self._cache.get(path)
+            if card is None or card.stamp != _stamp(path):
+                card = read_card(path)
+            cache[path] = card
+            if card.name in seen:
+                card = AdapterCard(card.name, path, card.stamp, problem=f"another adapter is named {card.name!r}")
+            seen.add(card.name)
+            cards.append(card)
+        self._cache = cache
+        return cards
+
+    def destination(self, filename: str) -> Path:
+        """Where an upload called ``filename`` goes (see :func:`safe_adapter_filename`); refuses to
+        overwrite."""
+        dest = self.folder / safe_adapter_filename(filename)
+        if dest.resolve().parent != self.folder:
+            raise ValueError(f"unsafe file name {filename!r}")
+        if dest.exists():
+            raise ValueError(f"{dest.name} is already in the adapters folder; rename the upload")
+        return dest
+
+
+
+#: (name, algorithm, settings, UNet targets, trigger words); all also adapt the text encoder
+EXAMPLES = (
+    ("watercolor", "lora", {"r": 4, "alpha": 8}, "unet-attn-ff", ["watercolor"]),
+    ("sks_dog", "lokr", {"r": 4, "alpha": 8}, "unet-attn", ["sks", "dog"]),
+    ("tilt", "oft", {"block_size": 4}, "unet-attn-ff", ["tilted"]),
+    ("mirror", "hra", {"r": 4}, "unet-attn-ff", ["mirror"]),
+    ("butterfly", "boft", {"block_size": 4, "butterfly_factor": 2}, "unet-attn", ["butterfly"]),
+)
+
+
+def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "tiny-sd") -> list[Path]:
+    """Write :data:`EXAMPLES` (non-identity random weights, fixed seeds) for ``pipe`` into ``folder``;
+    ``pipe`` must have no adapters and is left as it was."""
+    components = files.components_of(pipe)
+    if any(controller_for(m, create=False) is not None for m in components.values()):
+        raise ValueError("write_example_adapters needs a pipeline without adapters")
+    written = []
+    for seed, (name, algo, settings, unet_targets, words) in enumerate(EXAMPLES):
+        config_class = get_algorithm(algo).config_class
+        generator = torch.Generator().manual_seed(seed)
+        configs = {}
+        for c, module in components.items():
+            targets = PRESETS[unet_targets] if c == "unet" else PRESETS["text-encoder"]
+            configs[c] = config_class(**settings, target_modules=targets, init_weights=False)
+            controller_for(module).add_adapter(name, configs[c], generator=generator)
+        try:
+            meta = build_metadata(algo, configs["unet"], base_model=model_name, trigger_words=words, output_name=name)
+            written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta))
+        finally:
+            for module in components.values():
+                controller_for(module).unload()
+    return written
