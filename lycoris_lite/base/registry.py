@@ -304,7 +304,18 @@ def algorithm_for(config: AdapterConfig) -> type[Algorithm]:
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
-    """Build the right config class from a dict with an ``algo`` key (as written by ``to_dict``)."""
+    """Build the right config class from a dict with an ``algo`` key (as written by ``to_dict``).
+
+    Args:
+        data: ``{"algo": name, field: value, …}``; PEFT's field names are accepted.
+
+    Returns:
+        An instance of that algorithm's config class.
+
+    Raises:
+        ValueError: no ``algo`` key, an unknown algorithm, unknown fields (listed with the valid ones) or
+            invalid values.
+    """
     if "algo" not in data:
         raise ValueError("config dict has no 'algo' key")
     return get_algorithm(data["algo"]).config_class.from_dict(data)

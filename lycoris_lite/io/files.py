@@ -262,7 +262,24 @@ def load_adapter(target, source, adapter_name: str | None = None, *, strict: boo
                  component: str | None = None) -> LoadedAdapter:
     """Attach the adapter in ``source`` (see :func:`read_adapter`) to ``target``'s components.
 
-    Nothing is attached unless every component's part validates. Returns what was loaded.
+    Nothing is attached unless every component's part validates.
+
+    Args:
+        target: a pipeline, a ``{component: model}`` dict or one model.
+        source: a kohya/LyCORIS or diffusers ``.safetensors`` file, a diffusers or PEFT folder, or a state dict.
+        adapter_name: defaults to the file's stem.
+        strict: refuse keys that match no module (else they are reported and skipped).
+        allow_pickle: read ``.bin``/``.pt`` files (with ``torch.load(weights_only=True)``).
+        activate, scale: add it to the active adapters, at this weight.
+        component: load only this component's part.
+
+    Returns:
+        A :class:`LoadedAdapter` (name, format, algorithms, layers per component, metadata).
+
+    Raises:
+        AdapterFileError: a corrupt, foreign or pickled (unless allowed) file.
+        ValueError: shapes or names that do not fit the model, NaN/Inf values, an existing name, or an
+            offloaded model (RuntimeError).
     """
     read = read_adapter(target, source, adapter_name, strict=strict, allow_pickle=allow_pickle, component=component)
     return attach_adapter(target, read, activate=activate, scale=scale)
@@ -315,6 +332,20 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
       (``path/unet``, ``path/text_encoder``), a single model a flat folder.
 
     The whole adapter is converted (and every check made) before anything is written.
+
+    Args:
+        target: a pipeline, a ``{component: model}`` dict or one model carrying the adapter.
+        adapter_name: the adapter to write.
+        path: the file or folder.
+        format, dtype: as above; ``dtype`` float32, float16 or bfloat16 (default: the adapter's).
+        metadata: extra ``str -> str`` entries for the file's header (kohya, diffusers) or config (PEFT).
+
+    Returns:
+        The written file or folder.
+
+    Raises:
+        ValueError: an unknown format or dtype, an unknown adapter, or an adapter the format cannot hold
+            (a non-LoRA in diffusers' format).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
