@@ -1,14 +1,16 @@
 """lycoris-lite: LyCORIS-style adapters (LoRA, LoHa, LoKr, OFT, BOFT, HRA, with DoRA) for diffusers.
 
 The public API is the names below; everything else lives in the layered subpackages (see README's
-"Layout") and may change. ::
+"Layout") and may change. A diffusers pipeline gains ``load_adapter`` & co.:
 
-    import lycoris_lite
-    pipe = lycoris_lite.enable(pipe)                      # a diffusers pipeline gains load_adapter & co.
-    pipe.load_adapter("style.safetensors", scale=0.8)
+>>> import lycoris_lite
+>>> pipe = lycoris_lite.enable(pipe)
+>>> pipe.load_adapter("style.safetensors", scale=0.8)
 
-    from lycoris_lite import HRAConfig, HRAModel          # PEFT-style
-    pipe.unet = HRAModel(pipe.unet, HRAConfig(r=8, target_modules=["to_q", "to_v"]), "default")
+or PEFT-style:
+
+>>> from lycoris_lite import HRAConfig, HRAModel
+>>> pipe.unet = HRAModel(pipe.unet, HRAConfig(r=8, target_modules=["to_q", "to_v"]), "default")
 """
 
 from .algos.boft import BOFTConfig

@@ -213,14 +213,19 @@ def combine(args, out=sys.stdout) -> int:
     metadata = {PREFIX + "combination": json.dumps({
         "type": result.combination_type, "adapters": [{"source": Path(p).name, "weight": w} for p, w in args.adapter],
         "density": args.density, "majority_sign_method": args.majority_sign, "svd_rank": args.rank, "seed": args.seed})}
-    try:
-        written = _save(lambda: files.save_adapter(components, "combined", target, format=args.to,
-                                                   dtype=DTYPES[args.dtype] if args.dtype else None,
-                                                   metadata=metadata), target, "the combination")
-    except ValueError as exc:
-        raise CLIError(f"cannot write the combination as {args.to}: {exc}") from None
+    written = _write_adapter(components, "combined", target, args, metadata, "the combination")
     print(f"wrote {written} ({args.to})", file=out)
     return 0
+
+
+def _write_adapter(components, name: str, target: Path, args, metadata: dict, what: str) -> Path:
+    """Save adapter ``name`` to ``target`` in ``args.to`` (and ``args.dtype``); a refusal is a CLIError."""
+    try:
+        return _save(lambda: files.save_adapter(components, name, target, format=args.to,
+                                                dtype=DTYPES[args.dtype] if args.dtype else None,
+                                                metadata=metadata), target, what)
+    except ValueError as exc:
+        raise CLIError(f"cannot write {what} as {args.to}: {exc}") from None
 
 
 def extract(args, out=sys.stdout) -> int:
@@ -242,12 +247,7 @@ def extract(args, out=sys.stdout) -> int:
     unrepresented = sorted(f"{c}.{k}" for c, changed in result.unrepresented.items() for k in changed)
     metadata = {PREFIX + "extraction": json.dumps({"rank": args.rank, "energy": args.energy, "max_relative_error": worst,
                                                    "mean_relative_error": mean, "unrepresented": unrepresented})}
-    try:
-        written = _save(lambda: files.save_adapter(base, "extracted", target, format=args.to,
-                                                   dtype=DTYPES[args.dtype] if args.dtype else None,
-                                                   metadata=metadata), target, "the extracted LoRA")
-    except ValueError as exc:
-        raise CLIError(f"cannot write the extracted LoRA as {args.to}: {exc}") from None
+    written = _write_adapter(base, "extracted", target, args, metadata, "the extracted LoRA")
     print(f"wrote {written} ({args.to}, {sum(len(v) for v in ranks.values())} layers)", file=out)
     return 0
 
