@@ -384,8 +384,8 @@ class AdapterController:
         for ln, layer in layers.items():
             for name in layer.merged:
                 if layer.adapters[name].scale != stack.weight(name, ln):
-                    raise ValueError(f"adapter {name!r} is fused at weight {layer.adapters[name].scale}; "
-                                     "unfuse before changing it")
+                    raise ValueError(f"adapter {name!r} is merged (fused) at weight {layer.adapters[name].scale}; "
+                                     "unmerge (unfuse) it before changing its weight")
         return layers
 
     def apply_stack(self, stack: Stack, layers: dict[str, AdapterLayer] | None = None) -> None:
@@ -432,12 +432,7 @@ class AdapterController:
         else:
             current = self.stack.weights.get(name, LayerWeights())
             weight = LayerWeights(current.default, {**current.layers, **{ln: scale for ln in layers}})
-        try:
-            self.apply_stack(self.stack.with_weights({name: weight}))
-        except ValueError as error:
-            if "fused" in str(error):
-                raise ValueError(f"adapter {name!r} is merged; unmerge before changing its scale") from None
-            raise
+        self.apply_stack(self.stack.with_weights({name: weight}))
 
     def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
         names = self._check_names(names)

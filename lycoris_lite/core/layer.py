@@ -278,10 +278,11 @@ class AdapterLayer(nn.Module):
             return []
         return [n for n in self.ordered(self.active) if n not in self.merged and not self.adapters[n].muted]
 
-    def _fuse_uses(self, names, dtype) -> list[_Use]:
-        """``names`` as fusing uses them: tensors in ``dtype``, the float scale."""
-        slots = [self.adapters[n] for n in names]
-        return [_Use(slot, slot.tensors(dtype), slot.scale, slot.settings) for slot in slots]
+    def _fuse_uses(self, names, dtype, scales: dict[str, float] | None = None) -> list[_Use]:
+        """``names`` as fusing uses them: tensors in ``dtype``, the float scale (or ``scales[name]``)."""
+        scales = scales or {}
+        return [_Use(self.adapters[n], self.adapters[n].tensors(dtype), scales.get(n, self.adapters[n].scale),
+                     self.adapters[n].settings) for n in names]
 
     def _forward_uses(self, names) -> list[_Use]:
         """``names`` as the forward uses them: each slot called (its offload hooks run), its multiplier
@@ -370,16 +371,17 @@ class AdapterLayer(nn.Module):
             flat = cols.T
         return self.spec.unflatten_weight(flat)
 
-    def effective_weight(self, names, base: torch.Tensor | None = None, out: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+    def effective_weight(self, names, base: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                         scales: dict[str, float] | None = None) -> torch.Tensor:
         """``W_eff`` for ``names`` (in composition order) in float32 or wider, from ``base`` (default:
-        the original weight); with ``out`` (any dtype) it is written there and ``out`` returned. A stack
-        of additive adapters on the plain weight is summed straight into ``out`` (no temporary)."""
+        the original weight), at the adapters' scales (or ``scales[name]``); with ``out`` (any dtype) it
+        is written there and ``out`` returned. A stack of additive adapters on the plain weight is summed
+        straight into ``out`` (no temporary)."""
         if base is None:
             base = self._backup if self._backup is not None else self.weight.detach()
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         w = base.to(device=self.weight.device, dtype=dtype)
-        terms, additive = self._plan(self._fuse_uses(self.ordered(names), dtype), dtype, w)
+        terms, additive = self._plan(self._fuse_uses(self.ordered(names), dtype, scales), dtype, w)
         direct = out is not None and out.dtype == dtype and additive and len(terms) == 1 and terms[0].plain
         result = w if direct else self._expand(terms, w, dtype)
         for use in additive:

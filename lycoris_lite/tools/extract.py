@@ -260,13 +260,7 @@ def adapter_delta(layer: AdapterLayer, adapter_name: str, multiplier: float = 1.
         if not portable.supports_float64(layer.weight.device):
             work = copy.deepcopy(layer).to(portable.float64_device(layer.weight.device))
         base = work.effective_weight([]).double()
-        slot = work.adapters[adapter_name]
-        saved = slot.scale
-        slot.scale = 1.0
-        try:
-            delta = work.effective_weight([adapter_name], base=base) - base
-        finally:
-            slot.scale = saved
+        delta = work.effective_weight([adapter_name], base=base, scales={adapter_name: 1.0}) - base
     else:
         delta = slot.algorithm.delta_weight(slot.tensors(dtype), layer.spec, slot.settings)
     return (delta * multiplier if multiplier != 1.0 else delta).to(layer.weight.device, dtype)
