@@ -38,8 +38,10 @@ from common import _status_kb, reset_peak_rss  # noqa: E402
 
 import lycoris_lite  # noqa: E402
 from lycoris_lite import PRESETS, controller_for
+from lycoris_lite.algos.lora import LoRAConfig
 from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core import buffers
+from lycoris_lite.core.targets import find_targets
 from lycoris_lite.io.files import save_adapter  # noqa: E402
 from lycoris_lite.io.formats import safe_io  # noqa: E402
 from lycoris_lite.models import build_sd15_unet, build_tiny_sd_pipeline  # noqa: E402
@@ -69,9 +71,6 @@ def make_adapter_file(pipe, path: Path, algo: str, settings: dict, seed: int) ->
 
 
 def targeted_numel(unet) -> int:
-    from lycoris_lite.core.controller import find_targets
-    from lycoris_lite.algos.lora import LoRAConfig
-
     return sum(unet.get_submodule(n).weight.numel() for n in find_targets(unet, LoRAConfig(target_modules=TARGETS)))
 
 

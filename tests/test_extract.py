@@ -1,6 +1,6 @@
-"""LoRA extraction (``lycoris_lite.tools.extract``): one matrix with each SVD method and rank choice, and a
-fully fine-tuned model against its base (planted low-rank changes recovered exactly, full-rank ones
-reported honestly, changes a LoRA cannot hold listed)."""
+"""LoRA extraction (``lycoris_lite.tools.svd``, ``lycoris_lite.tools.extract``): one matrix with each
+SVD method and rank choice, and a fully fine-tuned model against its base (planted low-rank changes
+recovered exactly, full-rank ones reported honestly, changes a LoRA cannot hold listed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lycoris_lite import LoRAConfig, controller_for, extract_lora
-from lycoris_lite.tools.extract import lora_factors, randomized_svd
+from lycoris_lite.tools.svd import lora_factors, randomized_svd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

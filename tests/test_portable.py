@@ -18,7 +18,8 @@ from torch import nn
 from lycoris_lite import PRESETS, AdapterModel, LoRAConfig, OFTConfig, controller_for
 from lycoris_lite.core import buffers
 from lycoris_lite.base import portable
-from lycoris_lite.tools.extract import adapter_delta, extract_lora, full_svd
+from lycoris_lite.tools.extract import adapter_delta, extract_lora
+from lycoris_lite.tools.svd import full_svd
 from lycoris_lite.io.files import save_adapter
 from lycoris_lite.io.formats import safe_io
 from lycoris_lite.io.formats.safe_io import read_state_dict

@@ -19,7 +19,8 @@ from lycoris_lite.io.files import load_adapter, save_adapter
 from lycoris_lite.io.formats import safe_io
 from lycoris_lite.io.formats.names import build_name_map
 from lycoris_lite.io.formats.safe_io import AdapterFileError, read_state_dict
-from lycoris_lite.core.layer import AdapterLayer, walk_modules
+from lycoris_lite.core.layer import AdapterLayer
+from lycoris_lite.core.targets import walk_modules
 from lycoris_lite.base.layer_kind import LayerSpec
 from lycoris_lite.models import build_tiny_sd_pipeline
 

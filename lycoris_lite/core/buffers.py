@@ -4,7 +4,7 @@ Fusing keeps every original weight (for the bit-exact unfuse) and writes the mer
 memory: exactly one copy of the targeted weights. Allocating that copy layer by layer costs the
 allocator's slack on top (measured 7 % on the SD-1.5 UNet) and one page fault per 4 KiB on first
 touch, which on a CPU takes about as long as the merge's arithmetic. :func:`packed_empty` carves
-the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.core.layer._own_storage`
+the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.core.slot._own_storage`
 keeps adapter tensors, so GEMMs round the same as on separately allocated tensors).
 
 On Linux a CPU block of 8 MiB or more is an anonymous mapping of this module's (:class:`_Block`), and

@@ -1,7 +1,8 @@
-"""Injection by name pattern and adapter management for any ``nn.Module``.
+"""Adapter management for any ``nn.Module``.
 
 :class:`AdapterController` does the work on a model tree (one per model, found with
-:func:`controller_for`); the PEFT-style wrapper (:mod:`lycoris_lite.integrations.peft_style`) and the
+:func:`controller_for`), on the modules :func:`~lycoris_lite.core.targets.find_targets` picks by name
+pattern; the PEFT-style wrapper (:mod:`lycoris_lite.integrations.peft_style`) and the
 diffusers integration (:mod:`lycoris_lite.integrations.pipeline`) drive it.
 
 Adding an adapter is all-or-nothing: every target, its layer type and the config's fit to it are
@@ -10,9 +11,6 @@ checked before any module is touched.
 
 from __future__ import annotations
 
-import copy
-import difflib
-import re
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -23,110 +21,14 @@ from .. import algos  # noqa: F401  (registers the algorithms)
 from .buffers import packed_empty
 from ..base.checks import all_finite
 from ..base.config import AdapterConfig
-from .layer import AdapterLayer, submodule, walk_modules
+from .layer import AdapterLayer
+from .offload import check_not_offloaded
 from .stack import LayerWeights, Stack
+from .targets import ModulesToSave, _candidates, _matches, _nearest, _parent, find_targets, submodule, walk_modules
 from ..base.layer_kind import LayerSpec
 from ..base.registry import algorithm_for
 
 _ATTR = "_lycoris_controller"
-
-
-# ---- target matching ----------------------------------------------------------------------------
-def _matches(name: str, pattern) -> bool:
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
-
-
-def _layer_index(name: str, patterns) -> int | None:
-    regexes = [rf"(?:.*\.)?{re.escape(p)}\.(\d+)(?:\.|$)" for p in patterns] if patterns else [r"(?:.*?\.)?(\d+)(?:\.|$)"]
-    for regex in regexes:
-        found = re.match(regex, name)
-        if found:
-            return int(found.group(1))
-    return None
-
-
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Module names a config may target: everything but adapter internals."""
-    out = []
-    for name, module in model.named_modules():
-        if not name or ".adapters." in f".{name}." or ".modules_to_save." in f".{name}.":
-            continue
-        if isinstance(module, AdapterLayer):
-            out.append((name, module.base_module))
-        else:
-            out.append((name, module))
-    return out
-
-
-def _nearest(word: str, names: Iterable[str]) -> list[str]:
-    pool = set()
-    for n in names:
-        parts = n.split(".")
-        pool.update(".".join(parts[i:]) for i in range(len(parts)))
-    return difflib.get_close_matches(word, sorted(pool), n=5, cutoff=0.5)
-
-
-def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the modules ``config`` targets, checked: every list entry must match something and
-    every match must be a supported layer."""
-    candidates = _candidates(model)
-    names = [n for n, _ in candidates]
-    targets = config.target_modules
-    if not targets:
-        raise ValueError("target_modules is empty: give a list of names, a regex, or 'all-linear'")
-    if targets == "all-linear":
-        chosen = [n for n, m in candidates if isinstance(m, nn.Linear)]
-    else:
-        chosen = [n for n in names if _matches(n, targets)]
-        if not isinstance(targets, str):
-            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-            if missing:
-                hints = "; ".join(f"{t!r}: nearest {_nearest(t, names) or 'none'}" for t in missing)
-                raise ValueError(f"target_modules entries match no module: {hints}")
-    if config.exclude_modules:
-        chosen = [n for n in chosen if not _matches(n, config.exclude_modules)]
-    if config.layers_to_transform:
-        wanted = set(config.layers_to_transform)
-        chosen = [n for n in chosen if _layer_index(n, config.layers_pattern) in wanted]
-    if not chosen:
-        raise ValueError(
-            f"target_modules={targets!r} matches no module of this model; "
-            f"nearest names: {_nearest(targets if isinstance(targets, str) else targets[0], names)}"
-        )
-    modules = dict(candidates)
-    for name in chosen:
-        LayerSpec.from_module(modules[name], name)  # raises a clear TypeError for other layer types
-    return chosen
-
-
-# ---- modules trained in full ----------------------------------------------------------------------
-class ModulesToSave(nn.Module):
-    """A module trained in full: one copy per adapter; the active adapter's copy runs."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active: str | None = None
-
-    def add(self, name: str):
-        clone = copy.deepcopy(self.original_module)
-        clone.requires_grad_(True)
-        self.modules_to_save[name] = clone
-
-    def forward(self, *args, **kwargs):
-        module = self.modules_to_save[self.active] if self.active in self.modules_to_save else self.original_module
-        return module(*args, **kwargs)
-
-
-# ---- the controller --------------------------------------------------------------------------------
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if "." in name:
-        parent_name, child = name.rsplit(".", 1)
-        return submodule(model, parent_name), child
-    return model, name
 
 
 def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool = False,
@@ -160,37 +62,7 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
         layer.write_merged(todo, new)
 
 
-def offload_hook(model: nn.Module) -> str | None:
-    """What offloads ``model``'s weights module by module, or None: ``"sequential CPU offload"``
-    (accelerate's ``cpu_offload`` / ``enable_sequential_cpu_offload``: hooks that keep each module's
-    tensors on the meta device between calls) or ``"group offloading"`` (diffusers'
-    ``enable_group_offload``). Whole-model offload (``enable_model_cpu_offload``) moves the model with
-    ``.to()`` and is not reported: adapters follow it. Read from the hooks' own attributes."""
-    for _, module in walk_modules(model):
-        hook = module.__dict__.get("_hf_hook")
-        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
-            return "sequential CPU offload"
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None and "group_offloading" in getattr(registry, "hooks", {}):
-            return "group offloading"
-    return None
-
-
-def check_not_offloaded(model: nn.Module, plan: dict) -> None:
-    """Refuse to attach to an offloaded model, before anything changes: the offload hooks hold the
-    weights elsewhere and know nothing of the adapter tensors (attach first, then offload; the
-    pipeline's ``load_adapter`` does that dance itself)."""
-    kind = offload_hook(model)
-    meta = [n for n in plan if getattr(submodule(model, n), "weight", None) is not None
-            and submodule(model, n).weight.is_meta]
-    if kind is not None or meta:
-        raise RuntimeError(
-            f"this model is offloaded ({kind or 'weights on the meta device, e.g. ' + repr(meta[0])}): its weights are "
-            "brought in by hooks that know nothing of new adapter tensors. Attach adapters before enabling offload, or "
-            "remove the offload hooks first (pipe.load_adapter does this for sequential CPU offload and group "
-            "offloading)")
-
-
+# ---- the controller --------------------------------------------------------------------------------
 def controller_for(model: nn.Module, create: bool = True) -> "AdapterController | None":
     """The :class:`AdapterController` that manages ``model``'s adapters (one per model, kept on the model).
 

@@ -46,7 +46,8 @@ from ..io.inspect import InspectError, carried_metadata, describe, format_report
 from ..io.metadata import PREFIX
 from ..models import load_pipeline
 from ..tools.arithmetic import COMBINATION_TYPES, SIGN_METHODS, combine_adapters
-from ..tools.extract import METHODS, adapter_to_lora, attach_entries, extract_lora
+from ..tools.extract import adapter_to_lora, attach_entries, extract_lora
+from ..tools.svd import METHODS
 from ..tools.merged import merge_adapter_files, save_merged
 
 FORMATS = files.FORMATS

@@ -11,7 +11,7 @@ The state of a pipeline's adapters:
   active stack reads no disk and moves no tensor: it sets scales;
 * the *stack* is the ordered list of active adapters; each has a weight: a float, or per component
   ``{"unet": w, "text_encoder": w, "text_encoder_2": w}``, where the UNet part may be block-wise
-  (see :func:`unet_layer_scales`);
+  (see :func:`~lycoris_lite.integrations.weights.unet_layer_scales`);
 * adapters are composed on each layer in the order they were loaded (``layer.py`` states the formula);
 * *fused* adapters are folded into the weights (bit-exact unfuse: the original tensors are kept).
 """
@@ -19,7 +19,6 @@ The state of a pipeline's adapters:
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from contextlib import contextmanager
 from collections.abc import Mapping
@@ -31,121 +30,13 @@ from torch import nn
 
 from ..io import files
 from ..core.layer import AdapterLayer
-from ..core.controller import AdapterController, controller_for, merge_layers, offload_hook
+from ..core.controller import AdapterController, controller_for, merge_layers
+from ..core.offload import offload_hook
 from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
+from .weights import _number, normalize_weight, unet_layer_scales
 
-COMPONENTS = files.COMPONENTS
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-_BLOCK_PARTS = ("down", "mid", "up")
-_BLOCK_PATH = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.|^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
-
-
-# ---- weights --------------------------------------------------------------------------------------
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def normalize_weight(weight, components) -> dict:
-    """One adapter's weight as ``{component: float | block dict}`` for the components it may touch.
-
-    ``weight``: a number (every component), or a dict with keys among ``unet``, ``text_encoder``,
-    ``text_encoder_2`` (missing components get 1.0); the ``unet`` value may be block-wise.
-    """
-    if weight is None:
-        weight = 1.0
-    if not isinstance(weight, dict):
-        w = _number(weight, "an adapter weight")
-        return {c: w for c in components}
-    unknown = set(weight) - set(COMPONENTS)
-    if unknown:
-        raise ValueError(f"unknown component(s) {sorted(unknown)} in an adapter weight; use {', '.join(COMPONENTS)}")
-    out = {}
-    for c in components:
-        value = weight.get(c, 1.0)
-        if c == "unet" and isinstance(value, dict):
-            out[c] = _check_blocks(value)
-        else:
-            out[c] = _number(value, f"the {c} weight")
-    return out
-
-
-def _check_blocks(blocks: dict) -> dict:
-    unknown = set(blocks) - set(_BLOCK_PARTS)
-    if unknown:
-        raise ValueError(f"unknown UNet part(s) {sorted(unknown)} in a block-wise weight; use down, mid, up")
-    for part, value in blocks.items():
-        if part == "mid":
-            if isinstance(value, (list, dict)):
-                value = value[0] if isinstance(value, list) and len(value) == 1 else value
-            if isinstance(value, (list, dict)):
-                raise ValueError("the mid block takes one number")
-            _number(value, "the mid weight")
-        elif isinstance(value, list):
-            for v in value:
-                _number(v, f"a {part} block weight")
-        elif isinstance(value, dict):
-            for key, v in value.items():
-                if not re.fullmatch(r"block_\d+", str(key)):
-                    raise ValueError(f"{part} block keys are block_0, block_1, …; got {key!r}")
-                for item in (v if isinstance(v, list) else [v]):
-                    _number(item, f"the {part}.{key} weight")
-        else:
-            _number(value, f"the {part} weight")
-    return blocks
-
-
-def unet_layer_scales(blocks: dict, layer_names) -> dict[str, float]:
-    """The scale of each UNet layer for a block-wise weight.
-
-    ``blocks = {"down": d, "mid": m, "up": u}``, each optional (missing: 1.0). ``d``/``u`` is a number (the
-    whole part), a list (one number per block: ``down_blocks.i``/``up_blocks.i``), or a dict as in
-    diffusers: ``{"block_i": number | [one per layer]}``, where the list's ``j``-th entry scales
-    ``attentions.j`` and ``resnets.j`` of block ``i`` (the block's up/down-samplers take 1.0).
-    Layers outside the blocks (``conv_in``, time embedding, ``conv_out``) keep 1.0.
-    Raises when a list names more blocks or layers than the UNet has.
-    """
-    scales = {}
-    seen: dict[tuple, int] = {}
-    for name in layer_names:
-        m = _BLOCK_PATH.match(name)
-        scale = 1.0
-        if m and name.startswith("mid_block."):
-            scale = float(blocks.get("mid", 1.0) if not isinstance(blocks.get("mid"), list) else blocks["mid"][0])
-        elif m:
-            group = m.group(1) or m.group(5)
-            part = "down" if group == "down_blocks" else "up"
-            block = int(m.group(2) or m.group(6))
-            layer = int(m.group(4)) if m.group(4) is not None else None
-            seen[(part, block)] = max(seen.get((part, block), -1), layer if layer is not None else -1)
-            value = blocks.get(part, 1.0)
-            if isinstance(value, list):
-                scale = value[block] if block < len(value) else 1.0
-            elif isinstance(value, dict):
-                entry = value.get(f"block_{block}", 1.0)
-                if isinstance(entry, list):
-                    scale = entry[layer] if layer is not None and layer < len(entry) else 1.0
-                else:
-                    scale = entry
-            else:
-                scale = value
-        scales[name] = float(scale)
-    for part in ("down", "up"):
-        value = blocks.get(part)
-        n_blocks = 1 + max((b for (p, b) in seen if p == part), default=-1)
-        if isinstance(value, list) and len(value) > n_blocks:
-            raise ValueError(f"{len(value)} {part} block weights, but the adapter has layers in {n_blocks} {part} blocks")
-        if isinstance(value, dict):
-            for key, entry in value.items():
-                block = int(key.split("_")[1])
-                if (part, block) not in seen:
-                    raise ValueError(f"{part}.{key}: the adapter has no layers in {part}_blocks.{block}")
-                if isinstance(entry, list) and len(entry) > seen[(part, block)] + 1:
-                    raise ValueError(f"{part}.{key} has {len(entry)} weights, but that block has "
-                                     f"{seen[(part, block)] + 1} adapted layers")
-    return scales
 
 
 # ---- state ----------------------------------------------------------------------------------------
@@ -164,7 +55,8 @@ class AdapterInfo:
 @dataclass(frozen=True)
 class PipelineStack:
     """The pipeline's stack, one immutable value: ``names`` (the active adapters, in order), ``weights``
-    (each loaded adapter's weight as :func:`normalize_weight` gives it: ``{component: number or
+    (each loaded adapter's weight as
+    :func:`~lycoris_lite.integrations.weights.normalize_weight` gives it: ``{component: number or
     block-wise dict}``) and ``enabled``. :meth:`LycorisPipelineMixin._apply` turns it into one
     :class:`~lycoris_lite.core.stack.Stack` per component, checks them all, then applies them."""
 
@@ -353,7 +245,8 @@ class LycorisPipelineMixin:
     def set_adapters(self, adapter_names, weights=None) -> None:
         """Make ``adapter_names`` the active stack, in that order, with ``weights``: a float, a list (one
         per adapter), each a float or ``{"unet": x, "text_encoder": y, "text_encoder_2": z}`` whose UNet
-        part may be block-wise (``{"down": …, "mid": …, "up": …}``: see :func:`unet_layer_scales`)."""
+        part may be block-wise (``{"down": …, "mid": …, "up": …}``: see
+        :func:`~lycoris_lite.integrations.weights.unet_layer_scales`)."""
         names = self._check_names(adapter_names)
         if not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
@@ -587,4 +480,4 @@ def enable(pipe):
     return pipe
 
 
-__all__ = ["LycorisPipelineMixin", "enable", "normalize_weight", "unet_layer_scales"]
+__all__ = ["LycorisPipelineMixin", "enable"]

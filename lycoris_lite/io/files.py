@@ -31,7 +31,8 @@ from .formats import diffusers_format, kohya, peft_format
 from .formats.names import COMPONENTS, KOHYA_PREFIXES, build_name_map
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
 from .metadata import PREFIX as META_PREFIX, component_config, network_metadata
-from ..core.controller import AdapterController, check_not_offloaded, controller_for
+from ..core.controller import AdapterController, controller_for
+from ..core.offload import check_not_offloaded
 from ..base.registry import ALGORITHMS, LayerEntry, get_algorithm
 
 FORMATS = ("kohya", "diffusers", "peft")

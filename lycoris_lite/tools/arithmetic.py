@@ -55,7 +55,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .extract import adapter_delta, attach_entries, full_svd, lora_entry, lora_factors, lora_layout
+from .extract import adapter_delta, attach_entries, lora_entry
+from .svd import full_svd, lora_factors, lora_layout
 from ..io.formats.kohya import LayerEntry
 from ..core.layer import AdapterLayer
 from ..core.controller import controller_for

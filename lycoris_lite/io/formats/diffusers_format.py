@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ...core.layer import base_module_at
+from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import LayerEntry, get_algorithm
 from .kohya import check_unknown, join_modules

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.layer import base_module_at
+from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALPHA_KEY, LayerEntry, algorithm_of, detect_algorithm
 from .names import ComponentNames

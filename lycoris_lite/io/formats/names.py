@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...core.layer import AdapterLayer, walk_modules
+from ...core.layer import AdapterLayer
+from ...core.targets import walk_modules
 
 #: the pipeline components adapters sit on, in the order files and folders list them
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

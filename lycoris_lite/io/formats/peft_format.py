@@ -26,7 +26,7 @@ from torch import nn
 
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALGORITHMS, Algorithm, LayerEntry, peft_algorithm
-from ...core.layer import base_module_at
+from ...core.targets import base_module_at
 from .kohya import join_modules
 from .names import COMPONENTS, adapter_capable_paths
 from .safe_io import AdapterFileError, atomic_write, read_state_dict, write_state_dict
