@@ -14,14 +14,37 @@ Heavy dependencies (``diffusers``, ``transformers``) are imported inside the fun
   :func:`tiny_sdxl_unet_config` / :func:`build_tiny_sdxl_unet`, :func:`build_tiny_sdxl_pipeline`.
 * :mod:`.full_size`: :func:`sd15_unet_config` / :func:`build_sd15_unet` and :func:`sd15_text_encoder_config`
   / :func:`build_sd15_text_encoder`: SD 1.5's real shapes with random weights.
-* :mod:`.loading`: :func:`load_pipeline`: ``"tiny-sd"`` / ``"tiny-sdxl"`` or a real
+* :mod:`.tiny_dit`: tiny transformer (DiT) pipelines with the real module paths, hidden width 32:
+  :func:`build_tiny_flux_pipeline`, :func:`build_tiny_flux_kontext_pipeline`,
+  :func:`build_tiny_flux2_pipeline`, :func:`build_tiny_sd3_pipeline`,
+  :func:`build_tiny_qwen_image_pipeline`, :func:`build_tiny_z_image_pipeline`,
+  :func:`build_tiny_wan_pipeline`, :func:`build_tiny_wan22_pipeline` (each ``(seed=0,
+  dtype=torch.float32, path=None)``) and their ``tiny_<family>_transformer_config``; Flux.1 at full
+  width for benchmarks: :func:`flux_width_transformer_config` / :func:`build_flux_width_transformer`.
+* :mod:`.text_encoders`: their tokenizers (:func:`build_t5_tokenizer`: Unigram for T5/UMT5;
+  :func:`build_qwen_tokenizer`, :func:`build_mistral_tokenizer`: byte-level BPE with chat templates)
+  and tiny text encoders (T5, UMT5, Qwen2.5-VL, Qwen3, Mistral 3).
+* :mod:`.loading`: :func:`load_pipeline`: a name of :data:`TINY_PIPELINES` (``"tiny-sd"``,
+  ``"tiny-sdxl"``, ``"tiny-flux"``, ``"tiny-flux-kontext"``, ``"tiny-flux2"``, ``"tiny-sd3"``,
+  ``"tiny-qwen-image"``, ``"tiny-z-image"``, ``"tiny-wan"``, ``"tiny-wan22"``) or a real
   ``DiffusionPipeline.from_pretrained``.
 """
 
 from .full_size import build_sd15_text_encoder, build_sd15_unet, sd15_text_encoder_config, sd15_unet_config
-from .loading import TINY_SD_NAME, TINY_SDXL_NAME, load_pipeline
+from .loading import (TINY_FLUX2_NAME, TINY_FLUX_KONTEXT_NAME, TINY_FLUX_NAME, TINY_PIPELINES, TINY_QWEN_IMAGE_NAME,
+                      TINY_SD3_NAME, TINY_SD_NAME, TINY_SDXL_NAME, TINY_WAN22_NAME, TINY_WAN_NAME, TINY_Z_IMAGE_NAME,
+                      load_pipeline)
+from .text_encoders import (build_mistral_tokenizer, build_qwen_tokenizer, build_t5_tokenizer,
+                            build_tiny_mistral3_text_encoder, build_tiny_qwen3_text_encoder,
+                            build_tiny_qwen25vl_text_encoder, build_tiny_t5_encoder)
 from .tiny import (build_tiny_sd_pipeline, build_tiny_sdxl_pipeline, build_tiny_sdxl_unet, build_tiny_text_encoder,
                    build_tiny_unet, build_tiny_vae, tiny_sdxl_unet_config, tiny_unet_config)
+from .tiny_dit import (build_flux_width_transformer, build_tiny_flux2_pipeline, build_tiny_flux_kontext_pipeline,
+                       build_tiny_flux_pipeline, build_tiny_qwen_image_pipeline, build_tiny_sd3_pipeline,
+                       build_tiny_wan22_pipeline, build_tiny_wan_pipeline, build_tiny_z_image_pipeline,
+                       flux_width_transformer_config, tiny_flux2_transformer_config, tiny_flux_transformer_config,
+                       tiny_qwen_image_transformer_config, tiny_sd3_transformer_config, tiny_wan_transformer_config,
+                       tiny_z_image_transformer_config)
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, build_clip_tokenizer, bytes_to_unicode, save_pipeline
 
 __all__ = [
@@ -29,6 +52,15 @@ __all__ = [
     "EOS_TOKEN",
     "TINY_SD_NAME",
     "TINY_SDXL_NAME",
+    "TINY_FLUX_NAME",
+    "TINY_FLUX_KONTEXT_NAME",
+    "TINY_FLUX2_NAME",
+    "TINY_SD3_NAME",
+    "TINY_QWEN_IMAGE_NAME",
+    "TINY_Z_IMAGE_NAME",
+    "TINY_WAN_NAME",
+    "TINY_WAN22_NAME",
+    "TINY_PIPELINES",
     "bytes_to_unicode",
     "build_clip_tokenizer",
     "tiny_unet_config",
@@ -43,6 +75,29 @@ __all__ = [
     "build_sd15_unet",
     "sd15_text_encoder_config",
     "build_sd15_text_encoder",
+    "tiny_flux_transformer_config",
+    "build_tiny_flux_pipeline",
+    "build_tiny_flux_kontext_pipeline",
+    "tiny_flux2_transformer_config",
+    "build_tiny_flux2_pipeline",
+    "tiny_sd3_transformer_config",
+    "build_tiny_sd3_pipeline",
+    "tiny_qwen_image_transformer_config",
+    "build_tiny_qwen_image_pipeline",
+    "tiny_z_image_transformer_config",
+    "build_tiny_z_image_pipeline",
+    "tiny_wan_transformer_config",
+    "build_tiny_wan_pipeline",
+    "build_tiny_wan22_pipeline",
+    "flux_width_transformer_config",
+    "build_flux_width_transformer",
+    "build_t5_tokenizer",
+    "build_qwen_tokenizer",
+    "build_mistral_tokenizer",
+    "build_tiny_t5_encoder",
+    "build_tiny_qwen25vl_text_encoder",
+    "build_tiny_qwen3_text_encoder",
+    "build_tiny_mistral3_text_encoder",
     "load_pipeline",
     "save_pipeline",
 ]

@@ -26,9 +26,9 @@ EOS_TOKEN = "<|endoftext|>"
 TINY_NUM_MERGES = 400
 MODEL_MAX_LENGTH = 77
 
-# Small English corpus (prompt-style) the tiny BPE merges are learned from.  The merges
-# are learned deterministically at first use (a few milliseconds) and cached.
-_BPE_CORPUS = """
+# Small English corpus (prompt-style) the tiny BPE merges are learned from (deterministically,
+# at first use, in a few milliseconds; cached).
+PROMPT_CORPUS = """
 a photo of a dog. a photo of a cat. a photo of sks dog. a photo of a sks dog in the snow.
 a painting of a cat. a painting of a dog on the beach. an oil painting of a house by the sea.
 a portrait of a woman with red hair, highly detailed, sharp focus, studio lighting.
@@ -82,21 +82,15 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-@functools.lru_cache(maxsize=None)
-def _learn_merges(num_merges: int = TINY_NUM_MERGES) -> tuple[tuple[str, str], ...]:
-    """Learn ``num_merges`` BPE merges (CLIP style, ``</w>`` end-of-word) on the corpus.
+def learn_bpe_merges(words: Counter[tuple[str, ...]], num_merges: int) -> tuple[tuple[str, str], ...]:
+    """Learn ``num_merges`` BPE merges from ``words`` (symbol tuple -> count).
 
-    Deterministic: ties on pair frequency are broken lexicographically.
+    Each round merges the most frequent adjacent pair everywhere; ties are broken
+    lexicographically, so the result is a pure function of ``words``.  Raises
+    ``RuntimeError`` if the words run out of pairs first.
     """
-    byte_enc = bytes_to_unicode()
-    words = re.findall(r"[a-z]+", _BPE_CORPUS.lower())
-    vocab: Counter[tuple[str, ...]] = Counter()
-    for w in words:
-        syms = [byte_enc[b] for b in w.encode("utf-8")]
-        syms[-1] = syms[-1] + "</w>"
-        vocab[tuple(syms)] += 1
-
     merges: list[tuple[str, str]] = []
+    vocab = Counter(words)
     while len(merges) < num_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, freq in vocab.items():
@@ -120,9 +114,21 @@ def _learn_merges(num_merges: int = TINY_NUM_MERGES) -> tuple[tuple[str, str], .
                     i += 1
             new_vocab[tuple(out)] += freq
         vocab = new_vocab
-    if len(merges) < num_merges:  # pragma: no cover - corpus is large enough
-        raise RuntimeError(f"corpus only supports {len(merges)} merges, wanted {num_merges}")
+    if len(merges) < num_merges:
+        raise RuntimeError(f"the corpus only supports {len(merges)} merges, wanted {num_merges}")
     return tuple(merges)
+
+
+@functools.lru_cache(maxsize=None)
+def _learn_merges(num_merges: int = TINY_NUM_MERGES) -> tuple[tuple[str, str], ...]:
+    """CLIP-style merges (``</w>`` marks the end of a word) learned on the prompt corpus."""
+    byte_enc = bytes_to_unicode()
+    words: Counter[tuple[str, ...]] = Counter()
+    for w in re.findall(r"[a-z]+", PROMPT_CORPUS.lower()):
+        syms = [byte_enc[b] for b in w.encode("utf-8")]
+        syms[-1] = syms[-1] + "</w>"
+        words[tuple(syms)] += 1
+    return learn_bpe_merges(words, num_merges)
 
 
 def vocab_and_merges(num_merges: int = TINY_NUM_MERGES) -> tuple[dict[str, int], list[str]]:
@@ -202,13 +208,26 @@ def build_clip_tokenizer(
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def save_pipeline(pipe, path: str | os.PathLike, tokenizer_dirs: tuple[str, ...]) -> None:
-    """``save_pretrained`` plus the slow-tokenizer files.
+def is_tiny_clip_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is a ``CLIPTokenizer`` with the vocabulary of :func:`build_clip_tokenizer`."""
+    from transformers import CLIPTokenizer
+
+    return isinstance(tokenizer, CLIPTokenizer) and tokenizer.get_vocab() == vocab_and_merges()[0]
+
+
+def save_pipeline(pipe, path: str | os.PathLike, tokenizer_dirs: tuple[str, ...] | None = None) -> None:
+    """``save_pretrained`` plus the slow-tokenizer files of our tiny CLIP tokenizers.
 
     transformers 5 saves a ``CLIPTokenizer`` as ``tokenizer.json`` only; transformers 4's
     (slow) ``CLIPTokenizer`` -- what diffusers instantiates from ``model_index.json`` --
-    needs ``vocab.json`` / ``merges.txt``, so they are written too (when missing).
+    needs ``vocab.json`` / ``merges.txt``, so they are written too (when missing) for each
+    component of ``tokenizer_dirs`` (default: every ``tokenizer*`` component) that
+    :func:`is_tiny_clip_tokenizer`. Other tokenizers (T5, Qwen, Mistral, a real CLIP) are
+    saved by ``save_pretrained`` alone.
     """
     pipe.save_pretrained(os.fspath(path), safe_serialization=True)
+    if tokenizer_dirs is None:
+        tokenizer_dirs = tuple(name for name in pipe.components if name.startswith("tokenizer"))
     for sub in tokenizer_dirs:
-        write_vocab_and_merges(Path(path) / sub, overwrite=False)
+        if is_tiny_clip_tokenizer(getattr(pipe, sub, None)):
+            write_vocab_and_merges(Path(path) / sub, overwrite=False)
