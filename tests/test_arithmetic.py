@@ -20,7 +20,7 @@ from torch import nn
 
 from lycoris_lite import ALGORITHMS, LoRAConfig, controller_for
 from lycoris_lite.base.registry import get_algorithm
-from lycoris_lite.tools.arithmetic import COMBINATION_TYPES, combine_adapters, merge_tensors
+from lycoris_lite.tools.arithmetic import COMBINATION_TYPES, combine_adapters, combine_tensors
 from lycoris_lite.tools.extract import adapter_delta
 from tests.reference import transformed_weight
 from tests.test_contract import SMALL
@@ -158,16 +158,16 @@ def test_dare_masks_keep_the_density_and_rescale():
     """The keep rate is ``density`` (within 4σ), the kept entries are divided by it, the mask follows
     the generator, and density 1 draws nothing."""
     t = torch.ones(200, 200)
-    out = merge_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(0))
+    out = combine_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(0))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / t.numel())
     assert torch.equal(out[kept], torch.full_like(out[kept], 1 / 0.3))
-    again = merge_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(0))
-    other = merge_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(1))
+    again = combine_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(0))
+    other = combine_tensors([t], [1.0], "dare_linear", density=0.3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, again) and not torch.equal(out, other)
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    assert torch.equal(merge_tensors([t, 2 * t], [1.0, 0.5], "dare_ties", density=1.0, generator=g), 2 * t / 2 * 1.0)
+    assert torch.equal(combine_tensors([t, 2 * t], [1.0, 0.5], "dare_ties", density=1.0, generator=g), 2 * t / 2 * 1.0)
     assert torch.equal(g.get_state(), state)
 
 
@@ -254,7 +254,7 @@ def test_a_mix_of_algorithms_orthogonal_ones_included():
         want = sum(w * reference_delta(layer, n) for w, n in zip(weights, algos))
         assert rel(combined(layer, "exact"), want) < 1e-5
         assert optimal(combined(layer, "small"), want, 5)
-    ctrl.set_adapter("exact")  # the unmerged forward of the combined adapter
+    ctrl.set_adapter("exact")  # the unfused forward of the combined adapter
     x, img = torch.randn(3, 24), torch.randn(2, 24, 9, 9)
     dense = {p: layer.weight.double() + sum(w * reference_delta(layer, n) for w, n in zip(weights, algos))
              for p, layer in ctrl.layers()}

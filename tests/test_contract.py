@@ -75,8 +75,8 @@ def test_matches_float64_reference(algo, layer, options):
     ours = lay.effective_weight(["default"])
     assert relative_error(ours, ref) <= 1e-10
     assert relative_error(ref, lay.weight) > 1e-3  # the adapter really changes the layer
-    merged_out = lay.spec.op(x, ref, lay.bias)
-    assert relative_error(model(x), merged_out) <= 1e-10
+    fused_out = lay.spec.op(x, ref, lay.bias)
+    assert relative_error(model(x), fused_out) <= 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -88,28 +88,28 @@ def test_layer_contract(algo, layer, options, dtype):
     original = lay.weight.detach().clone()
     with model.disable_adapter():
         base_out = model(x)
-    unmerged = model(x)
-    assert relative_error(unmerged, base_out) > CHANGED[dtype], "non-identity adapter must change the output"
+    unfused = model(x)
+    assert relative_error(unfused, base_out) > CHANGED[dtype], "non-identity adapter must change the output"
 
     # activation path equals the weight path (computed in float32 from the same weight)
     reference = lay.spec.op(x.float(), lay.effective_weight(["default"]), lay.bias.float())
-    assert relative_error(unmerged, reference) <= tol
+    assert relative_error(unfused, reference) <= tol
 
-    # merged equals unmerged; disabled while merged equals the base bit for bit
+    # fused equals unfused; disabled while fused equals the base bit for bit
     model.merge_adapter()
-    assert relative_error(model(x), unmerged) <= tol
+    assert relative_error(model(x), unfused) <= tol
     with model.disable_adapter():
         assert torch.equal(model(x), base_out)
-    # unmerge is bit-exact, after several cycles
+    # unfuse is bit-exact, after several cycles
     for _ in range(3):
         model.unmerge_adapter()
         assert torch.equal(lay.weight, original)
         model.merge_adapter()
     model.unmerge_adapter()
     assert torch.equal(lay.weight, original)
-    assert torch.equal(model(x), unmerged)
+    assert torch.equal(model(x), unfused)
 
-    # scale 0 is the base, scale 1 the full adapter, negative scales merge like they run
+    # scale 0 is the base, scale 1 the full adapter, negative scales fuse like they run
     model.set_scale("default", 0.0)
     assert torch.equal(model(x), base_out)
     model.set_scale("default", -0.5)
@@ -118,7 +118,7 @@ def test_layer_contract(algo, layer, options, dtype):
     assert relative_error(model(x), neg) <= tol
     model.unmerge_adapter()
     model.set_scale("default", 1.0)
-    assert torch.equal(model(x), unmerged)
+    assert torch.equal(model(x), unfused)
 
 
 @pytest.mark.parametrize("algo", sorted(SMALL))
@@ -133,7 +133,7 @@ def test_identity_at_init(algo, layer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_mixed_stack_merges_to_its_unmerged_output(dtype):
+def test_mixed_stack_fuses_to_its_unfused_output(dtype):
     """LoKr + OFT (block 4, non-commuting) + DoRA-LoRA + HRA + LoHa + BOFT + LoRA on one layer (the DoRA
     stage normalises the OFT-rotated weight)."""
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
@@ -147,9 +147,9 @@ def test_mixed_stack_merges_to_its_unmerged_output(dtype):
         model.set_adapters(names, [0.7, 1.0, 0.8, -0.4, 0.5, 0.9, 1.3])
         lay = model.model[0]
         original = lay.weight.detach().clone()
-        unmerged = model(x)
+        unfused = model(x)
         model.merge_adapter()
-        assert relative_error(model(x), unmerged) <= tol, layer
+        assert relative_error(model(x), unfused) <= tol, layer
         for _ in range(5):
             model.unmerge_adapter()
             model.merge_adapter(safe_merge=True)
@@ -159,7 +159,7 @@ def test_mixed_stack_merges_to_its_unmerged_output(dtype):
 
 def test_composition_order_is_insertion_order():
     """Two OFT adapters with 4x4 blocks do not commute: the order of adding them matters, and the
-    merged weight follows the same order as the forward."""
+    fused weight follows the same order as the forward."""
     model, x = make("oft", "linear")
     model.add_adapter("second", get_algorithm("oft").config_class(block_size=4, target_modules=["0"], init_weights=False))
     model.set_adapter(["second", "default"])  # activation order does not change composition order

@@ -1,11 +1,11 @@
 """DoRA (weight-decomposed LoRA/LoHa/LoKr): golden checks against PEFT and LyCORIS, and files.
 
-The layer-level contract (activation path = weight path, merge/unmerge bit-exact, scale 0 is the base,
+The layer-level contract (activation path = weight path, fuse/unfuse bit-exact, scale 0 is the base,
 gradients = autograd of the plain formula) runs for DoRA variants in ``test_contract.py`` and
 ``test_grad.py``; here:
 
 * PEFT ``LoraConfig(use_dora=True)`` on Linear / Conv 1×1 / Conv 3×3 (float64, magnitudes perturbed so the
-  decomposition matters): same forward, same merged weight, same gradients (both treat the norm as a
+  decomposition matters): same forward, same fused weight, same gradients (both treat the norm as a
   constant), and PEFT's magnitude init equals ours;
 * LyCORIS ``weight_decompose=True`` (LoCon, LoHa, LoKr) on both axes: their forward = ours at multiplier 1
   (at other multipliers they scale differently, see :mod:`lycoris_lite.algos.dora`);
@@ -94,9 +94,9 @@ def test_matches_peft_use_dora(kind):
     g_ours = torch.autograd.grad(y_ours, p_ours, upstream)
     for a, b in zip(g_ours, g_theirs):
         assert relative_error(a.reshape(b.shape), b) <= 1e-10
-    # merged weights
-    merged = copy.deepcopy(theirs).merge_and_unload()[0].weight
-    assert relative_error(lay.merged_weight(["default"]), merged) <= 1e-10
+    # fused weights (PEFT's merge_and_unload)
+    fused = copy.deepcopy(theirs).merge_and_unload()[0].weight
+    assert relative_error(lay.fused_weight(["default"]), fused) <= 1e-10
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -153,7 +153,7 @@ def test_lycoris_merge_applies_scale_twice(cls, kwargs, cfg, bug, kind):
     ``self.scale * multiplier`` again, so ``merge_to`` / ``get_merged_weight`` (and
     ``lycoris.utils.merge``) apply ``s²·ΔW`` while ``forward`` applies ``s·ΔW``. With alpha ≠ r their
     merged layer therefore differs from their own forward by exactly the factor ``s`` on the
-    delta; our merged weight equals their forward. LoCon (control) merges correctly."""
+    delta; our fused weight equals their forward. LoCon (control) merges correctly."""
     torch.manual_seed(2)
     base = make_base(kind, F64)
     x = make_input(kind, F64)
@@ -164,16 +164,16 @@ def test_lycoris_merge_applies_scale_twice(cls, kwargs, cfg, bug, kind):
     with torch.no_grad():
         y_base = base(x)
         y_forward = theirs(x)
-        w_ours = ours.model[0].merged_weight(["default"])
+        w_ours = ours.model[0].fused_weight(["default"])
         theirs.merge_to(1.0)  # writes their merged weight into `base`
         y_merged = base(x)
         base_layer_ours = copy.deepcopy(base).to(F64)
         base_layer_ours.weight.copy_(w_ours)
-        y_ours_merged = base_layer_ours(x)
+        y_ours_fused = base_layer_ours(x)
     delta_forward = y_forward - y_base
     delta_merged = y_merged - y_base
     assert rel(delta_forward, y_base) > 1e-2
-    assert rel(y_ours_merged, y_forward) < TOL64  # ours: merged == their forward
+    assert rel(y_ours_fused, y_forward) < TOL64  # ours: fused == their forward
     if bug:
         assert rel(delta_merged, s * delta_forward) < TOL64  # theirs: s² instead of s
         assert rel(delta_merged, delta_forward) > 0.1
@@ -248,7 +248,7 @@ def test_oft_rescale_multiplier():
     w = base.weight.detach().to(F64)
     rescale = tensors["rescale"].to(F64)[:, None]
     with torch.no_grad():
-        w_rot = rotation_only.model[0].merged_weight(["default"])  # RᵀW (blockwise)
+        w_rot = rotation_only.model[0].fused_weight(["default"])  # RᵀW (blockwise)
         y_theirs = theirs(x)
         y_ours = ours(x.to(F64))
         x64, b64 = x.to(F64), base.bias.detach().to(F64)

@@ -5,8 +5,8 @@ For each PEFT tuner (LoRA, LoHa, LoKr, OFT, BOFT, HRA) on a Linear, a 1×1 Conv2
 adapter with random (non-identity) weights, build ours with the same settings, copy PEFT's tensors
 across with the explicit mappings of :mod:`tests.golden_mapping`, then check
 
-* our unmerged forward == PEFT's unmerged forward (relative error ≤ 1e-10),
-* our merged weight == PEFT's merged weight, and our merged layer gives the same output,
+* our unfused forward == PEFT's unmerged forward (relative error ≤ 1e-10),
+* our fused weight == PEFT's merged weight, and our fused layer gives the same output,
 * the adapter really changes the layer (output differs from the base layer's).
 
 Where PEFT has a bug (see ``shared/reference/peft-tuners.md`` §6) the test asserts that we follow
@@ -66,7 +66,7 @@ def make_input(kind: str) -> torch.Tensor:
 
 
 def conv_or_linear(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The base layer's op with another weight (the exact reference for a merged weight)."""
+    """The base layer's op with another weight (the exact reference for a fused weight)."""
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, base.bias)
     return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
@@ -185,12 +185,12 @@ def test_matches_peft(case, kind):
         y_peft = pm(x)
         y_ours = ours(x)
         w_peft = peft_merged_weight(pm)
-        w_ours = layer.merged_weight(["default"])
+        w_ours = layer.fused_weight(["default"])
 
     # meaningful: the adapter moves the output well away from the base layer's
     assert rel(y_ours, y_base) > 1e-2
     assert rel(w_ours, base.weight) > 1e-2
-    # merged weights agree, and our unmerged forward is the exact layer with that weight
+    # fused weights agree, and our unfused forward is the exact layer with that weight
     assert rel(w_ours, w_peft) < TOL
     assert rel(y_ours, conv_or_linear(base, x, w_peft)) < TOL
 
@@ -200,7 +200,7 @@ def test_matches_peft(case, kind):
     else:
         assert rel(y_ours, y_peft) < TOL
 
-    # merging ours changes nothing in the output
+    # fusing ours changes nothing in the output
     ours.merge_adapter()
     with torch.no_grad():
         assert rel(ours(x), y_ours) < TOL
@@ -276,15 +276,15 @@ def test_oft_multi_adapter_order_bug():
         r_a = pm[0].get_delta_weight("a")
         r_b = pm[0].get_delta_weight("b")
         assert rel(w_seq, base.weight @ r_a.T @ r_b.T) < TOL
-        y_merged = conv_or_linear(base, x, w_seq)
+        y_seq = conv_or_linear(base, x, w_seq)
         y_ours = ours(x)
-        # ours: unmerged forward == merged weight == PEFT's sequential merge
-        assert rel(layer.merged_weight(["a", "b"]), w_seq) < TOL
-        assert rel(y_ours, y_merged) < TOL
+        # ours: unfused forward == fused weight == PEFT's sequential merge
+        assert rel(layer.fused_weight(["a", "b"]), w_seq) < TOL
+        assert rel(y_ours, y_seq) < TOL
         # PEFT: its unmerged forward is the other order, W R_bᵀ R_aᵀ, and differs from its merge
         y_peft = pm(x)
         assert rel(y_peft, conv_or_linear(base, x, base.weight @ r_b.T @ r_a.T)) < TOL
-        assert rel(y_peft, y_merged) > 1e-3
+        assert rel(y_peft, y_seq) > 1e-3
         # the two single-adapter results differ from each other too (the test is not degenerate)
         assert rel(base.weight @ r_a.T, base.weight @ r_b.T) > 1e-2
 
@@ -314,7 +314,7 @@ def test_hra_gram_schmidt_symmetric_init_bug():
             h_peft = pm[0].get_delta_weight("default")
             y_peft = pm(x)
             y_ours = ours(x)
-            w_ours = ours.model[0].merged_weight(["default"])
+            w_ours = ours.model[0].fused_weight(["default"])
             h_ref = ref[0].get_delta_weight("default")
         # ours: finite, orthogonal, the reflection of the distinct columns, and not the identity
         assert torch.isfinite(y_ours).all() and torch.isfinite(w_ours).all()
@@ -344,7 +344,7 @@ def test_hra_gram_schmidt_symmetric_init_bug():
     # and our own default init for this config is finite and orthogonal as well
     mine = AdapterModel(nn.Sequential(copy.deepcopy(base)), HRAConfig(r=4, apply_GS=True, target_modules=["0"]))
     with torch.no_grad():
-        w = mine.model[0].merged_weight(["default"])
+        w = mine.model[0].fused_weight(["default"])
     assert torch.isfinite(w).all()
 
 
@@ -401,7 +401,7 @@ def test_boft_multistage_input_side_matches_peft():
     ours = build_ours(BOFTConfig(block_size=6, butterfly_factor=2, rescale=True, rotation_side="input"), base)
     load_into(ours.model[0], peft_tensors(pm[0], "boft"))
     with torch.no_grad():
-        assert rel(ours.model[0].merged_weight(["default"]), w_peft) < TOL
+        assert rel(ours.model[0].fused_weight(["default"]), w_peft) < TOL
         assert rel(ours(x), y_peft) < TOL
 
 

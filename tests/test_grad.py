@@ -1,4 +1,4 @@
-"""Gradients of the unmerged forward, generated from the registry.
+"""Gradients of the unfused forward, generated from the registry.
 
 The training forward takes routes with hand-written backward passes that keep less for backward and
 recompute the rest (:mod:`lycoris_lite.algos.common` ``factored_route``/``recompute_in_backward``, the
@@ -6,7 +6,7 @@ orthogonal output rotation in :mod:`lycoris_lite.base.operators`). For every alg
 option set of the contract tests, in float64:
 
 * the gradients of the adapter tensors and of the input equal autograd's gradients of the plain
-  formula ``op(x, W_eff)`` (the weight path, which merging uses), at multiplier 1 and at 0.7;
+  formula ``op(x, W_eff)`` (the weight path, which fusing uses), at multiplier 1 and at 0.7;
 * ``torch.autograd.gradcheck`` (finite differences) passes on a small layer (not for DoRA, whose gradient
   treats the norm as a constant by design).
 """

@@ -11,6 +11,7 @@ from torch import nn
 
 import lycoris_lite as L
 from lycoris_lite import ALGORITHMS, AdapterModel
+from lycoris_lite.algos.lora import FUSE_BLOCK, add_low_rank
 from lycoris_lite.core.layer import AdapterLayer
 from lycoris_lite.base.registry import get_algorithm
 from lycoris_lite.core.controller import controller_for
@@ -186,9 +187,9 @@ def test_fp16_overflow_is_caught_by_safe_merge():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_a_fuse_packs_the_merged_weights_into_one_aligned_block(dtype):
-    """The merged weights of one fuse are views of one block (exactly one copy of the merged layers),
-    each 64-byte aligned, bitwise what each layer merges on its own; unmerging restores the originals."""
+def test_a_fuse_packs_the_fused_weights_into_one_aligned_block(dtype):
+    """The fused weights of one fuse are views of one block (exactly one copy of the fused layers),
+    each 64-byte aligned, bitwise what each layer fuses on its own; unfusing restores the originals."""
     net, x = net_and_input()
     net = net.to(dtype)
     model = AdapterModel(net, L.LoRAConfig(r=2, target_modules=["to_q", "to_k", "to_out.0", "proj_in"], init_weights=False))
@@ -196,15 +197,15 @@ def test_a_fuse_packs_the_merged_weights_into_one_aligned_block(dtype):
     model.add_adapter("oft", L.OFTConfig(block_size=4, target_modules=["to_k"], init_weights=False))
     model.set_adapters(["default", "lokr", "oft"], [0.5, 1.0, 0.7])
     layers = [layer for _, layer in model.controller.layers()]
-    expected = [layer.merged_weight(layer.ordered(["default", "lokr", "oft"])) for layer in layers]
+    expected = [layer.fused_weight(layer.ordered(["default", "lokr", "oft"])) for layer in layers]
     snap = snapshot(net)
     model.merge_adapter(safe_merge=True)
-    merged = [layer.weight for layer in layers]
-    assert len({w.untyped_storage().data_ptr() for w in merged}) == 1
-    block = merged[0].untyped_storage().nbytes()
-    assert block < sum(w.numel() * w.element_size() + 64 for w in merged) + 64
-    assert all(w.data_ptr() % 64 == 0 and w.dtype == dtype for w in merged)
-    assert all(torch.equal(w, e) for w, e in zip(merged, expected))
+    fused = [layer.weight for layer in layers]
+    assert len({w.untyped_storage().data_ptr() for w in fused}) == 1
+    block = fused[0].untyped_storage().nbytes()
+    assert block < sum(w.numel() * w.element_size() + 64 for w in fused) + 64
+    assert all(w.data_ptr() % 64 == 0 and w.dtype == dtype for w in fused)
+    assert all(torch.equal(w, e) for w, e in zip(fused, expected))
     model.unmerge_adapter()
     assert same_state(net, snap)
     baked = model.merge_and_unload(safe_merge=True)  # weights that stay get storage of their own
@@ -237,10 +238,10 @@ def test_a_fuse_block_is_populated_at_once_and_gets_huge_pages_only_when_wanted(
     assert faults < 64 or not supported, faults
 
 
-def test_safe_merge_looks_at_every_merged_weight_and_sees_writes_through_data():
-    """A safe merge checks each merged weight itself (no remembered magnitude of the base weight), so a
+def test_safe_merge_looks_at_every_fused_weight_and_sees_writes_through_data():
+    """A safe fuse checks each fused weight itself (no remembered magnitude of the base weight), so a
     NaN written into the base weight through ``.data`` (which does not bump the version counter, as an
-    EMA copy writes) is caught and nothing is merged."""
+    EMA copy writes) is caught and nothing is fused."""
     net, x = net_and_input()
     model = AdapterModel(net, L.LoRAConfig(r=2, target_modules=["to_q", "to_k"], init_weights=False))
     model.merge_adapter(safe_merge=True)
@@ -255,11 +256,9 @@ def test_safe_merge_looks_at_every_merged_weight_and_sees_writes_through_data():
     assert same_state(net, snap) and model.controller.merged_adapters == []
 
 
-def test_low_rank_merge_in_blocks_equals_one_product():
-    from lycoris_lite.algos.lora import MERGE_BLOCK, add_low_rank
-
+def test_low_rank_fuse_in_blocks_equals_one_product():
     torch.manual_seed(0)
-    rows = 3 * (MERGE_BLOCK // 40) + 7  # blocks of MERGE_BLOCK // 40 rows and a short last one
+    rows = 3 * (FUSE_BLOCK // 40) + 7  # blocks of FUSE_BLOCK // 40 rows and a short last one
     w, up, down = torch.randn(rows, 40), torch.randn(rows, 3), torch.randn(3, 40)
     expected = w.double() + 0.3 * up.double() @ down.double()
     with torch.no_grad():
@@ -294,18 +293,18 @@ def test_merge_and_unload_bakes_the_adapter_in():
     net, x = net_and_input()
     model = AdapterModel(net, L.BOFTConfig(block_size=4, butterfly_factor=2, target_modules=["to_q", "proj_in"], init_weights=False))
     adapted = model(x)
-    merged = model.merge_and_unload(progressbar=True)
-    assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
-    assert isinstance(merged.layers[0].to_q, nn.Linear)
-    assert torch.allclose(merged(x), adapted, atol=1e-5)
+    fused = model.merge_and_unload(progressbar=True)
+    assert not any(isinstance(m, AdapterLayer) for m in fused.modules())
+    assert isinstance(fused.layers[0].to_q, nn.Linear)
+    assert torch.allclose(fused(x), adapted, atol=1e-5)
 
 
-def test_delete_adapter_refuses_merged_and_cleans_up():
+def test_delete_adapter_refuses_fused_and_cleans_up():
     net, x = net_and_input()
     out = net(x)
     model = AdapterModel(net, L.LoRAConfig(r=2, target_modules=["to_q"], init_weights=False))
     model.merge_adapter()
-    with pytest.raises(ValueError, match="merged"):
+    with pytest.raises(ValueError, match="fused"):
         model.delete_adapter("default")
     model.unmerge_adapter()
     model.delete_adapter("default")
@@ -324,7 +323,7 @@ def test_disable_adapter_context_and_scales():
     model.merge_adapter()
     with model.disable_adapter():
         assert torch.equal(model(x), base)
-    with pytest.raises(ValueError, match="merged"):
+    with pytest.raises(ValueError, match="fused"):
         model.set_scale("default", 0.5)
     model.unmerge_adapter()
     model.set_scale("default", 0.5, layers=["layers.0.to_q"])

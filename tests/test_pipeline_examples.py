@@ -57,7 +57,7 @@ def test_hra_example_runs_and_perturbed_weights_change_the_image(pipe):
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
-def test_every_algorithm_on_the_tiny_pipeline_merges_and_unloads_exactly(pipe, algo):
+def test_every_algorithm_on_the_tiny_pipeline_fuses_and_unloads_exactly(pipe, algo):
     base = render(pipe)
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     settings = {"lora": {"r": 4}, "loha": {"r": 4, "alpha": 16}, "lokr": {"r": 4}, "oft": {"block_size": 4},
@@ -66,10 +66,10 @@ def test_every_algorithm_on_the_tiny_pipeline_merges_and_unloads_exactly(pipe, a
     unet = pipe.unet
     pipe.unet = AdapterModel(unet, cfg, algo)
     try:
-        unmerged = render(pipe)
-        assert np.abs(unmerged - base).max() > 1e-3
+        unfused = render(pipe)
+        assert np.abs(unfused - base).max() > 1e-3
         pipe.unet.merge_adapter()
-        assert np.abs(render(pipe) - unmerged).max() < 2e-4
+        assert np.abs(render(pipe) - unfused).max() < 2e-4
         with pytest.raises(RuntimeError, match="adapters attached"):
             unet.save_pretrained("/nonexistent")
     finally:

@@ -72,7 +72,7 @@ def test_a_fused_adapter_keeps_its_weight_until_unfused():
     ctrl.set_adapters(["a"], 0.5)
     ctrl.merge_adapter()
     before = (ctrl.stack, layout(m))
-    with pytest.raises(ValueError, match="merged"):
+    with pytest.raises(ValueError, match="fused"):
         ctrl.set_scale("a", 0.7)
     with pytest.raises(ValueError, match="fused"):
         ctrl.apply_stack(ctrl.stack.with_weights({"a": 0.7}))

@@ -285,7 +285,7 @@ def test_fused_stack_is_used_by_everyone_until_unfused(engine):
     other = engine.generate(settings(prompt="a photo of sks dog <lora:tilt:1>"), [StackEntry("sks_dog")])
     assert other.fused and other.stack == stack and "fused" in other.notes[0]
     assert "Lora fused: True" in other.parameters[0]
-    assert np.abs(pixels(other)[0].astype(int) - unfused).max() <= 2  # merged weights round differently
+    assert np.abs(pixels(other)[0].astype(int) - unfused).max() <= 2  # fused weights round differently
     with pytest.raises(ValueError, match="already fused"):
         engine.fuse([StackEntry("tilt")])
     engine.unfuse()

@@ -9,7 +9,7 @@ all stages together), ``R = (I + Q)(I − Q)⁻¹`` (LyCORIS's BOFT convention, 
 neighbours). ``m`` stages need ``D % (2^{m−1} · b) == 0`` and ``b`` even.
 
 Rotation side, rescale and the user's multiplier work as in OFT (``W + s·(W' − W)``; AUTOMATIC1111's
-convention; LyCORIS and ComfyUI interpolate each stage instead, equal at ``s = 1``). The unmerged forward
+convention; LyCORIS and ComfyUI interpolate each stage instead, equal at ``s = 1``). The unfused forward
 applies the ``m`` stages to activations (``m`` gathers and block rotations); the dense ``D × D``
 permutation products that make PEFT's BOFT slow are never formed.
 

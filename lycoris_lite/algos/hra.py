@@ -2,7 +2,7 @@
 
 ``hra_u``: ``(D, r)`` (PEFT's layout; our kohya-style key ``<module>.hra_u`` with the same shape).
 The chain is applied in compact WY form ``M = I − Û T Ûᵀ`` with ``T`` upper triangular,
-``T⁻¹ = striu(ÛᵀÛ) + ½ I``, so the unmerged forward costs about what a rank-r LoRA costs: the
+``T⁻¹ = striu(ÛᵀÛ) + ½ I``, so the unfused forward costs about what a rank-r LoRA costs: the
 ``D × D`` matrix is never built.
 
 * ``rotation_side="input"`` (PEFT, the default): ``W' = W · M`` with ``D = in·kh·kw``;

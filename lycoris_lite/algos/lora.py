@@ -62,9 +62,9 @@ def delta_weight(down, up, scale: float, mid=None, shape=None) -> torch.Tensor:
     return (delta.reshape(shape) if shape is not None else delta) * scale
 
 
-#: elements of the result a merge block holds (1 MiB in float32, inside a 2 MiB L2): the block's
+#: elements of the result a fuse block holds (1 MiB in float32, inside a 2 MiB L2): the block's
 #: product is made and the weight added to it while it is in cache
-MERGE_BLOCK = 1 << 18
+FUSE_BLOCK = 1 << 18
 
 
 def add_low_rank(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float,
@@ -72,7 +72,7 @@ def add_low_rank(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
     """``weight + scale · up @ down`` for a 2-D ``weight`` ``(out, in)``, ``up`` ``(out, r)``, ``down``
     ``(r, in)``, written into ``out`` (default: a new tensor; it may be ``weight`` itself).
 
-    Without autograd it runs in row blocks of about :data:`MERGE_BLOCK` elements: each block's
+    Without autograd it runs in row blocks of about :data:`FUSE_BLOCK` elements: each block's
     ``up @ down`` is made in cache and the weight added to it there, so the weight is read once and the
     result written once (one ``addmm`` into a new tensor copies the weight in first and then reads and
     writes the result again: a quarter slower on SD's feed-forward weights)."""
@@ -81,7 +81,7 @@ def add_low_rank(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
     if torch.is_grad_enabled() and (weight.requires_grad or up.requires_grad or down.requires_grad):
         return torch.addmm(weight, up, down, alpha=scale)
     out = torch.empty_like(weight, memory_format=torch.contiguous_format) if out is None else out
-    rows = max(1, MERGE_BLOCK // max(1, weight.shape[1]))
+    rows = max(1, FUSE_BLOCK // max(1, weight.shape[1]))
     for start in range(0, weight.shape[0], rows):
         block = out[start:start + rows]
         torch.mm(up[start:start + rows], down, out=block)

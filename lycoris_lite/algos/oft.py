@@ -5,7 +5,7 @@ clamped (COFT: ``‖Q‖_F ≤ constraint · D`` over all blocks), ``R_k = (I �
 Cayley-Neumann series), ``M = blockdiag(R_1..R_n)``.
 
 * ``rotation_side="output"`` (LyCORIS, kohya, AUTOMATIC1111, ComfyUI): ``W' = M · W`` with ``D = out``.
-  Unmerged forward: ``y' = (y − bias)·Mᵀ + bias``, a block rotation of the output channels (convs too).
+  Unfused forward: ``y' = (y − bias)·Mᵀ + bias``, a block rotation of the output channels (convs too).
 * ``rotation_side="input"`` (PEFT): ``W' = W · M`` with ``D = in·kh·kw``. Linear and 1×1 convs rotate
   the input channels; a k×k conv rotates its weight (cost ``out·D·b``), which is exact for any input.
 * ``rescale`` adds a per-output-channel scale: ``W' = diag(rescale) · (...)``.

@@ -215,7 +215,7 @@ class Algorithm:
                          multiplier: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
         """``weight + multiplier · ΔW``: a new tensor, or written into ``out`` (which may be ``weight``
         itself; otherwise ``weight`` is never written). Implementations may fuse the sum into the
-        product that builds ``ΔW`` (one pass over the weight when merging)."""
+        product that builds ``ΔW`` (one pass over the weight when fusing)."""
         return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier, out=out)
 
     @classmethod
@@ -240,7 +240,7 @@ class Algorithm:
 
     @classmethod
     def use_activation_route(cls, spec: LayerSpec, settings: dict, needs_grad: bool) -> bool:
-        """Whether the unmerged forward adds ``delta_forward(x)`` (True) or folds ``W + s·ΔW`` into the
+        """Whether the unfused forward adds ``delta_forward(x)`` (True) or folds ``W + s·ΔW`` into the
         base op (False)."""
         return cls.activation_route
 

@@ -1,9 +1,9 @@
-"""One allocation for the merged weights of a fuse, kept for the next fuse (and one for each adapter file read).
+"""One allocation for the new weights of a fuse, kept for the next fuse (and one for each adapter file read).
 
-Fusing keeps every original weight (for the bit-exact unfuse) and writes the merged weights into new
+Fusing keeps every original weight (for the bit-exact unfuse) and writes the fused weights into new
 memory: exactly one copy of the targeted weights. Allocating that copy layer by layer costs the
 allocator's slack on top (measured 7 % on the SD-1.5 UNet) and one page fault per 4 KiB on first
-touch, which on a CPU takes about as long as the merge's arithmetic. :func:`packed_empty` carves
+touch, which on a CPU takes about as long as the fuse's arithmetic. :func:`packed_empty` carves
 the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.core.slot._own_storage`
 keeps adapter tensors, so GEMMs round the same as on separately allocated tensors).
 
@@ -17,7 +17,7 @@ needs memory (they count as available memory, not as used; no swap is involved),
 fuse still reuses them without a page fault. At most :data:`MAX_IDLE` blocks are kept (the oldest is
 unmapped); :func:`release_idle` unmaps them now, and ``LYCORIS_LITE_KEEP_FUSE_MEMORY=0`` unmaps each
 block when it is dropped. New pages are faulted in by one ``madvise(MADV_POPULATE_WRITE)`` (Linux
-5.14+) rather than one trap per page during the merge. Measured on this task's VM (2-core Firecracker
+5.14+) rather than one trap per page during the fuse. Measured on this task's VM (2-core Firecracker
 guest), writing 1 GiB: 0.13 s into resident pages, 0.21 s into pages after ``MADV_FREE`` (the guest's
 dirty-bit updates), against 0.26–2.7 s to populate fresh ones.
 

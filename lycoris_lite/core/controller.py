@@ -31,17 +31,17 @@ from ..base.registry import algorithm_for
 _ATTR = "_lycoris_controller"
 
 
-def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool = False,
-                 packed: bool = True) -> None:
-    """Merge adapters ``names`` into each of ``layers`` (those a layer lacks are skipped).
+def fuse_layers(layers: list[AdapterLayer], names: list[str], safe: bool = False,
+                packed: bool = True) -> None:
+    """Fuse adapters ``names`` into each of ``layers`` (those a layer lacks are skipped).
 
     Every new weight is computed before any is written, into one block of memory per dtype and device
-    (``packed``, :func:`~lycoris_lite.core.buffers.packed_empty`; the block is the one copy of the merged
-    layers that merging costs, freed when they are all unmerged) or into a tensor of its own each
-    (``packed=False``, for weights that outlive the adapters). With ``safe_merge`` the adapter tensors
+    (``packed``, :func:`~lycoris_lite.core.buffers.packed_empty`; the block is the one copy of the fused
+    layers that fusing costs, freed when they are all unfused) or into a tensor of its own each
+    (``packed=False``, for weights that outlive the adapters). With ``safe`` the adapter tensors
     and every new weight are checked for NaN/Inf first, so a failure changes nothing."""
-    plan = [(layer, todo) for layer in layers if (todo := [n for n in layer.ordered(names) if n not in layer.merged])]
-    if safe_merge:
+    plan = [(layer, todo) for layer in layers if (todo := [n for n in layer.ordered(names) if n not in layer.fused])]
+    if safe:
         for layer, todo in plan:
             layer.check_finite(todo)
     outs: list = [None] * len(plan)
@@ -54,12 +54,12 @@ def merge_layers(layers: list[AdapterLayer], names: list[str], safe_merge: bool 
                 outs[i] = view
     staged = []
     for (layer, todo), out in zip(plan, outs):
-        new = layer.merged_weight(todo, out=out)
-        if safe_merge and not all_finite(new):
-            raise ValueError(f"merging {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was merged")
+        new = layer.fused_weight(todo, out=out)
+        if safe and not all_finite(new):
+            raise ValueError(f"fusing {todo} into layer {layer.layer_name!r} gives NaN/Inf weights; nothing was fused")
         staged.append(new)
     for (layer, todo), new in zip(plan, staged):
-        layer.write_merged(todo, new)
+        layer.write_fused(todo, new)
 
 
 # ---- the controller --------------------------------------------------------------------------------
@@ -88,7 +88,10 @@ def _refuse_save(*args, **kwargs):
 
 
 class AdapterController:
-    """Adapters on one model tree. Methods follow PEFT's names."""
+    """Adapters on one model tree. Methods follow PEFT's names, so PEFT code ports by changing the
+    import: ``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload`` and ``merged_adapters`` are
+    PEFT's words for fusing adapters into the weights and unfusing them
+    (:meth:`AdapterLayer.fuse <lycoris_lite.core.layer.AdapterLayer.fuse>`)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -212,9 +215,9 @@ class AdapterController:
 
     def delete_adapter(self, name: str) -> None:
         self._check_names(name)
-        merged = [ln for ln, layer in self.layers() if name in layer.merged]
-        if merged:
-            raise ValueError(f"cannot delete adapter {name!r} while it is merged (in {merged[0]!r}); unmerge first")
+        fused = [ln for ln, layer in self.layers() if name in layer.fused]
+        if fused:
+            raise ValueError(f"cannot delete adapter {name!r} while it is fused (in {fused[0]!r}); unfuse first")
         for _, layer in list(self.layers()):
             if name in layer.adapters:
                 layer.remove(name)
@@ -254,10 +257,10 @@ class AdapterController:
             if stray:
                 raise ValueError(f"adapter {name!r} has a weight for {stray[0]!r}, a layer it is not on")
         for ln, layer in layers.items():
-            for name in layer.merged:
+            for name in layer.fused:
                 if layer.adapters[name].scale != stack.weight(name, ln):
-                    raise ValueError(f"adapter {name!r} is merged (fused) at weight {layer.adapters[name].scale}; "
-                                     "unmerge (unfuse) it before changing its weight")
+                    raise ValueError(f"adapter {name!r} is fused at weight {layer.adapters[name].scale}; "
+                                     "unfuse it before changing its weight")
         return layers
 
     def apply_stack(self, stack: Stack, layers: dict[str, AdapterLayer] | None = None) -> None:
@@ -325,7 +328,7 @@ class AdapterController:
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model inside the block (merged weights included), then restore."""
+        """Run the base model inside the block (fused weights included), then restore."""
         saved = self.stack
         self.disable_adapter_layers()
         for wrapper in self._saved_modules.values():
@@ -335,28 +338,30 @@ class AdapterController:
         finally:
             self.apply_stack(self.stack.with_enabled(saved.enabled))
 
-    # ---- merging --------------------------------------------------------------------------------
+    # ---- fusing (PEFT's names: merge = fuse) ------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters into the base weights (default: the active ones). With ``safe_merge`` every
+        """Fuse adapters into the base weights (default: the active ones). With ``safe_merge`` every
         layer is computed and checked for NaN/Inf before any weight is written."""
         names = self.active if adapter_names is None else self._check_names(adapter_names)
-        merge_layers([layer for _, layer in self.layers()], names, safe_merge)
+        fuse_layers([layer for _, layer in self.layers()], names, safe_merge)
 
     def unmerge_adapter(self) -> None:
+        """Unfuse every fused adapter: the original weights back, bit for bit."""
         for _, layer in self.layers():
-            layer.unmerge()
+            layer.unfuse()
 
     @property
     def merged_adapters(self) -> list[str]:
+        """The fused adapters."""
         found = []
         for _, layer in self.layers():
-            found += [n for n in layer.merged if n not in found]
+            found += [n for n in layer.fused if n not in found]
         return found
 
-    def _restore(self, keep_merged: bool) -> nn.Module:
+    def _restore(self, keep_fused: bool) -> nn.Module:
         for layer_name, layer in list(self.layers()):
             parent, child = _parent(self.model, layer_name)
-            setattr(parent, child, layer.unwrap(keep_merged=keep_merged))
+            setattr(parent, child, layer.unwrap(keep_fused=keep_fused))
         for module_name, wrapper in self._saved_modules.items():
             parent, child = _parent(self.model, module_name)
             setattr(parent, child, wrapper.original_module)
@@ -374,25 +379,25 @@ class AdapterController:
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then put the original modules back with the merged weights. Returns the model."""
+        """Fuse, then put the original modules back with the fused weights. Returns the model."""
         names = self.active if adapter_names is None else self._check_names(adapter_names)
         layers = list(self.layers())
         if progressbar:
             try:
                 from tqdm.auto import tqdm
-                layers = tqdm(layers, desc="merging")
+                layers = tqdm(layers, desc="fusing")
             except ImportError:
                 pass
         if safe_merge:  # weights of their own: they stay in the model after the adapters are gone
-            merge_layers([layer for _, layer in layers], names, safe_merge=True, packed=False)
+            fuse_layers([layer for _, layer in layers], names, safe=True, packed=False)
         else:
             for _, layer in layers:
-                layer.merge([n for n in names if n in layer.adapters])
-        return self._restore(keep_merged=True)
+                layer.fuse([n for n in names if n in layer.adapters])
+        return self._restore(keep_fused=True)
 
     def unload(self) -> nn.Module:
         """Remove every adapter; the model is bitwise the original. Returns the model."""
-        return self._restore(keep_merged=False)
+        return self._restore(keep_fused=False)
 
     # ---- tensors --------------------------------------------------------------------------------
     def adapter_tensors(self, name: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """The one layer wrapper: named adapters of any algorithm on a Linear or Conv2d layer.
 
-Composition order (one formula, used by both the merged weight and the unmerged forward): for the
+Composition order (one formula, used by both the fused weight and the unfused forward): for the
 live adapters in the order they were added to the layer,
 
     W_eff = M_k( … M_1(W) ) + Σ_j s_j · ΔW_j
@@ -8,7 +8,7 @@ live adapters in the order they were added to the layer,
 where each multiplicative adapter ``i`` (OFT, BOFT, HRA) is ``M_i(W) = W + s_i·(L_i·W·R_i − W)`` and the
 additive ones (LoRA, LoHa, LoKr) add ``s_j·ΔW_j`` on top (not transformed). ``s`` is the user's
 multiplier; ``alpha / r`` lives inside each algorithm's formula. Rotations do not commute, so the order
-matters, and merged and unmerged results follow the same one.
+matters, and fused and unfused results follow the same one.
 
 An additive adapter with DoRA (``use_dora``, :mod:`lycoris_lite.algos.dora`) is a stage of the chain
 instead, ``M_i(W) = W + s_i·(m ⊙ (W + ΔW_i)/‖W + ΔW_i‖ − W)`` on the weight it receives, i.e. a
@@ -20,10 +20,10 @@ State-dict keys of the base layer are unchanged: the wrapper registers the base 
 and ``bias`` Parameters and puts adapter tensors under ``adapters.<name>.<key>``; the original module is
 kept (unregistered) and put back by :meth:`AdapterLayer.unwrap`.
 
-Merging swaps the weight's storage for a newly computed tensor and keeps the original tensor as the
-backup (same device, or ``backup_device``); unmerging swaps it back, so unmerge is bit-exact after any
-number of cycles and costs one copy of the merged layers (:func:`~lycoris_lite.core.controller.merge_layers`
-puts the merged weights of a fuse into one block, :mod:`lycoris_lite.core.buffers`).
+Fusing swaps the weight's storage for a newly computed tensor and keeps the original tensor as the
+backup (same device, or ``backup_device``); unfusing swaps it back, so unfuse is bit-exact after any
+number of cycles and costs one copy of the fused layers (:func:`~lycoris_lite.core.controller.fuse_layers`
+puts the new weights of one fuse into one block, :mod:`lycoris_lite.core.buffers`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class AdapterLayer(nn.Module):
         self.bias = base.bias
         self.adapters = nn.ModuleDict()
         # plain attributes straight into __dict__ (as AdapterSlot does); the base module is kept, not registered
-        self.__dict__.update(spec=LayerSpec.from_module(base, name), layer_name=name, active=[], merged=[],
+        self.__dict__.update(spec=LayerSpec.from_module(base, name), layer_name=name, active=[], fused=[],
                              disabled=False, backup_device=backup_device, _backup=None, _base_module=base)
 
     # ---- attributes diffusers and users read on Linear/Conv2d -----------------------------------
@@ -108,8 +108,8 @@ class AdapterLayer(nn.Module):
         self.adapters[name] = AdapterSlot(algorithm, settings, params, dtype, weight.device)
 
     def remove(self, name: str):
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into {self.layer_name!r}; unmerge it first")
+        if name in self.fused:
+            raise ValueError(f"adapter {name!r} is fused into {self.layer_name!r}; unfuse it first")
         del self.adapters[name]
         if name in self.active:
             self.active.remove(name)
@@ -122,7 +122,7 @@ class AdapterLayer(nn.Module):
     def live_adapters(self) -> list[str]:
         if self.disabled:
             return []
-        return [n for n in self.ordered(self.active) if n not in self.merged and not self.adapters[n].muted]
+        return [n for n in self.ordered(self.active) if n not in self.fused and not self.adapters[n].muted]
 
     def _fuse_uses(self, names, dtype, scales: dict[str, float] | None = None) -> list[_Use]:
         """``names`` as fusing uses them: tensors in ``dtype``, the float scale (or ``scales[name]``)."""
@@ -397,12 +397,12 @@ class AdapterLayer(nn.Module):
                 self._backup = backup.to(dtype=weight.dtype)
         return self
 
-    # ---- merge / unmerge ----------------------------------------------------------------------
+    # ---- fuse / unfuse ------------------------------------------------------------------------
     @torch.no_grad()
-    def merged_weight(self, names, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight with ``names`` merged (on top of those already merged), in the weight's dtype;
+    def fused_weight(self, names, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight with ``names`` fused (on top of those already fused), in the weight's dtype;
         written into ``out`` (the weight's shape and dtype) when given."""
-        target = self.ordered(list(self.merged) + list(names))
+        target = self.ordered(list(self.fused) + list(names))
         if out is not None:
             return self.effective_weight(target, out=out)
         return self.effective_weight(target).to(self.weight.dtype)
@@ -412,43 +412,43 @@ class AdapterLayer(nn.Module):
             for key, value in self.adapters[name].named_parameters(recurse=False):
                 if not all_finite(value):
                     raise ValueError(
-                        f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was merged"
+                        f"adapter {name!r} has NaN/Inf values in {key!r} of layer {self.layer_name!r}; nothing was fused"
                     )
 
-    def write_merged(self, names, new_weight: torch.Tensor) -> None:
-        """Swap in ``new_weight`` (from :meth:`merged_weight`); the original tensor becomes the backup."""
+    def write_fused(self, names, new_weight: torch.Tensor) -> None:
+        """Swap in ``new_weight`` (from :meth:`fused_weight`); the original tensor becomes the backup."""
         if self._backup is None:
             original = self.weight.data
             self._backup = original if self.backup_device is None else original.to(self.backup_device, copy=True)
         self.weight.data = new_weight
-        self.merged = self.ordered(list(self.merged) + list(names))
+        self.fused = self.ordered(list(self.fused) + list(names))
 
-    def merge(self, names, safe: bool = False) -> None:
-        names = [n for n in self.ordered(names) if n not in self.merged]
+    def fuse(self, names, safe: bool = False) -> None:
+        names = [n for n in self.ordered(names) if n not in self.fused]
         if not names:
             return
         if safe:
             self.check_finite(names)
-        new = self.merged_weight(names)
+        new = self.fused_weight(names)
         if safe and not all_finite(new):
-            raise ValueError(f"merging {names} into layer {self.layer_name!r} gives NaN/Inf weights; nothing was merged")
-        self.write_merged(names, new)
+            raise ValueError(f"fusing {names} into layer {self.layer_name!r} gives NaN/Inf weights; nothing was fused")
+        self.write_fused(names, new)
 
-    def unmerge(self) -> None:
+    def unfuse(self) -> None:
         """Restore the original weight exactly."""
         if self._backup is None:
             return
         backup, weight = self._backup, self.weight
         self.weight.data = backup.to(device=weight.device, dtype=weight.dtype)
         self._backup = None
-        self.merged = []
+        self.fused = []
 
-    def unwrap(self, keep_merged: bool = False) -> nn.Module:
-        """The original module: unmerged (``keep_merged=False``) or with the merged weights baked in."""
-        if not keep_merged:
-            self.unmerge()
+    def unwrap(self, keep_fused: bool = False) -> nn.Module:
+        """The original module: unfused (``keep_fused=False``) or with the fused weights baked in."""
+        if not keep_fused:
+            self.unfuse()
         self._backup = None
         return self._base_module
 
     def extra_repr(self) -> str:
-        return f"{self.spec.kind}: {self.spec.in_features} -> {self.spec.out_features}, active={self.active}, merged={self.merged}"
+        return f"{self.spec.kind}: {self.spec.in_features} -> {self.spec.out_features}, active={self.active}, fused={self.fused}"

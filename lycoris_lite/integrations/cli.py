@@ -1,4 +1,4 @@
-"""Command line: ``python -m lycoris_lite inspect|convert|combine|extract|merge``.
+"""Command line: ``python -m lycoris_lite inspect|convert|combine|extract|fuse``.
 
 ``inspect`` reads an adapter without a model (:mod:`lycoris_lite.io.inspect`): format, algorithms with
 their layer counts, ranks, alphas, module count, the model family (from key names and cross-attention
@@ -22,9 +22,9 @@ model, trigger words and training settings) is carried over.
 weighted combination (:mod:`lycoris_lite.tools.arithmetic`: ``--type svd|cat|linear|ties|dare_linear|…``) as
 one LoRA file. ``extract`` writes the LoRA of a fully fine-tuned model (``--tuned``) against its base
 (``--base``) at ``--rank N`` or ``--energy F`` (:func:`lycoris_lite.tools.extract.extract_lora`), printing each
-layer's relative error and every other changed tensor a LoRA cannot hold. ``merge`` fuses adapters into
-the model and saves it as a diffusers folder, or one safetensors file with ``--single-file``
-(:mod:`lycoris_lite.tools.merged`).
+layer's relative error and every other changed tensor a LoRA cannot hold. ``fuse`` (alias ``merge``,
+kohya's word) fuses adapters into the model and saves it as a diffusers folder, or one safetensors file
+with ``--single-file`` (:mod:`lycoris_lite.tools.fused`).
 
 Exit status: 0 on success, 2 for bad arguments or unusable input; nothing is written then.
 """
@@ -48,7 +48,7 @@ from ..models import load_pipeline
 from ..tools.arithmetic import COMBINATION_TYPES, SIGN_METHODS, combine_adapters
 from ..tools.extract import adapter_to_lora, attach_entries, extract_lora
 from ..tools.svd import METHODS
-from ..tools.merged import merge_adapter_files, save_merged
+from ..tools.fused import fuse_adapter_files, save_fused
 
 FORMATS = files.FORMATS
 
@@ -147,7 +147,7 @@ def convert(args, out=sys.stdout) -> int:
     return 0
 
 
-# ---- combine, extract, merge ---------------------------------------------------------------------
+# ---- combine, extract, fuse ----------------------------------------------------------------------
 def _adapter_arg(text: str) -> tuple[str, float]:
     """``FILE`` or ``FILE:WEIGHT`` (the weight defaults to 1)."""
     path, sep, weight = text.rpartition(":")
@@ -253,7 +253,7 @@ def extract(args, out=sys.stdout) -> int:
     return 0
 
 
-def merge(args, out=sys.stdout) -> int:
+def fuse(args, out=sys.stdout) -> int:
     _check_adapters(args.adapter)
     target = Path(args.out)
     _check_parent(target)
@@ -263,18 +263,18 @@ def merge(args, out=sys.stdout) -> int:
         raise CLIError(f"{target} exists; the diffusers folder is written to a new (or empty) folder")
     pipe = _load_pipe(args.model)
     try:
-        infos = merge_adapter_files(pipe, args.adapter, strict=not args.skip_unknown, allow_pickle=args.allow_pickle)
+        infos = fuse_adapter_files(pipe, args.adapter, strict=not args.skip_unknown, allow_pickle=args.allow_pickle)
     except (ValueError, TypeError, OSError) as exc:
         raise CLIError(f"cannot fuse the adapters into {args.model}: {exc}") from None
     for (path, weight), info in zip(args.adapter, infos):
         print(f"fused {path} × {weight:g}: {info.format}, "
               f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}", file=out)
     try:
-        written = _save(lambda: save_merged(pipe, target, single_file=args.single_file, base_model=args.model,
-                                            adapters=args.adapter), target, "the merged model")
+        written = _save(lambda: save_fused(pipe, target, single_file=args.single_file, base_model=args.model,
+                                           adapters=args.adapter), target, "the fused model")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    kind = "one safetensors file; reload with lycoris_lite.tools.merged.load_merged" if args.single_file else \
+    kind = "one safetensors file; reload with lycoris_lite.tools.fused.load_fused" if args.single_file else \
         "diffusers folder; reload with DiffusionPipeline.from_pretrained"
     print(f"wrote {written} ({kind})", file=out)
     return 0
@@ -300,8 +300,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lycoris_lite",
-        description="Inspect, convert, combine and extract adapter files; merge them into a model.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,combine,extract,merge}")
+        description="Inspect, convert, combine and extract adapter files; fuse them into a model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,convert,combine,extract,fuse}")
 
     p = sub.add_parser("inspect", help="describe an adapter file or folder (no model needed)",
                        description="Describe an adapter: format, algorithms, ranks, alphas, family, metadata.")
@@ -367,14 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written tensors")
     e.set_defaults(func=extract)
 
-    g = sub.add_parser("merge", help="fuse adapters into the model and save it",
+    g = sub.add_parser("fuse", aliases=["merge"], help="fuse adapters into the model and save it (kohya's merge)",
                        description="Fuse adapters into the model; save a diffusers folder or one safetensors file.")
     adapters_and_model(g, "to fuse the adapters into")
     g.add_argument("--out", required=True, metavar="OUT",
                    help="a new folder (diffusers), or NAME.safetensors with --single-file")
     g.add_argument("--single-file", action="store_true",
-                   help="one safetensors file (component.key tensors; reload with lycoris_lite.tools.merged.load_merged)")
-    g.set_defaults(func=merge)
+                   help="one safetensors file (component.key tensors; reload with lycoris_lite.tools.fused.load_fused)")
+    g.set_defaults(func=fuse)
     return parser
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..io import files
 from ..core.layer import AdapterLayer
-from ..core.controller import AdapterController, controller_for, merge_layers
+from ..core.controller import AdapterController, controller_for, fuse_layers
 from ..core.offload import offload_hook
 from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
@@ -220,7 +220,7 @@ class LycorisPipelineMixin:
             for ln, entry in layers.items():
                 layer = current[ln]
                 slot = layer.adapters[name]
-                if name in layer.merged:
+                if name in layer.fused:
                     raise ValueError(f"hotswap: adapter {name!r} is fused; unfuse it first")
                 if slot.algorithm is not entry.algorithm:
                     raise ValueError(f"hotswap: layer {ln!r} holds {slot.algorithm.name}, the new file "
@@ -361,7 +361,7 @@ class LycorisPipelineMixin:
         if inactive:
             raise ValueError(f"adapter(s) {inactive} are not in the active stack {active}; "
                              "set_adapters first")
-        merge_layers([layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()], names, safe)
+        fuse_layers([layer for ctrl in self._controllers().values() for _, layer in ctrl.layers()], names, safe)
 
     def unfuse_adapters(self) -> None:
         """Restore the original weights exactly (the fused adapters stay loaded and in the stack)."""
@@ -426,9 +426,9 @@ class LycorisPipelineMixin:
         for ctrl, stack in saved.items():
             weights = {}
             for name, weight in stack.weights.items():
-                merged = {ln: weight.at(ln) for ln, layer in ctrl.layers() if name in layer.merged}
+                fused = {ln: weight.at(ln) for ln, layer in ctrl.layers() if name in layer.fused}
                 weights[name] = LayerWeights(weight.default * scale,
-                                             {**{ln: w * scale for ln, w in weight.layers.items()}, **merged})
+                                             {**{ln: w * scale for ln, w in weight.layers.items()}, **fused})
             ctrl.apply_stack(replace(stack, weights=weights))
         try:
             yield

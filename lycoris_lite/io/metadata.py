@@ -14,7 +14,7 @@ A safetensors header carries string metadata. Three families of keys matter:
 
 :func:`summarize_metadata` reads them into a :class:`MetadataSummary` (never raises on malformed
 values: a broken JSON value is kept as its raw string); :func:`build_metadata` builds the dict that
-``files.save_adapter(..., metadata=...)`` merges into what it writes.
+``files.save_adapter(..., metadata=...)`` adds to what it writes.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ out: the weights play their part. For a LoRA, ``A`` is ``lora_down`` and ``B`` `
   entries, as PEFT does).
 
 "Plain LoRA" is a LoRA without a Tucker core on every adapter of the layer. A ΔW-space result without
-``_svd`` is stored exactly, as a LoRA at the numerical rank of the merged ΔW (up to
+``_svd`` is stored exactly, as a LoRA at the numerical rank of the combined ΔW (up to
 ``min(out, in·kh·kw)``: large for OFT/BOFT and pruned ΔW; the ``*_svd`` types give a compact one).
 
 Rules on task tensors ``t_i`` (PEFT's ``merge_utils``; ``density`` in (0, 1], 1 prunes nothing):
@@ -71,7 +71,7 @@ _DENSITY_RULES = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def rule_of(combination_type: str) -> str:
-    """The merge rule of a combination type (``svd`` → ``linear``, ``ties_svd`` → ``ties`` …)."""
+    """The combination rule of a combination type (``svd`` → ``linear``, ``ties_svd`` → ``ties`` …)."""
     base = combination_type.removesuffix("_svd")
     return "linear" if base in ("svd", "cat") else base
 
@@ -106,16 +106,16 @@ def majority_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Te
     return sign == torch.where(magnitude >= 0, 1, -1)
 
 
-def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of the entries in ``mask`` (0 where none is)."""
+def disjoint_combine(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the entries in ``mask`` (0 where none is): TIES's "disjoint merge"."""
     return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
 
 
-def merge_tensors(tensors: list[torch.Tensor], weights, rule: str = "linear", *, density: float | None = None,
-                  majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Merge same-shaped task tensors with one of :data:`RULES` (see the module docstring)."""
+def combine_tensors(tensors: list[torch.Tensor], weights, rule: str = "linear", *, density: float | None = None,
+                    majority_sign_method: str = "total", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Combine same-shaped task tensors with one of :data:`RULES` (see the module docstring)."""
     if rule not in RULES:
-        raise ValueError(f"unknown merge rule {rule!r}; one of {', '.join(RULES)}")
+        raise ValueError(f"unknown combination rule {rule!r}; one of {', '.join(RULES)}")
     if rule in _DENSITY_RULES:
         _check_density(density, rule)
         if rule in ("ties", "magnitude_prune"):
@@ -126,7 +126,7 @@ def merge_tensors(tensors: list[torch.Tensor], weights, rule: str = "linear", *,
     w = torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device)
     weighted = stacked * w.reshape(-1, *([1] * (stacked.dim() - 1)))
     if rule in ("ties", "dare_ties"):
-        return disjoint_merge(weighted, majority_sign_mask(stacked, majority_sign_method))
+        return disjoint_combine(weighted, majority_sign_mask(stacked, majority_sign_method))
     return weighted.sum(dim=0)
 
 
@@ -162,29 +162,29 @@ def _combine_layer(layer: AdapterLayer, names: list[str], weights: list[float], 
     """``(lora_down, lora_up)`` of the combination on one layer (layer layout, scale 1)."""
     slots = [layer.adapters[n] for n in names]
     rule = rule_of(combination_type)
-    merge = dict(density=options["density"], majority_sign_method=options["majority_sign_method"],
-                 generator=options["generator"])
+    combine = dict(density=options["density"], majority_sign_method=options["majority_sign_method"],
+                   generator=options["generator"])
     if all(_plain_lora(s) for s in slots):
         if combination_type == "cat":
             downs = [s.tensors()["lora_down"].detach() * w * s.settings["scale"] for s, w in zip(slots, weights)]
             return torch.cat(downs, 0), torch.cat([s.tensors()["lora_up"].detach() for s in slots], 1)
         if combination_type in SAME_SHAPE_TYPES:
             on_a, on_b = _factor_weights(weights, slots)
-            down = merge_tensors([s.tensors()["lora_down"].detach() for s in slots], on_a, rule, **merge)
-            up = merge_tensors([s.tensors()["lora_up"].detach() for s in slots], on_b, rule, **merge)
+            down = combine_tensors([s.tensors()["lora_down"].detach() for s in slots], on_a, rule, **combine)
+            up = combine_tensors([s.tensors()["lora_up"].detach() for s in slots], on_b, rule, **combine)
             return down, up
-    merged = merge_tensors([adapter_delta(layer, n) for n in names], weights, rule, **merge)
+    combined = combine_tensors([adapter_delta(layer, n) for n in names], weights, rule, **combine)
     if not combination_type.endswith("svd"):
-        down, up, _, _ = lora_factors(merged, None)  # exact: the numerical rank
+        down, up, _, _ = lora_factors(combined, None)  # exact: the numerical rank
         return down, up
-    flat = merged.reshape(merged.shape[0], -1)
+    flat = combined.reshape(combined.shape[0], -1)
     u, s, vh = full_svd(flat, options["svd_full_matrices"], options["svd_driver"])
     r = options["svd_rank"]
     up, down = u[:, :r] * s[:r], vh[:r]
     if options["svd_clamp"] is not None:
         high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), options["svd_clamp"])
         up, down = up.clamp(-high, high), down.clamp(-high, high)
-    return lora_layout(down, up, merged.shape)
+    return lora_layout(down, up, combined.shape)
 
 
 # ---- a whole model or pipeline -------------------------------------------------------------------------
@@ -334,5 +334,5 @@ def combine_adapters(components: dict[str, nn.Module], adapters: list[str], weig
     return Combination(adapter_name, combination_type, ranks)
 
 
-__all__ = ["COMBINATION_TYPES", "Combination", "RULES", "SIGN_METHODS", "combine_adapters", "disjoint_merge",
-           "majority_sign_mask", "merge_tensors", "prune", "rule_of"]
+__all__ = ["COMBINATION_TYPES", "Combination", "RULES", "SIGN_METHODS", "combine_adapters", "combine_tensors",
+           "disjoint_combine", "majority_sign_mask", "prune", "rule_of"]

@@ -31,7 +31,7 @@ from .svd import check_rank_choice, lora_factors
 @torch.no_grad()
 def adapter_delta(layer: AdapterLayer, adapter_name: str, multiplier: float = 1.0) -> torch.Tensor:
     """``ΔW`` of one adapter on one layer at ``multiplier``, base-weight shape, float32 (float64 for a
-    float64 layer), from the layer's original weight (merged adapters left out).
+    float64 layer), from the layer's original weight (fused adapters left out).
 
     Additive algorithms give their ``delta_weight`` (the formula itself, no ``W + ΔW − W`` rounding);
     multiplicative ones ``L·W·R − W``, computed in float64 (on a CPU copy of the layer where its device

@@ -90,13 +90,14 @@ CLI_BAD_ARGUMENTS = [
                             "--out", "{out}"], r"invalid choice: 'qr'"),
     ("extract-tuned-is-a-file", ["extract", "--base", "tiny-sd", "--tuned", "{lora}", "--rank", "4", "--out",
                                  "{out}"], r"cannot load the model"),
-    ("merge-missing-adapter", ["merge", "--model", "tiny-sd", "--adapter", "{missing}", "--out", "{outdir}"],
+    ("fuse-missing-adapter", ["fuse", "--model", "tiny-sd", "--adapter", "{missing}", "--out", "{outdir}"],
      r"no such file"),
-    ("merge-weight-inf", ["merge", "--model", "tiny-sd", "--adapter", "{lora}:inf", "--out", "{outdir}"], r"finite"),
-    ("merge-out-exists", ["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--out", "{full}"], r"exists"),
-    ("merge-single-file-suffix", ["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--single-file", "--out",
-                                  "{out_bin}"], r"\.safetensors"),
-    ("merge-nan", ["merge", "--model", "tiny-sd", "--adapter", "{nan}", "--out", "{outdir}"], r"NaN/Inf"),
+    ("fuse-weight-inf", ["fuse", "--model", "tiny-sd", "--adapter", "{lora}:inf", "--out", "{outdir}"], r"finite"),
+    ("fuse-out-exists", ["fuse", "--model", "tiny-sd", "--adapter", "{lora}", "--out", "{full}"], r"exists"),
+    ("fuse-single-file-suffix", ["fuse", "--model", "tiny-sd", "--adapter", "{lora}", "--single-file", "--out",
+                                 "{out_bin}"], r"\.safetensors"),
+    ("fuse-nan", ["fuse", "--model", "tiny-sd", "--adapter", "{nan}", "--out", "{outdir}"], r"NaN/Inf"),
+    # kohya's name for the command
     ("merge-pickle", ["merge", "--model", "tiny-sd", "--adapter", "{ckpt}", "--out", "{outdir}"], r"pickle.*refused"),
 ]
 
@@ -130,7 +131,7 @@ def bad_input_files(pipe, folder: Path) -> dict[str, Path]:
             "ckpt": folder / "model.ckpt", "evil": folder / "evil.ckpt", "junk": folder / "junk.safetensors",
             "truncated": folder / "truncated.safetensors", "notes": folder / "notes.txt", "empty": folder / "empty",
             "full": folder / "full", "peft_no_weights": peft, "missing": folder / "missing.safetensors",
-            "out": folder / "out.safetensors", "outdir": folder / "merged", "out_bin": folder / "merged.bin"}
+            "out": folder / "out.safetensors", "outdir": folder / "fused", "out_bin": folder / "fused.bin"}
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

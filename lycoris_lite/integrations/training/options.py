@@ -31,7 +31,7 @@ SAVE_FORMATS = ("kohya", "diffusers", "peft")
 SAVE_PRECISIONS = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
                    "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-#: options without which nothing can be trained (checked after the TOML file is merged)
+#: options without which nothing can be trained (checked once the TOML file's values are in)
 REQUIRED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt")
 #: folders that a TOML file gives relative to itself
 PATH_OPTIONS = ("instance_data_dir", "class_data_dir", "output_dir")

@@ -1,8 +1,8 @@
-"""``python -m lycoris_lite merge|combine|extract`` on the tiny Stable Diffusion pipeline, and README's
-"Combine, extract, merge" commands as written.
+"""``python -m lycoris_lite fuse|combine|extract`` on the tiny Stable Diffusion pipeline, and README's
+"Combine, extract, fuse" commands as written.
 
-``merge`` output must reload (``DiffusionPipeline.from_pretrained`` for the folder,
-``lycoris_lite.tools.merged.load_merged`` for ``--single-file``) with bit-identical weights and render exactly
+``fuse`` output must reload (``DiffusionPipeline.from_pretrained`` for the folder,
+``lycoris_lite.tools.fused.load_fused`` for ``--single-file``) with bit-identical weights and render exactly
 (``np.array_equal``) what the pipeline with the same adapters attached and fused renders.
 
 One caveat, measured here and true of any diffusers folder: ``from_pretrained`` leaves each tensor a view
@@ -10,7 +10,7 @@ into the safetensors buffer at an address that is 8- but not 64-byte aligned, an
 (oneDNN convolutions, at one thread) then round differently: the tiny base pipeline itself, saved and
 reloaded with no adapter anywhere, renders up to 1.4e-6 away from the in-memory one. So the folder test
 compares the plain reload within 1e-5 and, with the reloaded weights copied into fresh (aligned) storage
-like the in-memory pipeline's, exactly. ``load_merged`` copies into the base model's own parameters.
+like the in-memory pipeline's, exactly. ``load_fused`` copies into the base model's own parameters.
 
 Bad input exits 2 and writes nothing.
 """
@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from lycoris_lite import LoKrConfig, LoRAConfig, OFTConfig, controller_for
-from lycoris_lite.tools.merged import load_merged
-from lycoris_lite.integrations.cli import main
+from lycoris_lite.tools.fused import FUSED_KEY, OLD_FUSED_KEY, load_fused
+from lycoris_lite.integrations.cli import build_parser, fuse, main
 from lycoris_lite.tools.extract import adapter_delta
 from lycoris_lite.io.files import components_of, load_adapter, save_adapter
-from lycoris_lite.io.formats.safe_io import read_state_dict
+from lycoris_lite.io.formats.safe_io import read_state_dict, write_state_dict
 from lycoris_lite.models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fused(files):
     """``(base render, fused render, fused pipeline)``: the LoRA at 0.8 and the OFT at 0.5 attached and
-    fused (merge_adapter), as a user would run them."""
+    fused (merge_adapter, PEFT's name), as a user would run them."""
     pipe = build_tiny_sd_pipeline()
     base = render(pipe)
     load_adapter(pipe, files["lora"], "lora", scale=0.8)
@@ -99,11 +99,11 @@ def same_weights(a, b) -> bool:
     return True
 
 
-def test_merge_to_a_diffusers_folder_reloads_and_renders_the_fused_pipeline(files, fused, tmp_path, capsys):
+def test_fuse_to_a_diffusers_folder_reloads_and_renders_the_fused_pipeline(files, fused, tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "merged"
-    code, text, err = run(["merge", "--model", "tiny-sd", "--adapter", f"{files['lora']}:0.8",
+    out = tmp_path / "fused"
+    code, text, err = run(["fuse", "--model", "tiny-sd", "--adapter", f"{files['lora']}:0.8",
                            "--adapter", f"{files['oft']}:0.5", "--out", out], capsys)
     assert code == 0, err
     assert "fused" in text and "lora (" in text and "oft (" in text
@@ -118,22 +118,30 @@ def test_merge_to_a_diffusers_folder_reloads_and_renders_the_fused_pipeline(file
             for p in model.parameters():
                 p.data = p.data.clone()  # aligned storage, as in the fused pipeline
     assert np.array_equal(render(reloaded), want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]  # no temporary folder left
 
 
-def test_merge_to_one_safetensors_file_reloads_through_load_merged(files, fused, tmp_path, capsys):
-    out = tmp_path / "merged.safetensors"
-    code, _, err = run(["merge", "--model", "tiny-sd", "--adapter", f"{files['lora']}:0.8",
+def test_fuse_to_one_safetensors_file_reloads_through_load_fused(files, fused, tmp_path, capsys):
+    out = tmp_path / "fused.safetensors"
+    code, _, err = run(["fuse", "--model", "tiny-sd", "--adapter", f"{files['lora']}:0.8",
                         "--adapter", f"{files['oft']}:0.5", "--single-file", "--out", out], capsys)
     assert code == 0, err
     state, metadata = read_state_dict(out)
     assert {k.split(".", 1)[0] for k in state} == {"unet", "vae", "text_encoder"}
-    reloaded = load_merged(out)  # the base recorded: tiny-sd
+    reloaded = load_fused(out)  # the base recorded: tiny-sd
     assert same_weights(fused[2], reloaded) and np.array_equal(render(reloaded), fused[1])
     with pytest.raises(ValueError, match="does not fit"):
-        load_merged(out, base="tiny-sdxl")
-    with pytest.raises(ValueError, match="not a merged checkpoint"):
-        load_merged(files["lora"], base="tiny-sd")
+        load_fused(out, base="tiny-sdxl")
+    with pytest.raises(ValueError, match="not a fused checkpoint"):
+        load_fused(files["lora"], base="tiny-sd")
+    old = tmp_path / "old.safetensors"  # written before the metadata key was renamed
+    write_state_dict(old, state, {OLD_FUSED_KEY: metadata[FUSED_KEY]})
+    assert same_weights(fused[2], load_fused(old))
+
+
+def test_merge_is_kohyas_name_for_the_fuse_command():
+    args = build_parser().parse_args(["merge", "--model", "tiny-sd", "--adapter", "a.safetensors", "--out", "out"])
+    assert args.func is fuse
 
 
 def test_combine_writes_the_weighted_combination(files, tmp_path, capsys):
@@ -191,11 +199,11 @@ def test_extract_from_a_fine_tuned_folder(tmp_path, capsys):
 
 
 BAD = [
-    (["merge", "--model", "tiny-sd", "--adapter", "{missing}", "--out", "{out}"], "no such file"),
-    (["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--single-file", "--out", "{tmp}/m.bin"], ".safetensors"),
-    (["merge", "--model", "tiny-sd", "--adapter", "{lora}", "--out", "{full}"], "exists"),
-    (["merge", "--model", "tiny-sd", "--adapter", "{sdxl}:0.5", "--out", "{out}"], "cannot fuse"),
-    (["merge", "--model", "tiny-sd", "--adapter", "{lora}:inf", "--out", "{out}"], "finite"),
+    (["fuse", "--model", "tiny-sd", "--adapter", "{missing}", "--out", "{out}"], "no such file"),
+    (["fuse", "--model", "tiny-sd", "--adapter", "{lora}", "--single-file", "--out", "{tmp}/m.bin"], ".safetensors"),
+    (["fuse", "--model", "tiny-sd", "--adapter", "{lora}", "--out", "{full}"], "exists"),
+    (["fuse", "--model", "tiny-sd", "--adapter", "{sdxl}:0.5", "--out", "{out}"], "cannot fuse"),
+    (["fuse", "--model", "tiny-sd", "--adapter", "{lora}:inf", "--out", "{out}"], "finite"),
     (["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--adapter", "{oft}", "--type", "ties",
       "--density", "1.5", "--out", "{out}.safetensors"], "density must be a number in (0, 1]"),
     (["combine", "--model", "tiny-sd", "--adapter", "{lora}", "--adapter", "{oft}", "--type", "ties",
@@ -229,10 +237,10 @@ def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys, argv, mes
     assert {k: Path(v).read_bytes() for k, v in files.items()} == inputs
 
 
-def test_readme_combine_extract_merge_commands_run_as_written(tmp_path, monkeypatch, capsys):
+def test_readme_combine_extract_fuse_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """The section's Python block, then each of its commands, in a scratch folder."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Combine, extract, merge", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Combine, extract, fuse", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -245,4 +253,4 @@ def test_readme_combine_extract_merge_commands_run_as_written(tmp_path, monkeypa
         assert argv[:3] == ["python", "-m", "lycoris_lite"], line
         status, _, err = run(argv[3:], capsys)
         assert status == 0, f"{line}\n{err}"
-    assert (tmp_path / "outputs" / "merged" / "model_index.json").is_file()
+    assert (tmp_path / "outputs" / "fused" / "model_index.json").is_file()

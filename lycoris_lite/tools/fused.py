@@ -1,20 +1,21 @@
 """Fusing adapters into a model and saving it: a diffusers folder, or one safetensors file.
 
-* :func:`merge_adapter_files` loads adapter files (kohya/LyCORIS, diffusers or PEFT; any algorithm) onto a
-  pipeline, each at its multiplier, merges them in the order given (the composition order of
+* :func:`fuse_adapter_files` loads adapter files (kohya/LyCORIS, diffusers or PEFT; any algorithm) onto a
+  pipeline, each at its multiplier, fuses them in the order given (the composition order of
   :mod:`lycoris_lite.core.layer`) and puts the original modules back. The weights are then bit for bit those
   of the same pipeline with the adapters attached and fused. Nothing changes unless every file loads
-  and every merged weight is finite.
-* :func:`save_merged` writes the pipeline as a diffusers folder (``save_pretrained``, plus the slow
+  and every fused weight is finite.
+* :func:`save_fused` writes the pipeline as a diffusers folder (``save_pretrained``, plus the slow
   tokenizer's vocabulary files; reload with ``DiffusionPipeline.from_pretrained(folder)``), or with
   ``single_file=True`` as one safetensors file in this layout:
 
   - tensors: each weight-holding component's state dict (UNet, VAE, text encoders) under
     ``<component>.`` (``unet.conv_in.weight`` …), in the dtype of the pipeline;
-  - metadata ``lycoris_lite.merged``: JSON ``{"format": 1, "pipeline": class, "base_model": name or path,
-    "components": {component: class}, "adapters": [{"source", "weight"}]}``.
+  - metadata ``lycoris_lite.fused``: JSON ``{"format": 1, "pipeline": class, "base_model": name or path,
+    "components": {component: class}, "adapters": [{"source", "weight"}]}`` (files written before the
+    key was renamed carry it as ``lycoris_lite.merged``, which is read too).
 
-  Tokenizers and the scheduler hold no weights and are not in the file: :func:`load_merged` builds the
+  Tokenizers and the scheduler hold no weights and are not in the file: :func:`load_fused` builds the
   base pipeline (the recorded ``base_model``, or the one given) and loads every component's tensors into
   it strictly (every key, every shape). Both outputs are written to a temporary name and renamed
   (:mod:`lycoris_lite.io.formats.safe_io`).
@@ -36,27 +37,29 @@ from ..io.formats.safe_io import atomic_write_folder, read_state_dict, write_sta
 from ..core.controller import controller_for
 from ..models import save_pipeline, load_pipeline
 
-MERGED_KEY = "lycoris_lite.merged"
-MERGED_FORMAT = 1
-PROVENANCE_FILE = "lycoris_lite_merge.json"
+FUSED_KEY = "lycoris_lite.fused"
+#: the metadata key of single-file checkpoints written before it was renamed, still read
+OLD_FUSED_KEY = "lycoris_lite.merged"
+FUSED_FORMAT = 1
+PROVENANCE_FILE = "lycoris_lite_fuse.json"
 
 
 def _attached(components: dict[str, nn.Module]) -> list[str]:
     return [c for c, m in components.items() if (ctrl := controller_for(m, create=False)) is not None and ctrl.configs]
 
 
-def merge_adapter_files(target, adapters: Sequence[tuple[object, float]], *, strict: bool = True,
-                  allow_pickle: bool = False) -> list[LoadedAdapter]:
-    """Merge ``adapters`` (``[(file or folder, weight), …]``) into ``target``'s UNet and text encoders.
+def fuse_adapter_files(target, adapters: Sequence[tuple[object, float]], *, strict: bool = True,
+                       allow_pickle: bool = False) -> list[LoadedAdapter]:
+    """Fuse ``adapters`` (``[(file or folder, weight), …]``) into ``target``'s UNet and text encoders.
 
     ``target``: a pipeline or a ``{component: model}`` dict without adapters attached. Returns what
-    each file held. On any error (a file that does not load, NaN/Inf merged weights) every adapter is
+    each file held. On any error (a file that does not load, NaN/Inf fused weights) every adapter is
     removed again and the model is bitwise what it was.
     """
     components = components_of(target)
     busy = _attached(components)
     if busy:
-        raise ValueError(f"{busy} already carry adapters; merge_adapter_files works on a model without any")
+        raise ValueError(f"{busy} already carry adapters; fuse_adapter_files works on a model without any")
     if not adapters:
         raise ValueError("give at least one adapter to fuse")
     for _, weight in adapters:
@@ -97,17 +100,17 @@ def _state_for_file(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_merged(pipe, out: str | os.PathLike, *, single_file: bool = False, base_model: str | None = None,
-                adapters: Sequence[tuple[object, float]] = ()) -> Path:
+def save_fused(pipe, out: str | os.PathLike, *, single_file: bool = False, base_model: str | None = None,
+               adapters: Sequence[tuple[object, float]] = ()) -> Path:
     """Write ``pipe`` (adapters fused, none attached) to ``out``: a diffusers folder, or one safetensors
     file with ``single_file`` (see the module docstring). ``base_model`` and ``adapters`` are recorded as
     provenance. ``out`` must not exist (a folder may exist empty). Returns ``out``."""
     modules = _weight_components(pipe)
     busy = _attached(modules)
     if busy:
-        raise ValueError(f"{busy} still carry adapters: fuse them first (merge_adapter_files or merge_and_unload)")
+        raise ValueError(f"{busy} still carry adapters: fuse them first (fuse_adapter_files or merge_and_unload)")
     out = Path(out)
-    provenance = {"format": MERGED_FORMAT, "pipeline": type(pipe).__name__, "base_model": base_model,
+    provenance = {"format": FUSED_FORMAT, "pipeline": type(pipe).__name__, "base_model": base_model,
                   "components": {c: type(m).__name__ for c, m in modules.items()},
                   "adapters": [{"source": str(s), "weight": float(w)} for s, w in adapters]}
     if single_file:
@@ -115,7 +118,7 @@ def save_merged(pipe, out: str | os.PathLike, *, single_file: bool = False, base
             raise ValueError(f"a single-file checkpoint is a .safetensors file, not {out.name!r}")
         if out.is_dir():
             raise ValueError(f"{out} is a folder")
-        return write_state_dict(out, _state_for_file(modules), {MERGED_KEY: json.dumps(provenance)})
+        return write_state_dict(out, _state_for_file(modules), {FUSED_KEY: json.dumps(provenance)})
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; pick a new path")
     tokenizers = tuple(name for name, value in pipe.components.items() if name.startswith("tokenizer") and value is not None)
@@ -127,16 +130,17 @@ def save_merged(pipe, out: str | os.PathLike, *, single_file: bool = False, base
     return atomic_write_folder(out, write)
 
 
-def load_merged(path: str | os.PathLike, base: str | os.PathLike | None = None, **load_kwargs):
-    """The pipeline of a single-file checkpoint written by :func:`save_merged`: the base pipeline
+def load_fused(path: str | os.PathLike, base: str | os.PathLike | None = None, **load_kwargs):
+    """The pipeline of a single-file checkpoint written by :func:`save_fused`: the base pipeline
     (``base``, default the recorded ``base_model``; ``load_kwargs`` go to ``models.load_pipeline``) with
     every component's tensors from the file, loaded strictly."""
     state, metadata = read_state_dict(path)
-    if MERGED_KEY not in metadata:
-        raise ValueError(f"{path}: not a merged checkpoint written by lycoris-lite (no {MERGED_KEY!r} metadata)")
-    info = json.loads(metadata[MERGED_KEY])
-    if info.get("format") != MERGED_FORMAT:
-        raise ValueError(f"{path}: merged-checkpoint format {info.get('format')!r}, this version reads {MERGED_FORMAT}")
+    key = next((k for k in (FUSED_KEY, OLD_FUSED_KEY) if k in metadata), None)
+    if key is None:
+        raise ValueError(f"{path}: not a fused checkpoint written by lycoris-lite (no {FUSED_KEY!r} metadata)")
+    info = json.loads(metadata[key])
+    if info.get("format") != FUSED_FORMAT:
+        raise ValueError(f"{path}: fused-checkpoint format {info.get('format')!r}, this version reads {FUSED_FORMAT}")
     base = base or info.get("base_model")
     if not base:
         raise ValueError(f"{path} records no base model; give base= (the model the adapters were fused into)")
@@ -161,4 +165,4 @@ def load_merged(path: str | os.PathLike, base: str | os.PathLike | None = None, 
     return pipe
 
 
-__all__ = ["merge_adapter_files", "load_merged", "save_merged"]
+__all__ = ["fuse_adapter_files", "load_fused", "save_fused"]
