@@ -98,13 +98,13 @@ def build_ours(algo: str, layer: nn.Module, side: str | None = None) -> tuple[nn
     settings = model.controller.adapter_settings("default")["0"]
     note = ""
     if algo in ("oft", "boft"):
-        note = f"{settings['block_num']}x{settings['block_size']} blocks on {settings['dim']}"
+        note = f"{settings.block_num}x{settings.block_size} blocks on {settings.dim}"
         if algo == "boft":
-            note += f", {settings['stages']} stages"
+            note += f", {settings.stages} stages"
     elif algo == "hra":
-        note = f"r={settings['r']} on {settings['dim']}"
+        note = f"r={settings.r} on {settings.dim}"
     elif algo == "lokr":
-        note = "shape (a,b,c,d)=" + ",".join(map(str, settings["shape"]))
+        note = "shape (a,b,c,d)=" + ",".join(map(str, settings.shape))
     return model, params, note
 
 

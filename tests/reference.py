@@ -25,8 +25,8 @@ def lora(w, p, s):
         for i in range(mid.shape[0]):
             for j in range(mid.shape[1]):
                 delta += up[:, i, None, None, None] * down.flatten(1)[j][None, :, None, None] * mid[i, j][None, None]
-        return w + s["scale"] * delta
-    return w + s["scale"] * (up @ down.flatten(1)).reshape(w.shape)
+        return w + s.scale * delta
+    return w + s.scale * (up @ down.flatten(1)).reshape(w.shape)
 
 
 def loha(w, p, s):
@@ -34,14 +34,14 @@ def loha(w, p, s):
         def tucker(t, a, b):
             return torch.einsum("ijhw,ip,jq->pqhw", _d(t), _d(a), _d(b))
         delta = tucker(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"]) * tucker(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"])
-        return w + s["scale"] * delta
+        return w + s.scale * delta
     m1 = _d(p["hada_w1_a"]) @ _d(p["hada_w1_b"])
     m2 = _d(p["hada_w2_a"]) @ _d(p["hada_w2_b"])
-    return w + s["scale"] * (m1 * m2).reshape(w.shape)
+    return w + s.scale * (m1 * m2).reshape(w.shape)
 
 
 def lokr(w, p, s):
-    a, b, c, d = s["shape"]
+    a, b, c, d = s.shape
     w1 = _d(p["lokr_w1"]) if "lokr_w1" in p else _d(p["lokr_w1_a"]) @ _d(p["lokr_w1_b"])
     if "lokr_w2" in p:
         w2 = _d(p["lokr_w2"])
@@ -53,7 +53,7 @@ def lokr(w, p, s):
     for i in range(a):
         for k in range(c):
             delta[i * b:(i + 1) * b, k * d:(k + 1) * d] = w1[i, k] * w2
-    return w + s["scale"] * delta
+    return w + s.scale * delta
 
 
 def _cayley_dense(q):
@@ -76,26 +76,26 @@ def _apply_side(w, m, side, rescale):
 
 def oft(w, p, s):
     raw = _d(p["oft_blocks"])
-    q = _clamp(raw - raw.transpose(-1, -2), s["radius"])
-    if s["neumann_terms"]:
+    q = _clamp(raw - raw.transpose(-1, -2), s.radius)
+    if s.neumann_terms:
         eye = torch.eye(q.shape[-1], dtype=F64)
         blocks = []
         for qi in q:
             acc, power = eye.clone(), eye.clone()
-            n = s["neumann_terms"]
+            n = s.neumann_terms
             for k in range(1, n):
                 power = power @ (-qi)
                 acc = acc + (power if k == n - 1 else 2 * power)
             blocks.append(acc)
     else:
         blocks = [_cayley_dense(qi) for qi in q]
-    return _apply_side(w, torch.block_diag(*blocks), s["side"], p.get("rescale"))
+    return _apply_side(w, torch.block_diag(*blocks), s.side, p.get("rescale"))
 
 
 def boft(w, p, s):
     raw = _d(p["oft_blocks"])
-    q = _clamp(raw - raw.transpose(-1, -2), s["radius"])
-    dim, b = s["dim"], s["block_size"]
+    q = _clamp(raw - raw.transpose(-1, -2), s.radius)
+    dim, b = s.dim, s.block_size
     m_total = torch.eye(dim, dtype=F64)
     for i in range(q.shape[0]):
         rot = torch.block_diag(*[_cayley_dense(-qi) for qi in q[i]])  # (I + Q)(I − Q)⁻¹
@@ -107,15 +107,15 @@ def boft(w, p, s):
             pmat[new, old] = 1.0
         stage = pmat.T @ rot @ pmat
         # output side W' = B_{m-1}⋯B_0·W; input side mirrors it: W' = W·B_0⋯B_{m-1}
-        m_total = stage @ m_total if s["side"] == "output" else m_total @ stage
-    return _apply_side(w, m_total, s["side"], p.get("rescale"))
+        m_total = stage @ m_total if s.side == "output" else m_total @ stage
+    return _apply_side(w, m_total, s.side, p.get("rescale"))
 
 
 def hra(w, p, s):
     u = _d(p["hra_u"])
     dim = u.shape[0]
     m = torch.eye(dim, dtype=F64)
-    if s["apply_gs"]:
+    if s.apply_gs:
         basis = []
         for i in range(u.shape[1]):
             v = u[:, i].clone()
@@ -129,7 +129,7 @@ def hra(w, p, s):
         for i in range(u.shape[1]):
             ui = u[:, i] / u[:, i].norm()
             m = m @ (torch.eye(dim, dtype=F64) - 2 * torch.outer(ui, ui))
-    return _apply_side(w, m, s["side"], None)
+    return _apply_side(w, m, s.side, None)
 
 
 REFERENCES = {"lora": lora, "loha": loha, "lokr": lokr, "oft": oft, "boft": boft, "hra": hra}
@@ -146,11 +146,11 @@ def dora(w, adapted, magnitude, axis):
     return _d(magnitude) * adapted / (norm + torch.finfo(F64).eps)
 
 
-def transformed_weight(algo: str, weight: torch.Tensor, params: dict, settings: dict) -> torch.Tensor:
+def transformed_weight(algo: str, weight: torch.Tensor, params: dict, settings) -> torch.Tensor:
     """``W'`` at multiplier 1 (DoRA applied when the settings say so)."""
     out = REFERENCES[algo](_d(weight), params, settings)
-    if settings.get("dora"):
-        out = dora(_d(weight), out, params["dora_scale"], settings["dora"])
+    if getattr(settings, "dora", None):
+        out = dora(_d(weight), out, params["dora_scale"], settings.dora)
     return out
 
 

@@ -107,7 +107,7 @@ def compare(pair, new):
     for path, peft_layer in peft_layers(peft_model).items():
         a, b = peft_layer.lora_A[new].weight.detach(), peft_layer.lora_B[new].weight.detach()
         slot = layers[path].adapters[new]
-        assert slot.settings["scale"] == peft_layer.scaling[new] == 1.0
+        assert slot.settings.scale == peft_layer.scaling[new] == 1.0
         down, up = slot.tensors()["lora_down"], slot.tensors()["lora_up"]
         assert down.shape == a.shape and up.shape == b.shape, path
         assert rel(down, a) < 1e-5 and rel(up, b) < 1e-5, path  # a flipped singular vector would give ~2
@@ -223,7 +223,7 @@ def test_every_algorithm_combines_in_delta_space(algo):
         assert rel(combined(layer, "cat"), want) < 1e-5, path
         if algo != "lora":
             assert rel(combined(layer, "linear"), want) < 1e-5, path
-        assert layer.adapters["svd"].settings["r"] == 3
+        assert layer.adapters["svd"].settings.r == 3
         assert optimal(combined(layer, "svd"), want, 3), path
         deltas = [adapter_delta(layer, n) for n in ("a", "b")]
         if algo != "lora":  # LoRA's ties work on the factors (PEFT), checked against PEFT above

@@ -6,11 +6,14 @@ non-identity adapter weights (``init_weights=False``) unless identity is what is
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from lycoris_lite import ALGORITHMS, AdapterModel
+from lycoris_lite.algos.dora import DecomposableSettings
 from lycoris_lite.base.registry import get_algorithm
 from tests.reference import relative_error, transformed_weight
 
@@ -77,6 +80,25 @@ def test_matches_float64_reference(algo, layer, options):
     assert relative_error(ref, lay.weight) > 1e-3  # the adapter really changes the layer
     fused_out = lay.spec.op(x, ref, lay.bias)
     assert relative_error(model(x), fused_out) <= 1e-10
+
+
+@pytest.mark.parametrize("algo,layer,options", CASES, ids=IDS)
+def test_settings_are_the_algorithms_frozen_dataclass(algo, layer, options):
+    """A layer's settings are its algorithm's ``settings_class``: frozen and hashable, DoRA's fields on
+    the decomposable ones (``dora_init`` consumed by attaching); a plan with other settings is refused."""
+    model, _ = make(algo, layer, **options)
+    cls, slot = get_algorithm(algo), model.model[0].adapters["default"]
+    settings = slot.settings
+    assert type(settings) is cls.settings_class and hash(settings) == hash(dataclasses.replace(settings))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(settings, dataclasses.fields(settings)[0].name, None)
+    assert isinstance(settings, DecomposableSettings) == cls.decomposable
+    if cls.decomposable:
+        assert settings.dora == (options.get("dora_axis", "output") if options.get("use_dora") else None)
+        assert not settings.dora_init
+    plan = {"0": (cls, dataclasses.asdict(settings), slot.tensors())}
+    with pytest.raises(TypeError, match=f"must be a {cls.settings_class.__name__}"):
+        model.controller.check_plan("other", plan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -209,7 +209,7 @@ def test_their_kohya_dora_files_load(tmp_path, tiny_base, algo, dim, alpha, extr
     info = load_adapter(ours, path)
     assert not info.skipped_keys
     assert set(info.components) == {"unet", "text_encoder"}
-    axes = {s.get("dora") for c in (ours.unet, ours.text_encoder) for s in controller_for(c).adapter_settings(info.name).values()}
+    axes = {s.dora for c in (ours.unet, ours.text_encoder) for s in controller_for(c).adapter_settings(info.name).values()}
     assert axes == {"output" if wd_on_output else "input"}
     config = controller_for(ours.unet).configs[info.name]
     assert config.use_dora and config.dora_axis == ("output" if wd_on_output else "input")

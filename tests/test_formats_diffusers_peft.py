@@ -362,7 +362,7 @@ def test_peft_folder_round_trips(base, algo, tmp_path):
     assert max_diff(got, expected) <= TOL
     if algo == "lokr":  # PEFT's alpha/r on layers with two full factors (LyCORIS would use 1) is kept
         settings = controller_for(ours["unet"]).adapter_settings(info.name).values()
-        assert any(not s["w1_low_rank"] and not s["w2_low_rank"] and s["scale"] == 1.5 for s in settings)
+        assert any(not s.w1_low_rank and not s.w2_low_rank and s.scale == 1.5 for s in settings)
 
     save_adapter(ours, info.name, tmp_path / "ours", format="peft")
     for c in ("unet", "text_encoder"):

@@ -135,9 +135,9 @@ def test_additive_matches_lycoris(case, kind, multiplier, bypass):
     if case_id in ("lokr-full-matrix", "lokr-large-rank"):
         # both Kronecker factors full: alpha=3 is ignored, scale 1 on both sides
         assert not hasattr(theirs, "lokr_w1_a") and not hasattr(theirs, "lokr_w2_a")
-        assert theirs.scale == 1.0 and settings["scale"] == 1.0
+        assert theirs.scale == 1.0 and settings.scale == 1.0
     else:
-        assert settings["scale"] == pytest.approx(theirs.scale)
+        assert settings.scale == pytest.approx(theirs.scale)
 
 
 # ---- the merge bug --------------------------------------------------------------------------------------
@@ -221,8 +221,8 @@ def test_rotation_matches_lycoris(case, kind, multiplier):
     if "constraint" in kwargs:
         # the COFT clamp is active (their radius alpha·out_dim == ours constraint·D)
         q = tensors["oft_blocks"] - tensors["oft_blocks"].transpose(-1, -2)
-        assert settings["radius"] == pytest.approx(theirs.constraint)
-        assert q.norm() > 2 * settings["radius"]
+        assert settings.radius == pytest.approx(theirs.constraint)
+        assert q.norm() > 2 * settings.radius
     with torch.no_grad():
         y_base = base(x)
         y_theirs = theirs(x)

@@ -81,8 +81,8 @@ def test_rank_and_alpha_patterns():
     ctrl = controller_for(net)
     ctrl.add_adapter("a", cfg)
     settings = ctrl.adapter_settings("a")
-    assert settings["layers.0.to_k"]["r"] == 6 and settings["layers.0.to_q"]["r"] == 2
-    assert settings["layers.1.to_q"]["scale"] == 4.0 and settings["layers.0.to_q"]["scale"] == 1.0
+    assert settings["layers.0.to_k"].r == 6 and settings["layers.0.to_q"].r == 2
+    assert settings["layers.1.to_q"].scale == 4.0 and settings["layers.0.to_q"].scale == 1.0
 
 
 @pytest.mark.parametrize("make_config,message", [

@@ -23,6 +23,7 @@ from lycoris_lite.algos import peft
 from lycoris_lite.algos.common import kaiming_
 from lycoris_lite.base.config import AdapterConfig
 from lycoris_lite.base.registry import Algorithm, file_alpha, pattern_value, register
+from lycoris_lite.base.settings import ScaledSettings
 from lycoris_lite.integrations.cli import main
 from lycoris_lite.io.files import load_adapter, save_adapter
 from lycoris_lite.io.formats.safe_io import read_state_dict
@@ -39,9 +40,18 @@ class ToyConfig(AdapterConfig):
     gain_spread: float = 0.1
 
 
+@dataclass(frozen=True, kw_only=True)
+class ToySettings(ScaledSettings):
+    """The toy's per-layer settings: ``r``, ``alpha``, ``scale`` and the gain's spread at random
+    initialisation."""
+
+    spread: float = 0.1
+
+
 class Toy(Algorithm):
     name = "toy"
     config_class = ToyConfig
+    settings_class = ToySettings
     activation_route = False  # the layer folds W + s·ΔW into its op
     # kohya/LyCORIS files
     kohya_keys = {"toy_u": "toy_up.weight", "toy_v": "toy_down.weight", "toy_g": "toy_gain"}
@@ -57,17 +67,17 @@ class Toy(Algorithm):
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = float(pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r))
-        return {"r": r, "alpha": alpha, "scale": alpha / r, "spread": config.gain_spread}
+        return ToySettings(r=r, alpha=alpha, scale=alpha / r, spread=config.gain_spread)
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        r = settings["r"]
+        r = settings.r
         u, v, g = torch.empty(spec.out_features, r), torch.empty(r, spec.flat_in), torch.ones(spec.out_features)
         kaiming_(v, generator)
         if init_weights is False:
             kaiming_(u, generator)
             if not g.is_meta:
-                g.normal_(1.0, settings.get("spread", 0.1), generator=generator)
+                g.normal_(1.0, settings.spread, generator=generator)
         elif not u.is_meta:
             u.zero_()
         return {"toy_u": u, "toy_v": v, "toy_g": g}
@@ -75,14 +85,14 @@ class Toy(Algorithm):
     @classmethod
     def delta_weight(cls, params, spec, settings):
         delta = params["toy_g"][:, None] * (params["toy_u"] @ params["toy_v"])
-        return (delta * settings["scale"]).reshape(spec.weight_shape)
+        return (delta * settings.scale).reshape(spec.weight_shape)
 
     # ---- every format
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None):
         r = tensors["toy_u"].shape[1]
         a = file_alpha(alpha, r)
-        return {"r": r, "alpha": a, "scale": a / r}
+        return ToySettings(r=r, alpha=a, scale=a / r)
 
     @classmethod
     def describe_size(cls, tensors):
@@ -97,7 +107,7 @@ class Toy(Algorithm):
     # ---- kohya/LyCORIS
     @classmethod
     def to_kohya(cls, params, settings):
-        return super().to_kohya(params, settings)[0], settings["alpha"]
+        return super().to_kohya(params, settings)[0], settings.alpha
 
     # ---- PEFT
     @classmethod
@@ -108,8 +118,8 @@ class Toy(Algorithm):
 
     @classmethod
     def to_peft(cls, layers, specs, component):
-        r, rank_pattern = peft.common_and_patterns({p: e.settings["r"] for p, e in layers.items()}, int)
-        alpha, alpha_pattern = peft.common_and_patterns({p: e.settings["alpha"] for p, e in layers.items()})
+        r, rank_pattern = peft.common_and_patterns({p: e.settings.r for p, e in layers.items()}, int)
+        alpha, alpha_pattern = peft.common_and_patterns({p: e.settings.alpha for p, e in layers.items()})
         tensors = {p: {"toy_A.weight": e.tensors["toy_v"], "toy_B.weight": e.tensors["toy_u"],
                        "toy_gain": e.tensors["toy_g"].reshape(1, -1)} for p, e in layers.items()}
         return tensors, {"r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}

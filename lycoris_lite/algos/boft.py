@@ -28,8 +28,8 @@ import torch
 from ..base.registry import Algorithm, register
 from . import peft
 from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import (RotationConfig, init_rotation, require_output_side, rescale_from_file, rescale_to_file,
-                  rotation_network_dim_alpha, rotation_operators)
+from .oft import (RotationConfig, RotationSettings, init_rotation, require_output_side, rescale_from_file,
+                  rescale_to_file, rotation_network_dim_alpha, rotation_operators)
 
 
 @lru_cache(maxsize=256)
@@ -158,10 +158,19 @@ class BOFTConfig(RotationConfig):
             raise ValueError(f"BOFT block_size must be even and >= 2, got {self.block_size}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BOFTSettings(RotationSettings):
+    """BOFT's per-layer settings: the :class:`~lycoris_lite.algos.oft.RotationSettings` fields (the
+    blocks of each stage), and ``stages``: the number ``m`` of butterfly stages."""
+
+    stages: int
+
+
 @register
 class BOFT(Algorithm):
     name = "boft"
     config_class = BOFTConfig
+    settings_class = BOFTSettings
     multiplicative = True
     detect_keys = ("oft_blocks",)  # told apart from OFT by ndim (4 here, 3 for OFT)
     peft_type = "BOFT"
@@ -189,13 +198,13 @@ class BOFT(Algorithm):
                 f"layer {name!r}: BOFT with block size {b} and butterfly factor {m} needs an even block "
                 f"size and {2 ** (m - 1) * b} to divide the rotated dimension {dim}"
             )
-        return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
-                "radius": float(config.constraint) * dim, "rescale": bool(config.rescale), "conv": spec.is_conv}
+        return BOFTSettings(side=config.rotation_side, dim=dim, block_num=n, block_size=b, stages=m,
+                            radius=float(config.constraint) * dim, rescale=bool(config.rescale), conv=spec.is_conv)
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        b = settings["block_size"]
-        shape = (settings["stages"], settings["block_num"], b, b)
+        b = settings.block_size
+        shape = (settings.stages, settings.block_num, b, b)
         return init_rotation(shape, spec, settings, init_weights, generator)
 
     @classmethod
@@ -209,8 +218,8 @@ class BOFT(Algorithm):
         dim = rotated_dim(spec, side)
         if b != b2 or n * b != dim or b % 2 or dim % ((2 ** (m - 1)) * b):
             raise ValueError(f"layer {name!r}: BOFT blocks {(m, n, b, b2)} do not fit the {side} dimension {dim}")
-        return {"side": side, "dim": dim, "block_num": n, "block_size": b, "stages": m,
-                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "conv": spec.is_conv}
+        return BOFTSettings(side=side, dim=dim, block_num=n, block_size=b, stages=m,
+                            radius=float(alpha or 0.0) * dim, rescale="rescale" in tensors, conv=spec.is_conv)
 
     @classmethod
     def from_kohya(cls, spec, file_tensors, alpha, name, side=None):
@@ -219,7 +228,7 @@ class BOFT(Algorithm):
     @classmethod
     def to_kohya(cls, params, settings):
         require_output_side(settings)
-        return rescale_to_file(params, settings), settings["radius"] / settings["dim"]
+        return rescale_to_file(params, settings), settings.radius / settings.dim
 
     @classmethod
     def from_peft(cls, spec, tensors, config, names):
@@ -247,14 +256,14 @@ class BOFT(Algorithm):
         tensors = {}
         for path, e in layers.items():
             peft.require_input_side(component, path, e.settings, cls.name)
-            if e.settings["radius"] > 0:
+            if e.settings.radius > 0:
                 raise ValueError(f"{component}: layer {path!r} uses a COFT constraint, which PEFT's BOFT does not have")
             rescale = e.tensors.get("rescale")
             if rescale is None:
                 rescale = torch.ones(specs[path].out_features, dtype=e.tensors["oft_blocks"].dtype)
             tensors[path] = {"boft_R": boft_blocks_to_peft(e.tensors["oft_blocks"]),
                              "boft_s": boft_rescale_to_peft(rescale, specs[path])}
-        stages = peft.one_value({e.settings["stages"] for e in layers.values()}, "butterfly factor", component)
+        stages = peft.one_value({e.settings.stages for e in layers.values()}, "butterfly factor", component)
         return tensors, {**peft.blocks_config(component, layers, "boft_block_size", "boft_block_num"),
                          "boft_n_butterfly_factor": stages, "boft_dropout": 0.0, "fan_in_fan_out": False,
                          "init_weights": True}
@@ -262,13 +271,13 @@ class BOFT(Algorithm):
     @classmethod
     def peft_config_fields(cls, config, layers):
         first = next(iter(layers.values())).settings
-        return {"block_size": first["block_size"], "butterfly_factor": first["stages"], "rotation_side": "input",
+        return {"block_size": first.block_size, "butterfly_factor": first.stages, "rotation_side": "input",
                 "rescale": any("rescale" in e.tensors for e in layers.values())}
 
     @classmethod
     def transform(cls, params, spec, settings):
-        blocks = butterfly_blocks(params["oft_blocks"], settings["radius"])
-        dim, b = settings["dim"], settings["block_size"]
+        blocks = butterfly_blocks(params["oft_blocks"], settings.radius)
+        dim, b = settings.dim, settings.block_size
         perms = [butterfly_perm(dim, b, i).to(blocks.device) for i in range(blocks.shape[0])]
         group = (2 ** (blocks.shape[0] - 1)) * b  # stage i acts within contiguous groups of 2^i·b
-        return rotation_operators(list(blocks.unbind(0)), settings["side"], params.get("rescale"), perms, group)
+        return rotation_operators(list(blocks.unbind(0)), settings.side, params.get("rescale"), perms, group)

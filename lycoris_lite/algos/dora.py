@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base.config import AdapterConfig, check_choice
+from ..base.settings import Settings
 
 AXES = ("output", "input")
 KEY = "dora_scale"
@@ -94,21 +95,33 @@ class DecomposableConfig(AdapterConfig):
         check_choice("dora_axis", self.dora_axis, AXES)
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecomposableSettings(Settings):
+    """Settings fields of the algorithms that take a DoRA stage (``Algorithm.decomposable``).
+
+    * ``dora``: the axis of the stage's norm (``"output"`` or ``"input"``, :data:`AXES`); ``None``: no DoRA.
+    * ``dora_init``: the magnitude is still relative (a new adapter from ``resolve``): the layer sets it
+      from its weight when attaching (:func:`init_params`) and keeps the settings with ``dora_init=False``.
+    """
+
+    dora: str | None = None
+    dora_init: bool = False
+
+
 # ---- what the additive algorithms call -------------------------------------------------------------
 def resolve(config, spec) -> dict:
-    """Settings of a config's DoRA stage: ``{"dora": axis, "dora_init": True}`` or ``{}``.
-    ``dora_init`` tells the layer to set the magnitude from its weight when attaching (see
-    :func:`init_params`); the layer removes it."""
+    """The :class:`DecomposableSettings` fields of a config's DoRA stage, as keyword arguments:
+    ``{"dora": axis, "dora_init": True}`` or ``{}``."""
     if not getattr(config, "use_dora", False):
         return {}
     return {"dora": config.dora_axis, "dora_init": True}
 
 
-def init_params(spec, settings: dict, init_weights, generator=None) -> dict[str, torch.Tensor]:
+def init_params(spec, settings: DecomposableSettings, init_weights, generator=None) -> dict[str, torch.Tensor]:
     """``{"dora_scale": relative magnitude}``: ones (``init_weights=True``: the layer then sets
     ``m = ‖W + ΔW‖``, so the stage starts as ``W + ΔW``) or ``1 + N(0, 0.1)`` (``False``: a
     non-identity magnitude, for tests). The layer multiplies it by ``‖W + ΔW‖`` when attaching."""
-    axis = settings.get("dora")
+    axis = settings.dora
     if not axis:
         return {}
     magnitude = torch.ones(magnitude_shape(spec, axis))
@@ -119,7 +132,8 @@ def init_params(spec, settings: dict, init_weights, generator=None) -> dict[str,
 
 
 def file_settings(spec, tensors: dict, name: str = "") -> dict:
-    """``{"dora": axis}`` when a file module's tensors (in our layout) carry ``dora_scale``, else ``{}``."""
+    """The :class:`DecomposableSettings` fields of a file module's tensors (in our layout), as keyword
+    arguments: ``{"dora": axis}`` when they carry ``dora_scale``, else ``{}``."""
     return {"dora": axis_of(tensors[KEY], spec, name)} if KEY in tensors else {}
 
 

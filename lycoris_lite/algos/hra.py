@@ -27,6 +27,7 @@ import torch
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import LowRankUpdate
 from ..base.registry import Algorithm, register
+from ..base.settings import Settings
 from . import peft
 from .common import ROTATION_SIDES, kaiming_, rotated_dim
 
@@ -89,10 +90,31 @@ class HRAConfig(AdapterConfig):
             warnings.warn(f"HRA with odd r={self.r} cannot start at the identity (use an even r)", stacklevel=3)
 
 
+@dataclass(frozen=True, kw_only=True)
+class HRASettings(Settings):
+    """HRA's per-layer settings:
+
+    * ``r``: the number of reflections (the columns of ``hra_u``; :attr:`rank`);
+    * ``side``: the reflected side, ``"input"`` (``W' = W·M``) or ``"output"`` (``W' = M·W``);
+    * ``dim``: the reflected dimension ``D`` (``in·kh·kw``, or ``out``);
+    * ``apply_gs``: the columns are orthonormalised first (Gram–Schmidt, PEFT's ``apply_GS``).
+    """
+
+    r: int
+    side: str
+    dim: int
+    apply_gs: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+
 @register
 class HRA(Algorithm):
     name = "hra"
     config_class = HRAConfig
+    settings_class = HRASettings
     multiplicative = True
     detect_keys = ("hra_u",)
     peft_type = "HRA"
@@ -116,11 +138,11 @@ class HRA(Algorithm):
         dim = rotated_dim(spec, config.rotation_side)
         if config.r > dim:
             raise ValueError(f"layer {name!r}: HRA r={config.r} exceeds the reflected dimension {dim}")
-        return {"r": config.r, "side": config.rotation_side, "dim": dim, "apply_gs": bool(config.apply_GS)}
+        return HRASettings(r=config.r, side=config.rotation_side, dim=dim, apply_gs=bool(config.apply_GS))
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        dim, r = settings["dim"], settings["r"]
+        dim, r = settings.dim, settings.r
         if init_weights is not False and r % 2 == 0:
             half = kaiming_(torch.empty(dim, r // 2), generator)
             return {"hra_u": half.repeat_interleave(2, dim=1)}
@@ -134,7 +156,7 @@ class HRA(Algorithm):
             side = "input" if dim == spec.flat_in else "output"
         if dim != rotated_dim(spec, side):
             raise ValueError(f"layer {name!r}: hra_u {(dim, r)} does not fit the {side} dimension {rotated_dim(spec, side)}")
-        return {"r": r, "side": side, "dim": dim, "apply_gs": bool(apply_gs)}
+        return HRASettings(r=r, side=side, dim=dim, apply_gs=bool(apply_gs))
 
     @classmethod
     def from_peft(cls, spec, tensors, config, names):
@@ -145,8 +167,8 @@ class HRA(Algorithm):
     def to_peft(cls, layers, specs, component):
         for path, e in layers.items():
             peft.require_input_side(component, path, e.settings, cls.name)
-        r = peft.one_value({e.settings["r"] for e in layers.values()}, "number of reflections r", component)
-        gs = peft.one_value({bool(e.settings["apply_gs"]) for e in layers.values()}, "apply_GS", component)
+        r = peft.one_value({e.settings.r for e in layers.values()}, "number of reflections r", component)
+        gs = peft.one_value({bool(e.settings.apply_gs) for e in layers.values()}, "apply_GS", component)
         return {p: {"hra_u": e.tensors["hra_u"]} for p, e in layers.items()}, {"r": r, "apply_GS": gs, "init_weights": True}
 
     @classmethod
@@ -155,8 +177,8 @@ class HRA(Algorithm):
 
     @classmethod
     def transform(cls, params, spec, settings):
-        op = reflection_operator(params["hra_u"], settings["apply_gs"])
-        return (op, None) if settings["side"] == "input" else (None, op)
+        op = reflection_operator(params["hra_u"], settings.apply_gs)
+        return (op, None) if settings.side == "input" else (None, op)
 
     @classmethod
     def regularization(cls, params, settings):

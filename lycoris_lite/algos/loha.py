@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import LowRankRoute, factored_route, init_factors, rebuild_tucker
 from .lora import alpha_for, lora_scale
@@ -122,18 +123,28 @@ class LoHaConfig(dora.DecomposableConfig):
             raise ValueError("LoHa needs r >= 1")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoHaSettings(dora.DecomposableSettings, ScaledSettings):
+    """LoHa's per-layer settings: ``r``, ``alpha``, ``scale`` (:class:`ScaledSettings`), ``dora``,
+    ``dora_init`` (:class:`~lycoris_lite.algos.dora.DecomposableSettings`), and ``tucker``: the layer (a
+    k×k conv) has Tucker cores ``hada_t1``, ``hada_t2``."""
+
+    tucker: bool = False
+
+
 @register
 class LoHa(Algorithm):
     name = "loha"
     config_class = LoHaConfig
+    settings_class = LoHaSettings
     activation_route = False
     decomposable = True
 
     @classmethod
     def use_activation_route(cls, spec, settings, needs_grad):
-        if not needs_grad or settings["tucker"]:
+        if not needs_grad or settings.tucker:
             return False
-        r2 = settings["r"] ** 2
+        r2 = settings.r ** 2
         return 3 * r2 * (spec.flat_in + spec.out_features) < spec.out_features * spec.flat_in
 
     @classmethod
@@ -142,13 +153,13 @@ class LoHa(Algorithm):
         keeps ``h`` from its forward instead: see :func:`delta_forward`)."""
         if not spec.is_pointwise or "hada_t1" in params:
             return None
-        return KhatriRaoRoute(spec, settings["scale"] * multiplier), (
+        return KhatriRaoRoute(spec, settings.scale * multiplier), (
             params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"])
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
         return delta_forward(x, params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
-                             settings["scale"] * multiplier, spec)
+                             settings.scale * multiplier, spec)
     detect_keys = ("hada_w1_a",)
     peft_type = "LOHA"
     peft_keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -171,13 +182,14 @@ class LoHa(Algorithm):
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)
-        return {"r": r, "alpha": float(alpha), "scale": lora_scale(alpha, r),
-                "tucker": bool(config.use_tucker and spec.is_conv and spec.taps > 1), **dora.resolve(config, spec)}
+        return LoHaSettings(r=r, alpha=float(alpha), scale=lora_scale(alpha, r),
+                            tucker=bool(config.use_tucker and spec.is_conv and spec.taps > 1),
+                            **dora.resolve(config, spec))
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        r, out = settings["r"], spec.out_features
-        if settings["tucker"]:
+        r, out = settings.r, spec.out_features
+        if settings.tucker:
             kh, kw = spec.kernel_size
             params = {
                 "hada_t1": torch.empty(r, r, kh, kw), "hada_t2": torch.empty(r, r, kh, kw),
@@ -197,7 +209,8 @@ class LoHa(Algorithm):
         tucker = "hada_t1" in tensors
         r = tensors["hada_w1_b"].shape[0]
         a = file_alpha(alpha, r)
-        return {"r": r, "alpha": a, "scale": lora_scale(a, r), "tucker": tucker, **dora.file_settings(spec, tensors, name)}
+        return LoHaSettings(r=r, alpha=a, scale=lora_scale(a, r), tucker=tucker,
+                            **dora.file_settings(spec, tensors, name))
 
     @classmethod
     def to_kohya(cls, params, settings):
@@ -210,9 +223,9 @@ class LoHa(Algorithm):
     @classmethod
     def to_peft(cls, layers, specs, component):
         peft.require_no_dora(component, layers, cls.name)
-        effective = {bool(e.settings["tucker"]) for p, e in layers.items() if specs[p].is_conv and specs[p].taps > 1}
+        effective = {bool(e.settings.tucker) for p, e in layers.items() if specs[p].is_conv and specs[p].taps > 1}
         effective = peft.one_value(effective, "use_effective_conv2d", component) if effective else False
-        r, rank_pattern = peft.common_and_patterns({p: e.settings["r"] for p, e in layers.items()}, int)
+        r, rank_pattern = peft.common_and_patterns({p: e.settings.r for p, e in layers.items()}, int)
         alpha, alpha_pattern = peft.common_and_patterns({p: alpha_for(e.settings) for p, e in layers.items()})
         return {p: dict(e.tensors) for p, e in layers.items()}, {
             "r": r, "alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
@@ -227,5 +240,5 @@ class LoHa(Algorithm):
     @classmethod
     def delta_weight(cls, params, spec, settings):
         return delta_weight(params["hada_w1_a"], params["hada_w1_b"], params["hada_w2_a"], params["hada_w2_b"],
-                            settings["scale"], spec.weight_shape, params.get("hada_t1"), params.get("hada_t2"))
+                            settings.scale, spec.weight_shape, params.get("hada_t1"), params.get("hada_t2"))
 

@@ -31,6 +31,7 @@ import torch
 
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
 from .lora import alpha_for, lora_scale
@@ -216,10 +217,28 @@ class LoKrConfig(dora.DecomposableConfig):
             raise ValueError(f"factor must be -1 (auto) or a positive integer, got {self.factor}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoKrSettings(dora.DecomposableSettings, ScaledSettings):
+    """LoKr's per-layer settings: ``r``, ``alpha``, ``scale`` (:class:`ScaledSettings`; ``scale`` is 1 when
+    both factors are full, except from PEFT), ``dora``, ``dora_init``
+    (:class:`~lycoris_lite.algos.dora.DecomposableSettings`), and
+
+    * ``shape``: ``(a, b, c, d)`` with ``out = a·b``, ``in = c·d``: ``w1`` is ``(a, c)``, ``w2`` ``(b, d)``;
+    * ``w1_low_rank`` / ``w2_low_rank``: the factor is ``w_a @ w_b`` at rank ``r`` (else one full tensor);
+    * ``tucker``: ``w2`` of a k×k conv has a Tucker core ``lokr_t2``.
+    """
+
+    shape: tuple[int, int, int, int]
+    w1_low_rank: bool
+    w2_low_rank: bool
+    tucker: bool = False
+
+
 @register
 class LoKr(Algorithm):
     name = "lokr"
     config_class = LoKrConfig
+    settings_class = LoKrSettings
     decomposable = True
     detect_keys = ("lokr_w1", "lokr_w1_a")
     peft_type = "LOKR"
@@ -251,28 +270,28 @@ class LoKr(Algorithm):
         c, d = factorization(spec.in_features, config.factor)
         w1_low = config.decompose_both and not config.full_matrix and r < max(a, c) / 2
         w2_low = not config.full_matrix and r < max(b, d) / 2
-        return {
-            "r": r, "alpha": float(alpha), "shape": [a, b, c, d],
-            "w1_low_rank": bool(w1_low), "w2_low_rank": bool(w2_low),
-            "tucker": bool(w2_low and config.use_tucker and spec.is_conv and spec.taps > 1),
-            "scale": lora_scale(alpha, r) if (w1_low or w2_low) else 1.0,
+        return LoKrSettings(
+            r=r, alpha=float(alpha), shape=(a, b, c, d),
+            w1_low_rank=bool(w1_low), w2_low_rank=bool(w2_low),
+            tucker=bool(w2_low and config.use_tucker and spec.is_conv and spec.taps > 1),
+            scale=lora_scale(alpha, r) if (w1_low or w2_low) else 1.0,
             **dora.resolve(config, spec),
-        }
+        )
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        a, b, c, d = settings["shape"]
-        r = settings["r"]
+        a, b, c, d = settings.shape
+        r = settings.r
         kh, kw = spec.kernel_size
         params = {}
-        if settings["w1_low_rank"]:
+        if settings.w1_low_rank:
             params["lokr_w1_a"], params["lokr_w1_b"] = torch.empty(a, r), torch.empty(r, c)
         else:
             params["lokr_w1"] = torch.empty(a, c)
         zero_key = "lokr_w2"
-        if not settings["w2_low_rank"]:
+        if not settings.w2_low_rank:
             params["lokr_w2"] = torch.empty(b, d, kh, kw) if spec.is_conv else torch.empty(b, d)
-        elif settings["tucker"]:
+        elif settings.tucker:
             params["lokr_t2"] = torch.empty(r, r, kh, kw)
             params["lokr_w2_a"], params["lokr_w2_b"] = torch.empty(r, b), torch.empty(r, d)
             zero_key = "lokr_w2_b"
@@ -309,17 +328,17 @@ class LoKr(Algorithm):
             r = peft_rank
         a_value = file_alpha(alpha, r)
         scaled = w1_low or w2_low or peft_rank is not None
-        return {"r": r, "alpha": a_value, "shape": [a, b, c, d], "w1_low_rank": w1_low, "w2_low_rank": w2_low,
-                "tucker": tucker, "scale": lora_scale(a_value, r) if scaled else 1.0,
-                **dora.file_settings(spec, tensors, name)}
+        return LoKrSettings(r=r, alpha=a_value, shape=(a, b, c, d), w1_low_rank=w1_low, w2_low_rank=w2_low,
+                            tucker=tucker, scale=lora_scale(a_value, r) if scaled else 1.0,
+                            **dora.file_settings(spec, tensors, name))
 
     @classmethod
     def to_kohya(cls, params, settings):
         tensors, _ = super().to_kohya(params, settings)
-        if not settings["w1_low_rank"] and not settings["w2_low_rank"] and settings["scale"] != 1.0:
+        if not settings.w1_low_rank and not settings.w2_low_rank and settings.scale != 1.0:
             # LyCORIS's loaders ignore alpha when both factors are full (scale 1): fold a scale such a
             # layer carries (PEFT's alpha/r, from PEFT folders) into w1
-            tensors["lokr_w1"] = tensors["lokr_w1"] * settings["scale"]
+            tensors["lokr_w1"] = tensors["lokr_w1"] * settings.scale
         return tensors, alpha_for(settings)
 
     @classmethod
@@ -333,13 +352,13 @@ class LoKr(Algorithm):
         """PEFT's ``r``, ``decompose_both``, ``decompose_factor`` and ``use_effective_conv2d`` that rebuild
         every layer's tensors (``ValueError`` when none do)."""
         peft.require_no_dora(component, layers, cls.name)
-        decompose_both = any(e.settings["w1_low_rank"] for e in layers.values())
-        effective = any(e.settings["tucker"] for e in layers.values())
-        candidates = [-1] + sorted({e.settings["shape"][k] for e in layers.values() for k in (0, 2)})
+        decompose_both = any(e.settings.w1_low_rank for e in layers.values())
+        effective = any(e.settings.tucker for e in layers.values())
+        candidates = [-1] + sorted({e.settings.shape[k] for e in layers.values() for k in (0, 2)})
         factor = None
         for f in candidates:
             if all((peft_factorization(specs[p].out_features, f), peft_factorization(specs[p].in_features, f))
-                   == (tuple(e.settings["shape"][:2]), tuple(e.settings["shape"][2:])) for p, e in layers.items()):
+                   == (tuple(e.settings.shape[:2]), tuple(e.settings.shape[2:])) for p, e in layers.items()):
                 factor = f
                 break
         if factor is None:
@@ -348,13 +367,13 @@ class LoKr(Algorithm):
         ranks, alphas = {}, {}
         for path, e in layers.items():
             s = e.settings
-            a, b, c, d = s["shape"]
-            if s["w2_low_rank"]:
-                options = [s["r"]]
-            elif s["w1_low_rank"]:
+            a, b, c, d = s.shape
+            if s.w2_low_rank:
+                options = [s.r]
+            elif s.w1_low_rank:
                 options = [e.tensors["lokr_w1_a"].shape[1]]
             else:
-                options = [s["r"], max(b, d), max(a, b, c, d)]
+                options = [s.r, max(b, d), max(a, b, c, d)]
             want = {k: tuple(v.shape) for k, v in e.tensors.items()}
             r_p = next((r for r in options if peft_lokr_shapes(specs[path], r, decompose_both, factor, effective) == want),
                        None)
@@ -379,7 +398,7 @@ class LoKr(Algorithm):
     @classmethod
     def _factors(cls, params, spec, settings, scale=1.0):
         """``(scale · w1, w2)``."""
-        a, b, c, d = settings["shape"]
+        a, b, c, d = settings.shape
         w2_shape = (b, d, *spec.kernel_size) if spec.is_conv else (b, d)
         w1 = factor_w1(params)
         return w1 if is_one(scale) else w1 * scale, factor_w2(params, w2_shape)
@@ -387,7 +406,7 @@ class LoKr(Algorithm):
     @classmethod
     def delta_weight(cls, params, spec, settings):
         w1, w2 = cls._factors(params, spec, settings)
-        return delta_weight(w1, w2, settings["scale"], spec.weight_shape)
+        return delta_weight(w1, w2, settings.scale, spec.weight_shape)
 
     @classmethod
     def _route(cls, params, spec, settings, multiplier):
@@ -395,7 +414,7 @@ class LoKr(Algorithm):
         linear layer with a low-rank ``w2``), and the tensors its ``factors`` take."""
         keys = sorted(k for k in params if k != dora.KEY)
         values = [params[k] for k in keys]
-        scale = settings["scale"] * multiplier
+        scale = settings.scale * multiplier
 
         def factors(*values):
             return cls._factors(dict(zip(keys, values)), spec, settings, scale)
@@ -417,7 +436,7 @@ class LoKr(Algorithm):
         route, values = cls._route(params, spec, settings, multiplier)
         if route is not None:
             return factored_route(route, x, *values)
-        scale = settings["scale"] * multiplier
+        scale = settings.scale * multiplier
         keys = sorted(k for k in params if k != dora.KEY)
 
         def full(x, *values):

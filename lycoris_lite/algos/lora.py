@@ -25,6 +25,7 @@ import torch
 from ..base.layer_kind import LayerSpec
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import kaiming_, rebuild_tucker
 
@@ -34,20 +35,20 @@ def lora_scale(alpha: float, r: int, rank_stabilized: bool = False) -> float:
     return alpha / (math.sqrt(r) if rank_stabilized else r)
 
 
-def alpha_for(settings: dict, r: int | None = None, rank_stabilized: bool = False) -> float:
+def alpha_for(settings: ScaledSettings, r: int | None = None, rank_stabilized: bool = False) -> float:
     """The alpha a file stores for a layer of the LoRA family so that a loader computing
     :func:`lora_scale` at rank ``r`` (default: the layer's) gets the layer's scale: the layer's own alpha
     when it does, else the inverse of :func:`lora_scale` (``scale · r`` or ``scale · √r``)."""
-    r = settings["r"] if r is None else r
-    if lora_scale(settings["alpha"], r, rank_stabilized) == settings["scale"]:
-        return float(settings["alpha"])
-    return float(settings["scale"]) * (math.sqrt(r) if rank_stabilized else r)
+    r = settings.r if r is None else r
+    if lora_scale(settings.alpha, r, rank_stabilized) == settings.scale:
+        return float(settings.alpha)
+    return float(settings.scale) * (math.sqrt(r) if rank_stabilized else r)
 
 
 def peft_alphas(layers: dict) -> tuple[bool, dict[str, float]]:
     """``(use_rslora, {path: alpha})`` reproducing every layer's scale under PEFT's LoRA rule."""
     def fits(settings, rank_stabilized):
-        return lora_scale(settings["alpha"], settings["r"], rank_stabilized) == settings["scale"]
+        return lora_scale(settings.alpha, settings.r, rank_stabilized) == settings.scale
 
     settings = [e.settings for e in layers.values()]
     rslora = not all(fits(s, False) for s in settings) and all(fits(s, True) for s in settings)
@@ -120,10 +121,24 @@ class LoRAConfig(dora.DecomposableConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoRASettings(dora.DecomposableSettings, ScaledSettings):
+    """LoRA's per-layer settings: ``r``, ``alpha``, ``scale`` (:class:`ScaledSettings`), ``dora``,
+    ``dora_init`` (:class:`~lycoris_lite.algos.dora.DecomposableSettings`), and
+
+    * ``tucker``: the layer (a k×k conv) has a Tucker core ``lora_mid``;
+    * ``dropout``: the probability of dropout on the adapter's input while training (0: none).
+    """
+
+    tucker: bool = False
+    dropout: float = 0.0
+
+
 @register
 class LoRA(Algorithm):
     name = "lora"
     config_class = LoRAConfig
+    settings_class = LoRASettings
     decomposable = True
     detect_keys = ("lora_up.weight",)
     kohya_keys = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
@@ -150,23 +165,23 @@ class LoRA(Algorithm):
     def resolve(cls, config, spec, name):
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha if config.alpha is not None else r)
-        return {
-            "r": r,
-            "alpha": float(alpha),
-            "scale": lora_scale(alpha, r, config.use_rslora),
-            "tucker": bool(config.use_tucker and spec.is_conv and spec.taps > 1),
-            "dropout": config.dropout,
+        return LoRASettings(
+            r=r,
+            alpha=float(alpha),
+            scale=lora_scale(alpha, r, config.use_rslora),
+            tucker=bool(config.use_tucker and spec.is_conv and spec.taps > 1),
+            dropout=config.dropout,
             **dora.resolve(config, spec),
-        }
+        )
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        r = settings["r"]
+        r = settings.r
         kh, kw = spec.kernel_size
         if not spec.is_conv:
             down, up = torch.empty(r, spec.in_features), torch.empty(spec.out_features, r)
             params = {}
-        elif settings["tucker"]:
+        elif settings.tucker:
             down, up = torch.empty(r, spec.in_features, 1, 1), torch.empty(spec.out_features, r, 1, 1)
             params = {"lora_mid": kaiming_(torch.empty(r, r, kh, kw), generator)}
         else:
@@ -181,8 +196,8 @@ class LoRA(Algorithm):
         """``rank_stabilized``: the file's scale is ``alpha/√r`` (PEFT's ``use_rslora``)."""
         r = tensors["lora_down"].shape[0]
         a = file_alpha(alpha, r)
-        return {"r": r, "alpha": a, "scale": lora_scale(a, r, rank_stabilized), "tucker": "lora_mid" in tensors,
-                "dropout": 0.0, **dora.file_settings(spec, tensors, name)}
+        return LoRASettings(r=r, alpha=a, scale=lora_scale(a, r, rank_stabilized), tucker="lora_mid" in tensors,
+                            dropout=0.0, **dora.file_settings(spec, tensors, name))
 
     @classmethod
     def to_kohya(cls, params, settings):
@@ -203,9 +218,9 @@ class LoRA(Algorithm):
     @classmethod
     def to_peft(cls, layers, specs, component):
         for path, e in layers.items():
-            if e.settings.get("tucker") or "lora_mid" in e.tensors:
+            if e.settings.tucker or "lora_mid" in e.tensors:
                 raise ValueError(f"{component}: layer {path!r} is a Tucker LoRA (lora_mid), which PEFT's LoRA cannot hold")
-        axis = peft.one_value({e.settings.get("dora") for e in layers.values()},
+        axis = peft.one_value({e.settings.dora for e in layers.values()},
                               "use_dora setting (DoRA on every layer or none)", component)
         if axis == "input":
             raise ValueError(f"{component}: DoRA on the input axis (LyCORIS's older dora_scale (1, in)) has no PEFT form; "
@@ -216,9 +231,9 @@ class LoRA(Algorithm):
             if axis:
                 tensors[path]["lora_magnitude_vector"] = dora.to_peft(e.tensors[dora.KEY], specs[path])
         rslora, alphas = peft_alphas(layers)
-        r, rank_pattern = peft.common_and_patterns({p: e.settings["r"] for p, e in layers.items()}, int)
+        r, rank_pattern = peft.common_and_patterns({p: e.settings.r for p, e in layers.items()}, int)
         alpha, alpha_pattern = peft.common_and_patterns(alphas)
-        dropout = Counter(float(e.settings.get("dropout", 0.0)) for e in layers.values()).most_common(1)[0][0]
+        dropout = Counter(float(e.settings.dropout) for e in layers.values()).most_common(1)[0][0]
         return tensors, {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                          "use_rslora": rslora, "lora_dropout": dropout, "fan_in_fan_out": False, "use_dora": bool(axis),
                          "lora_bias": False, "init_lora_weights": True}
@@ -232,7 +247,7 @@ class LoRA(Algorithm):
 
     @classmethod
     def delta_weight(cls, params, spec, settings):
-        return delta_weight(params["lora_down"], params["lora_up"], settings["scale"], params.get("lora_mid"), spec.weight_shape)
+        return delta_weight(params["lora_down"], params["lora_up"], settings.scale, params.get("lora_mid"), spec.weight_shape)
 
     @classmethod
     def add_delta_weight(cls, weight, params, spec, settings, multiplier=1.0, out=None):
@@ -241,11 +256,11 @@ class LoRA(Algorithm):
             return super().add_delta_weight(weight, params, spec, settings, multiplier, out)
         flat = weight.reshape(weight.shape[0], -1)
         result = add_low_rank(flat, params["lora_up"].flatten(1), params["lora_down"].flatten(1),
-                              settings["scale"] * multiplier, None if out is None else out.view(flat.shape))
+                              settings.scale * multiplier, None if out is None else out.view(flat.shape))
         return result.reshape(weight.shape) if out is None else out
 
     @classmethod
     def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
-        return delta_forward(x, params["lora_down"], params["lora_up"], settings["scale"] * multiplier, spec,
+        return delta_forward(x, params["lora_down"], params["lora_up"], settings.scale * multiplier, spec,
                              params.get("lora_mid"))
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import BlockDiagonal, Chain, Diagonal
 from ..base.registry import Algorithm, register
+from ..base.settings import Settings
 from . import peft
 from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, normal_, rotated_dim, skew
 
@@ -108,6 +109,39 @@ class OFTConfig(RotationConfig):
             raise ValueError("num_cayley_neumann_terms must be >= 2")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RotationSettings(Settings):
+    """Per-layer settings OFT and BOFT share:
+
+    * ``side``: the rotated side, ``"output"`` (``W' = M·W``) or ``"input"`` (``W' = W·M``);
+    * ``dim``: the rotated dimension ``D`` (``out``, or ``in·kh·kw``);
+    * ``block_num`` · ``block_size`` = ``D``: the number and size of the rotation's diagonal blocks;
+    * ``radius``: the COFT bound on ``‖Q‖_F`` over all blocks (the config's ``constraint · D``; 0: none);
+    * ``rescale``: the adapter has a per-output-channel scale ``rescale``;
+    * ``conv``: the layer is a Conv2d (files hold ``rescale`` as ``(out, 1, 1, 1)``).
+    """
+
+    side: str
+    dim: int
+    block_num: int
+    block_size: int
+    radius: float = 0.0
+    rescale: bool = False
+    conv: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class OFTSettings(RotationSettings):
+    """OFT's per-layer settings: the :class:`RotationSettings` fields, and
+
+    * ``neumann_terms``: the rotation is the Cayley–Neumann series with that many terms (0: exact Cayley);
+    * ``rotation_given``: ``oft_blocks`` hold the rotation itself (LyCORIS 2.0's ``oft_diag``), not ``B``.
+    """
+
+    neumann_terms: int = 0
+    rotation_given: bool = False
+
+
 def rescale_from_file(params: dict) -> dict:
     """LyCORIS stores ``rescale`` as ``(out, 1[, 1, 1])``; we keep ``(out,)``."""
     if "rescale" in params:
@@ -115,20 +149,21 @@ def rescale_from_file(params: dict) -> dict:
     return params
 
 
-def rescale_to_file(params: dict, settings: dict) -> dict:
+def rescale_to_file(params: dict, settings: RotationSettings) -> dict:
     if "rescale" in params:
-        ones = (1, 1, 1) if settings.get("conv") else (1,)
+        ones = (1, 1, 1) if settings.conv else (1,)
         params = {**params, "rescale": params["rescale"].reshape(-1, *ones)}
     return params
 
 
 def require_output_side(settings):
-    if settings["side"] != "output":
+    if settings.side != "output":
         raise ValueError("kohya/LyCORIS files (and AUTOMATIC1111, ComfyUI) rotate the output side; an "
                          "input-side OFT/BOFT adapter can be saved in the peft format instead")
 
 
-def rotation_settings(config, spec, name, what="block_size"):
+def rotation_settings(config, spec, name, what="block_size") -> dict:
+    """The :class:`RotationSettings` fields of a config on a layer, as keyword arguments."""
     dim = rotated_dim(spec, config.rotation_side)
     n, b = block_layout(dim, config.block_size, config.r, name, what)
     return {"side": config.rotation_side, "dim": dim, "block_num": n, "block_size": b,
@@ -139,7 +174,7 @@ def init_rotation(shape, spec, settings, init_weights, generator):
     params = {"oft_blocks": torch.zeros(shape)}
     if init_weights is False:
         normal_(params["oft_blocks"], 0.1, generator)
-    if settings["rescale"]:
+    if settings.rescale:
         params["rescale"] = torch.ones(spec.out_features)
         if init_weights is False:
             normal_(params["rescale"], 0.1, generator, mean=1.0)
@@ -220,6 +255,7 @@ def peft_coft_project(vec: torch.Tensor, block_size: int, eps: float) -> torch.T
 class OFT(Algorithm):
     name = "oft"
     config_class = OFTConfig
+    settings_class = OFTSettings
     multiplicative = True
     detect_keys = ("oft_blocks",)
     peft_type = "OFT"
@@ -247,14 +283,13 @@ class OFT(Algorithm):
 
     @classmethod
     def resolve(cls, config, spec, name):
-        settings = rotation_settings(config, spec, name)
-        settings["neumann_terms"] = config.num_cayley_neumann_terms if config.use_cayley_neumann else 0
-        return settings
+        return OFTSettings(**rotation_settings(config, spec, name),
+                           neumann_terms=config.num_cayley_neumann_terms if config.use_cayley_neumann else 0)
 
     @classmethod
     def init_params(cls, spec, settings, init_weights, generator):
-        b = settings["block_size"]
-        return init_rotation((settings["block_num"], b, b), spec, settings, init_weights, generator)
+        b = settings.block_size
+        return init_rotation((settings.block_num, b, b), spec, settings, init_weights, generator)
 
     @classmethod
     def matches(cls, tensors):
@@ -267,14 +302,14 @@ class OFT(Algorithm):
             return super().from_kohya(spec, rescale_from_file(file_tensors), alpha, name, side)
         params = {"oft_blocks": file_tensors["oft_diag"]}
         settings = cls.settings_from_tensors(spec, params, 0.0, name, side)
-        return {**settings, "rotation_given": True}, params
+        return replace(settings, rotation_given=True), params
 
     @classmethod
     def to_kohya(cls, params, settings):
-        if settings.get("rotation_given"):
+        if settings.rotation_given:
             return {"oft_diag": params["oft_blocks"]}, None
         require_output_side(settings)
-        return rescale_to_file(params, settings), settings["radius"] / settings["dim"]
+        return rescale_to_file(params, settings), settings.radius / settings.dim
 
     @classmethod
     def settings_from_tensors(cls, spec, tensors, alpha, name, side=None, neumann_terms=0):
@@ -286,9 +321,8 @@ class OFT(Algorithm):
         n, b = blocks.shape[0], blocks.shape[-1]
         if blocks.shape[1] != b or n * b != dim:
             raise ValueError(f"layer {name!r}: OFT blocks {tuple(blocks.shape)} do not fit the {side} dimension {dim}")
-        return {"side": side, "dim": dim, "block_num": n, "block_size": b,
-                "radius": float(alpha or 0.0) * dim, "rescale": "rescale" in tensors, "neumann_terms": neumann_terms,
-                "conv": spec.is_conv}
+        return OFTSettings(side=side, dim=dim, block_num=n, block_size=b, radius=float(alpha or 0.0) * dim,
+                           rescale="rescale" in tensors, neumann_terms=neumann_terms, conv=spec.is_conv)
 
     @classmethod
     def check_peft_config(cls, config, component):
@@ -328,14 +362,14 @@ class OFT(Algorithm):
         for path, e in layers.items():
             s = e.settings
             peft.require_input_side(component, path, s, cls.name)
-            if s.get("rotation_given"):
+            if s.rotation_given:
                 raise ValueError(f"{component}: layer {path!r} holds a legacy LyCORIS rotation (oft_diag); not PEFT")
             if "rescale" in e.tensors:
                 raise ValueError(f"{component}: layer {path!r} has an OFT rescale, which PEFT's OFT does not have")
-            if s["radius"] > 0:
+            if s.radius > 0:
                 raise ValueError(f"{component}: layer {path!r} uses a COFT constraint over all blocks together; PEFT's "
                                  "coft clamps each block, so it cannot be written exactly")
-        terms = peft.one_value({e.settings["neumann_terms"] for e in layers.values()}, "Cayley–Neumann setting",
+        terms = peft.one_value({e.settings.neumann_terms for e in layers.values()}, "Cayley–Neumann setting",
                                component)
         tensors = {p: {"oft_R.weight": oft_blocks_to_peft(e.tensors["oft_blocks"], terms > 0)} for p, e in layers.items()}
         return tensors, {**peft.blocks_config(component, layers, "oft_block_size", "r"), "use_cayley_neumann": terms > 0,
@@ -351,11 +385,11 @@ class OFT(Algorithm):
 
     @classmethod
     def transform(cls, params, spec, settings):
-        given = bool(settings.get("rotation_given"))
+        given = bool(settings.rotation_given)
         if given:
             # AUTOMATIC1111/LyCORIS apply a given block X as einsum("k n m, k n ... -> k m ..."): M = Xᵀ
             blocks = params["oft_blocks"].transpose(-1, -2)
         else:
-            blocks = rotation_blocks(params["oft_blocks"], settings["radius"], settings["neumann_terms"])
-        exact = not given and not settings["neumann_terms"]
-        return rotation_operators(blocks, settings["side"], params.get("rescale"), orthogonal=exact)
+            blocks = rotation_blocks(params["oft_blocks"], settings.radius, settings.neumann_terms)
+        exact = not given and not settings.neumann_terms
+        return rotation_operators(blocks, settings.side, params.get("rescale"), orthogonal=exact)

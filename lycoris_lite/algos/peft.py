@@ -12,6 +12,7 @@ import re
 from collections import Counter
 
 from ..base.registry import pattern_value
+from ..base.settings import Settings
 
 
 def pattern_key(path: str) -> str:
@@ -46,25 +47,25 @@ def check_rank(name: str, config_rank: int, tensor_rank: int) -> None:
         raise ValueError(f"layer {name!r}: the adapter config gives rank {config_rank}, its tensors rank {tensor_rank}")
 
 
-def rank_scaled(algo, spec, params: dict, config: dict, names, alpha_field: str, **options) -> tuple[dict, dict]:
+def rank_scaled(algo, spec, params: dict, config: dict, names, alpha_field: str, **options) -> tuple[Settings, dict]:
     """``(settings, params)`` of one module of an algorithm scaled by ``alpha / r`` (LoRA, LoHa): the
     config's alpha for the module given to the algorithm's ``settings_from_tensors`` (which computes the
     scale; ``options`` go there too), and the config's rank checked against the tensors'."""
     r, alpha = rank_and_alpha(config, names, alpha_field)
     settings = algo.settings_from_tensors(spec, params, alpha, names[0], **options)
-    check_rank(names[0], r, settings["r"])
+    check_rank(names[0], r, settings.r)
     return settings, params
 
 
-def require_input_side(component: str, path: str, settings: dict, algo_name: str) -> None:
-    if settings.get("side") != "input":
+def require_input_side(component: str, path: str, settings: Settings, algo_name: str) -> None:
+    if settings.side != "input":
         raise ValueError(f"{component}: layer {path!r} has an output-side {algo_name.upper()} (the kohya/LyCORIS "
                          f"convention); PEFT rotates the input side only, so it cannot be written as PEFT. Save it "
                          f"with format='kohya', or train with rotation_side='input'")
 
 
 def require_no_dora(component: str, layers: dict, algo_name: str) -> None:
-    path = next((p for p, e in layers.items() if e.settings.get("dora")), None)
+    path = next((p for p, e in layers.items() if e.settings.dora), None)
     if path is not None:
         raise ValueError(f"{component}: layer {path!r} is a {algo_name.upper()} with DoRA (LyCORIS's weight_decompose); "
                          f"PEFT's {algo_name.upper()} has no DoRA. Save it with format='kohya'")
@@ -72,8 +73,8 @@ def require_no_dora(component: str, layers: dict, algo_name: str) -> None:
 
 def blocks_config(component: str, layers: dict, size_key: str, num_key: str) -> dict:
     """PEFT's block size or number of blocks (the other 0) of rotation layers (OFT, BOFT)."""
-    sizes = {e.settings["block_size"] for e in layers.values()}
-    nums = {e.settings["block_num"] for e in layers.values()}
+    sizes = {e.settings.block_size for e in layers.values()}
+    nums = {e.settings.block_num for e in layers.values()}
     if len(sizes) == 1:
         return {size_key: sizes.pop(), num_key: 0}
     if len(nums) == 1:

@@ -8,7 +8,10 @@ detection, the trainer's ``--algo`` choices, the UI and the test matrix all iter
 The contract an algorithm implements (all tensors float, shapes per :class:`LayerSpec`):
 
 * ``resolve(config, spec, name) -> settings``: per-layer hyper-parameters (rank, scale, block sizes)
-  as a plain dict, raising ``ValueError`` when the config does not fit the layer.
+  as an instance of the algorithm's ``settings_class``, a frozen dataclass on
+  :class:`~lycoris_lite.base.settings.Settings` declared next to its config (the LoRA family's on
+  :class:`~lycoris_lite.base.settings.ScaledSettings`), raising ``ValueError`` when the config does not
+  fit the layer. Every other method takes the settings as that dataclass and reads its fields.
 * ``init_params(spec, settings, init_weights, generator) -> {key: tensor}``: the trainable tensors,
   named as in the algorithm's kohya/LyCORIS file keys.
 * additive algorithms (``multiplicative = False``):
@@ -23,9 +26,10 @@ The contract an algorithm implements (all tensors float, shapes per :class:`Laye
   ``W' = output_op · W · input_op`` (either may be ``None``; see :mod:`lycoris_lite.base.operators`).
 * ``regularization(params, settings) -> tensor | None``: an optional training penalty.
 
-Decomposable algorithms (``decomposable = True``) add ``{"dora": axis}`` to their settings and a
+Decomposable algorithms (``decomposable = True``) have settings on
+:class:`~lycoris_lite.algos.dora.DecomposableSettings` (``dora``: the axis, ``None`` without DoRA) and a
 ``dora_scale`` tensor when DoRA is on (:mod:`lycoris_lite.algos.dora`); settings from ``resolve`` then
-also carry ``dora_init``, and ``init_params`` gives the magnitude relative to ``‖W + ΔW‖``, which the
+also have ``dora_init=True``, and ``init_params`` gives the magnitude relative to ``‖W + ΔW‖``, which the
 layer turns into the absolute one when it attaches the adapter (it alone sees the weight).
 
 What the file formats, ``inspect`` and the UI need to know of an algorithm is declared here too, so a
@@ -44,7 +48,7 @@ new algorithm is one new module (``tests/test_toy_algorithm.py`` registers one):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Iterable
 
 import torch
@@ -52,24 +56,18 @@ import torch
 from .config import AdapterConfig
 from .layer_kind import LayerSpec
 from .operators import Operator
+from .settings import ScaledSettings, Settings
 
 
 #: Algorithm.param_shapes' memo
 _SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
 
 
-def _frozen(value):
-    """A hashable stand-in for settings (lists and dicts, tagged, become tuples)."""
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
-    if isinstance(value, list):
-        return ("list", tuple(_frozen(v) for v in value))
-    return value
-
-
 class Algorithm:
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
+    #: the frozen dataclass of the per-layer settings every method takes (see the module's docstring)
+    settings_class: ClassVar[type[Settings]]
     multiplicative: ClassVar[bool] = False
     #: additive algorithms with a cheap activation route (``delta_forward``); the others are folded
     #: into the base op as ``W + s·ΔW``
@@ -100,36 +98,31 @@ class Algorithm:
     peft_fields: ClassVar[dict[str, type]] = {}
 
     @classmethod
-    def resolve(cls, config: AdapterConfig, spec: LayerSpec, name: str) -> dict:
+    def resolve(cls, config: AdapterConfig, spec: LayerSpec, name: str) -> Settings:
         raise NotImplementedError
 
     @classmethod
-    def init_params(cls, spec: LayerSpec, settings: dict, init_weights, generator) -> dict[str, torch.Tensor]:
+    def init_params(cls, spec: LayerSpec, settings: Settings, init_weights, generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @classmethod
-    def param_shapes(cls, spec: LayerSpec, settings: dict) -> dict[str, tuple[int, ...]]:
+    def param_shapes(cls, spec: LayerSpec, settings: Settings) -> dict[str, tuple[int, ...]]:
         """``{key: shape}`` of the tensors ``init_params`` gives (built on the meta device: nothing
         allocated), remembered per (algorithm, layer spec, settings): loading checks every layer of a
         file against it, and a UNet repeats a few dozen layer shapes."""
-        try:
-            key = (cls, spec, _frozen(settings))
-            hash(key)
-        except TypeError:  # a setting that is not hashable: no memo
-            key = None
-        if key is not None and key in _SHAPES:
+        key = (cls, spec, settings)
+        if key in _SHAPES:
             return _SHAPES[key]
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in cls.init_params(spec, settings, True, None).items()}
-        if key is not None:
-            if len(_SHAPES) >= 4096:
-                _SHAPES.clear()
-            _SHAPES[key] = shapes
+        if len(_SHAPES) >= 4096:
+            _SHAPES.clear()
+        _SHAPES[key] = shapes
         return shapes
 
     @classmethod
     def settings_from_tensors(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], alpha: float | None,
-                              name: str, side: str | None = None, **options) -> dict:
+                              name: str, side: str | None = None, **options) -> Settings:
         """Per-layer settings of an adapter read from a file: ranks from shapes, the scale from the
         file's ``alpha`` (``None``: the file has none, see :func:`file_alpha`), ``side`` of a rotation;
         ``options`` are what a format holds elsewhere (PEFT's ``use_rslora``, …, each algorithm names
@@ -150,14 +143,14 @@ class Algorithm:
 
     @classmethod
     def from_kohya(cls, spec: LayerSpec, file_tensors: dict[str, torch.Tensor], alpha, name: str,
-                   side: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                   side: str | None = None) -> tuple[Settings, dict[str, torch.Tensor]]:
         """``(settings, tensors by our key)`` from a kohya/LyCORIS module's tensors."""
         back = {v: k for k, v in cls.kohya_keys.items()}
         params = {back.get(k, k): v for k, v in file_tensors.items()}
         return cls.settings_from_tensors(spec, params, alpha, name, side), params
 
     @classmethod
-    def to_kohya(cls, params: dict[str, torch.Tensor], settings: dict) -> tuple[dict[str, torch.Tensor], float | None]:
+    def to_kohya(cls, params: dict[str, torch.Tensor], settings: Settings) -> tuple[dict[str, torch.Tensor], float | None]:
         """``(tensors by file key, alpha)``; ``alpha`` ``None`` writes none (the LoRA family writes the
         alpha from which loaders' ``alpha / rank`` gives the layer's scale)."""
         return {cls.kohya_keys.get(k, k): v for k, v in params.items()}, None
@@ -185,7 +178,7 @@ class Algorithm:
 
     @classmethod
     def from_peft(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], config: dict,
-                  names: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
+                  names: tuple[str, ...]) -> tuple[Settings, dict[str, torch.Tensor]]:
         """``(settings, tensors by our key)`` of one PEFT module: its tensors by :attr:`peft_keys` and the
         folder's ``adapter_config.json``; ``names`` are the module's names for ``rank_pattern`` /
         ``alpha_pattern`` (:func:`pattern_value`). ``ValueError`` (or ``KeyError`` for a missing
@@ -207,11 +200,11 @@ class Algorithm:
         return {}
 
     @classmethod
-    def delta_weight(cls, params, spec: LayerSpec, settings: dict) -> torch.Tensor:
+    def delta_weight(cls, params, spec: LayerSpec, settings: Settings) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
-    def add_delta_weight(cls, weight: torch.Tensor, params, spec: LayerSpec, settings: dict,
+    def add_delta_weight(cls, weight: torch.Tensor, params, spec: LayerSpec, settings: Settings,
                          multiplier: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
         """``weight + multiplier · ΔW``: a new tensor, or written into ``out`` (which may be ``weight``
         itself; otherwise ``weight`` is never written). Implementations may fuse the sum into the
@@ -219,12 +212,12 @@ class Algorithm:
         return torch.add(weight, cls.delta_weight(params, spec, settings), alpha=multiplier, out=out)
 
     @classmethod
-    def delta_forward(cls, x, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0) -> torch.Tensor | None:
+    def delta_forward(cls, x, params, spec: LayerSpec, settings: Settings, multiplier: float = 1.0) -> torch.Tensor | None:
         """``multiplier · spec.op(x, ΔW)``; implementations fold the scale into their smallest factor."""
         return None
 
     @classmethod
-    def add_delta_forward(cls, y: torch.Tensor, x, params, spec: LayerSpec, settings: dict,
+    def add_delta_forward(cls, y: torch.Tensor, x, params, spec: LayerSpec, settings: Settings,
                           multiplier: float = 1.0) -> torch.Tensor:
         """``y += multiplier · spec.op(x, ΔW)`` in place, returning ``y``: the inference form of the
         activation route (no autograd; ``y`` is the layer's fresh output). The default adds
@@ -232,35 +225,35 @@ class Algorithm:
         return y.add_(cls.delta_forward(x, params, spec, settings, multiplier).to(y.dtype))
 
     @classmethod
-    def folded_route(cls, params, spec: LayerSpec, settings: dict, multiplier: float = 1.0):
+    def folded_route(cls, params, spec: LayerSpec, settings: Settings, multiplier: float = 1.0):
         """``(route, tensors)`` for :func:`~lycoris_lite.algos.common.folded_route` when training this
         adapter alone on a layer is cheaper with ``ΔW`` folded into the base op forward and the
         activation route backward; ``None`` (the default) for the activation route both ways."""
         return None
 
     @classmethod
-    def use_activation_route(cls, spec: LayerSpec, settings: dict, needs_grad: bool) -> bool:
+    def use_activation_route(cls, spec: LayerSpec, settings: Settings, needs_grad: bool) -> bool:
         """Whether the unfused forward adds ``delta_forward(x)`` (True) or folds ``W + s·ΔW`` into the
         base op (False)."""
         return cls.activation_route
 
     @classmethod
-    def forward_gain(cls, settings: dict) -> tuple[dict, float]:
+    def forward_gain(cls, settings: Settings) -> tuple[Settings, float]:
         """``(settings', g)`` with ``g · ΔW(settings') = ΔW(settings)``: the factor of the file's
         ``alpha / r`` that the forward moves out of the settings into the layer's multiplier tensor, so
         a compiled forward reads it as data and a hotswap to another alpha never retraces. Additive
-        algorithms are linear in ``settings["scale"]``; DoRA (a norm of ``W + ΔW``) and the rotations are
-        not: they keep their settings (``g = 1``)."""
-        if cls.multiplicative or settings.get("dora") or "scale" not in settings:
+        algorithms are linear in :class:`ScaledSettings`' ``scale``; DoRA (a norm of ``W + ΔW``) and the
+        rotations are not: they keep their settings (``g = 1``)."""
+        if cls.multiplicative or (cls.decomposable and settings.dora) or not isinstance(settings, ScaledSettings):
             return settings, 1.0
-        return {**settings, "scale": 1.0}, float(settings["scale"])
+        return replace(settings, scale=1.0), float(settings.scale)
 
     @classmethod
-    def transform(cls, params, spec: LayerSpec, settings: dict) -> tuple[Operator | None, Operator | None]:
+    def transform(cls, params, spec: LayerSpec, settings: Settings) -> tuple[Operator | None, Operator | None]:
         raise NotImplementedError
 
     @classmethod
-    def regularization(cls, params, settings: dict) -> torch.Tensor | None:
+    def regularization(cls, params, settings: Settings) -> torch.Tensor | None:
         return None
 
 
@@ -269,7 +262,7 @@ class LayerEntry:
     """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys)."""
 
     algorithm: type[Algorithm]
-    settings: dict
+    settings: Settings
     tensors: dict[str, torch.Tensor]
 
 
@@ -284,6 +277,9 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     undeclared = sorted((set(cls.detect_keys) | set(cls.peft_keys)) - cls.file_keys)
     if undeclared:
         raise ValueError(f"algorithm {cls.name!r}: file_keys lacks {undeclared}")
+    settings_class = getattr(cls, "settings_class", None)
+    if not (isinstance(settings_class, type) and issubclass(settings_class, Settings)):
+        raise ValueError(f"algorithm {cls.name!r}: settings_class must be a frozen dataclass on Settings")
     taken = next((a.name for a in ALGORITHMS.values() if cls.peft_type and a.peft_type == cls.peft_type), None)
     if taken:
         raise ValueError(f"algorithm {cls.name!r}: PEFT type {cls.peft_type!r} is {taken!r}'s")

@@ -27,6 +27,7 @@ from .stack import LayerWeights, Stack
 from .targets import ModulesToSave, _candidates, _matches, _nearest, _parent, find_targets, submodule, walk_modules
 from ..base.layer_kind import LayerSpec
 from ..base.registry import algorithm_for
+from ..base.settings import Settings
 
 _ATTR = "_lycoris_controller"
 
@@ -117,7 +118,7 @@ class AdapterController:
     # ---- adding and removing ----------------------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig, *, generator: torch.Generator | None = None,
                     tensors: dict[str, dict[str, torch.Tensor]] | None = None, activate: bool = False,
-                    settings: dict[str, dict] | None = None) -> list[str]:
+                    settings: dict[str, Settings] | None = None) -> list[str]:
         """Attach adapter ``name``; returns the targeted layer names.
 
         ``tensors`` (``{layer: {key: tensor}}``) gives the weights instead of initialising them;
@@ -159,6 +160,9 @@ class AdapterController:
             if layer_name not in modules:
                 raise ValueError(f"no module named {layer_name!r}; nearest: {_nearest(layer_name, modules)}")
             spec = LayerSpec.from_module(modules[layer_name], layer_name)
+            if not isinstance(layer_settings, algo.settings_class):
+                raise TypeError(f"layer {layer_name!r}: {algo.name} settings must be a {algo.settings_class.__name__}, "
+                                f"got {type(layer_settings).__name__}")
             _check_shapes(layer_name, params, algo.param_shapes(spec, layer_settings), check_values)
 
     def attach(self, name: str, plan: dict, config: AdapterConfig, activate: bool = False,
@@ -406,9 +410,10 @@ class AdapterController:
         return {ln: {k: v.detach() for k, v in layer.adapters[name].named_parameters(recurse=False)}
                 for ln, layer in self.layers() if name in layer.adapters}
 
-    def adapter_settings(self, name: str) -> dict[str, dict]:
+    def adapter_settings(self, name: str) -> dict[str, Settings]:
+        """``{layer_name: settings}`` of adapter ``name`` (each its algorithm's frozen settings dataclass)."""
         self._check_names(name)
-        return {ln: dict(layer.adapters[name].settings) for ln, layer in self.layers() if name in layer.adapters}
+        return {ln: layer.adapters[name].settings for ln, layer in self.layers() if name in layer.adapters}
 
     def trainable_parameters(self, names: list[str] | None = None) -> list[nn.Parameter]:
         names = self.active if names is None else names

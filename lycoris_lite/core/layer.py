@@ -28,7 +28,7 @@ puts the new weights of one fuse into one block, :mod:`lycoris_lite.core.buffers
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from ..base.layer_kind import LayerSpec, move_channels_back, move_channels_last
 from ..algos import common, dora
 from ..base.operators import Diagonal, Operator, is_one, low_rank_parts, orthogonal_blocks, rotate_output, scaled
 from ..base.registry import Algorithm
+from ..base.settings import Settings
 from .slot import AdapterSlot, _Use, _own_storage, compute_dtype
 
 
@@ -93,18 +94,19 @@ class AdapterLayer(nn.Module):
             raise
 
     # ---- adapters ---------------------------------------------------------------------------------
-    def add(self, name: str, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor]):
+    def add(self, name: str, algorithm: type[Algorithm], settings: Settings, params: dict[str, torch.Tensor]):
         """Attach adapter ``name``. A new DoRA adapter (settings ``dora_init``) gets its magnitude
-        ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init)."""
+        ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init), and keeps its settings
+        with ``dora_init=False``."""
         weight = self.weight
         dtype = compute_dtype(weight.dtype)
         params = {k: _own_storage(v.to(device=weight.device, dtype=dtype)) for k, v in params.items()}
-        settings = dict(settings)
-        if settings.pop("dora_init", False):
+        if algorithm.decomposable and settings.dora_init:
+            settings = replace(settings, dora_init=False)
             with torch.no_grad():
                 delta = algorithm.delta_weight(params, self.spec, settings)
                 original = (self._backup if self._backup is not None else weight).to(delta)
-                params[dora.KEY] = dora.magnitude_from_weight(params[dora.KEY], original, delta, settings["dora"])
+                params[dora.KEY] = dora.magnitude_from_weight(params[dora.KEY], original, delta, settings.dora)
         self.adapters[name] = AdapterSlot(algorithm, settings, params, dtype, weight.device)
 
     def remove(self, name: str):
@@ -151,7 +153,7 @@ class AdapterLayer(nn.Module):
         additive = []
         for use in uses:
             algo = use.algorithm
-            if use.settings.get("dora"):
+            if algo.decomposable and use.settings.dora:
                 terms = self._decomposition_stage(terms, use, dtype, base)
                 continue
             if not algo.multiplicative:
@@ -176,7 +178,7 @@ class AdapterLayer(nn.Module):
         """Append a DoRA stage ``W ← (1 − s + s·g) ⊙ W + s·g ⊙ ΔW``, ``g = m/‖W + ΔW‖`` per channel of
         its axis, to the expansion ``terms`` of the chain so far (``W`` = their sum)."""
         spec, settings, s = self.spec, use.settings, use.multiplier
-        axis = settings["dora"]
+        axis = settings.dora
         params = {k: v.to(dtype) for k, v in use.params.items()}
         if base is None:
             base = self.weight.detach()
@@ -260,7 +262,7 @@ class AdapterLayer(nn.Module):
         plain = len(terms) == 1 and terms[0].plain
         if plain and weight_delta is None and len(routed) == 1:
             use = routed[0]
-            folded_route = None if (use.settings.get("dropout") and self.training) or not self._needs_grad(use) \
+            folded_route = None if (getattr(use.settings, "dropout", 0.0) and self.training) or not self._needs_grad(use) \
                 else use.algorithm.folded_route(use.params, spec, use.settings, use.multiplier)
             if folded_route is not None:  # one adapter training alone: folded forward, route backward
                 return common.folded_route(folded_route[0], x, weight, bias, *folded_route[1])
@@ -282,7 +284,7 @@ class AdapterLayer(nn.Module):
                 y = y + spec.op(x, weight_delta.to(weight.dtype))
 
         for use in routed:
-            if torch.is_grad_enabled() or (use.settings.get("dropout") and self.training):
+            if torch.is_grad_enabled() or (getattr(use.settings, "dropout", 0.0) and self.training):
                 # out of place: in place on the base op's output measured 15-30 % slower steps
                 # (linear LoRA, 1 thread), though autograd keeps no copy of it
                 y = y + self._route(x, use, use.multiplier, cdtype).to(y.dtype)
@@ -294,7 +296,7 @@ class AdapterLayer(nn.Module):
         """``multiplier · op(x, ΔW)`` of an additive adapter through its activation route (with its
         input dropout while training)."""
         xa = x.to(cdtype)
-        p = use.settings.get("dropout", 0.0)
+        p = getattr(use.settings, "dropout", 0.0)
         if p and self.training:
             xa = F.dropout(xa, p, training=True)
         return use.algorithm.delta_forward(xa, use.params, self.spec, use.settings, multiplier)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .buffers import is_file_block
 from ..base.registry import Algorithm
+from ..base.settings import Settings
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,7 +47,7 @@ class AdapterSlot(nn.Module):
     the adapter leaves the forward) does. Calling the slot returns ``(tensors, multiplier)``: a module call, so offload hooks
     on the slot (accelerate's sequential CPU offload) bring its tensors to the device first."""
 
-    def __init__(self, algorithm: type[Algorithm], settings: dict, params: dict[str, torch.Tensor],
+    def __init__(self, algorithm: type[Algorithm], settings: Settings, params: dict[str, torch.Tensor],
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
         # plain attributes straight into __dict__: what nn.Module.__setattr__ does for them, without its
@@ -73,12 +74,13 @@ class AdapterSlot(nn.Module):
         self._fill_multiplier()
 
     @property
-    def settings(self) -> dict:
-        """The per-layer settings (rank, ``alpha / r``, block sizes…); set as a whole (a hotswap)."""
+    def settings(self) -> Settings:
+        """The per-layer settings (the algorithm's ``settings_class``: rank, ``alpha / r``, block sizes…);
+        set as a whole (a hotswap)."""
         return self._settings
 
     @settings.setter
-    def settings(self, value: dict) -> None:
+    def settings(self, value: Settings) -> None:
         forward_settings, gain = self.algorithm.forward_gain(value)
         self.__dict__.update(_settings=value, forward_settings=forward_settings, _gain=gain)
         self._fill_multiplier()
@@ -122,7 +124,7 @@ class _Use:
     slot: AdapterSlot
     params: dict[str, torch.Tensor]
     multiplier: float | torch.Tensor
-    settings: dict
+    settings: Settings
 
     @property
     def algorithm(self) -> type[Algorithm]:

@@ -239,7 +239,7 @@ class LycorisPipelineMixin:
                 if isinstance(target, torch.Tensor):
                     target.copy_(value)
                 else:
-                    target.settings = {**target.settings, **value}
+                    target.settings = value
 
     # ---- the stack --------------------------------------------------------------------------------
     def set_adapters(self, adapter_names, weights=None) -> None:
@@ -305,8 +305,8 @@ class LycorisPipelineMixin:
             ranks = Counter()
             for c in info.components:
                 for settings in controllers[c].adapter_settings(name).values():
-                    if settings.get("r"):
-                        ranks[settings["r"]] += 1
+                    if settings.rank:
+                        ranks[settings.rank] += 1
             out[name] = {
                 "algorithm": max(info.algorithms, key=info.algorithms.get) if info.algorithms else None,
                 "algorithms": dict(info.algorithms),

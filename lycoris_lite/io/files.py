@@ -103,8 +103,8 @@ def _summary_config(entries: dict[str, LayerEntry]) -> AdapterConfig:
     algo = Counter(e.algorithm.name for e in entries.values()).most_common(1)[0][0]
     settings = [e.settings for e in entries.values() if e.algorithm.name == algo]
     fields = {"target_modules": sorted(entries)}
-    for field_name, key in (("r", "r"), ("alpha", "alpha"), ("dora_axis", "dora")):
-        values = Counter(s[key] for s in settings if s.get(key))
+    for field_name, key in (("r", "rank"), ("alpha", "alpha"), ("dora_axis", "dora")):
+        values = Counter(getattr(s, key) for s in settings if getattr(s, key, None))
         if values:
             fields[field_name] = values.most_common(1)[0][0]
     if "dora_axis" in fields:
@@ -315,7 +315,7 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
         for path, layer in ctrl.layers():
             if adapter_name in layer.adapters:
                 slot = layer.adapters[adapter_name]
-                layers[path] = LayerEntry(slot.algorithm, dict(slot.settings), slot.tensors())
+                layers[path] = LayerEntry(slot.algorithm, slot.settings, slot.tensors())
         entries[component] = layers
     if not entries:
         raise ValueError(f"no adapter named {adapter_name!r} on these components")
@@ -376,7 +376,8 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     state = kohya.write(entries, names, dtype)
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())
     main = algorithms.most_common(1)[0][0]
-    sides = {e.algorithm.name: e.settings["side"] for layers in entries.values() for e in layers.values() if "side" in e.settings}
+    sides = {e.algorithm.name: e.settings.side for layers in entries.values() for e in layers.values()
+             if hasattr(e.settings, "side")}
     configs = {c: controller_for(m).configs[adapter_name].to_dict() for c, m in components.items() if c in entries}
     meta = {
         **network_metadata(main, component_config(main, configs)),

@@ -151,7 +151,7 @@ def _factor_weights(weights, slots) -> tuple[list[float], list[float]]:
     """PEFT's per-factor weights: ``sign(c)·√|c|`` on ``A``, ``√|c|`` on ``B`` with ``c = w·alpha/r``."""
     on_a, on_b = [], []
     for weight, slot in zip(weights, slots):
-        c = weight * slot.settings["scale"]
+        c = weight * slot.settings.scale
         on_a.append(math.sqrt(abs(c)) * (1 if c >= 0 else -1))
         on_b.append(math.sqrt(abs(c)))
     return on_a, on_b
@@ -166,7 +166,7 @@ def _combine_layer(layer: AdapterLayer, names: list[str], weights: list[float], 
                    generator=options["generator"])
     if all(_plain_lora(s) for s in slots):
         if combination_type == "cat":
-            downs = [s.tensors()["lora_down"].detach() * w * s.settings["scale"] for s, w in zip(slots, weights)]
+            downs = [s.tensors()["lora_down"].detach() * w * s.settings.scale for s, w in zip(slots, weights)]
             return torch.cat(downs, 0), torch.cat([s.tensors()["lora_up"].detach() for s in slots], 1)
         if combination_type in SAME_SHAPE_TYPES:
             on_a, on_b = _factor_weights(weights, slots)
@@ -315,7 +315,7 @@ def combine_adapters(components: dict[str, nn.Module], adapters: list[str], weig
         if not_lora:
             raise ValueError(f"combination_type={combination_type!r} with {', '.join(not_lora)} adapters needs "
                              "svd_rank (the rank of the resulting LoRA)")
-        svd_rank = max(s.settings["r"] for s in slots)
+        svd_rank = max(s.settings.r for s in slots)
 
     options = dict(density=density, majority_sign_method=majority_sign_method, generator=generator,
                    svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
@@ -330,7 +330,7 @@ def combine_adapters(components: dict[str, nn.Module], adapters: list[str], weig
                     raise ValueError(f"the combination on {c}.{path} has NaN/Inf values; nothing was attached")
                 entries.setdefault(c, {})[path] = lora_entry(layer.spec, path, down, up)
     attach_entries({c: components[c] for c in entries}, adapter_name, entries, activate=activate)
-    ranks = {c: {p: e.settings["r"] for p, e in layer_entries.items()} for c, layer_entries in entries.items()}
+    ranks = {c: {p: e.settings.r for p, e in layer_entries.items()} for c, layer_entries in entries.items()}
     return Combination(adapter_name, combination_type, ranks)
 
 

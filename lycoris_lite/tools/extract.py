@@ -101,7 +101,7 @@ def attach_entries(components: dict[str, nn.Module], adapter_name: str, entries:
         checker = controller_for(components[c], create=False) or AdapterController(components[c])
         checker.check_plan(adapter_name, plan)
     for c, plan in plans.items():
-        ranks = sorted({e.settings["r"] for e in entries[c].values() if "r" in e.settings})
+        ranks = sorted({e.settings.rank for e in entries[c].values() if e.settings.rank is not None})
         fields = {"target_modules": sorted(plan)}
         if ranks:
             fields["r"] = ranks[-1]
@@ -127,7 +127,7 @@ class Extraction:
 
     @property
     def ranks(self) -> dict[str, dict[str, int]]:
-        return {c: {p: e.settings["r"] for p, e in layers.items()} for c, layers in self.entries.items()}
+        return {c: {p: e.settings.r for p, e in layers.items()} for c, layers in self.entries.items()}
 
     def _all_errors(self) -> list[float]:
         return [e for layers in self.errors.values() for e in layers.values()]

@@ -211,10 +211,10 @@ def write(entries: dict[str, dict[str, LayerEntry]], components: dict[str, nn.Mo
                     f"the diffusers format holds LoRA only; layer {path!r} of the {component} is {name.upper()}. "
                     f"Convert the adapter to a LoRA first (extraction to a LoRA with the CLI's conversion command), or "
                     f"save it with format='kohya' (AUTOMATIC1111/ComfyUI) or format='peft'")
-            if entry.settings.get("dora"):
+            if entry.settings.dora:
                 raise ValueError(f"layer {path!r} of the {component} is a DoRA LoRA (dora_scale); save it with "
                                  "format='kohya' or format='peft', which hold the magnitude")
-            if entry.settings.get("tucker") or "lora_mid" in entry.tensors:
+            if entry.settings.tucker or "lora_mid" in entry.tensors:
                 raise ValueError(f"layer {path!r} of the {component} is a Tucker LoRA (lora_mid), which diffusers' "
                                  "LoRA cannot hold; save it with format='kohya' or extract a plain LoRA")
     lora = get_algorithm("lora")
