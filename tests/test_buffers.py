@@ -1,11 +1,10 @@
 """The fuse's memory block (``lycoris_lite.core.buffers``): kept idle for the next fuse, never reused while a
-tensor still points into it, decayed to ``MADV_FREE``, released on demand, and safe against the
-finaliser that returns it running inside the pool's own code."""
+tensor still points into it, handed to the kernel with ``MADV_FREE`` when dropped, released on demand,
+and safe against the finaliser that returns it running inside the pool's own code."""
 
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ BIG = (2048, 2048)  # 16 MiB in float32: over the 8 MiB the pool starts at
 @pytest.fixture(autouse=True)
 def empty_pool(monkeypatch):
     monkeypatch.delenv("LYCORIS_LITE_KEEP_FUSE_MEMORY", raising=False)
-    monkeypatch.delenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", raising=False)
     buffers.release_idle()
     yield
     buffers.release_idle()
@@ -90,33 +88,16 @@ def test_without_keeping_each_block_is_unmapped_when_dropped(monkeypatch):
     assert buffers.idle_bytes() == 0 and not buffers._POOL.returned
 
 
-def test_an_idle_block_decays_to_madv_free_and_is_still_reused(monkeypatch):
-    monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", "0.05")
+def test_a_dropped_block_is_handed_to_the_kernel_at_once_and_still_reused():
     views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
     address = block_of(views)
+    views[0].fill_(2.0)
     del views
-    assert len(buffers._POOL.timers) == 1
-    deadline = time.monotonic() + 10
-    while buffers._POOL.timers and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not buffers._POOL.timers and buffers.idle_bytes() > 0  # handed to the kernel, still mapped
+    assert buffers.idle_bytes() > 0 and not buffers._POOL.idle[0].resident  # MADV_FREE done
     views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
-    assert block_of(views) == address
+    assert block_of(views) == address and buffers._POOL.idle == []
     views[0].fill_(3.0)  # pages the kernel may have taken are zero-filled on write, never an error
     assert torch.all(views[0] == 3.0)
-
-
-def test_a_decay_of_zero_hands_the_block_back_at_once_and_a_bad_decay_is_refused(monkeypatch):
-    monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", "0")
-    views = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
-    del views
-    assert buffers.idle_bytes() > 0 and not buffers._POOL.timers
-    assert not buffers._POOL.idle[0].resident  # MADV_FREE done: the next fuse populates it again
-    for bad in ("soon", "-1", "inf", "nan"):
-        monkeypatch.setenv("LYCORIS_LITE_FUSE_MEMORY_DECAY", bad)
-        with pytest.raises(ValueError, match="LYCORIS_LITE_FUSE_MEMORY_DECAY"):
-            buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
-    assert len(buffers._POOL.idle) == 1  # the refused call took nothing
 
 
 def test_a_block_returned_while_the_pool_is_locked_is_filed_when_the_lock_is_let_go():
@@ -156,23 +137,18 @@ def test_fusing_into_a_reused_block_gives_the_same_weights_as_into_a_fresh_one()
     assert all(torch.equal(m.weight, w) for m, w in zip(net, originals))
 
 
-def test_file_reads_have_a_pool_of_their_own_and_never_push_out_the_idle_fuse_block():
+def test_file_reads_are_one_aligned_block_outside_the_pool_and_never_push_out_the_idle_fuse_block():
     fused = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
     fuse_block = block_of(fused)
     del fused
     for mib in (9, 20, 45):  # files of other sizes, read and dropped: more than MAX_IDLE of them
         block, offsets = buffers.read_block([mib * 2 ** 20, 100])
         assert offsets == [0, mib * 2 ** 20] and block.numel() >= mib * 2 ** 20 + 100
+        assert block.data_ptr() % buffers.ALIGN_BYTES == 0
         del block
     assert [b.address for b in buffers._POOL.idle] == [fuse_block]
-    read_idle = {b.nbytes // 2 ** 20: b.address for b in buffers._READ_POOL.idle}
-    assert sorted(read_idle) == [20, 45]  # the oldest (9 MiB) was unmapped
-    again = buffers.read_block([44 * 2 ** 20])[0]  # a file of a similar size takes the 45 MiB block
-    assert again.untyped_storage().data_ptr() == read_idle[45]
-    assert [b.address for b in buffers._READ_POOL.idle] == [read_idle[20]]
-    del again
     held = buffers.idle_bytes()
-    assert held >= (16 + 20 + 45) * 2 ** 20
+    assert held >= 16 * 2 ** 20
     assert buffers.release_idle() == held and buffers.idle_bytes() == 0
 
 

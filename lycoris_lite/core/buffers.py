@@ -1,36 +1,24 @@
-"""One allocation for the new weights of a fuse, kept for the next fuse (and one for each adapter file read).
+"""One allocation for the fused weights of a fuse, kept for the next fuse (and one for each adapter file read).
 
 Fusing keeps every original weight (for the bit-exact unfuse) and writes the fused weights into new
-memory: exactly one copy of the targeted weights. Allocating that copy layer by layer costs the
-allocator's slack on top (measured 7 % on the SD-1.5 UNet) and one page fault per 4 KiB on first
-touch, which on a CPU takes about as long as the fuse's arithmetic. :func:`packed_empty` carves
-the tensors out of one block instead, each view 64-byte aligned (as :func:`~lycoris_lite.core.slot._own_storage`
-keeps adapter tensors, so GEMMs round the same as on separately allocated tensors).
+memory: exactly one copy of the targeted weights. :func:`packed_empty` carves the tensors out of one
+block, each view 64-byte aligned (as :func:`~lycoris_lite.core.slot._own_storage` keeps adapter
+tensors, so GEMMs round the same as on separately allocated tensors), its pages faulted in by one
+``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) rather than one trap per 4 KiB page during the fuse.
 
-On Linux a CPU block of 8 MiB or more is an anonymous mapping of this module's (:class:`_Block`), and
-when the last tensor on it is dropped (every layer unfused) it is not unmapped but kept idle for the
-next fuse of a similar size (``n ≤ size ≤ 2n`` bytes), whose writes then hit pages already in place:
-the decay of jemalloc's dirty pages. An idle block stays resident for
-``LYCORIS_LITE_FUSE_MEMORY_DECAY`` seconds (default 10: a fused stack switch, unfuse then fuse, reuses
-it at once), then is handed back with ``madvise(MADV_FREE)``: the kernel takes its pages whenever it
-needs memory (they count as available memory, not as used; no swap is involved), and until it does a
-fuse still reuses them without a page fault. At most :data:`MAX_IDLE` blocks are kept (the oldest is
-unmapped); :func:`release_idle` unmaps them now, and ``LYCORIS_LITE_KEEP_FUSE_MEMORY=0`` unmaps each
-block when it is dropped. New pages are faulted in by one ``madvise(MADV_POPULATE_WRITE)`` (Linux
-5.14+) rather than one trap per page during the fuse. Measured on this task's VM (2-core Firecracker
-guest), writing 1 GiB: 0.13 s into resident pages, 0.21 s into pages after ``MADV_FREE`` (the guest's
-dirty-bit updates), against 0.26–2.7 s to populate fresh ones.
+On Linux a CPU block of 8 MiB or more is an anonymous mapping of this module's (:class:`_Block`). When
+the last tensor on it is dropped (every layer unfused) it is handed to the kernel at once with
+``madvise(MADV_FREE)`` (its pages count as available memory, not as used; the kernel takes them
+whenever it needs memory, no swap involved) but stays mapped, idle, for the next fuse of a similar
+size (``n ≤ size ≤ 2n`` bytes), which writes into the pages still in place instead of faulting fresh
+ones in. At most :data:`MAX_IDLE` blocks are kept (the oldest is unmapped); :func:`release_idle`
+unmaps them now, and ``LYCORIS_LITE_KEEP_FUSE_MEMORY=0`` unmaps each block when it is dropped.
+``benchmarks/bench_machinery.py`` measures what this buys on a fused stack switch (benchmarks/README,
+"Memory machinery").
 
-With ``LYCORIS_LITE_HUGE_PAGES=1`` a new block also gets ``madvise(MADV_HUGEPAGE)`` on Linux (2 MiB
-transparent huge pages, 512 times fewer faults). It is off by default: where THP defrag is ``madvise``
-(the kernel default) a fault may stall in direct compaction, and in VMs whose balloon reports free
-pages to the host, freed huge pages are taken back and the next fuse faults them in from the host.
-Measured on a 2-core Firecracker VM, one 1 GiB fill: 0.10–0.18 s with huge pages when they are at
-hand, 0.8–2.6 s when not; 0.21–0.35 s with 4 KiB pages.
-
-Adapter files are read the same way (:func:`read_block`): one block per file, its tensors 64-byte
-aligned views that the adapter keeps as its parameters, pooled in a pool of their own (a load after
-an unload reuses the pages; loading files of other sizes never pushes out the idle fuse block).
+Adapter files are read into one block per file too (:func:`read_block`): its tensors are 64-byte
+aligned views that the adapter keeps as its parameters (no copy at attach). That block is ordinary
+memory, not pooled (a pool for reads measured no faster).
 """
 
 from __future__ import annotations
@@ -48,26 +36,8 @@ from ..base import portable
 ALIGN_BYTES = 64
 #: idle blocks kept for reuse (the rest are unmapped, oldest first)
 MAX_IDLE = 2
-_HUGE_PAGE = 2 * 1024 * 1024
-_MIN_ADVISED = 4 * _HUGE_PAGE
-
-
-def huge_pages_wanted() -> bool:
-    """Whether :func:`packed_empty` asks for transparent huge pages: ``LYCORIS_LITE_HUGE_PAGES=1``."""
-    return _flag("LYCORIS_LITE_HUGE_PAGES", False)
-
-
-def decay_seconds() -> float:
-    """How long an idle block stays resident before ``MADV_FREE``: ``LYCORIS_LITE_FUSE_MEMORY_DECAY``
-    (seconds, default 10; 0 hands it back at once). Anything but a number of seconds >= 0 raises."""
-    text = os.environ.get("LYCORIS_LITE_FUSE_MEMORY_DECAY", "").strip()
-    try:
-        value = float(text) if text else 10.0
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < float("inf"):
-        raise ValueError(f"LYCORIS_LITE_FUSE_MEMORY_DECAY must be a number of seconds >= 0, got {text!r}")
-    return value
+#: smallest block worth a mapping and ``madvise`` (8 MiB)
+_MIN_ADVISED = 8 * 1024 * 1024
 
 
 def keep_fuse_memory() -> bool:
@@ -106,13 +76,6 @@ def _populate(block: torch.Tensor) -> bool:
     return _madvise(block, mmap.PAGESIZE, portable.MADV_POPULATE_WRITE)
 
 
-def _advise_huge_pages(block: torch.Tensor) -> bool:
-    """Ask the kernel for transparent huge pages on the 2 MiB-aligned interior of ``block`` (CPU,
-    Linux, when :func:`huge_pages_wanted`); whether the kernel took the advice (silently nothing
-    elsewhere or when it is refused)."""
-    return huge_pages_wanted() and _madvise(block, _HUGE_PAGE, portable.MADV_HUGEPAGE)
-
-
 # ---- the pool of mapped blocks -----------------------------------------------------------------------
 class _Block:
     """An anonymous private mapping of ``nbytes``; unmapped when this object and every array on it are
@@ -144,8 +107,7 @@ class _Lease(np.ndarray):
 
 
 class _Pool:
-    """Idle blocks, most recently dropped last; each resident until its decay timer hands it back to
-    the kernel with ``MADV_FREE``.
+    """Idle blocks, most recently dropped last, each handed to the kernel with ``MADV_FREE`` when filed.
 
     A block comes back from a finaliser, which may run inside any allocation, this pool's own code
     included: :meth:`give_back` only queues it and never waits for the lock; whoever holds the lock
@@ -153,7 +115,6 @@ class _Pool:
 
     def __init__(self):
         self.idle: list[_Block] = []
-        self.timers: dict[int, threading.Timer] = {}
         self.returned: collections.deque[_Block] = collections.deque()
         self.lock = threading.Lock()
 
@@ -175,17 +136,13 @@ class _Pool:
                 return
 
     def _file(self, block: _Block) -> None:
-        delay = decay_seconds()
-        if delay == 0.0 and not self._lazy_free(block):
+        """Keep ``block`` idle, its pages handed to the kernel (without ``MADV_FREE`` it is unmapped:
+        no memory is held that the kernel cannot take)."""
+        block.resident = False
+        if not _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, portable.MADV_FREE):
             return
         self.idle.append(block)
-        for old in self.idle[:-MAX_IDLE]:
-            self._forget(old)
-        if delay > 0.0:
-            timer = threading.Timer(delay, self._decay, (id(block),))  # no reference: release unmaps at once
-            timer.daemon = True
-            self.timers[id(block)] = timer
-            timer.start()
+        del self.idle[:-MAX_IDLE]
 
     def take(self, nbytes: int) -> _Block:
         self.lock.acquire()
@@ -193,35 +150,11 @@ class _Pool:
             fits = [b for b in self.idle if nbytes <= b.nbytes <= 2 * nbytes]
             if fits:
                 block = min(fits, key=lambda b: b.nbytes)
-                self._forget(block)
+                self.idle.remove(block)
                 return block
         finally:
             self._unlock()
         return _Block(nbytes, self)
-
-    @staticmethod
-    def _lazy_free(block: _Block) -> bool:
-        block.resident = False
-        return _madvise_range(block.address, block.nbytes, mmap.PAGESIZE, portable.MADV_FREE)
-
-    def _decay(self, key: int) -> None:
-        self.lock.acquire()
-        try:
-            if self.timers.get(key) is not threading.current_thread():
-                return  # taken (or released) meanwhile
-            del self.timers[key]
-            block = next(b for b in self.idle if id(b) == key)
-            if not self._lazy_free(block):  # no MADV_FREE here: do not hold memory the kernel cannot take
-                self.idle.remove(block)
-        finally:
-            self._unlock()
-
-    def _forget(self, block: _Block) -> None:
-        """Drop ``block`` from the idle list (lock held)."""
-        self.idle.remove(block)
-        timer = self.timers.pop(id(block), None)
-        if timer is not None:
-            timer.cancel()
 
     def release(self) -> int:
         self.lock.acquire()
@@ -229,58 +162,53 @@ class _Pool:
             while self.returned:
                 self._file(self.returned.popleft())
             freed = sum(b.nbytes for b in self.idle)
-            for block in list(self.idle):
-                self._forget(block)
+            self.idle.clear()
         finally:
             self._unlock()
         return freed
 
 
-_POOL = _Pool()  # fuse blocks
-_READ_POOL = _Pool()  # blocks of adapter files read (:func:`read_block`): kept apart, so loading files of
-# other sizes never pushes out the idle fuse block a fused stack switch reuses
+_POOL = _Pool()
 
 
 def release_idle() -> int:
-    """Unmap the idle blocks kept for the next fuse or file read now; the number of bytes they held."""
-    return _POOL.release() + _READ_POOL.release()
+    """Unmap the idle blocks kept for the next fuse now; the number of bytes they held."""
+    return _POOL.release()
 
 
 def idle_bytes() -> int:
     """Bytes held by idle blocks (their pages may already have been taken back by the kernel)."""
-    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle))
+    return sum(b.nbytes for b in list(_POOL.idle))
 
 
-def _pooled_block(nbytes: int, dtype: torch.dtype, pool: _Pool) -> torch.Tensor:
-    """A 1-D tensor of ``dtype`` on a block of at least ``nbytes`` from ``pool``, its pages populated.
-    The settings are read first, so a bad one fails the fuse before anything is written."""
-    keep_fuse_memory(), decay_seconds()
-    block = pool.take(nbytes)
+def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor of ``dtype`` on a block of at least ``nbytes`` from the pool, its pages populated.
+    The setting is read first, so a bad one fails the fuse before anything is written."""
+    keep_fuse_memory()
+    block = _POOL.take(nbytes)
     lease = block.array.view(_Lease)
     lease._block = block
     tensor = torch.from_numpy(lease)[:nbytes].view(dtype)
     del lease  # the tensor's storage holds it now
     if not block.resident:
-        _advise_huge_pages(tensor)
         block.resident = _populate(tensor)
     return tensor
 
 
 def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device,
-                 _pool: _Pool | None = None) -> list[torch.Tensor]:
+                 pooled: bool = True) -> list[torch.Tensor]:
     """Uninitialised contiguous tensors of ``shapes``, views into one block of memory, each starting on
-    a 64-byte boundary. The block lives as long as any of the views (then, on Linux, it is kept idle
-    for the next call: see the module's notes)."""
+    a 64-byte boundary. The block lives as long as any of the views (then, on Linux and ``pooled``, it
+    is kept idle for the next call: see the module's notes)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     step = max(1, ALIGN_BYTES // itemsize)
     sizes = [torch.Size(s).numel() for s in shapes]
     total = sum(-(-n // step) * step for n in sizes) + step
     device = torch.device(device)
-    if device.type == "cpu" and portable.pools_memory() and total * itemsize >= _MIN_ADVISED:
-        block = _pooled_block(total * itemsize, dtype, _pool or _POOL)
+    if pooled and device.type == "cpu" and portable.pools_memory() and total * itemsize >= _MIN_ADVISED:
+        block = _pooled_block(total * itemsize, dtype)
     else:
         block = torch.empty(total, dtype=dtype, device=device)
-        _advise_huge_pages(block)
         _populate(block)
     offset = (-(block.data_ptr() // block.element_size())) % step  # first aligned element
     views = []
@@ -296,16 +224,15 @@ _FILE_BLOCK = "_lycoris_lite_file_block"
 
 def read_block(nbytes: list[int]) -> tuple[torch.Tensor, list[int]]:
     """``(block, offsets)``: an uninitialised 1-D ``uint8`` CPU tensor from :func:`packed_empty`
-    (64-byte aligned; pooled on Linux from 8 MiB) with room for pieces of ``nbytes`` each, and the byte
-    offset of each piece in it (64-byte aligned too), for the tensors of one adapter file. The block
-    holds nothing else, so attaching keeps views of it as the adapter's parameters rather than copying
-    them (:func:`is_file_block`), and a load after an unload reuses the block's pages instead of
-    faulting fresh ones in (glibc hands freed memory back to the kernel)."""
+    (64-byte aligned, not pooled) with room for pieces of ``nbytes`` each, and the byte offset of each
+    piece in it (64-byte aligned too), for the tensors of one adapter file. The block holds nothing
+    else, so attaching keeps views of it as the adapter's parameters rather than copying them
+    (:func:`is_file_block`)."""
     offsets, total = [], 0
     for n in nbytes:
         offsets.append(total)
         total += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), _READ_POOL)[0]
+    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), pooled=False)[0]
     return block, offsets
 
 
