@@ -118,11 +118,11 @@ def base_and_tuned():
 
 def test_extract_from_a_fine_tuned_model_recovers_planted_changes(base_and_tuned):
     base, tuned = base_and_tuned
-    result = extract_lora(base, tuned, rank=4)
-    assert set(result.entries["unet"]) == {"proj", "conv"}  # "same" did not change; grouped convs hold no LoRA
-    assert result.max_error < 1e-5 and result.ranks == {"unet": {"proj": 4, "conv": 4}}
-    assert set(result.unrepresented["unet"]) == {"grouped.weight", "proj.bias", "norm.weight"}
-    assert result.unrepresented["unet"]["norm.weight"] == pytest.approx(0.1, rel=1e-4)
+    result = extract_lora(base, tuned, rank=4)  # a model given alone: "transformer" (not a UNet)
+    assert set(result.entries["transformer"]) == {"proj", "conv"}  # "same" did not change; grouped convs hold no LoRA
+    assert result.max_error < 1e-5 and result.ranks == {"transformer": {"proj": 4, "conv": 4}}
+    assert set(result.unrepresented["transformer"]) == {"grouped.weight", "proj.bias", "norm.weight"}
+    assert result.unrepresented["transformer"]["norm.weight"] == pytest.approx(0.1, rel=1e-4)
     result.attach(base, "extracted")
     layers = dict(controller_for(base).layers())
     for path in ("proj", "conv"):
@@ -143,8 +143,8 @@ def test_a_full_rank_fine_tune_is_reported_honestly(base_and_tuned):
         tuned.same.weight.add_(torch.randn(60, 60) * 0.01)
     result = extract_lora(base, tuned, rank=4, method="full")
     delta = (tuned.same.weight - base.same.weight).detach()
-    assert result.errors["unet"]["same"] == pytest.approx(optimal_error(delta, 4), rel=1e-4)
-    assert result.errors["unet"]["same"] > 0.5 and result.max_error == result.errors["unet"]["same"]
+    assert result.errors["transformer"]["same"] == pytest.approx(optimal_error(delta, 4), rel=1e-4)
+    assert result.errors["transformer"]["same"] > 0.5 and result.max_error == result.errors["transformer"]["same"]
 
 
 def test_extraction_refuses_what_it_cannot_do(base_and_tuned):

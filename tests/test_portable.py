@@ -260,6 +260,6 @@ def test_without_float64_the_float64_work_runs_on_the_cpu_and_gives_the_same_res
     for component, layers in expected[0].entries.items():
         for path, entry in layers.items():
             assert all(torch.equal(entry.tensors[k], got[0].entries[component][path].tensors[k]) for k in entry.tensors)
-    assert got[0].unrepresented == expected[0].unrepresented and got[0].unrepresented["unet"]["1.bias"] > 0
+    assert got[0].unrepresented == expected[0].unrepresented and got[0].unrepresented["transformer"]["1.bias"] > 0
     assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(got[1], expected[1]))
     assert torch.equal(got[2], expected[2]) and got[2].device == layer.weight.device and got[2].abs().max() > 0

@@ -1,17 +1,18 @@
 """Adapters on a diffusers pipeline: ``lycoris_lite.enable(pipe)`` and the methods it adds.
 
-``enable(pipe)`` gives one pipeline instance (anything with a ``unet`` and text encoder(s): SD 1.x/2.x,
-SDXL) the adapter methods of :class:`LycorisPipelineMixin` by switching that instance to a subclass of
-its own class; diffusers' classes are not patched, other instances are untouched, and the subclass keeps
-the class name, so ``save_pretrained`` writes the same ``model_index.json``.
+``enable(pipe)`` gives one pipeline instance (anything with a ``unet`` or a ``transformer``, and text
+encoder(s): SD 1.x/2.x, SDXL, Flux.1/Kontext, Flux.2, SD3, Qwen-Image, Z-Image, Wan 2.1/2.2) the adapter
+methods of :class:`LycorisPipelineMixin` by switching that instance to a subclass of its own class;
+diffusers' classes are not patched, other instances are untouched, and the subclass keeps the class name,
+so ``save_pretrained`` writes the same ``model_index.json``.
 
 The state of a pipeline's adapters:
 
 * every loaded adapter stays attached (an inactive one costs nothing in the forward), so switching the
   active stack reads no disk and moves no tensor: it sets scales;
 * the *stack* is the ordered list of active adapters; each has a weight: a float, or per component
-  ``{"unet": w, "text_encoder": w, "text_encoder_2": w}``, where the UNet part may be block-wise
-  (see :func:`~lycoris_lite.integrations.weights.unet_layer_scales`);
+  ``{"unet": w, "transformer": w, "transformer_2": w, "text_encoder": w, …}``, where the UNet part may be
+  block-wise (see :func:`~lycoris_lite.integrations.weights.unet_layer_scales`);
 * adapters are composed on each layer in the order they were loaded (``layer.py`` states the formula);
 * *fused* adapters are folded into the weights (bit-exact unfuse: the original tensors are kept).
 """
@@ -36,7 +37,10 @@ from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
 from .weights import _number, normalize_weight, unet_layer_scales
 
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+TEXT_COMPONENTS = files.TEXT_ENCODERS
+#: the pipeline-call arguments whose ``scale`` diffusers pipelines take as the LoRA scale of one call
+#: (UNet pipelines, Flux/SD3/Z-Image, Flux.2/Qwen-Image/Wan)
+SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
 # ---- state ----------------------------------------------------------------------------------------
@@ -117,8 +121,9 @@ class LycorisPipelineMixin:
 
         ``source``: a kohya/LyCORIS or diffusers ``.safetensors`` file, a diffusers or PEFT folder, or a
         state dict (any algorithm; see :func:`lycoris_lite.io.files.read_adapter`). The name defaults to the
-        file's stem. ``scale`` weights every component; ``unet_scale`` (a number or block-wise dict) and
-        ``text_encoder_scale`` override it per component.
+        file's stem. ``scale`` weights every component; ``unet_scale`` (a number or block-wise dict, UNet
+        pipelines only) and ``text_encoder_scale`` override it per component (per-component weights of a
+        transformer pipeline: :meth:`set_adapters` with ``{"transformer": …}``).
 
         ``hotswap=True`` with an existing name replaces that adapter's weights in place (same layers,
         algorithms and shapes), so nothing is re-attached and a compiled UNet keeps its graph.
@@ -128,6 +133,9 @@ class LycorisPipelineMixin:
         components = self._adapter_components()
         weight = {c: scale for c in components}
         if unet_scale is not None:
+            if "unet" not in components:
+                raise ValueError(f"unet_scale: this pipeline has no unet (it has {sorted(components)}); give "
+                                 "per-component weights with set_adapters(name, {'transformer': …})")
             weight["unet"] = unet_scale
         if text_encoder_scale is not None:
             weight.update({c: text_encoder_scale for c in TEXT_COMPONENTS if c in components})
@@ -244,9 +252,9 @@ class LycorisPipelineMixin:
     # ---- the stack --------------------------------------------------------------------------------
     def set_adapters(self, adapter_names, weights=None) -> None:
         """Make ``adapter_names`` the active stack, in that order, with ``weights``: a float, a list (one
-        per adapter), each a float or ``{"unet": x, "text_encoder": y, "text_encoder_2": z}`` whose UNet
-        part may be block-wise (``{"down": …, "mid": …, "up": …}``: see
-        :func:`~lycoris_lite.integrations.weights.unet_layer_scales`)."""
+        per adapter), each a float or per component ``{"unet" or "transformer": x, "transformer_2": x2,
+        "text_encoder": y, "text_encoder_2": z, "text_encoder_3": t}`` whose UNet part may be block-wise
+        (``{"down": …, "mid": …, "up": …}``: see :func:`~lycoris_lite.integrations.weights.unet_layer_scales`)."""
         names = self._check_names(adapter_names)
         if not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
@@ -417,7 +425,7 @@ class LycorisPipelineMixin:
         return files.save_adapter(self._adapter_components(), name, path, format=format, dtype=dtype,
                                   metadata=carried)
 
-    # ---- per-call scale (diffusers' ``cross_attention_kwargs={"scale": s}``) ------------------------
+    # ---- per-call scale (diffusers' ``cross_attention_kwargs={"scale": s}`` and its kin) ---------------
     @contextmanager
     def _call_scale(self, scale: float):
         """Multiply every unfused adapter's weight by ``scale`` for one call: each component's stack
@@ -437,14 +445,23 @@ class LycorisPipelineMixin:
                 ctrl.apply_stack(stack)
 
     def __call__(self, *args, **kwargs):
-        cak = kwargs.get("cross_attention_kwargs")
-        if cak and "scale" in cak and self._lycoris.adapters:
-            cak = dict(cak)
-            scale = _number(cak.pop("scale"), "cross_attention_kwargs['scale']")
-            kwargs["cross_attention_kwargs"] = cak or None
-            with self._call_scale(scale):
-                return super().__call__(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
+        """The pipeline's own call; a ``scale`` in ``cross_attention_kwargs``, ``joint_attention_kwargs`` or
+        ``attention_kwargs`` (:data:`SCALE_KWARGS`) multiplies every unfused adapter's weight for this
+        call (and is taken out, so diffusers' own LoRA scaling never sees it)."""
+        scale = None
+        if self._lycoris.adapters:
+            for key in SCALE_KWARGS:
+                extra = kwargs.get(key)
+                if extra and "scale" in extra:
+                    if scale is not None:
+                        raise ValueError(f"a scale in two of {', '.join(SCALE_KWARGS)}; give one")
+                    extra = dict(extra)
+                    scale = _number(extra.pop("scale"), f"{key}['scale']")
+                    kwargs[key] = extra or None
+        if scale is None:
+            return super().__call__(*args, **kwargs)
+        with self._call_scale(scale):
+            return super().__call__(*args, **kwargs)
 
 
 _ENABLED_CLASSES: dict[type, type] = {}
@@ -457,18 +474,19 @@ def enable(pipe):
     and ``model_index.json`` are unchanged); calling ``enable`` again does nothing.
 
     Args:
-        pipe: a diffusers pipeline with a ``unet`` (SD 1.x/2.x, SDXL).
+        pipe: a diffusers pipeline with a ``unet`` (SD 1.x/2.x, SDXL) or a ``transformer`` (and maybe a
+            ``transformer_2``: Flux, SD3, Qwen-Image, Z-Image, Wan, …).
 
     Returns:
         ``pipe`` itself, now with ``load_adapter``, ``set_adapters``, ``fuse_adapters`` & co.
 
     Raises:
-        TypeError: ``pipe`` has no ``unet`` module.
+        TypeError: ``pipe`` has neither a ``unet`` nor a ``transformer`` module.
     """
     if isinstance(pipe, LycorisPipelineMixin):
         return pipe
-    if not isinstance(getattr(pipe, "unet", None), nn.Module):
-        raise TypeError(f"{type(pipe).__name__} has no unet to attach adapters to")
+    if not any(isinstance(getattr(pipe, c, None), nn.Module) for c in files.DENOISERS):
+        raise TypeError(f"{type(pipe).__name__} has no {' or '.join(files.DENOISERS)} to attach adapters to")
     cls = type(pipe)
     sub = _ENABLED_CLASSES.get(cls)
     if sub is None:

@@ -1,8 +1,9 @@
 """The weight rules of a pipeline's adapters: what a weight may say, and what it means per layer.
 
 An adapter's weight is a number, or per component ``{"unet": w, "text_encoder": w, "text_encoder_2": w}``
-whose UNet part may be block-wise: :func:`normalize_weight` checks one and gives it one form,
-:func:`unet_layer_scales` turns a block-wise UNet weight into a scale per layer.
+(or ``"transformer"``, ``"transformer_2"``, ``"text_encoder_3"``: any of
+:data:`~lycoris_lite.io.files.COMPONENTS`) whose UNet part may be block-wise: :func:`normalize_weight`
+checks one and gives it one form, :func:`unet_layer_scales` turns a block-wise UNet weight into a scale per layer.
 :class:`~lycoris_lite.integrations.pipeline.LycorisPipelineMixin` applies them.
 """
 
@@ -25,8 +26,9 @@ def _number(value, what: str) -> float:
 def normalize_weight(weight, components) -> dict:
     """One adapter's weight as ``{component: float | block dict}`` for the components it may touch.
 
-    ``weight``: a number (every component), or a dict with keys among ``unet``, ``text_encoder``,
-    ``text_encoder_2`` (missing components get 1.0); the ``unet`` value may be block-wise.
+    ``weight``: a number (every component), or a dict with keys among :data:`~lycoris_lite.io.files.COMPONENTS`
+    (``unet``, ``transformer``, ``transformer_2``, ``text_encoder``, …; missing components get 1.0); the
+    ``unet`` value may be block-wise.
     """
     if weight is None:
         weight = 1.0

@@ -3,12 +3,13 @@
 ``load_adapter(pipe_or_components, source, name)`` reads a file, a folder or a state dict, detects its
 format (kohya/LyCORIS, diffusers LoRA, PEFT folder) and algorithms, maps every module name through the
 live model, validates every key and shape of every component, and only then attaches the adapter to
-the UNet and text encoder(s). ``save_adapter(..., format=)`` writes
+the denoiser (UNet or transformer(s)) and text encoder(s). ``save_adapter(..., format=)`` writes
 
 * ``"kohya"``: the kohya/LyCORIS file AUTOMATIC1111 and ComfyUI read, with metadata;
 * ``"diffusers"``: ``pytorch_lora_weights.safetensors`` as ``save_lora_weights`` writes it (LoRA only);
 * ``"peft"``: PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), one per
-  component in ``unet/``, ``text_encoder/``, … subfolders (a flat folder for a single model);
+  component in ``unet/``, ``transformer/``, ``text_encoder/``, … subfolders (a flat folder for a single
+  model);
 
 every file atomically, after the whole adapter has been converted.
 """
@@ -28,7 +29,7 @@ from ..base.checks import non_finite_keys
 from ..base.config import AdapterConfig
 from ..base.dtypes import DTYPES
 from .formats import diffusers_format, kohya, peft_format
-from .formats.names import COMPONENTS, KOHYA_PREFIXES, build_name_map
+from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TEXT_ENCODERS, build_name_map
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
 from .metadata import PREFIX as META_PREFIX, component_config, network_metadata
 from ..core.controller import AdapterController, controller_for
@@ -48,12 +49,22 @@ class LoadedAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+#: a metadata key of the files we write: ``{component: class name}`` of the models the adapter was on
+MODEL_CLASSES_KEY = META_PREFIX + "model_classes"
+
+
+def is_unet(module: nn.Module) -> bool:
+    """Whether ``module`` is a UNet (diffusers' ``UNet2DConditionModel`` and its kin, by class name)."""
+    return any("UNet" in cls.__name__ for cls in type(_unwrapped(module)).__mro__)
+
+
 def components_of(target) -> dict[str, nn.Module]:
-    """``{component: module}`` from a pipeline, a dict, or a single UNet-like module."""
+    """``{component: module}`` from a pipeline, a dict, or a single module: ``unet`` for a UNet
+    (:func:`is_unet`), ``transformer`` for any other model."""
     if isinstance(target, dict):
         found = {k: v for k, v in target.items() if v is not None}
     elif isinstance(target, nn.Module):
-        found = {"unet": target}
+        found = {"unet" if is_unet(target) else "transformer": target}
     else:
         found = {c: getattr(target, c, None) for c in COMPONENTS}
         found = {k: v for k, v in found.items() if isinstance(v, nn.Module)}
@@ -61,7 +72,7 @@ def components_of(target) -> dict[str, nn.Module]:
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; expected some of {COMPONENTS}")
     if not found:
-        raise ValueError("no unet or text encoder to attach adapters to")
+        raise ValueError(f"nothing to attach adapters to: none of {', '.join(COMPONENTS)}")
     return {k: _unwrapped(v) for k, v in found.items()}
 
 
@@ -119,13 +130,28 @@ def _default_name(path: Path) -> str:
     return name.replace(".", "_") or "adapter"
 
 
+def default_component(components: dict[str, nn.Module]) -> str:
+    """The component a one-model file (a flat PEFT folder, a diffusers file without component prefixes)
+    belongs to: the first denoiser present, else the one component, else ``unet``."""
+    found = next((c for c in DENOISERS if c in components), None)
+    return found or (next(iter(components)) if len(components) == 1 else "unet")
+
+
+def saved_model_classes(metadata: dict[str, str]) -> dict[str, str]:
+    """``{component: class name}`` the file says it was saved from (our metadata), ``{}`` if it does not."""
+    raw = metadata.get(MODEL_CLASSES_KEY)
+    try:
+        classes = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return classes if isinstance(classes, dict) else {}
+
+
 def _peft_folders(path: Path, components: dict[str, nn.Module], component: str | None) -> dict[str, Path]:
     """``{component: PEFT folder}`` for a folder source (a single adapter or per-component subfolders)."""
     found = peft_format.adapter_folders(path)
     if None in found:
-        if component is None:
-            component = "unet" if "unet" in components or len(components) != 1 else next(iter(components))
-        return {component: path}
+        return {component or default_component(components): path}
     return {c: p for c, p in found.items() if component is None or c == component}
 
 
@@ -139,6 +165,7 @@ def _read_peft(folders: dict[str, Path], components, allow_pickle: bool, strict:
             skipped.append(str(folder))
             continue
         state, config, header = peft_format.read_folder(folder, allow_pickle=allow_pickle)
+        kohya.check_model_classes(saved_model_classes(header), components)
         _check_tensors(state)
         layers, skip = peft_format.read(state, config, components[component], component, strict=strict)
         plans[component] = layers
@@ -202,8 +229,10 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     """Read ``source`` and map it onto ``target``'s components without changing them.
 
     ``source``: a kohya/LyCORIS or diffusers file, a diffusers folder (``pytorch_lora_weights.safetensors``),
-    a PEFT folder (``adapter_config.json``; applied to the UNet, or to ``component``), a folder of
-    per-component PEFT folders (``unet/``, ``text_encoder/``, …), or a state dict (kohya or diffusers).
+    a PEFT folder (``adapter_config.json``; applied to the denoiser (:func:`default_component`), or to
+    ``component``), a folder of per-component PEFT folders (``unet/``, ``transformer/``, ``text_encoder/``,
+    …), or a state dict (kohya or diffusers). A file we wrote names the models it was saved from; one
+    from another family's denoiser is refused (:func:`~lycoris_lite.io.formats.kohya.check_model_classes`).
     Raises ``ValueError`` naming the problem for anything that does not fit the model.
     """
     components = components_of(target)
@@ -239,12 +268,14 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     else:
         raise TypeError(f"source must be a path or a state dict, not {type(source).__name__}")
     _check_tensors(state)
+    kohya.check_model_classes(saved_model_classes(metadata), components)
     fmt = detect_format(state)
     if fmt == "kohya":
         names = build_name_map(components)
         plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict)
     elif fmt == "diffusers":
-        plans, skipped = diffusers_format.read(state, components, metadata, default_component=component or "unet",
+        plans, skipped = diffusers_format.read(state, components, metadata,
+                                               default_component=component or default_component(components),
                                                strict=strict)
         if component is not None and set(plans) - {component}:
             raise ValueError(f"the file has weights for {sorted(plans)}; component={component!r} names one")
@@ -253,7 +284,8 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
                          f"{peft_format.CONFIG_NAME}, which holds the settings the tensors need")
     else:
         raise ValueError(f"unrecognised adapter format ({fmt}); keys look like {list(state)[:3]}; known formats: "
-                         "kohya/LyCORIS (lora_unet_…), diffusers (unet.….lora_A.weight), PEFT folders")
+                         "kohya/LyCORIS (lora_unet_…, lycoris_…), diffusers (unet.….lora_A.weight, "
+                         "transformer.….lora_A.weight), PEFT folders")
     _check_plans(components, adapter_name, plans)
     return ReadAdapter(adapter_name, fmt, plans, configs, skipped, metadata)
 
@@ -330,7 +362,10 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     * ``"diffusers"``: ``path`` is a ``.safetensors`` file or a folder (then
       ``path/pytorch_lora_weights.safetensors``); LoRA adapters only.
     * ``"peft"``: ``path`` is a folder; a pipeline or dict target gets a subfolder per component
-      (``path/unet``, ``path/text_encoder``), a single model a flat folder.
+      (``path/unet``, ``path/transformer``, ``path/text_encoder``), a single model a flat folder.
+
+    Every file records the class of each model it holds a part for (``lycoris_lite.model_classes``), so
+    that loading it onto another family's model is refused.
 
     The whole adapter is converted (and every check made) before anything is written.
 
@@ -355,8 +390,10 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
     components = components_of(target)
     entries = adapter_entries(components, adapter_name)
     path = Path(path)
+    classes = {MODEL_CLASSES_KEY: json.dumps({c: type(components[c]).__name__ for c in entries})}
     if format == "diffusers":
         state, meta = diffusers_format.write(entries, components, dtype)
+        meta.update(classes)
         meta.update(metadata or {})
         file = path if path.suffix == ".safetensors" else path / diffusers_format.WEIGHT_NAME
         return write_state_dict(file, state, meta)
@@ -368,7 +405,7 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
 
         def write_parts(folder: Path) -> None:
             for c, (state, config) in parts.items():
-                peft_format.write_folder(folder if flat else folder / c, state, config, metadata)
+                peft_format.write_folder(folder if flat else folder / c, state, config, {**classes, **(metadata or {})})
 
         # the whole folder at once (every component), so a killed save never leaves parts of two versions
         return atomic_write_folder(path, write_parts, replaceable=peft_format.holds_only_adapter_files)
@@ -384,9 +421,12 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
         META_PREFIX + "algorithms": json.dumps(dict(algorithms)),
         META_PREFIX + "rotation_sides": json.dumps(sides),
         META_PREFIX + "config": json.dumps(configs),
+        **classes,
     }
     meta.update(metadata or {})
     return write_state_dict(path, state, meta)
 
 
-__all__ = ["FORMATS", "LoadedAdapter", "ReadAdapter", "attach_adapter", "load_adapter", "read_adapter", "save_adapter", "detect_format", "components_of", "ALGORITHMS"]
+__all__ = ["COMPONENTS", "DENOISERS", "FORMATS", "TEXT_ENCODERS", "LoadedAdapter", "ReadAdapter", "attach_adapter",
+           "load_adapter", "read_adapter", "save_adapter", "detect_format", "components_of", "default_component",
+           "is_unet", "saved_model_classes", "ALGORITHMS"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from ..base.registry import ALPHA_KEY, algorithm_of, file_key_roots, pattern_value
-from .files import detect_format
+from .files import detect_format, saved_model_classes
 from .formats import kohya, peft_format
 from .formats.diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHTS, component_metadata
-from .formats.names import COMPONENTS, KOHYA_PREFIXES, TE_PREFIXES, UNET_PREFIXES
+from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TE_PREFIXES, UNET_PREFIXES
 from .formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
 from .metadata import PREFIX, summarize_metadata
 
@@ -152,7 +152,12 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         if alpha is not None and alpha.numel():
             alphas[_number(float(alpha.reshape(-1)[0]))] += 1
     summary = summarize_metadata(metadata, top_tags)
-    family, evidence = kohya.file_family(_kohya_spelling(modules))
+    saved = saved_model_classes(metadata)
+    denoiser = next((saved[c] for c in DENOISERS[1:] if isinstance(saved.get(c), str)), None)
+    if denoiser is not None:  # a transformer's file we wrote: the SD evidence of file_family means nothing
+        family, evidence = kohya.class_family(denoiser), f"metadata: saved from a {denoiser}"
+    else:
+        family, evidence = kohya.file_family(_kohya_spelling(modules))
     if family is None and summary.family:
         family, evidence = summary.family, "metadata"
     try:

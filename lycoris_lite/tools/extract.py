@@ -194,9 +194,10 @@ def extract_lora(base, tuned=None, rank: int | None = None, *, energy: float | N
                  max_rank: int | None = None, method: str = "auto", seed: int = 0, progress=None):
     """A LoRA of a fully fine-tuned model against its base, with each layer's relative error.
 
-    ``base``: a pipeline, a ``{component: model}`` dict or one model (then called ``unet``); ``tuned``:
-    the same structure, each model possibly a state dict (the benchmark shares every unchanged tensor
-    with the base this way). Both must have the same tensor names and shapes. Every Linear and Conv2d
+    ``base``: a pipeline, a ``{component: model}`` dict or one model (then called ``unet`` if it is a
+    UNet, else ``transformer``); ``tuned``: the same structure, each model possibly a state dict (the
+    benchmark shares every unchanged tensor with the base this way). Both must have the same tensor
+    names and shapes. Every Linear and Conv2d
     (``groups=1``) weight of the base that differs in ``tuned`` gets a LoRA of ``rank`` (or of the
     ``energy`` fraction, see :mod:`lycoris_lite.tools.svd`; neither: exact, at the numerical rank), computed on
     the base's device. Returns an :class:`Extraction`; ``result.attach(base, name)`` attaches it,

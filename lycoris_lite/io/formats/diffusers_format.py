@@ -1,9 +1,10 @@
 """diffusers LoRA files (``pytorch_lora_weights.safetensors``, what ``save_lora_weights`` writes).
 
-Keys are ``<component>.<module path>.<param>`` with ``component`` one of ``unet``, ``text_encoder``,
-``text_encoder_2`` (a file for one model may have no component prefix) and the module paths the diffusers /
-transformers module paths themselves, so names are looked up directly (no underscore guessing). The
-spellings read (all LoRA, ``down`` = our ``lora_down`` = PEFT's ``lora_A``):
+Keys are ``<component>.<module path>.<param>`` with ``component`` one of ``unet``, ``transformer``,
+``transformer_2``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3`` (a file for one model may have
+no component prefix; PEFT's ``base_model.model.`` after the component is read too) and the module paths
+the diffusers / transformers module paths themselves, so names are looked up directly (no underscore
+guessing). The spellings read (all LoRA, ``down`` = our ``lora_down`` = PEFT's ``lora_A``):
 
 * PEFT: ``….to_q.lora_A.weight`` / ``lora_B.weight``;
 * diffusers: ``….to_q.lora.down.weight`` / ``lora.up.weight`` and ``….q_proj.lora_linear_layer.down.weight``;
@@ -11,7 +12,8 @@ spellings read (all LoRA, ``down`` = our ``lora_down`` = PEFT's ``lora_A``):
   ``to_out.0`` in the UNet; ``to_q/k/v/out_lora`` are ``q/k/v/out_proj`` in a text encoder);
 * optional ``<module>.alpha`` keys (scale ``alpha / r``).
 
-Text-encoder paths are accepted with and without transformers 4's ``text_model.`` level.
+Text-encoder paths are accepted with and without transformers 4's ``text_model.`` level (written with it
+for CLIP text models only).
 
 The scale comes from diffusers' safetensors metadata ``lora_adapter_metadata`` when present (JSON of the
 ``LoraConfig`` per component, keys ``"<component>.<field>"``: ``r``, ``lora_alpha``, ``rank_pattern``,
@@ -35,7 +37,7 @@ from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import LayerEntry, get_algorithm
 from .kohya import check_unknown, join_modules
-from .names import COMPONENTS
+from .names import COMPONENTS, DENOISERS, has_text_model_level
 from .peft_format import check_config_values, module_paths, resolve_path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -73,6 +75,7 @@ def parse_key(key: str, default_component: str = "unet") -> tuple[str, str, str]
     key is not one of the LoRA spellings."""
     head, _, rest = key.partition(".")
     component, rest = (head, rest) if head in COMPONENTS else (default_component, key)
+    rest = rest.removeprefix("base_model.model.")  # a PEFT model's state dict saved under a component prefix
     for suffix, role, old in _SUFFIXES:
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]
@@ -81,7 +84,7 @@ def parse_key(key: str, default_component: str = "unet") -> tuple[str, str, str]
             module = module.replace(".processor.", ".")
             if old:
                 parent, _, leaf = module.rpartition(".")
-                if component == "unet":
+                if component in DENOISERS:
                     leaf = "to_out.0" if leaf == "to_out" else leaf
                 else:
                     leaf = _OLD_TE.get(leaf, leaf)
@@ -182,7 +185,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], metad
                                           (live, module, live.removeprefix("text_model.")))
         plans.setdefault(component, {})[live] = LayerEntry(lora, settings, params)
     skipped += unknown_keys
-    check_unknown(unknown_modules, unknown_keys, strict, "keys that are not LoRA weights")
+    check_unknown(unknown_modules, unknown_keys, strict, "keys that are not LoRA weights", components)
     if not plans:
         raise ValueError("the file has no LoRA tensors for this model")
     return plans, skipped
@@ -192,7 +195,8 @@ def _file_path(component: str, model: nn.Module, path: str) -> str:
     """The module path written: CLIP text encoders without transformers 4's ``text_model.`` level get it
     back, so that diffusers with either transformers version reads the file (diffusers strips it when the
     model has no such level)."""
-    if component != "unet" and not hasattr(model, "text_model") and path.startswith(("encoder.", "embeddings.")):
+    if has_text_model_level(model) and not hasattr(model, "text_model") and path.startswith(
+            ("encoder.", "embeddings.")):
         return "text_model." + path
     return path
 
@@ -223,7 +227,7 @@ def write(entries: dict[str, dict[str, LayerEntry]], components: dict[str, nn.Mo
     for component, layers in entries.items():
         model = components[component]
         # PEFT's LoraConfig of the component, its patterns keyed by paths without ``text_model.``
-        short = {p: p.removeprefix("text_model.") if component != "unet" else p for p in layers}
+        short = {p: p.removeprefix("text_model.") if has_text_model_level(model) else p for p in layers}
         specs = {short[p]: LayerSpec.from_module(base_module_at(model, p), p) for p in layers}
         tensors, config = lora.to_peft({short[p]: e for p, e in layers.items()}, specs, component)
         for path in layers:

@@ -1,8 +1,9 @@
 """kohya / LyCORIS files (what AUTOMATIC1111 and ComfyUI read): ``<module>.<key>`` with underscore module
-names under ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lycoris_`` / ``oft_unet_``,
-and a 0-d ``alpha`` per module (the COFT constraint for OFT/BOFT). LoRA/LoHa/LoKr modules may carry a
-DoRA magnitude ``dora_scale``, ``(out, 1[, 1, 1])`` or LyCORIS's older ``(1, in[, 1, 1])``, which says
-the axis (:mod:`lycoris_lite.algos.dora`); it is read and written as it is.
+names under ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lycoris_`` / ``oft_unet_``
+(and a transformer's ``lycoris_`` / ``lora_transformer_``, ``lora_te3_``: :mod:`.names`), and a 0-d
+``alpha`` per module (the COFT constraint for OFT/BOFT). LoRA/LoHa/LoKr modules may carry a DoRA
+magnitude ``dora_scale``, ``(out, 1[, 1, 1])`` or LyCORIS's older ``(1, in[, 1, 1])``, which says the axis
+(:mod:`lycoris_lite.algos.dora`); it is read and written as it is.
 
 Two pure mappings: :func:`read` (file tensors -> per-layer entries of our algorithms) and :func:`write`
 (entries -> file tensors). Each algorithm owns its keys (``Algorithm.from_kohya`` / ``to_kohya``);
@@ -17,10 +18,11 @@ from torch import nn
 from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALPHA_KEY, LayerEntry, algorithm_of, detect_algorithm
-from .names import ComponentNames
+from .names import DENOISERS, ComponentNames, file_name_lookup
 
-__all__ = ["FAMILY_WIDTHS", "FamilyMismatch", "LayerEntry", "check_family", "check_unknown", "file_family",
-           "join_modules", "model_family", "read", "split_modules", "write"]
+__all__ = ["FAMILY_WIDTHS", "TRANSFORMER_FAMILIES", "FamilyMismatch", "LayerEntry", "check_family",
+           "check_model_classes", "check_unknown", "class_family", "file_family", "join_modules", "model_family",
+           "read", "split_modules", "write"]
 
 
 class FamilyMismatch(ValueError):
@@ -48,6 +50,15 @@ def join_modules(modules: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype
 
 
 FAMILY_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention (text embedding) width
+#: the family of a transformer (DiT) denoiser, by its diffusers class; other classes are named by their class
+TRANSFORMER_FAMILIES = {"FluxTransformer2DModel": "Flux.1", "Flux2Transformer2DModel": "Flux.2",
+                        "SD3Transformer2DModel": "SD3", "QwenImageTransformer2DModel": "Qwen-Image",
+                        "ZImageTransformer2DModel": "Z-Image", "WanTransformer3DModel": "Wan"}
+
+
+def class_family(class_name: str) -> str:
+    """A denoiser class's family (``"Flux.1"`` for ``FluxTransformer2DModel``), else the class name."""
+    return TRANSFORMER_FAMILIES.get(class_name, class_name)
 
 
 def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
@@ -66,8 +77,13 @@ def file_family(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
 
 
 def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
-    """``(family, evidence)`` of a pipeline's components: SDXL by its second text encoder or its UNet's
-    added ``text_time`` conditions, else by the UNet's cross-attention width."""
+    """``(family, evidence)`` of a pipeline's components: a transformer's by its class
+    (:data:`TRANSFORMER_FAMILIES`); SDXL by its second text encoder or its UNet's added ``text_time``
+    conditions, else by the UNet's cross-attention width."""
+    for component in DENOISERS[1:]:
+        if components.get(component) is not None:
+            name = type(components[component]).__name__
+            return class_family(name), f"its {component} is a {name}"
     if components.get("text_encoder_2") is not None:
         return "SDXL", "two text encoders"
     config = getattr(components.get("unet"), "config", None)
@@ -79,6 +95,11 @@ def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
 
 
 def check_family(state, components) -> None:
+    """Refuse an SD 1.x / 2.x / SDXL file on a model of another of those families (the evidence of
+    :func:`file_family` means nothing for a transformer's file; :func:`check_model_classes` and the
+    names themselves tell those apart)."""
+    if any(components.get(c) is not None for c in DENOISERS[1:]):
+        return
     file_fam, file_why = file_family(state)
     model_fam, model_why = model_family(components)
     if file_fam and model_fam and file_fam != model_fam:
@@ -87,13 +108,39 @@ def check_family(state, components) -> None:
         raise FamilyMismatch("this adapter is for SDXL: lora_te2_ keys; the model has one text encoder")
 
 
-def check_unknown(unknown_modules: list[str], unknown_keys: list[str], strict: bool, keys_label: str = "unknown keys") -> None:
-    """The strict-loading error every format raises for names and keys it cannot place."""
+def check_model_classes(saved: dict[str, str], components: dict[str, nn.Module]) -> None:
+    """Refuse an adapter saved from another model's denoiser: ``saved`` is ``{component: class name}``
+    as the file's metadata records it (``lycoris_lite.model_classes``). A UNet file on a transformer,
+    a transformer file on a UNet, or transformers of two families raise :class:`FamilyMismatch` naming
+    both; UNets are told apart by :func:`check_family`."""
+    file_side = next(((c, saved[c]) for c in DENOISERS if isinstance(saved.get(c), str)), None)
+    model_side = next(((c, type(components[c]).__name__) for c in DENOISERS if components.get(c) is not None), None)
+    if file_side is None or model_side is None or file_side[0] == model_side[0] == "unet":
+        return
+    if file_side[1] not in TRANSFORMER_FAMILIES and model_side[1] not in TRANSFORMER_FAMILIES:
+        return  # two models we know nothing of (a module given alone): their names decide
+    (file_c, file_cls), (model_c, model_cls) = file_side, model_side
+
+    def denoiser(component: str, cls: str) -> str:
+        family = TRANSFORMER_FAMILIES.get(cls)
+        return f"{family} (its {component} is a {cls})" if family else f"a model whose {component} is a {cls}"
+
+    if (file_c == "unet") != (model_c == "unet") or class_family(file_cls) != class_family(model_cls):
+        raise FamilyMismatch(f"this adapter is for {denoiser(file_c, file_cls)}; the model is "
+                             f"{denoiser(model_c, model_cls)}")
+
+
+def check_unknown(unknown_modules: list[str], unknown_keys: list[str], strict: bool, keys_label: str = "unknown keys",
+                  components: dict[str, nn.Module] | None = None) -> None:
+    """The strict-loading error every format raises for names and keys it cannot place; with
+    ``components``, the error names the model's family."""
     if not strict or not (unknown_modules or unknown_keys):
         return
     parts = []
     if unknown_modules:
-        parts.append(f"{len(unknown_modules)} module name(s) match no layer of this model: {sorted(unknown_modules)[:8]}")
+        family, why = model_family(components) if components else (None, "")
+        model = f"this model ({family}: {why})" if family and why else "this model"
+        parts.append(f"{len(unknown_modules)} module name(s) match no layer of {model}: {sorted(unknown_modules)[:8]}")
     if unknown_keys:
         parts.append(f"{keys_label}: {sorted(unknown_keys)[:8]}")
     raise ValueError("; ".join(parts) + " (strict=False loads the rest and returns the skipped keys)")
@@ -110,7 +157,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
     """
     check_family(state, components)
     modules, loose = split_modules(state)
-    lookup = {file_name: (component, path) for component, cn in names.items() for file_name, path in cn.to_module.items()}
+    lookup = file_name_lookup(names)
     plans: dict[str, dict[str, LayerEntry]] = {}
     skipped = list(loose)
     unknown_modules, unknown_keys = [], []
@@ -120,6 +167,9 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             unknown_modules.append(file_name)
             skipped += [f"{file_name}.{k}" for k in tensors]
             continue
+        if isinstance(where, list):
+            raise ValueError(f"{file_name}: the name fits {' and '.join(f'{c} {p!r}' for c, p in where)}; "
+                             "load the file onto one component (a {component: model} dict)")
         component, path = where
         tensors = dict(tensors)
         alpha_tensor = tensors.pop(ALPHA_KEY, None)
@@ -148,7 +198,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             skipped += [f"{file_name}.{k}" for k in extra]
             params = {k: v for k, v in params.items() if k in expected}
         plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params)
-    check_unknown(unknown_modules, unknown_keys, strict)
+    check_unknown(unknown_modules, unknown_keys, strict, components=components)
     if not plans:
         raise ValueError("the file has no adapter tensors for this model")
     return plans, skipped

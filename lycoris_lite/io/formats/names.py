@@ -5,6 +5,27 @@ SGM/LDM spelling (``lora_unet_input_blocks_1_1_…``, kohya's SDXL files), and t
 without transformers 4's ``text_model.`` level. Underscores are ambiguous (``to_q`` vs ``to.q``), so
 names are never rebuilt by string surgery on a key: :func:`build_name_map` walks the live model's
 module paths and registers every spelling a file may use for each one.
+
+The prefixes, per component (the first is written, all are read):
+
+* ``unet``: ``lora_unet_``, ``lycoris_``, ``oft_unet_`` (diffusers or SGM paths).
+* ``transformer``: ``lycoris_`` (what LyCORIS's generic wrapper and SimpleTuner write, and ComfyUI reads
+  for Flux), ``lora_transformer_`` (OneTrainer), ``lora_unet_`` (kohya-style trainers that keep the
+  diffusers paths), each followed by the underscore form of the diffusers module path
+  (``lycoris_transformer_blocks_0_attn_to_q``). Files that use the original (BFL/SAI) module names,
+  such as sd-scripts' ``lora_unet_double_blocks_0_img_attn_qkv``, are not these names.
+* ``transformer_2`` (Wan 2.2's second expert): ``lora_transformer_2_``, ``lycoris_transformer_2_``.
+* ``text_encoder``: ``lora_te_`` with one text encoder, else ``lora_te1_`` (both read); ``text_encoder_2``:
+  ``lora_te2_``, and ``lora_te3_`` when the pipeline has no ``text_encoder_3`` (sd-scripts and ComfyUI
+  call Flux's T5 ``lora_te3``); ``text_encoder_3``: ``lora_te3_`` (sd-scripts' SD3 convention). A text
+  encoder's name is the underscore form of its module path (T5 ``encoder_block_0_layer_0_SelfAttention_q``,
+  Qwen ``model_layers_0_self_attn_q_proj``); CLIP text models are written with transformers 4's
+  ``text_model_`` level and read with or without it. ``lycoris_`` alone names the text encoder only in
+  a pipeline whose one text encoder sits beside a UNet (LyCORIS's wrapper on a text encoder alone).
+
+No name is read for two modules: the names come from the live components, and one that two components
+would both claim (a ``transformer`` path that begins with ``2_`` beside a ``transformer_2``) is
+refused by :func:`file_name_lookup` when a file uses it.
 """
 
 from __future__ import annotations
@@ -18,13 +39,22 @@ from torch import nn
 from ...core.layer import AdapterLayer
 from ...core.targets import walk_modules
 
+#: the denoisers adapters sit on: a UNet, or a transformer (Wan 2.2 has two experts)
+DENOISERS = ("unet", "transformer", "transformer_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 #: the pipeline components adapters sit on, in the order files and folders list them
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-# component -> (prefix written, prefixes read)
+COMPONENTS = DENOISERS + TEXT_ENCODERS
+# component -> prefixes read (the first is written; see the module docstring)
 UNET_PREFIXES = ("lora_unet_", "lycoris_", "oft_unet_")
-TE_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
-#: kohya/LyCORIS module-name prefix -> component (text encoders first: ``lycoris_`` alone means the UNet)
-KOHYA_PREFIXES = {**{p: c for c, ps in TE_PREFIXES.items() for p in ps}, **{p: "unet" for p in UNET_PREFIXES}}
+TRANSFORMER_PREFIXES = {"transformer": ("lycoris_", "lora_transformer_", "lora_unet_"),
+                        "transformer_2": ("lora_transformer_2_", "lycoris_transformer_2_")}
+TE_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",),
+               "text_encoder_3": ("lora_te3_",)}
+#: kohya/LyCORIS module-name prefix -> component, for reading without a model (the longest prefix that
+#: fits wins; ``lycoris_`` alone is the UNet's here, the transformer's in a transformer pipeline)
+KOHYA_PREFIXES = dict(sorted({**{p: c for c, ps in TRANSFORMER_PREFIXES.items() for p in ps},
+                              **{p: c for c, ps in TE_PREFIXES.items() for p in ps},
+                              **{p: "unet" for p in UNET_PREFIXES}}.items(), key=lambda item: -len(item[0])))
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "norm1": "in_layers.0", "norm2": "out_layers.0",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
@@ -128,43 +158,101 @@ def _unet_names(paths: tuple[str, ...], layers: int, up_attn: tuple[bool, ...], 
     return names
 
 
-def text_encoder_names(model: nn.Module, component: str, write_prefix: str) -> ComponentNames:
-    """Names for a CLIP text encoder, with and without transformers 4's ``text_model.`` level.
-
-    We write the ``text_model_`` form (what kohya, AUTOMATIC1111 and ComfyUI expect) whatever the
-    installed transformers; both forms are read.
-    """
-    return _copy(_text_encoder_names(tuple(adapter_capable_paths(model)), component, write_prefix))
+def transformer_names(model: nn.Module, component: str = "transformer") -> ComponentNames:
+    """Names for a transformer (``transformer`` or ``transformer_2``): the underscore form of each
+    diffusers module path under each of the component's prefixes (:data:`TRANSFORMER_PREFIXES`)."""
+    return _copy(_transformer_names(tuple(adapter_capable_paths(model)), component))
 
 
 @functools.lru_cache(maxsize=16)
-def _text_encoder_names(paths: tuple[str, ...], component: str, write_prefix: str) -> ComponentNames:
-    names = ComponentNames(component, write_prefix)
-    read_prefixes = TE_PREFIXES[component] if write_prefix in TE_PREFIXES[component] else (write_prefix,)
+def _transformer_names(paths: tuple[str, ...], component: str) -> ComponentNames:
+    prefixes = TRANSFORMER_PREFIXES[component]
+    names = ComponentNames(component, prefixes[0])
     for path in paths:
-        bare = path[len("text_model."):] if path.startswith("text_model.") else path
-        for prefix in read_prefixes:
-            names.add(path, prefix + "text_model_" + underscore(bare), canonical=prefix == write_prefix)
-            names.add(path, prefix + underscore(bare))
-        if write_prefix == "lora_te_":  # LyCORIS's generic wrapper: unambiguous with one text encoder
-            names.add(path, "lycoris_text_model_" + underscore(bare))
-            names.add(path, "lycoris_" + underscore(bare))
+        for prefix in prefixes:
+            names.add(path, prefix + underscore(path), canonical=prefix == prefixes[0])
+    return names
+
+
+def has_text_model_level(model: nn.Module) -> bool:
+    """Whether ``model`` is a CLIP text model, whose files name paths with transformers 4's
+    ``text_model.`` level (transformers 5's ``CLIPTextModel`` has none)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "clip_text_model"
+
+
+def text_encoder_names(model: nn.Module, component: str, write_prefix: str,
+                       read_prefixes: tuple[str, ...] | None = None,
+                       lycoris_alias: bool | None = None) -> ComponentNames:
+    """Names for a text encoder: the underscore form of each module path under ``write_prefix`` and
+    ``read_prefixes`` (default: the component's :data:`TE_PREFIXES`).
+
+    A CLIP text model is written in the ``text_model_`` form (what kohya, AUTOMATIC1111 and ComfyUI
+    expect) whatever the installed transformers; both forms are read. ``lycoris_alias``: read LyCORIS's
+    generic ``lycoris_<path>`` names too (default: with ``lora_te_``, the one text encoder of a UNet
+    pipeline).
+    """
+    if read_prefixes is None:
+        read_prefixes = TE_PREFIXES[component] if write_prefix in TE_PREFIXES[component] else (write_prefix,)
+    lycoris_alias = write_prefix == "lora_te_" if lycoris_alias is None else lycoris_alias
+    return _copy(_text_encoder_names(tuple(adapter_capable_paths(model)), component, write_prefix,
+                                     tuple(read_prefixes), has_text_model_level(model), lycoris_alias))
+
+
+@functools.lru_cache(maxsize=16)
+def _text_encoder_names(paths: tuple[str, ...], component: str, write_prefix: str, read_prefixes: tuple[str, ...],
+                        clip: bool, lycoris_alias: bool) -> ComponentNames:
+    names = ComponentNames(component, write_prefix)
+    prefixes = (write_prefix,) + tuple(p for p in read_prefixes if p != write_prefix)
+    prefixes += ("lycoris_",) if lycoris_alias else ()
+    for path in paths:
+        bare = path[len("text_model."):] if clip and path.startswith("text_model.") else path
+        for prefix in prefixes:
+            if clip:
+                names.add(path, prefix + "text_model_" + underscore(bare), canonical=prefix == write_prefix)
+            names.add(path, prefix + underscore(bare), canonical=not clip and prefix == write_prefix)
     return names
 
 
 def build_name_map(components: dict[str, nn.Module], sdxl: bool | None = None) -> dict[str, ComponentNames]:
-    """``{component: ComponentNames}`` for ``unet`` / ``text_encoder`` / ``text_encoder_2``."""
+    """``{component: ComponentNames}`` for the components present (see the module docstring).
+
+    ``sdxl``: two text encoders (``lora_te1_``/``lora_te2_``, and SGM names for a UNet); default: whether
+    there is a ``text_encoder_2``."""
     sdxl = "text_encoder_2" in components if sdxl is None else sdxl
+    no_transformer = not any(components.get(c) is not None for c in DENOISERS[1:])
     out = {}
     for component, model in components.items():
         if model is None:
             continue
         if component == "unet":
             out[component] = unet_names(model, sgm=sdxl)
+        elif component in TRANSFORMER_PREFIXES:
+            out[component] = transformer_names(model, component)
         elif component == "text_encoder":
-            out[component] = text_encoder_names(model, component, "lora_te1_" if sdxl else "lora_te_")
+            out[component] = text_encoder_names(model, component, "lora_te1_" if sdxl else "lora_te_",
+                                                lycoris_alias=not sdxl and no_transformer)
         elif component == "text_encoder_2":
-            out[component] = text_encoder_names(model, component, "lora_te2_")
+            # sd-scripts and ComfyUI call Flux's T5 (its text_encoder_2) lora_te3
+            extra = ("lora_te3_",) if components.get("text_encoder_3") is None else ()
+            out[component] = text_encoder_names(model, component, "lora_te2_", TE_PREFIXES[component] + extra)
+        elif component == "text_encoder_3":
+            out[component] = text_encoder_names(model, component, "lora_te3_")
         else:
             raise ValueError(f"unknown component {component!r}")
     return out
+
+
+def file_name_lookup(names: dict[str, ComponentNames]) -> dict[str, tuple[str, str] | list[tuple[str, str]]]:
+    """``{file module name: (component, module path)}`` over every component; a name two components
+    claim maps to the list of both (a file that uses it is refused: it would be a guess)."""
+    lookup: dict = {}
+    for component, cn in names.items():
+        for file_name, path in cn.to_module.items():
+            found = lookup.get(file_name)
+            if found is None:
+                lookup[file_name] = (component, path)
+            elif isinstance(found, list):
+                found.append((component, path))
+            else:
+                lookup[file_name] = [found, (component, path)]
+    return lookup
