@@ -12,8 +12,10 @@ a rotating order, and a ratio is the median over rounds of the per-round ratio t
 machine is shared: absolute times move, paired ratios much less).
 
 1. **load**: ``pipe.load_adapter(file)`` + ``unload_adapters()``, the file read by
-   - ``reader``: our safetensors reader (``preadv`` straight into one pooled 64-byte aligned block whose
+   - ``reader``: our safetensors reader (``preadv`` straight into one 64-byte aligned block whose
      views the adapter keeps), or
+   - ``reader, pooled``: the same reader, its block taken from the fuse's pool (pages kept between
+     loads; the pool for reads that was removed), or
    - ``safetensors``: the same validated header, then ``safetensors.torch.load(path.read_bytes())``
      (bytes to tensors; attaching copies them into the adapter's own storage).
 2. **fused switch**: ``unfuse_adapters`` + ``set_adapters`` (other stack of two) + ``fuse_adapters``:
@@ -77,7 +79,7 @@ def _plain_read(path, header, data_start):
     return safetensors_load(Path(path).read_bytes())
 
 
-def _per_layer(shapes, dtype, device, _pool=None):
+def _per_layer(shapes, dtype, device, pooled=True):
     return [torch.empty(s, dtype=dtype, device=device) for s in shapes]
 
 
@@ -130,6 +132,7 @@ def main() -> None:
     load_cycle()
     report("1. load + unload", interleaved({
         "reader": (none, load_cycle),
+        "reader, pooled": (lambda: patched(safe_io, "read_block", lambda n: buffers.read_block(n, pooled=True)), load_cycle),
         "safetensors": (lambda: patched(safe_io, "_read_tensors", _plain_read), load_cycle),
     }, args.rounds), "reader")
 

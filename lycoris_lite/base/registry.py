@@ -259,11 +259,13 @@ class Algorithm:
 
 @dataclass
 class LayerEntry:
-    """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys)."""
+    """One adapter on one layer: its algorithm, per-layer settings and tensors (by our keys), and
+    ``source``: the module's name in the file it was read from (``""`` when not read from a file)."""
 
     algorithm: type[Algorithm]
     settings: Settings
     tensors: dict[str, torch.Tensor]
+    source: str = ""
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}

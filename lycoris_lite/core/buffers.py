@@ -222,17 +222,18 @@ def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.dev
 _FILE_BLOCK = "_lycoris_lite_file_block"
 
 
-def read_block(nbytes: list[int]) -> tuple[torch.Tensor, list[int]]:
+def read_block(nbytes: list[int], pooled: bool = False) -> tuple[torch.Tensor, list[int]]:
     """``(block, offsets)``: an uninitialised 1-D ``uint8`` CPU tensor from :func:`packed_empty`
-    (64-byte aligned, not pooled) with room for pieces of ``nbytes`` each, and the byte offset of each
-    piece in it (64-byte aligned too), for the tensors of one adapter file. The block holds nothing
-    else, so attaching keeps views of it as the adapter's parameters rather than copying them
+    (64-byte aligned; from the fuse's pool only when ``pooled``: ``benchmarks/bench_machinery.py``
+    compares both) with room for pieces of ``nbytes`` each, and the byte offset of each piece in it
+    (64-byte aligned too), for the tensors of one adapter file. The block holds nothing else, so
+    attaching keeps views of it as the adapter's parameters rather than copying them
     (:func:`is_file_block`)."""
     offsets, total = [], 0
     for n in nbytes:
         offsets.append(total)
         total += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), pooled=False)[0]
+    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), pooled=pooled)[0]
     return block, offsets
 
 

@@ -113,8 +113,7 @@ def convert(args, out=sys.stdout) -> int:
     except (ValueError, TypeError, OSError) as exc:  # AdapterFileError is a ValueError
         raise CLIError(f"cannot load {args.input} onto {args.model}: {exc}") from None
     print(f"loaded {args.input}: {info.format}, "
-          f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}"
-          + (f"; skipped {len(info.skipped_keys)} unknown keys" if info.skipped_keys else ""), file=out)
+          f"{', '.join(f'{a} ({n} layers)' for a, n in info.algorithms.items())}; {info.coverage_line()}", file=out)
     metadata = carried_metadata({**header_metadata(Path(args.input)), **info.metadata})
     metadata[PREFIX + "converted_from"] = json.dumps({"format": info.format, "algorithms": info.algorithms})
 
@@ -282,7 +281,21 @@ def fuse(args, out=sys.stdout) -> int:
 
 def inspect(args, out=sys.stdout) -> int:
     info = describe(args.file, allow_pickle=args.allow_pickle, top_tags=args.top_tags)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_report(info), file=out)
+    if args.model:
+        components = _load_model(args.model)
+        try:
+            read = files.read_adapter(components, args.file, "inspect", strict=False, allow_pickle=args.allow_pickle)
+        except (ValueError, TypeError, OSError) as exc:
+            raise CLIError(f"{args.file} does not fit {args.model}: {exc}") from None
+        loaded = files.loaded_info(read)
+        info["model"] = args.model
+        info["coverage"] = loaded.coverage
+        info["skipped_keys"] = loaded.skipped_keys
+        info["coverage_line"] = loaded.coverage_line()
+    report = json.dumps(info, indent=2, default=str) if args.json else format_report(info)
+    if args.model and not args.json:
+        report += f"\non {args.model}:  {info['coverage_line']}"
+    print(report, file=out)
     return 0
 
 
@@ -310,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-tags", type=_positive_int, default=10, metavar="N",
                    help="how many trigger words to list from ss_tag_frequency (default 10)")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin (torch.load, weights_only)")
+    p.add_argument("--model", default=None, metavar="tiny-sd|tiny-flux|…|PATH",
+                   help="also map the file onto this model: which modules apply where, which match nothing")
     p.set_defaults(func=inspect)
 
     c = sub.add_parser("convert", help="convert between formats, or extract a LoRA (--rank)",

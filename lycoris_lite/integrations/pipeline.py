@@ -35,7 +35,7 @@ from ..core.controller import AdapterController, controller_for, fuse_layers
 from ..core.offload import offload_hook
 from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
-from .weights import _number, normalize_weight, unet_layer_scales
+from .weights import _number, normalize_weight, transformer_layer_scales, unet_layer_scales
 
 TEXT_COMPONENTS = files.TEXT_ENCODERS
 #: the pipeline-call arguments whose ``scale`` diffusers pipelines take as the LoRA scale of one call
@@ -54,6 +54,10 @@ class AdapterInfo:
     algorithms: dict[str, int]
     metadata: dict[str, str] = field(default_factory=dict)
     source: str | None = None
+    #: {component: {model module path: the file's module name}} (:attr:`files.LoadedAdapter.coverage`)
+    coverage: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: the file's keys that matched no layer (``strict=False`` only)
+    skipped_keys: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,10 @@ class LycorisPipelineMixin:
                 raise ValueError(f"hotswap=True replaces an existing adapter, and there is none named {name!r}; "
                                  f"this pipeline has {list(state.adapters)}")
             self._hotswap(read)
+            loaded = files.loaded_info(read)
             info = state.adapters[name]
             info.metadata, info.source, info.format = dict(read.metadata), source_name, read.format
-            info.algorithms = dict(Counter(e.algorithm.name for ls in read.plans.values() for e in ls.values()))
+            info.algorithms, info.coverage, info.skipped_keys = loaded.algorithms, loaded.coverage, loaded.skipped_keys
         else:
             if name in state.adapters:
                 raise ValueError(f"an adapter named {name!r} is already loaded; pass adapter_name=, delete it first, "
@@ -160,7 +165,8 @@ class LycorisPipelineMixin:
             with self._offload_suspended():
                 loaded = files.attach_adapter(components, read, activate=False)
             state.adapters[name] = AdapterInfo(name, loaded.format, list(loaded.components), loaded.algorithms,
-                                               dict(loaded.metadata), source_name)
+                                               dict(loaded.metadata), source_name, loaded.coverage,
+                                               loaded.skipped_keys)
         stack = state.stack
         names = stack.names if hotswap or name in stack.names else stack.names + (name,)
         try:
@@ -253,8 +259,10 @@ class LycorisPipelineMixin:
     def set_adapters(self, adapter_names, weights=None) -> None:
         """Make ``adapter_names`` the active stack, in that order, with ``weights``: a float, a list (one
         per adapter), each a float or per component ``{"unet" or "transformer": x, "transformer_2": x2,
-        "text_encoder": y, "text_encoder_2": z, "text_encoder_3": t}`` whose UNet part may be block-wise
-        (``{"down": …, "mid": …, "up": …}``: see :func:`~lycoris_lite.integrations.weights.unet_layer_scales`)."""
+        "text_encoder": y, "text_encoder_2": z, "text_encoder_3": t}`` whose denoiser part may be block-wise:
+        a UNet's ``{"down": …, "mid": …, "up": …}`` (:func:`~lycoris_lite.integrations.weights.unet_layer_scales`),
+        a transformer's ``{"transformer_blocks": …, "single_transformer_blocks": …}`` by block index per block
+        group (:func:`~lycoris_lite.integrations.weights.transformer_layer_scales`)."""
         names = self._check_names(adapter_names)
         if not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
@@ -271,7 +279,8 @@ class LycorisPipelineMixin:
         value = weight.get(component, 1.0)
         if not isinstance(value, dict):
             return LayerWeights(value)
-        return LayerWeights(1.0, unet_layer_scales(value, [ln for ln, layer in layers.items() if name in layer.adapters]))
+        rule = unet_layer_scales if component == "unet" else transformer_layer_scales
+        return LayerWeights(1.0, rule(value, [ln for ln, layer in layers.items() if name in layer.adapters]))
 
     def _apply(self, stack: PipelineStack | None = None) -> None:
         """Make ``stack`` (default: the current one, laid out again) the pipeline's stack: one
@@ -305,7 +314,9 @@ class LycorisPipelineMixin:
         return list(self._lycoris.stack.names)
 
     def list_adapters(self) -> dict[str, dict]:
-        """``{name: {algorithm, algorithms, rank, weight, components, active, fused, format, source, metadata}}``."""
+        """``{name: {algorithm, algorithms, rank, weight, components, active, fused, format, source, metadata,
+        coverage, skipped_keys}}`` (``coverage``: ``{component: {model module: file module}}``, what the load
+        applied; ``skipped_keys``: what it did not, with ``strict=False``)."""
         out = {}
         fused = set(self.fused_adapters)
         controllers = self._controllers()
@@ -326,6 +337,8 @@ class LycorisPipelineMixin:
                 "format": info.format,
                 "source": info.source,
                 "metadata": dict(info.metadata),
+                "coverage": {c: dict(m) for c, m in info.coverage.items()},
+                "skipped_keys": list(info.skipped_keys),
             }
         return out
 

@@ -2,8 +2,9 @@
 
 An adapter's weight is a number, or per component ``{"unet": w, "text_encoder": w, "text_encoder_2": w}``
 (or ``"transformer"``, ``"transformer_2"``, ``"text_encoder_3"``: any of
-:data:`~lycoris_lite.io.files.COMPONENTS`) whose UNet part may be block-wise: :func:`normalize_weight`
-checks one and gives it one form, :func:`unet_layer_scales` turns a block-wise UNet weight into a scale per layer.
+:data:`~lycoris_lite.io.files.COMPONENTS`) whose denoiser part may be block-wise: :func:`normalize_weight`
+checks one and gives it one form; :func:`unet_layer_scales` turns a block-wise UNet weight into a scale per
+layer, :func:`transformer_layer_scales` a transformer's (by block index per block group).
 :class:`~lycoris_lite.integrations.pipeline.LycorisPipelineMixin` applies them.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import re
 
-from ..io.files import COMPONENTS
+from ..io.files import COMPONENTS, DENOISERS
 
 _BLOCK_PARTS = ("down", "mid", "up")
+#: a transformer layer's block group and index: ``transformer_blocks.3.attn.to_q`` -> (transformer_blocks, 3)
+_GROUP_PATH = re.compile(r"^([A-Za-z_]\w*)\.(\d+)\.")
 _BLOCK_PATH = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.|^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
 
 
@@ -43,6 +46,8 @@ def normalize_weight(weight, components) -> dict:
         value = weight.get(c, 1.0)
         if c == "unet" and isinstance(value, dict):
             out[c] = _check_blocks(value)
+        elif c in DENOISERS and isinstance(value, dict):
+            out[c] = _check_groups(value)
         else:
             out[c] = _number(value, f"the {c} weight")
     return out
@@ -71,6 +76,69 @@ def _check_blocks(blocks: dict) -> dict:
         else:
             _number(value, f"the {part} weight")
     return blocks
+
+
+def _check_groups(groups: dict) -> dict:
+    """A transformer's block-wise weight: ``{group: number | [one per block] | {index: number}}``."""
+    if not groups:
+        raise ValueError("a block-wise transformer weight names no block group")
+    for group, value in groups.items():
+        if not isinstance(group, str) or not re.fullmatch(r"[A-Za-z_]\w*", group):
+            raise ValueError(f"block groups are the transformer's block lists (transformer_blocks, "
+                             f"single_transformer_blocks, blocks, layers, …); got {group!r}")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{group}: an empty list of block weights")
+            for v in value:
+                _number(v, f"a {group} block weight")
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                if isinstance(key, bool) or not re.fullmatch(r"\d+", str(key)):
+                    raise ValueError(f"{group} block keys are block indices (0, 1, … or '0', '1', …); got {key!r}")
+                _number(v, f"the {group}.{key} weight")
+        else:
+            _number(value, f"the {group} weight")
+    return groups
+
+
+def transformer_layer_scales(groups: dict, layer_names) -> dict[str, float]:
+    """The scale of each transformer layer for a block-wise weight ``{group: value}``.
+
+    A group is one of the transformer's block lists, by its attribute name (Flux ``transformer_blocks``
+    and ``single_transformer_blocks``, SD3 and Qwen-Image ``transformer_blocks``, Wan ``blocks``, Z-Image
+    ``layers``, ``noise_refiner``, ``context_refiner``…); ``value`` is a number (every block of the group),
+    a list (one number per block, in order; missing trailing blocks keep 1.0) or ``{index: number}``.
+    Layers in groups not named, and outside any block list (embeddings, final projections), keep 1.0.
+    Raises when a group has no adapted layers, or a list or index names a block past the group's last
+    adapted one (both named in the message).
+    """
+    scales, last = {}, {}
+    for name in layer_names:
+        m = _GROUP_PATH.match(name)
+        scale = 1.0
+        if m:
+            group, index = m.group(1), int(m.group(2))
+            last[group] = max(last.get(group, -1), index)
+            value = groups.get(group, 1.0)
+            if isinstance(value, list):
+                scale = value[index] if index < len(value) else 1.0
+            elif isinstance(value, dict):
+                scale = next((v for k, v in value.items() if int(k) == index), 1.0)
+            else:
+                scale = value
+        scales[name] = float(scale)
+    for group, value in groups.items():
+        if group not in last:
+            raise ValueError(f"block group {group!r}: the adapter has no layers there; it has layers in "
+                             f"{sorted(last) or 'no block group'}")
+        count = last[group] + 1
+        if isinstance(value, list) and len(value) > count:
+            raise ValueError(f"{len(value)} {group} weights, but the adapter has layers in {count} {group}")
+        if isinstance(value, dict):
+            past = sorted(int(k) for k in value if int(k) >= count)
+            if past:
+                raise ValueError(f"{group}.{past[0]}: the adapter's last adapted block there is {group}.{count - 1}")
+    return scales
 
 
 def unet_layer_scales(blocks: dict, layer_names) -> dict[str, float]:
@@ -124,4 +192,4 @@ def unet_layer_scales(blocks: dict, layer_names) -> dict[str, float]:
     return scales
 
 
-__all__ = ["normalize_weight", "unet_layer_scales"]
+__all__ = ["normalize_weight", "transformer_layer_scales", "unet_layer_scales"]

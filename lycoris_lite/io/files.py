@@ -29,9 +29,9 @@ from ..base.checks import non_finite_keys
 from ..base.config import AdapterConfig
 from ..base.dtypes import DTYPES
 from .formats import diffusers_format, kohya, peft_format
-from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TEXT_ENCODERS, build_name_map
+from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TEXT_ENCODERS, build_name_map, split_key
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
-from .metadata import PREFIX as META_PREFIX, component_config, network_metadata
+from .metadata import PREFIX as META_PREFIX, component_config, header_alphas, network_metadata
 from ..core.controller import AdapterController, controller_for
 from ..core.offload import check_not_offloaded
 from ..base.registry import ALGORITHMS, LayerEntry, get_algorithm
@@ -41,12 +41,27 @@ FORMATS = ("kohya", "diffusers", "peft")
 
 @dataclass
 class LoadedAdapter:
+    """What a load applied: ``coverage`` maps each component's model module paths to the file's module
+    names applied to them; ``skipped_keys`` are the file's keys that matched nothing (only with
+    ``strict=False``: a strict load refuses them; a load that applies nothing is always refused)."""
+
     name: str
     format: str
     algorithms: dict[str, int]          # algorithm -> number of layers
     components: dict[str, int]          # component -> number of layers
     skipped_keys: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    coverage: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> {model path: file module}
+
+    def coverage_line(self) -> str:
+        """One line: how many of the file's modules apply, where, and what was skipped."""
+        applied = sum(self.components.values())
+        where = ", ".join(f"{c} {n}" for c, n in self.components.items())
+        skipped = sorted({(split_key(k) or (k, ""))[0] for k in self.skipped_keys})
+        line = f"{applied} module(s) applied ({where})"
+        if skipped:
+            line += f"; {len(skipped)} skipped, matching no layer: {skipped[:5]}" + (" …" if len(skipped) > 5 else "")
+        return line
 
 
 #: a metadata key of the files we write: ``{component: class name}`` of the models the adapter was on
@@ -272,7 +287,8 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     fmt = detect_format(state)
     if fmt == "kohya":
         names = build_name_map(components)
-        plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict)
+        plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict,
+                                    header_alphas=header_alphas(metadata))
     elif fmt == "diffusers":
         plans, skipped = diffusers_format.read(state, components, metadata,
                                                default_component=component or default_component(components),
@@ -332,9 +348,15 @@ def attach_adapter(target, read: ReadAdapter, *, activate: bool = True, scale: f
                     validated=True)
         if scale != 1.0:
             ctrl.set_scale(read.name, scale)
-    algorithms = Counter(e.algorithm.name for layers in read.plans.values() for e in layers.values())
-    return LoadedAdapter(read.name, read.format, dict(algorithms), {c: len(v) for c, v in read.plans.items()},
-                         read.skipped_keys, read.metadata)
+    return loaded_info(read)
+
+
+def loaded_info(read: ReadAdapter) -> LoadedAdapter:
+    """The :class:`LoadedAdapter` report of ``read`` (what attaching it applies)."""
+    algorithms = dict(Counter(e.algorithm.name for layers in read.plans.values() for e in layers.values()))
+    coverage = {c: {path: e.source or path for path, e in layers.items()} for c, layers in read.plans.items()}
+    return LoadedAdapter(read.name, read.format, algorithms, {c: len(v) for c, v in read.plans.items()},
+                         read.skipped_keys, read.metadata, coverage)
 
 
 def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, LayerEntry]]:

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from ..base.registry import ALPHA_KEY, algorithm_of, file_key_roots, pattern_value
+from ..base.settings import ScaledSettings
 from .files import detect_format, saved_model_classes
 from .formats import kohya, peft_format
 from .formats.diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHTS, component_metadata
-from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TE_PREFIXES, UNET_PREFIXES
+from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TE_PREFIXES, UNET_PREFIXES, split_key
 from .formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
-from .metadata import PREFIX, summarize_metadata
+from .metadata import PREFIX, header_alphas, summarize_metadata
 
 #: the ``adapter_config.json`` fields a report shows
 _CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "alpha", "use_rslora", "target_modules", "rank_pattern",
@@ -90,20 +91,6 @@ def read_source(path: str, allow_pickle: bool = False):
     return p, "peft", state, metadata, configs
 
 
-def split_key(key: str, roots: set[str] | None = None) -> tuple[str, str] | None:
-    """``(module, tensor key)``: kohya names split at the first dot, dotted (diffusers / PEFT) names at
-    the first part that begins a registered file key (``roots``: :func:`file_key_roots`); ``None`` for
-    anything else."""
-    if key.startswith(tuple(KOHYA_PREFIXES)):
-        return tuple(key.split(".", 1)) if "." in key else None
-    roots = file_key_roots() if roots is None else roots
-    parts = key.split(".")
-    for i, part in enumerate(parts[1:], 1):
-        if part in roots:
-            return ".".join(parts[:i]), ".".join(parts[i:])
-    return None
-
-
 def component_of(module: str) -> str:
     return next((c for prefix, c in _COMPONENT_PREFIXES.items() if module.startswith(prefix)), "unknown")
 
@@ -139,6 +126,7 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         else:
             modules.setdefault(split[0], {})[split[1]] = value
     algorithms, components, alphas, sizes, unknown = Counter(), Counter(), Counter(), {}, []
+    no_alpha = 0  # modules of an alpha/r algorithm without an alpha tensor
     for module, tensors in modules.items():
         body = {k: v for k, v in tensors.items() if k != ALPHA_KEY}
         algo = algorithm_of(body)
@@ -151,6 +139,8 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         alpha = tensors.get(ALPHA_KEY)
         if alpha is not None and alpha.numel():
             alphas[_number(float(alpha.reshape(-1)[0]))] += 1
+        elif issubclass(algo.settings_class, ScaledSettings):
+            no_alpha += 1
     summary = summarize_metadata(metadata, top_tags)
     saved = saved_model_classes(metadata)
     denoiser = next((saved[c] for c in DENOISERS[1:] if isinstance(saved.get(c), str)), None)
@@ -164,6 +154,7 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         configs = configs or component_metadata(metadata)
     except ValueError:
         pass
+    alpha_note = None
     if not alphas and configs:  # diffusers / PEFT: alphas live in the adapter config
         for module in modules:
             component = component_of(module)
@@ -172,6 +163,15 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
             alpha = pattern_value(config.get("alpha_pattern"), _bare(module, component), alpha)
             if alpha is not None and module not in unknown:
                 alphas[_number(float(alpha))] += 1
+    elif no_alpha:
+        header, conv = header_alphas(metadata)
+        if header is not None or conv is not None:
+            alpha_note = (f"{no_alpha} module(s) without an alpha tensor take the header's "
+                          + ", ".join(f"{k}={_number(v)}" for k, v in (("ss_network_alpha", header),
+                                                                        ("conv_alpha", conv)) if v is not None))
+        else:
+            alpha_note = (f"{no_alpha} module(s) have no alpha, in their tensors or the header: the scale is not "
+                          "stated; alpha = rank (scale 1) is assumed, as kohya and LyCORIS do")
     return {
         "file": str(file),
         "size_bytes": sum(f.stat().st_size for f in ([file] if file.is_file() else file.rglob("*")) if f.is_file()),
@@ -183,6 +183,7 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         "algorithms": dict(algorithms.most_common()),
         "ranks": {a: dict(c.most_common()) for a, c in sizes.items()},
         "alphas": dict(alphas.most_common()),
+        "alpha_note": alpha_note,
         "family": family,
         "family_evidence": evidence,
         "trigger_words": summary.trigger_words,
@@ -221,7 +222,7 @@ def format_report(info: dict) -> str:
                                                if info["components"] else ""),
         f"algorithms:    {', '.join(f'{a} ({n} layers)' for a, n in info['algorithms'].items()) or '-'}",
         "ranks:         " + ("; ".join(f"{a}: {_counts(r)}" for a, r in info["ranks"].items()) or "-"),
-        f"alphas:        {_counts(info['alphas'])}",
+        f"alphas:        {_counts(info['alphas'])}" + (f" ({info['alpha_note']})" if info.get("alpha_note") else ""),
         f"trigger words: {', '.join(info['trigger_words']) or '-'}",
     ]
     if info["unrecognised_modules"]:

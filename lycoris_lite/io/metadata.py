@@ -61,6 +61,21 @@ def _number(raw: str | None):
     return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
+def header_alphas(metadata: dict[str, str] | None) -> tuple[float | None, float | None]:
+    """``(alpha, conv_alpha)`` a kohya-style file states in its header only: ``ss_network_alpha`` and
+    ``ss_network_args``' ``conv_alpha`` (LoCon's alpha for k×k convolutions), each ``None`` when absent,
+    not a number, or not > 0. A module's own ``.alpha`` tensor wins over both; some trainers write none
+    and leave the alpha here (ComfyUI #15830: users made up for the lost scale with strength 3-4)."""
+    def positive(raw):
+        value = _number(raw if raw is None else str(raw))
+        return float(value) if isinstance(value, (int, float)) and 0 < value < float("inf") else None
+
+    metadata = metadata or {}
+    args = _json(metadata.get("ss_network_args"), {})
+    conv = args.get("conv_alpha") if isinstance(args, dict) else None
+    return positive(metadata.get("ss_network_alpha")), positive(conv)
+
+
 def tag_counts(tag_frequency: str | dict | None) -> Counter:
     """Tags and counts summed over the datasets of a kohya ``ss_tag_frequency`` value (JSON
     ``{dataset: {tag: count}}``); malformed parts are skipped."""

@@ -183,7 +183,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], metad
             config = {"r": r, "lora_alpha": float(alpha.reshape(-1)[0]) if alpha is not None and alpha.numel() else r}
         settings, params = lora.from_peft(spec, {"lora_A.weight": down, "lora_B.weight": up}, config,
                                           (live, module, live.removeprefix("text_model.")))
-        plans.setdefault(component, {})[live] = LayerEntry(lora, settings, params)
+        plans.setdefault(component, {})[live] = LayerEntry(lora, settings, params, f"{component}.{module}")
     skipped += unknown_keys
     check_unknown(unknown_modules, unknown_keys, strict, "keys that are not LoRA weights", components)
     if not plans:

@@ -147,9 +147,15 @@ def check_unknown(unknown_modules: list[str], unknown_keys: list[str], strict: b
 
 
 def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names: dict[str, ComponentNames],
-         sides: dict[str, str] | None = None, strict: bool = True
+         sides: dict[str, str] | None = None, strict: bool = True,
+         header_alphas: tuple[float | None, float | None] = (None, None)
          ) -> tuple[dict[str, dict[str, LayerEntry]], list[str]]:
     """Map a kohya/LyCORIS state dict onto the model.
+
+    ``header_alphas``: ``(alpha, conv_alpha)`` the file's header states
+    (:func:`lycoris_lite.io.metadata.header_alphas`), used for a module without an ``.alpha`` tensor
+    (``conv_alpha`` on k×k convolutions, else ``alpha``); with neither, ``alpha = rank`` (scale 1),
+    kohya's and LyCORIS's rule.
 
     Returns ``({component: {module path: LayerEntry}}, skipped keys)``. Every problem raises
     ``ValueError`` before anything is attached; with ``strict=False`` unknown modules and keys are
@@ -184,6 +190,9 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             raise ValueError(f"{file_name}: a DoRA magnitude (dora_scale) on a {algo.name} module; DoRA applies to "
                              "LoRA, LoHa and LoKr only")
         spec = LayerSpec.from_module(base_module_at(components[component], path), path)
+        if alpha_tensor is None:
+            alpha = (header_alphas[1] if spec.taps > 1 else None) \
+                or header_alphas[0]
         try:
             settings, params = algo.from_kohya(spec, tensors, alpha, path, (sides or {}).get(algo.name))
         except KeyError as exc:
@@ -197,7 +206,7 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             unknown_keys += [f"{file_name}.{k}" for k in extra]
             skipped += [f"{file_name}.{k}" for k in extra]
             params = {k: v for k, v in params.items() if k in expected}
-        plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params)
+        plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params, file_name)
     check_unknown(unknown_modules, unknown_keys, strict, components=components)
     if not plans:
         raise ValueError("the file has no adapter tensors for this model")

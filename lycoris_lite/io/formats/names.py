@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ...base.registry import file_key_roots
 from ...core.layer import AdapterLayer
 from ...core.targets import walk_modules
 
@@ -256,3 +257,17 @@ def file_name_lookup(names: dict[str, ComponentNames]) -> dict[str, tuple[str, s
             else:
                 lookup[file_name] = [found, (component, path)]
     return lookup
+
+
+def split_key(key: str, roots: set[str] | None = None) -> tuple[str, str] | None:
+    """``(module, tensor key)``: kohya names split at the first dot, dotted (diffusers / PEFT) names at
+    the first part that begins a registered file key (``roots``: :func:`file_key_roots`); ``None`` for
+    anything else."""
+    if key.startswith(tuple(KOHYA_PREFIXES)):
+        return tuple(key.split(".", 1)) if "." in key else None
+    roots = file_key_roots() if roots is None else roots
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part in roots:
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return None

@@ -233,7 +233,7 @@ def read(state: dict[str, torch.Tensor], config: dict, model: nn.Module, compone
             raise ValueError(f"{component}: layer {live!r} ({algo.name}): its tensors "
                              f"{({k: tuple(v.shape) for k, v in tensors.items()})} do not form a {algo.name} adapter "
                              f"({type(exc).__name__}: {exc})") from None
-        layers[live] = LayerEntry(algo, settings, params)
+        layers[live] = LayerEntry(algo, settings, params, file_path)
     if strict and (missing or unknown):
         parts = []
         if missing:
