@@ -1,8 +1,8 @@
 """Does the memory machinery pay for itself? Interleaved A/B on end-to-end pipeline operations.
 
 What stays in ``lycoris_lite.core.buffers`` and the reader in ``io/formats/safe_io.py`` is what this
-measures at >= 20 % end to end; what measured less (a pool for file reads, decay timers before
-``MADV_FREE``, transparent huge pages) was removed. Figures: benchmarks/README, "Memory machinery".
+measures at >= 20 % end to end; what measured less (decay timers before ``MADV_FREE``, transparent
+huge pages) was removed. Figures: benchmarks/README, "Memory machinery".
 
     python benchmarks/bench_machinery.py [--rounds 7] [--threads 0]
 
@@ -13,9 +13,8 @@ machine is shared: absolute times move, paired ratios much less).
 
 1. **load**: ``pipe.load_adapter(file)`` + ``unload_adapters()``, the file read by
    - ``reader``: our safetensors reader (``preadv`` straight into one 64-byte aligned block whose
-     views the adapter keeps), or
-   - ``reader, pooled``: the same reader, its block taken from the fuse's pool (pages kept between
-     loads; the pool for reads that was removed), or
+     views the adapter keeps, pooled for reads: its pages reused by the next load), or
+   - ``reader, no pool``: the same reader, its block fresh memory each time, or
    - ``safetensors``: the same validated header, then ``safetensors.torch.load(path.read_bytes())``
      (bytes to tensors; attaching copies them into the adapter's own storage).
 2. **fused switch**: ``unfuse_adapters`` + ``set_adapters`` (other stack of two) + ``fuse_adapters``:
@@ -79,7 +78,7 @@ def _plain_read(path, header, data_start):
     return safetensors_load(Path(path).read_bytes())
 
 
-def _per_layer(shapes, dtype, device, pooled=True):
+def _per_layer(shapes, dtype, device, pool=None):
     return [torch.empty(s, dtype=dtype, device=device) for s in shapes]
 
 
@@ -132,7 +131,7 @@ def main() -> None:
     load_cycle()
     report("1. load + unload", interleaved({
         "reader": (none, load_cycle),
-        "reader, pooled": (lambda: patched(safe_io, "read_block", lambda n: buffers.read_block(n, pooled=True)), load_cycle),
+        "reader, no pool": (lambda: patched(safe_io, "read_block", lambda n: buffers.read_block(n, pooled=False)), load_cycle),
         "safetensors": (lambda: patched(safe_io, "_read_tensors", _plain_read), load_cycle),
     }, args.rounds), "reader")
 

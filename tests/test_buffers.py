@@ -137,7 +137,7 @@ def test_fusing_into_a_reused_block_gives_the_same_weights_as_into_a_fresh_one()
     assert all(torch.equal(m.weight, w) for m, w in zip(net, originals))
 
 
-def test_file_reads_are_one_aligned_block_outside_the_pool_and_never_push_out_the_idle_fuse_block():
+def test_file_reads_have_a_pool_of_their_own_and_never_push_out_the_idle_fuse_block():
     fused = buffers.packed_empty([BIG], torch.float32, torch.device("cpu"))
     fuse_block = block_of(fused)
     del fused
@@ -147,8 +147,17 @@ def test_file_reads_are_one_aligned_block_outside_the_pool_and_never_push_out_th
         assert block.data_ptr() % buffers.ALIGN_BYTES == 0
         del block
     assert [b.address for b in buffers._POOL.idle] == [fuse_block]
+    read_idle = {b.nbytes // 2 ** 20: b.address for b in buffers._READ_POOL.idle}
+    assert sorted(read_idle) == [20, 45]  # the oldest (9 MiB) was unmapped
+    again = buffers.read_block([44 * 2 ** 20])[0]  # a file of a similar size takes the 45 MiB block
+    assert again.untyped_storage().data_ptr() == read_idle[45]
+    assert [b.address for b in buffers._READ_POOL.idle] == [read_idle[20]]
+    del again
+    fresh = buffers.read_block([44 * 2 ** 20], pooled=False)[0]  # outside the pool: the idle block stays
+    assert fresh.untyped_storage().data_ptr() != read_idle[45] and fresh.data_ptr() % buffers.ALIGN_BYTES == 0
+    del fresh
     held = buffers.idle_bytes()
-    assert held >= 16 * 2 ** 20
+    assert held >= (16 + 20 + 45) * 2 ** 20
     assert buffers.release_idle() == held and buffers.idle_bytes() == 0
 
 

@@ -17,8 +17,9 @@ unmaps them now, and ``LYCORIS_LITE_KEEP_FUSE_MEMORY=0`` unmaps each block when 
 "Memory machinery").
 
 Adapter files are read into one block per file too (:func:`read_block`): its tensors are 64-byte
-aligned views that the adapter keeps as its parameters (no copy at attach). That block is ordinary
-memory, not pooled (a pool for reads measured no faster).
+aligned views that the adapter keeps as its parameters (no copy at attach). Those blocks are pooled the
+same way in a pool of their own (a load after an unload reuses the pages; loading files of other sizes
+never pushes out the idle fuse block).
 """
 
 from __future__ import annotations
@@ -168,24 +169,26 @@ class _Pool:
         return freed
 
 
-_POOL = _Pool()
+_POOL = _Pool()  # fuse blocks
+_READ_POOL = _Pool()  # blocks of adapter files read (:func:`read_block`): kept apart, so loading files of
+# other sizes never pushes out the idle fuse block a fused stack switch reuses
 
 
 def release_idle() -> int:
-    """Unmap the idle blocks kept for the next fuse now; the number of bytes they held."""
-    return _POOL.release()
+    """Unmap the idle blocks kept for the next fuse or file read now; the number of bytes they held."""
+    return _POOL.release() + _READ_POOL.release()
 
 
 def idle_bytes() -> int:
     """Bytes held by idle blocks (their pages may already have been taken back by the kernel)."""
-    return sum(b.nbytes for b in list(_POOL.idle))
+    return sum(b.nbytes for pool in (_POOL, _READ_POOL) for b in list(pool.idle))
 
 
-def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """A 1-D tensor of ``dtype`` on a block of at least ``nbytes`` from the pool, its pages populated.
+def _pooled_block(nbytes: int, dtype: torch.dtype, pool: _Pool) -> torch.Tensor:
+    """A 1-D tensor of ``dtype`` on a block of at least ``nbytes`` from ``pool``, its pages populated.
     The setting is read first, so a bad one fails the fuse before anything is written."""
     keep_fuse_memory()
-    block = _POOL.take(nbytes)
+    block = pool.take(nbytes)
     lease = block.array.view(_Lease)
     lease._block = block
     tensor = torch.from_numpy(lease)[:nbytes].view(dtype)
@@ -196,17 +199,17 @@ def _pooled_block(nbytes: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device,
-                 pooled: bool = True) -> list[torch.Tensor]:
+                 pool: _Pool | None = _POOL) -> list[torch.Tensor]:
     """Uninitialised contiguous tensors of ``shapes``, views into one block of memory, each starting on
-    a 64-byte boundary. The block lives as long as any of the views (then, on Linux and ``pooled``, it
-    is kept idle for the next call: see the module's notes)."""
+    a 64-byte boundary. The block lives as long as any of the views (then, on Linux, it is kept idle in
+    ``pool`` for the next call, unless ``pool`` is ``None``: see the module's notes)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     step = max(1, ALIGN_BYTES // itemsize)
     sizes = [torch.Size(s).numel() for s in shapes]
     total = sum(-(-n // step) * step for n in sizes) + step
     device = torch.device(device)
-    if pooled and device.type == "cpu" and portable.pools_memory() and total * itemsize >= _MIN_ADVISED:
-        block = _pooled_block(total * itemsize, dtype)
+    if pool is not None and device.type == "cpu" and portable.pools_memory() and total * itemsize >= _MIN_ADVISED:
+        block = _pooled_block(total * itemsize, dtype, pool)
     else:
         block = torch.empty(total, dtype=dtype, device=device)
         _populate(block)
@@ -222,18 +225,18 @@ def packed_empty(shapes: list[torch.Size], dtype: torch.dtype, device: torch.dev
 _FILE_BLOCK = "_lycoris_lite_file_block"
 
 
-def read_block(nbytes: list[int], pooled: bool = False) -> tuple[torch.Tensor, list[int]]:
+def read_block(nbytes: list[int], pooled: bool = True) -> tuple[torch.Tensor, list[int]]:
     """``(block, offsets)``: an uninitialised 1-D ``uint8`` CPU tensor from :func:`packed_empty`
-    (64-byte aligned; from the fuse's pool only when ``pooled``: ``benchmarks/bench_machinery.py``
-    compares both) with room for pieces of ``nbytes`` each, and the byte offset of each piece in it
-    (64-byte aligned too), for the tensors of one adapter file. The block holds nothing else, so
-    attaching keeps views of it as the adapter's parameters rather than copying them
-    (:func:`is_file_block`)."""
+    (64-byte aligned; pooled on Linux from 8 MiB in the pool for reads, unless ``pooled=False``) with room
+    for pieces of ``nbytes`` each, and the byte offset of each piece in it (64-byte aligned too), for the
+    tensors of one adapter file. The block holds nothing else, so attaching keeps views of it as the
+    adapter's parameters rather than copying them (:func:`is_file_block`), and a load after an unload
+    reuses the block's pages instead of faulting fresh ones in (``benchmarks/bench_machinery.py``)."""
     offsets, total = [], 0
     for n in nbytes:
         offsets.append(total)
         total += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), pooled=pooled)[0]
+    block = packed_empty([torch.Size([max(total, ALIGN_BYTES)])], torch.uint8, torch.device("cpu"), _READ_POOL if pooled else None)[0]
     return block, offsets
 
 
