@@ -101,7 +101,7 @@ def delta_forward(x, w1a, w1b, w2a, w2b, scale: float, spec) -> torch.Tensor:
 
     On a linear (or 1×1 conv) layer, training keeps only ``x`` and the four factors: ``h = op(x, down)``
     (``T × r²``) is recomputed in backward, one thin GEMM. A k×k conv keeps ``h``: there the recompute
-    is a k×k conv with ``r²`` outputs (+12% of the training step at 320 channels, r = 8, measured),
+    is a k×k conv with ``r²`` outputs (costly: benchmarks/README "Measurements behind the code"),
     while ``h`` stays under what PEFT keeps (its ``ΔW`` for the conv's backward)."""
     route = KhatriRaoRoute(spec, scale)
     if not spec.is_pointwise:

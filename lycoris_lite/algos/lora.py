@@ -76,7 +76,7 @@ def add_low_rank(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
     Without autograd it runs in row blocks of about :data:`FUSE_BLOCK` elements: each block's
     ``up @ down`` is made in cache and the weight added to it there, so the weight is read once and the
     result written once (one ``addmm`` into a new tensor copies the weight in first and then reads and
-    writes the result again: a quarter slower on SD's feed-forward weights)."""
+    writes the result again; benchmarks/README "Measurements behind the code")."""
     if out is not None and out.data_ptr() == weight.data_ptr():
         return out.addmm_(up, down, alpha=scale)
     if torch.is_grad_enabled() and (weight.requires_grad or up.requires_grad or down.requires_grad):

@@ -58,7 +58,7 @@ class BlockDiagonal(Operator):
     def apply(self, v, transpose=False):
         """Per block ``v_k·B_kᵀ`` (``transpose``: ``v_k·B_k``) as one ``bmm`` over the blocks, each
         reading its columns of every row in place (an einsum copied the activation into and out of a
-        blocks-first layout: 1.5-2x slower on SD shapes)."""
+        blocks-first layout; benchmarks/README "Measurements behind the code")."""
         n, b, _ = self.blocks.shape
         if self.perm is not None:
             v = v.index_select(-1, self.perm)

@@ -72,8 +72,8 @@ def _madvise(block: torch.Tensor, page: int, advice: int) -> bool:
 
 def _populate(block: torch.Tensor) -> bool:
     """Fault ``block``'s pages in at once (``MADV_POPULATE_WRITE``, Linux 5.14+): the kernel zeroes
-    them in one call instead of one trap per 4 KiB page on first write. Measured on this task's VM, 1 GiB:
-    0.24 s populated against 0.2–1.6 s of faults during the first fill."""
+    them in one call instead of one trap per 4 KiB page on first write (benchmarks/README
+    "Measurements behind the code")."""
     return _madvise(block, mmap.PAGESIZE, portable.MADV_POPULATE_WRITE)
 
 

@@ -285,8 +285,8 @@ class AdapterLayer(nn.Module):
 
         for use in routed:
             if torch.is_grad_enabled() or (getattr(use.settings, "dropout", 0.0) and self.training):
-                # out of place: in place on the base op's output measured 15-30 % slower steps
-                # (linear LoRA, 1 thread), though autograd keeps no copy of it
+                # out of place, though autograd keeps no copy of it: in place on the base op's output
+                # made training steps slower (benchmarks/README "Measurements behind the code")
                 y = y + self._route(x, use, use.multiplier, cdtype).to(y.dtype)
             else:  # inference: accumulated into the fresh output in place
                 y = use.algorithm.add_delta_forward(y, x.to(cdtype), use.params, spec, use.settings, use.multiplier)
@@ -312,7 +312,8 @@ class AdapterLayer(nn.Module):
         ``Uᵀ`` is reshaped to an ``(r, in, kh, kw)`` conv with the base conv's stride and padding);
         output side ``(I − UCUᵀ)·op(x, W) = op(x, W) − U(C(op(x, Uᵀ·W)))``.
         Neither needs the base op's backward nor keeps its output for backward. The thin factors are
-        laid out so their gradients run as wide GEMMs (``up`` column-major: 4-5x faster on MKL at r ≤ 9).
+        laid out so their gradients run as wide GEMMs (``up`` column-major; benchmarks/README
+        "Measurements behind the code").
         """
         ops = term.inputs + term.outputs
         parts = low_rank_parts(ops[0]) if len(ops) == 1 and is_one(term.coef) and term.source is None else None

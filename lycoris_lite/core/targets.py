@@ -39,8 +39,8 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
 
 def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` (pre-order, each shared module once) through the ``_modules`` dicts,
-    without descending into an :class:`AdapterLayer` (whose children are its adapter slots): a few
-    times faster on a UNet, and adapter management walks the tree on every change."""
+    without descending into an :class:`AdapterLayer` (whose children are its adapter slots): adapter
+    management walks the tree on every change (benchmarks/README "Measurements behind the code")."""
     stack, seen = [("", model)], set()
     while stack:
         path, module = stack.pop()

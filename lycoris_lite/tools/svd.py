@@ -91,7 +91,7 @@ def full_svd(flat: torch.Tensor, full_matrices: bool = False, driver: str | None
 
 def _top_energy(projected: torch.Tensor, rank: int) -> torch.Tensor:
     """``Σ`` of the ``rank`` largest squared singular values of a wide ``(q, n)`` matrix, from its
-    ``q × q`` Gram matrix in float64 (LAPACK on the wide matrix itself is many times slower), on
+    ``q × q`` Gram matrix in float64 (cheaper than LAPACK on the wide matrix itself), on
     :func:`lycoris_lite.base.portable.float64_device`; the sum comes back on ``projected``'s device."""
     wide = projected.to(portable.float64_device(projected.device), torch.float64)
     return torch.linalg.eigvalsh(wide @ wide.T)[-rank:].sum().to(projected.device, projected.dtype)
