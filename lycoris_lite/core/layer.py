@@ -140,7 +140,7 @@ class AdapterLayer(nn.Module):
             slot = self.adapters[n]
             params, multiplier = slot()
             training = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
-            unit = training and slot.scale == 1.0
+            unit = training and slot.scale == 1.0 and slot.step_factor == 1.0
             uses.append(_Use(slot, params, 1.0, slot.settings) if unit else
                         _Use(slot, params, multiplier, slot.forward_settings))
         return uses

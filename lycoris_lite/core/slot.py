@@ -52,7 +52,7 @@ class AdapterSlot(nn.Module):
         super().__init__()
         # plain attributes straight into __dict__: what nn.Module.__setattr__ does for them, without its
         # per-call checks (they add up over a UNet's layers)
-        self.__dict__.update(algorithm=algorithm, _scale=1.0, muted=False)
+        self.__dict__.update(algorithm=algorithm, _scale=1.0, _step=1.0, muted=False)
         for key, value in params.items():  # frozen: the controller's set_adapter makes the active ones trainable
             self.register_parameter(key, nn.Parameter(value, requires_grad=False))
         self.register_buffer("multiplier", torch.ones((), dtype=dtype, device=device), persistent=False)
@@ -74,6 +74,17 @@ class AdapterSlot(nn.Module):
         self._fill_multiplier()
 
     @property
+    def step_factor(self) -> float:
+        """A factor on :attr:`scale` for the current denoising step (a per-step schedule; 1 otherwise).
+        Only the multiplier tensor changes: never :attr:`muted`, so a compiled forward is not retraced."""
+        return self._step
+
+    @step_factor.setter
+    def step_factor(self, value: float) -> None:
+        self.__dict__["_step"] = float(value)
+        self._fill_multiplier()
+
+    @property
     def settings(self) -> Settings:
         """The per-layer settings (the algorithm's ``settings_class``: rank, ``alpha / r``, block sizes…);
         set as a whole (a hotswap)."""
@@ -86,10 +97,10 @@ class AdapterSlot(nn.Module):
         self._fill_multiplier()
 
     def _fill_multiplier(self) -> None:
-        """``multiplier = scale · g`` (:meth:`~lycoris_lite.base.registry.Algorithm.forward_gain`), written
-        in place: a compiled forward keeps reading the same buffer."""
+        """``multiplier = scale · step_factor · g`` (:meth:`~lycoris_lite.base.registry.Algorithm.forward_gain`),
+        written in place: a compiled forward keeps reading the same buffer."""
         with torch.no_grad():
-            self.multiplier.fill_(self._scale * self._gain)
+            self.multiplier.fill_(self._scale * self._step * self._gain)
 
     def forward(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(tensors by key, multiplier)`` as the layer's forward uses them (with

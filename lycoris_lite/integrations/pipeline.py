@@ -19,9 +19,10 @@ The state of a pipeline's adapters:
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..core.controller import AdapterController, controller_for, fuse_layers
 from ..core.offload import offload_hook
 from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
+from .schedule import check_steps, factor_at, normalize_schedule
 from .weights import _number, normalize_weight, transformer_layer_scales, unet_layer_scales
 
 TEXT_COMPONENTS = files.TEXT_ENCODERS
@@ -81,6 +83,7 @@ class PipelineStack:
 class _State:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)   # in load order
     stack: PipelineStack = field(default_factory=PipelineStack)
+    schedules: dict[str, dict | tuple] = field(default_factory=dict)  # name -> per-step schedule
 
 
 class LycorisPipelineMixin:
@@ -315,7 +318,7 @@ class LycorisPipelineMixin:
 
     def list_adapters(self) -> dict[str, dict]:
         """``{name: {algorithm, algorithms, rank, weight, components, active, fused, format, source, metadata,
-        coverage, skipped_keys}}`` (``coverage``: ``{component: {model module: file module}}``, what the load
+        schedule, coverage, skipped_keys}}`` (``coverage``: ``{component: {model module: file module}}``, what the load
         applied; ``skipped_keys``: what it did not, with ``strict=False``)."""
         out = {}
         fused = set(self.fused_adapters)
@@ -337,6 +340,7 @@ class LycorisPipelineMixin:
                 "format": info.format,
                 "source": info.source,
                 "metadata": dict(info.metadata),
+                "schedule": self._lycoris.schedules.get(name),
                 "coverage": {c: dict(m) for c, m in info.coverage.items()},
                 "skipped_keys": list(info.skipped_keys),
             }
@@ -417,6 +421,7 @@ class LycorisPipelineMixin:
                 ctrl.unload()
         state = self._lycoris
         state.adapters.pop(name, None)
+        state.schedules.pop(name, None)
         stack = state.stack
         state.stack = PipelineStack(tuple(n for n in stack.names if n != name),
                                     {n: w for n, w in stack.weights.items() if n != name}, stack.enabled)
@@ -457,10 +462,73 @@ class LycorisPipelineMixin:
             for ctrl, stack in saved.items():
                 ctrl.apply_stack(stack)
 
+    def set_adapter_schedule(self, adapter_name: str, schedule) -> None:
+        """Give adapter ``adapter_name`` a per-step weight for the pipeline's calls, on top of its weight:
+        ``{"start": a, "end": b}`` (on while ``a ≤ step / steps < b``) or a list with one factor per step
+        (:mod:`lycoris_lite.integrations.schedule`); ``None`` removes it. Applied while the adapter is
+        active and unfused, without recompiling a compiled denoiser.
+
+        Raises:
+            ValueError: an unknown adapter or a malformed schedule (nothing changes).
+        """
+        name = self._check_names(adapter_name)[0]
+        if schedule is None:
+            self._lycoris.schedules.pop(name, None)
+        else:
+            self._lycoris.schedules[name] = normalize_schedule(schedule)
+
+    @contextmanager
+    def _scheduled(self, kwargs: dict):
+        """The call's ``kwargs`` with a ``callback_on_step_end`` that sets each scheduled adapter's step
+        factor for the next step (the user's callback runs first); every factor back to 1 afterwards."""
+        state = self._lycoris
+        schedules = {n: s for n, s in state.schedules.items() if n in state.stack.names}
+        if not schedules:
+            yield kwargs
+            return
+        fused = sorted(set(self.fused_adapters) & set(schedules))
+        if fused:
+            raise ValueError(f"adapter {fused[0]!r} has a per-step schedule and is fused; unfuse it first")
+        params = inspect.signature(super().__call__).parameters
+        if "callback_on_step_end" not in params:
+            raise ValueError(f"{type(self).__name__} takes no callback_on_step_end: per-step schedules need it")
+        steps = kwargs.get("num_inference_steps", getattr(params.get("num_inference_steps"), "default", None))
+        for name, schedule in schedules.items():
+            check_steps(schedule, steps, name)
+        slots = {n: [layer.adapters[n] for ctrl in self._controllers().values() for _, layer in ctrl.layers()
+                     if n in layer.adapters] for n in schedules}
+
+        def set_step(step: int, total: int) -> None:
+            for name, schedule in schedules.items():
+                factor = factor_at(schedule, step, total)
+                for slot in slots[name]:
+                    if slot.step_factor != factor:
+                        slot.step_factor = factor
+
+        user = kwargs.get("callback_on_step_end")
+        kwargs = dict(kwargs)
+        if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
+            kwargs.setdefault("callback_on_step_end_tensor_inputs", user.tensor_inputs)
+
+        def callback(pipe, step, timestep, callback_kwargs):
+            out = user(pipe, step, timestep, callback_kwargs) if user is not None else callback_kwargs
+            set_step(step + 1, getattr(pipe, "num_timesteps", None) or steps)
+            return out
+
+        kwargs["callback_on_step_end"] = callback
+        set_step(0, steps)
+        try:
+            yield kwargs
+        finally:
+            for group in slots.values():
+                for slot in group:
+                    slot.step_factor = 1.0
+
     def __call__(self, *args, **kwargs):
         """The pipeline's own call; a ``scale`` in ``cross_attention_kwargs``, ``joint_attention_kwargs`` or
         ``attention_kwargs`` (:data:`SCALE_KWARGS`) multiplies every unfused adapter's weight for this
-        call (and is taken out, so diffusers' own LoRA scaling never sees it)."""
+        call (and is taken out, so diffusers' own LoRA scaling never sees it); per-step schedules
+        (:meth:`set_adapter_schedule`) apply through the call's ``callback_on_step_end``."""
         scale = None
         if self._lycoris.adapters:
             for key in SCALE_KWARGS:
@@ -471,9 +539,11 @@ class LycorisPipelineMixin:
                     extra = dict(extra)
                     scale = _number(extra.pop("scale"), f"{key}['scale']")
                     kwargs[key] = extra or None
-        if scale is None:
-            return super().__call__(*args, **kwargs)
-        with self._call_scale(scale):
+        with ExitStack() as scope:
+            if scale is not None:
+                scope.enter_context(self._call_scale(scale))
+            if self._lycoris.schedules:
+                kwargs = scope.enter_context(self._scheduled(kwargs))
             return super().__call__(*args, **kwargs)
 
 
