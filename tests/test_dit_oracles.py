@@ -1,6 +1,7 @@
 """Independent oracles on a transformer pipeline (tiny Flux.1): diffusers' own ``load_lora_weights`` on
 our diffusers-format file renders what our load renders; PEFT's LoRA, LoHa, LoKr and OFT adapters, made
-and saved by PEFT on the transformer, load as PEFT folders and reproduce PEFT's forward."""
+and saved by PEFT on the transformer, load as PEFT folders and reproduce PEFT's forward; LyCORIS's
+LoCon, LoHa, LoKr and diag-OFT files from ``create_lycoris`` on the transformer reproduce LyCORIS's forward."""
 
 from __future__ import annotations
 
@@ -77,3 +78,37 @@ def test_peft_folders_on_the_transformer_reproduce_peft_forward(tmp_path, kind):
         got = fresh(**inputs).sample
     assert (expected - base).abs().max() > 1e-4
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algo, kwargs, ours_algo", [("locon", {}, "lora"), ("loha", {}, "loha"),
+                                                     ("lokr", {"factor": 4}, "lokr"), ("diag-oft", {}, "oft")])
+def test_lycoris_generic_wrapper_files_on_the_transformer_reproduce_their_forward(tmp_path, algo, kwargs, ours_algo):
+    """``lycoris.create_lycoris`` on the diffusers transformer (SimpleTuner's way): ``lycoris_<path>``
+    modules, weights randomised, saved with their writer; our load gives their forward (never their
+    merge: LoHa/LoKr ``merge_to`` applies the scale twice, see tests/test_lycoris_files.py)."""
+    pytest.importorskip("lycoris")
+    from tests.test_lycoris_files import _generic, lycoris_presets_kept, randomise
+
+    names = [r"(single_)?transformer_blocks\.\d+\..*(to_q|to_k|to_v|proj_mlp)$"]
+    with lycoris_presets_kept():
+        pipe = models.build_tiny_flux_pipeline()
+        inputs = dict(hidden_states=torch.randn(1, 16, pipe.transformer.config.in_channels),
+                      encoder_hidden_states=torch.randn(1, 8, pipe.transformer.config.joint_attention_dim),
+                      pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim),
+                      timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                      guidance=torch.tensor([3.5]))
+        with torch.no_grad():
+            base = pipe.transformer(**inputs).sample
+        net = _generic(pipe.transformer, algo, [], names, dim=4 if algo != "diag-oft" else 8, **kwargs)
+        randomise(net, 0.3)
+        path = tmp_path / f"{algo}.safetensors"
+        net.save_weights(str(path), torch.float32, None)
+        with torch.no_grad():
+            theirs = pipe.transformer(**inputs).sample
+    fresh = models.build_tiny_flux_pipeline().transformer
+    info = load_adapter({"transformer": fresh}, path, "theirs")
+    with torch.no_grad():
+        ours = fresh(**inputs).sample
+    assert info.algorithms == {ours_algo: len(net.loras)}
+    assert (theirs - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
