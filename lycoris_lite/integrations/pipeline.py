@@ -36,7 +36,7 @@ from ..core.controller import AdapterController, controller_for, fuse_layers
 from ..core.offload import offload_hook
 from ..core.stack import FrozenMapping, LayerWeights, Stack
 from ..tools.arithmetic import combine_adapters
-from .schedule import check_steps, factor_at, normalize_schedule
+from .schedule import normalize_schedule, scheduled
 from .weights import _number, normalize_weight, transformer_layer_scales, unet_layer_scales
 
 TEXT_COMPONENTS = files.TEXT_ENCODERS
@@ -477,52 +477,17 @@ class LycorisPipelineMixin:
         else:
             self._lycoris.schedules[name] = normalize_schedule(schedule)
 
-    @contextmanager
     def _scheduled(self, kwargs: dict):
-        """The call's ``kwargs`` with a ``callback_on_step_end`` that sets each scheduled adapter's step
-        factor for the next step (the user's callback runs first); every factor back to 1 afterwards."""
+        """:func:`~lycoris_lite.integrations.schedule.scheduled` for the active adapters with a schedule."""
         state = self._lycoris
         schedules = {n: s for n, s in state.schedules.items() if n in state.stack.names}
-        if not schedules:
-            yield kwargs
-            return
         fused = sorted(set(self.fused_adapters) & set(schedules))
         if fused:
             raise ValueError(f"adapter {fused[0]!r} has a per-step schedule and is fused; unfuse it first")
-        params = inspect.signature(super().__call__).parameters
-        if "callback_on_step_end" not in params:
-            raise ValueError(f"{type(self).__name__} takes no callback_on_step_end: per-step schedules need it")
-        steps = kwargs.get("num_inference_steps", getattr(params.get("num_inference_steps"), "default", None))
-        for name, schedule in schedules.items():
-            check_steps(schedule, steps, name)
         slots = {n: [layer.adapters[n] for ctrl in self._controllers().values() for _, layer in ctrl.layers()
                      if n in layer.adapters] for n in schedules}
-
-        def set_step(step: int, total: int) -> None:
-            for name, schedule in schedules.items():
-                factor = factor_at(schedule, step, total)
-                for slot in slots[name]:
-                    if slot.step_factor != factor:
-                        slot.step_factor = factor
-
-        user = kwargs.get("callback_on_step_end")
-        kwargs = dict(kwargs)
-        if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
-            kwargs.setdefault("callback_on_step_end_tensor_inputs", user.tensor_inputs)
-
-        def callback(pipe, step, timestep, callback_kwargs):
-            out = user(pipe, step, timestep, callback_kwargs) if user is not None else callback_kwargs
-            set_step(step + 1, getattr(pipe, "num_timesteps", None) or steps)
-            return out
-
-        kwargs["callback_on_step_end"] = callback
-        set_step(0, steps)
-        try:
-            yield kwargs
-        finally:
-            for group in slots.values():
-                for slot in group:
-                    slot.step_factor = 1.0
+        return scheduled(kwargs, schedules, slots, inspect.signature(super().__call__).parameters,
+                         type(self).__name__)
 
     def __call__(self, *args, **kwargs):
         """The pipeline's own call; a ``scale`` in ``cross_attention_kwargs``, ``joint_attention_kwargs`` or

@@ -14,6 +14,8 @@ compiled transformer is not recompiled when a factor changes, even to or from 0.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from .weights import _number
 
 
@@ -49,4 +51,46 @@ def factor_at(schedule, step: int, steps: int) -> float:
     return 1.0 if schedule["start"] <= step / max(steps, 1) < schedule["end"] else 0.0
 
 
-__all__ = ["check_steps", "factor_at", "normalize_schedule"]
+@contextmanager
+def scheduled(kwargs: dict, schedules: dict, slots: dict, params, pipeline: str):
+    """The call's ``kwargs`` with a ``callback_on_step_end`` that sets each scheduled adapter's step
+    factor (on its ``slots``) for the next step, the user's callback running first; every factor back to
+    1 afterwards. ``params``: the pipeline call's signature parameters (``pipeline`` its class name, for
+    the error where it takes no step callback)."""
+    if not schedules:
+        yield kwargs
+        return
+    if "callback_on_step_end" not in params:
+        raise ValueError(f"{pipeline} takes no callback_on_step_end: per-step schedules need it")
+    steps = kwargs.get("num_inference_steps", getattr(params.get("num_inference_steps"), "default", None))
+    for name, schedule in schedules.items():
+        check_steps(schedule, steps, name)
+
+    def set_step(step: int, total: int) -> None:
+        for name, schedule in schedules.items():
+            factor = factor_at(schedule, step, total)
+            for slot in slots[name]:
+                if slot.step_factor != factor:
+                    slot.step_factor = factor
+
+    user = kwargs.get("callback_on_step_end")
+    kwargs = dict(kwargs)
+    if user is not None and hasattr(user, "tensor_inputs"):  # diffusers' PipelineCallback objects
+        kwargs.setdefault("callback_on_step_end_tensor_inputs", user.tensor_inputs)
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        out = user(pipe, step, timestep, callback_kwargs) if user is not None else callback_kwargs
+        set_step(step + 1, getattr(pipe, "num_timesteps", None) or steps)
+        return out
+
+    kwargs["callback_on_step_end"] = callback
+    set_step(0, steps)
+    try:
+        yield kwargs
+    finally:
+        for group in slots.values():
+            for slot in group:
+                slot.step_factor = 1.0
+
+
+__all__ = ["check_steps", "factor_at", "normalize_schedule", "scheduled"]
