@@ -18,6 +18,16 @@ peft = pytest.importorskip("peft")
 TARGETS = ["to_q", "to_k", "to_v", "proj_mlp"]
 
 
+def transformer_inputs(transformer) -> dict:
+    """One seeded forward's inputs for a tiny Flux transformer: 16 image and 8 text tokens."""
+    g, config = torch.Generator().manual_seed(0), transformer.config
+    return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+
+
 def render(pipe) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -60,13 +70,9 @@ def _peft_config(kind: str):
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "oft"])
 def test_peft_folders_on_the_transformer_reproduce_peft_forward(tmp_path, kind):
     transformer = models.build_tiny_flux_pipeline().transformer
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # PEFT's random init
     model = peft.get_peft_model(transformer, _peft_config(kind))
-    inputs = dict(hidden_states=torch.randn(1, 16, transformer.config.in_channels),
-                  encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
-                  pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim),
-                  timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                  guidance=torch.tensor([3.5]) if transformer.config.guidance_embeds else None)
+    inputs = transformer_inputs(transformer)
     with torch.no_grad():
         expected = model(**inputs).sample
     model.save_pretrained(tmp_path / "peft")
@@ -92,11 +98,7 @@ def test_lycoris_generic_wrapper_files_on_the_transformer_reproduce_their_forwar
     names = [r"(single_)?transformer_blocks\.\d+\..*(to_q|to_k|to_v|proj_mlp)$"]
     with lycoris_presets_kept():
         pipe = models.build_tiny_flux_pipeline()
-        inputs = dict(hidden_states=torch.randn(1, 16, pipe.transformer.config.in_channels),
-                      encoder_hidden_states=torch.randn(1, 8, pipe.transformer.config.joint_attention_dim),
-                      pooled_projections=torch.randn(1, pipe.transformer.config.pooled_projection_dim),
-                      timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                      guidance=torch.tensor([3.5]))
+        inputs = transformer_inputs(pipe.transformer)
         with torch.no_grad():
             base = pipe.transformer(**inputs).sample
         net = _generic(pipe.transformer, algo, [], names, dim=4 if algo != "diag-oft" else 8, **kwargs)

@@ -133,7 +133,8 @@ class LycorisPipelineMixin:
         transformer pipeline: :meth:`set_adapters` with ``{"transformer": …}``).
 
         ``hotswap=True`` with an existing name replaces that adapter's weights in place (same layers,
-        algorithms and shapes), so nothing is re-attached and a compiled UNet keeps its graph.
+        algorithms and shapes), so nothing is re-attached and a compiled UNet keeps its graph; its weight
+        becomes this call's ``scale`` (and per-component scales), as for a new load.
         Nothing changes unless the whole file validates against every component.
         """
         state = self._lycoris
