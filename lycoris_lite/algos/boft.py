@@ -26,9 +26,10 @@ from functools import lru_cache
 import torch
 
 from ..base.registry import Algorithm, register
+from ..base.registry import NotSplittable
 from . import peft
 from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import (RotationConfig, RotationSettings, init_rotation, require_output_side, rescale_from_file,
+from .oft import (join_shared_rotation, split_shared_rotation, RotationConfig, RotationSettings, init_rotation, require_output_side, rescale_from_file,
                   rescale_to_file, rotation_network_dim_alpha, rotation_operators)
 
 
@@ -178,6 +179,19 @@ class BOFT(Algorithm):
     file_keys = frozenset({"oft_blocks", "rescale", *peft_keys})
     lycoris_args = {"constraint": "constraint", "rescale": "rescaled", "block_size": "block_size",
                     "butterfly_factor": "butterfly_factor", "rotation_side": "rotation_side"}
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """Input side: every module shares the rotation. Output side: the butterfly stages mix rows across
+        blocks (over ``b·2^(m−1)`` rows), so no per-module BOFT is exact in general."""
+        if settings.side == "input":
+            return split_shared_rotation(params, settings, parts)
+        raise NotSplittable(f"its butterfly stages mix output rows across {settings.block_size * 2 ** (settings.stages - 1)}-row "
+                            "groups, so a module's rows depend on its neighbours' weights")
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        return join_shared_rotation(spec, parts, "BOFT")
 
     @classmethod
     def describe_size(cls, tensors):

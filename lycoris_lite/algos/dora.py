@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from ..base.config import AdapterConfig, check_choice
+from ..base.registry import NotSplittable
+from ..base.rows import put_rows, take_rows
 from ..base.settings import Settings
 
 AXES = ("output", "input")
@@ -155,3 +157,31 @@ def from_peft(magnitude: torch.Tensor, spec, path: str) -> torch.Tensor:
 def to_peft(magnitude: torch.Tensor, spec) -> torch.Tensor:
     """Our output-axis ``dora_scale`` -> PEFT's ``lora_magnitude_vector``."""
     return magnitude.reshape(1, -1, 1, 1) if spec.is_conv else magnitude.reshape(-1)
+
+
+# ---- fused projections (:mod:`lycoris_lite.base.rows`) ----------------------------------------------
+def split_magnitude(params: dict, settings, rows) -> dict:
+    """A module's part of a fused adapter's DoRA magnitude: its rows on the output axis (each row's norm
+    is its own); ``{}`` without DoRA. The input axis normalises every column over all of the fused
+    matrix's rows, which no module holds alone: :class:`NotSplittable`."""
+    axis = getattr(settings, "dora", None)
+    if not axis:
+        return {}
+    if axis == "input":
+        raise NotSplittable("its DoRA magnitude is normalised along the input axis (dora_scale (1, in)): each "
+                            "column's norm runs over every row of the fused matrix, which no single module holds")
+    return {KEY: take_rows(params[KEY], rows)}
+
+
+def join_magnitude(parts: list, total: int) -> dict:
+    """The fused magnitude of per-module output-axis DoRA magnitudes (``parts``: ``(rows, settings,
+    tensors)`` covering every row); ``{}`` when none has DoRA; :class:`NotSplittable` otherwise."""
+    axes = {getattr(settings, "dora", None) for _, settings, _ in parts}
+    if axes == {None}:
+        return {}
+    if axes != {"output"}:
+        raise NotSplittable("its modules' DoRA stages differ (or are on the input axis), which one fused "
+                            "magnitude cannot hold")
+    if sum(stop - start for rows, _, _ in parts for start, stop in rows) != total:
+        raise NotSplittable("some rows of the fused matrix have no DoRA magnitude (a module without the adapter)")
+    return {KEY: put_rows([(rows, t[KEY]) for rows, _, t in parts], total)}

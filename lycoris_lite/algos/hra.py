@@ -27,6 +27,8 @@ import torch
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import LowRankUpdate
 from ..base.registry import Algorithm, register
+from ..base.registry import NotSplittable
+from .oft import join_shared_rotation, split_shared_rotation
 from ..base.settings import Settings
 from . import peft
 from .common import ROTATION_SIDES, kaiming_, rotated_dim
@@ -121,6 +123,19 @@ class HRA(Algorithm):
     peft_keys = ("hra_u",)
     file_keys = frozenset(peft_keys)
     lycoris_args = {"apply_GS": "apply_GS", "rotation_side": "rotation_side"}
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """Input side: every module shares the reflections. Output side: each reflection mixes all of
+        the fused matrix's rows, so no per-module HRA is exact."""
+        if settings.side == "input":
+            return split_shared_rotation(params, settings, parts)
+        raise NotSplittable("its output-side reflections mix every row of the fused matrix, so a module's rows "
+                            "depend on its neighbours' weights")
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        return join_shared_rotation(spec, parts, "HRA")
 
     @classmethod
     def describe_size(cls, tensors):

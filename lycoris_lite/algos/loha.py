@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.registry import NotSplittable
+from ..base.rows import put_rows, same_tensors, take_rows
 from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import LowRankRoute, factored_route, init_factors, rebuild_tucker
@@ -172,6 +174,32 @@ class LoHa(Algorithm):
         """``hada_w1_b``'s columns (times ``kh·kw`` on a conv without a Tucker core)."""
         w1_b = file_tensors.get("hada_w1_b")
         return w1_b.shape[1] if w1_b is not None and w1_b.dim() >= 2 else None
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """``ΔW = (w1a·w1b) ⊙ (w2a·w2b)``: a row of ``ΔW`` needs that row of ``w1a`` and of ``w2a`` only,
+        so each module takes its rows of both ``a`` factors (and of an output-axis DoRA magnitude)."""
+        if settings.tucker:
+            raise NotSplittable("a Tucker LoHa (hada_t1/hada_t2) belongs to a k×k conv, not a fused projection")
+        shared = {k: params[k] for k in ("hada_w1_b", "hada_w2_b")}
+        return [(settings, {**shared, "hada_w1_a": take_rows(params["hada_w1_a"], rows),
+                            "hada_w2_a": take_rows(params["hada_w2_a"], rows),
+                            **dora.split_magnitude(params, settings, rows)}) for _, rows in parts]
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        """Modules sharing both ``b`` factors and the scale: one LoHa with their rows of the ``a`` factors.
+        Otherwise none is exact (the Hadamard product of two sums is not a sum of Hadamard products)."""
+        first = parts[0][2]
+        if any(s != first for _, _, s, _ in parts) or not same_tensors([t for *_, t in parts], ["hada_w1_b", "hada_w2_b"]):
+            raise NotSplittable("LoHa adapters whose b factors (hada_w1_b, hada_w2_b) or scales differ between "
+                                "the modules have no exact LoHa on the fused matrix")
+        magnitude = dora.join_magnitude([(rows, s, t) for _, rows, s, t in parts], spec.out_features)
+        out = spec.out_features
+        tensors = {k: parts[0][3][k] for k in ("hada_w1_b", "hada_w2_b")}
+        for key in ("hada_w1_a", "hada_w2_a"):
+            tensors[key] = put_rows([(rows, t[key]) for _, rows, _, t in parts], out)
+        return first, {**tensors, **magnitude}
 
     @classmethod
     def describe_size(cls, tensors):

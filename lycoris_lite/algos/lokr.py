@@ -25,12 +25,14 @@ PEFT (``LOKR``): the same keys and layouts; PEFT's scale is always ``alpha/r`` w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.registry import NotSplittable
+from ..base.rows import blocks_of, put_rows, same_tensors, take_rows
 from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import factorization, factored_route, init_factors, op_backward, rebuild_tucker, recompute_in_backward
@@ -247,6 +249,50 @@ class LoKr(Algorithm):
     file_keys = frozenset({*peft_keys, dora.KEY})
     lycoris_args = {"use_tucker": "use_tucker", "factor": "factor", "decompose_both": "decompose_both",
                     "full_matrix": "full_matrix"}
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """``kron(w1, w2)``'s rows come in blocks of ``b`` (one row of ``w1`` each): a module whose rows
+        begin and end on block boundaries is a LoKr with its rows of ``w1`` (``lokr_w1`` or
+        ``lokr_w1_a``) and the same ``w2``; a boundary inside a block has no LoKr form."""
+        a, b, c, d = settings.shape
+        out = []
+        for tspec, rows in parts:
+            blocks = blocks_of(rows, b)
+            if blocks is None:
+                cut = next(x for seg in rows for x in seg if x % b)
+                raise NotSplittable(f"its kron blocks are {b} rows tall and a module boundary falls at row {cut}, "
+                                    "inside one")
+            index = tuple(blocks)
+            tensors = {k: v for k, v in params.items() if not k.startswith("lokr_w1")}
+            key = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+            tensors[key] = take_rows(params[key], index)
+            if key == "lokr_w1_a":
+                tensors["lokr_w1_b"] = params["lokr_w1_b"]
+            tensors.update(dora.split_magnitude(params, settings, rows))
+            out.append((replace(settings, shape=(tspec.out_features // b, b, c, d)), tensors))
+        return out
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        """Modules with the same ``w2``, scale and ``w1`` form, each on whole blocks of rows, covering
+        every row: one LoKr with their ``w1`` rows in place (what :meth:`split_rows` split)."""
+        first = parts[0][2]
+        b, c, d = first.shape[1:]
+        key = "lokr_w1" if "lokr_w1" in parts[0][3] else "lokr_w1_a"
+        w2_keys = [k for k in parts[0][3] if k.startswith(("lokr_w2", "lokr_t2"))] + (
+            ["lokr_w1_b"] if key == "lokr_w1_a" else [])
+        if (any(replace(s, shape=first.shape) != first for _, _, s, _ in parts)
+                or not same_tensors([t for *_, t in parts], w2_keys) or any(key not in t for *_, t in parts)):
+            raise NotSplittable("LoKr adapters whose w2 factors, w1 forms or scales differ between the modules have "
+                                "no exact LoKr on the fused matrix")
+        blocks = [blocks_of(rows, b) for _, rows, _, _ in parts]
+        if any(x is None for x in blocks) or sum(stop - start for bl in blocks for start, stop in bl) * b != spec.out_features:
+            raise NotSplittable(f"the modules do not cover the fused matrix's rows in whole {b}-row kron blocks")
+        w1 = put_rows([(bl, t[key]) for bl, (*_, t) in zip(blocks, parts)], spec.out_features // b)
+        tensors = {**{k: parts[0][3][k] for k in w2_keys}, key: w1,
+                   **dora.join_magnitude([(rows, s, t) for _, rows, s, t in parts], spec.out_features)}
+        return replace(first, shape=(spec.out_features // b, b, c, d)), tensors
 
     @classmethod
     def describe_size(cls, tensors):

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..base.layer_kind import LayerSpec
 from ..base.operators import is_one
 from ..base.registry import Algorithm, file_alpha, pattern_value, register
+from ..base.registry import NotSplittable
+from ..base.rows import put_rows, same_tensors, take_rows
 from ..base.settings import ScaledSettings
 from . import dora, peft
 from .common import kaiming_, rebuild_tucker
@@ -155,6 +157,39 @@ class LoRA(Algorithm):
     def input_width(cls, file_tensors):
         down = file_tensors.get("lora_down.weight", file_tensors.get("lora_A.weight"))
         return down.shape[1] if down is not None and down.dim() >= 2 else None
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """Each module takes its rows of ``lora_up`` (and of an output-axis DoRA magnitude); ``lora_down``
+        and the scale are shared."""
+        if "lora_mid" in params:
+            raise NotSplittable("a Tucker LoRA (lora_mid) belongs to a k×k conv, not a fused projection")
+        return [(settings, {"lora_down": params["lora_down"], "lora_up": take_rows(params["lora_up"], rows),
+                            **dora.split_magnitude(params, settings, rows)}) for _, rows in parts]
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        """Modules sharing ``lora_down`` and the scale: one ``lora_up`` of their rows (what
+        :meth:`split_rows` split). Otherwise a block-diagonal LoRA of rank ``Σ r_T``: ``lora_down`` the
+        stacked downs, ``lora_up`` each module's ``s_T · up_T`` in its rows and rank columns, scale 1.
+        Rows no module covers stay zero (no change there)."""
+        if any("lora_mid" in t for *_, t in parts):
+            raise NotSplittable("a Tucker LoRA (lora_mid) belongs to a k×k conv, not a fused projection")
+        first = parts[0][2]
+        magnitude = dora.join_magnitude([(rows, s, t) for _, rows, s, t in parts], spec.out_features)
+        if all(s == first for _, _, s, _ in parts) and same_tensors([t for *_, t in parts], ["lora_down"]):
+            up = put_rows([(rows, t["lora_up"]) for _, rows, _, t in parts], spec.out_features)
+            return first, {"lora_down": parts[0][3]["lora_down"], "lora_up": up, **magnitude}
+        total = sum(t["lora_down"].shape[0] for *_, t in parts)
+        down = torch.cat([t["lora_down"] for *_, t in parts])
+        up = down.new_zeros((spec.out_features, total))
+        col = 0
+        for _, rows, s, t in parts:
+            r = t["lora_down"].shape[0]
+            block = put_rows([(rows, t["lora_up"] * s.scale)], spec.out_features)
+            up[:, col:col + r] = block
+            col += r
+        return replace(first, r=total, alpha=float(total), scale=1.0), {"lora_down": down, "lora_up": up, **magnitude}
 
     @classmethod
     def describe_size(cls, tensors):

@@ -30,7 +30,8 @@ import torch
 
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import BlockDiagonal, Chain, Diagonal
-from ..base.registry import Algorithm, register
+from ..base.registry import Algorithm, NotSplittable, register
+from ..base.rows import blocks_of, put_rows, same_tensors, take_rows
 from ..base.settings import Settings
 from . import peft
 from .common import ROTATION_SIDES, block_layout, cayley, clamp_norm, normal_, rotated_dim, skew
@@ -156,6 +157,32 @@ def rescale_to_file(params: dict, settings: RotationSettings) -> dict:
     return params
 
 
+def split_shared_rotation(params: dict, settings, parts: list) -> list:
+    """Per-module forms of an input-side rotation on a fused matrix (``W'_F = W_F·M``, so
+    ``W'_T = W_T·M``): every module takes the same rotation, and its rows of an output ``rescale``."""
+    if settings.side != "input":
+        raise NotSplittable("split_shared_rotation is for input-side rotations")
+    return [(settings, {**params, **({"rescale": take_rows(params["rescale"], rows)} if "rescale" in params else {})})
+            for _, rows in parts]
+
+
+def join_shared_rotation(spec, parts: list, what: str) -> tuple:
+    """The inverse of :func:`split_shared_rotation`: modules with the same input-side rotation (bit for
+    bit) and settings are one rotation of the fused matrix (their rescale rows put together)."""
+    first = parts[0][2]
+    keys = [k for k in parts[0][3] if k != "rescale"]
+    if (first.side != "input" or any(s != first for _, _, s, _ in parts)
+            or not same_tensors([t for *_, t in parts], keys)):
+        raise NotSplittable(f"{what} adapters on the modules are not one input-side rotation shared by all of "
+                            "them, which is the only form a fused matrix can hold exactly")
+    if sum(stop - start for _, rows, _, _ in parts for start, stop in rows) != spec.out_features:
+        raise NotSplittable(f"a {what} rotation must cover every row of the fused matrix (a module lacks it)")
+    tensors = {k: parts[0][3][k] for k in keys}
+    if "rescale" in parts[0][3]:
+        tensors["rescale"] = put_rows([(rows, t["rescale"]) for _, rows, _, t in parts], spec.out_features)
+    return first, tensors
+
+
 def require_output_side(settings):
     if settings.side != "output":
         raise ValueError("kohya/LyCORIS files (and AUTOMATIC1111, ComfyUI) rotate the output side; an "
@@ -269,6 +296,53 @@ class OFT(Algorithm):
     lycoris_name = "diag-oft"
     lycoris_args = {"constraint": "constraint", "rescale": "rescaled", "block_size": "block_size",
                     "rotation_side": "rotation_side"}
+
+    @classmethod
+    def split_rows(cls, params, spec, settings, parts):
+        """Output side (``W'_F = M·W_F``): a module whose rows begin and end on block boundaries takes
+        its blocks (and rescale rows); the COFT clamp, a bound on all blocks together, is applied to the
+        blocks first (and the parts carry none). A block straddling a boundary mixes rows of two modules,
+        which no per-module adapter holds. Input side: every module shares the rotation."""
+        if settings.side == "input":
+            return split_shared_rotation(params, settings, parts)
+        b = settings.block_size
+        blocks = params["oft_blocks"]
+        if settings.radius > 0 and not settings.rotation_given:
+            blocks = blocks * torch.clamp(settings.radius / (torch.linalg.vector_norm(skew(blocks)) + 1e-8), max=1.0)
+        out = []
+        for tspec, rows in parts:
+            index = blocks_of(rows, b)
+            if index is None:
+                cut = next(x for seg in rows for x in seg if x % b)
+                raise NotSplittable(f"its rotation blocks are {b} rows and a module boundary falls at row {cut}, "
+                                    "inside one: that block mixes rows of two modules")
+            tensors = {"oft_blocks": take_rows(blocks, index)}
+            if "rescale" in params:
+                tensors["rescale"] = take_rows(params["rescale"], rows)
+            n = tspec.out_features // b
+            out.append((replace(settings, dim=tspec.out_features, block_num=n, radius=0.0), tensors))
+        return out
+
+    @classmethod
+    def join_rows(cls, spec, parts):
+        """Output side, the same block size and no COFT clamp, every row covered: the blocks in place.
+        Input side: :func:`join_shared_rotation`."""
+        first = parts[0][2]
+        if first.side == "input":
+            return join_shared_rotation(spec, parts, "OFT")
+        b = first.block_size
+        same = all(replace(s, dim=first.dim, block_num=first.block_num) == first for _, _, s, _ in parts)
+        if not same or first.radius > 0:
+            raise NotSplittable("OFT adapters on the modules differ in block size, side or form, or carry a COFT "
+                                "clamp (a bound per module is not one bound on the fused matrix)")
+        index = [blocks_of(rows, b) for _, rows, _, _ in parts]
+        if any(i is None for i in index) or sum(stop - start for _, rows, _, _ in parts for start, stop in rows) != spec.out_features:
+            raise NotSplittable(f"the modules do not cover the fused matrix's rows in whole {b}-row blocks")
+        tensors = {"oft_blocks": put_rows([(i, t["oft_blocks"]) for i, (*_, t) in zip(index, parts)],
+                                          spec.out_features // b)}
+        if first.rescale:
+            tensors["rescale"] = put_rows([(rows, t["rescale"]) for _, rows, _, t in parts], spec.out_features)
+        return replace(first, dim=spec.out_features, block_num=spec.out_features // b), tensors
 
     @classmethod
     def describe_size(cls, tensors):

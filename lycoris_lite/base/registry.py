@@ -59,6 +59,11 @@ from .operators import Operator
 from .settings import ScaledSettings, Settings
 
 
+class NotSplittable(ValueError):
+    """An adapter on a fused matrix with no exact same-algorithm form per module, or per-module adapters
+    with no exact fused form (the message says why): :meth:`Algorithm.split_rows` / ``join_rows``."""
+
+
 #: Algorithm.param_shapes' memo
 _SHAPES: dict[tuple, dict[str, tuple[int, ...]]] = {}
 
@@ -198,6 +203,24 @@ class Algorithm:
         """Our config's fields describing a PEFT adapter (its ``adapter_config.json`` and the layers read
         from it; best effort: the per-layer settings are what the layers use)."""
         return {}
+
+    # ---- fused projections (:mod:`lycoris_lite.base.rows`) ----------------------------------------
+    @classmethod
+    def split_rows(cls, params: dict[str, torch.Tensor], spec: LayerSpec, settings: Settings,
+                   parts: list[tuple[LayerSpec, tuple]]) -> list[tuple[Settings, dict[str, torch.Tensor]]]:
+        """Exact per-module adapters of this adapter on a fused matrix (``spec``) for the modules that
+        hold its output rows: ``parts`` gives each module's spec and rows (``(start, stop)`` segments of
+        the fused rows, in the module's row order). ``W'_T = W'_F[rows_T]`` for every ``T`` and every
+        multiplier. :class:`NotSplittable` (with the reason) when this algorithm has no such form."""
+        raise NotSplittable(f"{cls.name} has no per-module form on a fused matrix")
+
+    @classmethod
+    def join_rows(cls, spec: LayerSpec, parts: list[tuple[LayerSpec, tuple, Settings, dict[str, torch.Tensor]]]
+                  ) -> tuple[Settings, dict[str, torch.Tensor]]:
+        """The inverse of :meth:`split_rows`: one adapter on the fused matrix ``spec`` equal, row for row
+        and at every multiplier, to the per-module adapters ``parts`` (each ``(spec, rows, settings,
+        tensors)``). :class:`NotSplittable` (with the reason) when there is no exact one."""
+        raise NotSplittable(f"{cls.name} adapters on separate modules have no exact form on the fused matrix")
 
     @classmethod
     def delta_weight(cls, params, spec: LayerSpec, settings: Settings) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALPHA_KEY, LayerEntry, algorithm_of, detect_algorithm
 from .names import DENOISERS, ComponentNames, file_name_lookup
+from .original import OriginalModule, fused_spec, split_entry
 
 __all__ = ["FAMILY_WIDTHS", "TRANSFORMER_FAMILIES", "FamilyMismatch", "LayerEntry", "check_family",
            "check_model_classes", "check_unknown", "class_family", "file_family", "join_modules", "model_family",
@@ -189,7 +190,11 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
         if "dora_scale" in tensors and not algo.decomposable:
             raise ValueError(f"{file_name}: a DoRA magnitude (dora_scale) on a {algo.name} module; DoRA applies to "
                              "LoRA, LoHa and LoKr only")
-        spec = LayerSpec.from_module(base_module_at(components[component], path), path)
+        om = path if isinstance(path, OriginalModule) else None  # an original fused module: split below
+        if om is not None:
+            spec, path = fused_spec(om), om.name
+        else:
+            spec = LayerSpec.from_module(base_module_at(components[component], path), path)
         if alpha_tensor is None:
             alpha = (header_alphas[1] if spec.taps > 1 else None) \
                 or header_alphas[0]
@@ -206,7 +211,12 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
             unknown_keys += [f"{file_name}.{k}" for k in extra]
             skipped += [f"{file_name}.{k}" for k in extra]
             params = {k: v for k, v in params.items() if k in expected}
-        plans.setdefault(component, {})[path] = LayerEntry(algo, settings, params, file_name)
+        entry = LayerEntry(algo, settings, params, file_name)
+        layers = plans.setdefault(component, {})
+        for target, e in (split_entry(entry, om, components[component]) if om else {path: entry}).items():
+            if target in layers:
+                raise ValueError(f"{layers[target].source} and {file_name} both apply to the {component}'s {target}")
+            layers[target] = e
     check_unknown(unknown_modules, unknown_keys, strict, components=components)
     if not plans:
         raise ValueError("the file has no adapter tensors for this model")

@@ -112,6 +112,8 @@ class ComponentNames:
     write_prefix: str
     to_module: dict[str, str] = field(default_factory=dict)  # full file name (with prefix) -> module path
     to_file: dict[str, str] = field(default_factory=dict)    # module path -> name we write
+    #: full file name -> an original module with several parts or moved rows (:mod:`.original`)
+    originals: dict = field(default_factory=dict)
 
     def add(self, path: str, file_name: str, canonical: bool = False) -> None:
         self.to_module.setdefault(file_name, path)
@@ -131,7 +133,8 @@ def adapter_capable_paths(model: nn.Module) -> list[str]:
 
 
 def _copy(names: ComponentNames) -> ComponentNames:
-    return ComponentNames(names.component, names.write_prefix, dict(names.to_module), dict(names.to_file))
+    return ComponentNames(names.component, names.write_prefix, dict(names.to_module), dict(names.to_file),
+                          dict(names.originals))
 
 
 def unet_names(unet: nn.Module, sgm: bool = False) -> ComponentNames:
@@ -173,6 +176,20 @@ def _transformer_names(paths: tuple[str, ...], component: str) -> ComponentNames
         for prefix in prefixes:
             names.add(path, prefix + underscore(path), canonical=prefix == prefixes[0])
     return names
+
+
+def add_original_names(names: ComponentNames, model: nn.Module) -> None:
+    """Read sd-scripts' / musubi-tuner's names of a transformer's original modules too:
+    ``lora_unet_`` + the underscore form of each original name (:mod:`.original`); a renamed module
+    resolves to its diffusers path, a fused one (or one with moved rows) to its :class:`OriginalModule`."""
+    from .original import original_modules  # original builds on this module's paths
+
+    for om in original_modules(model).values():
+        spelled = "lora_unet_" + underscore(om.name)
+        if om.is_rename:
+            names.add(om.parts[0].path, spelled)
+        else:
+            names.originals[spelled] = om
 
 
 def has_text_model_level(model: nn.Module) -> bool:
@@ -229,6 +246,7 @@ def build_name_map(components: dict[str, nn.Module], sdxl: bool | None = None) -
             out[component] = unet_names(model, sgm=sdxl)
         elif component in TRANSFORMER_PREFIXES:
             out[component] = transformer_names(model, component)
+            add_original_names(out[component], model)
         elif component == "text_encoder":
             out[component] = text_encoder_names(model, component, "lora_te1_" if sdxl else "lora_te_",
                                                 lycoris_alias=not sdxl and no_transformer)
@@ -244,11 +262,12 @@ def build_name_map(components: dict[str, nn.Module], sdxl: bool | None = None) -
 
 
 def file_name_lookup(names: dict[str, ComponentNames]) -> dict[str, tuple[str, str] | list[tuple[str, str]]]:
-    """``{file module name: (component, module path)}`` over every component; a name two components
-    claim maps to the list of both (a file that uses it is refused: it would be a guess)."""
+    """``{file module name: (component, module path)}`` over every component (an original fused module:
+    ``(component, OriginalModule)``); a name two components claim maps to the list of both (a file that
+    uses it is refused: it would be a guess)."""
     lookup: dict = {}
     for component, cn in names.items():
-        for file_name, path in cn.to_module.items():
+        for file_name, path in (*cn.to_module.items(), *cn.originals.items()):
             found = lookup.get(file_name)
             if found is None:
                 lookup[file_name] = (component, path)

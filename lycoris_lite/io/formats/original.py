@@ -1,0 +1,339 @@
+"""The original (BFL / Stability / Wan / Tongyi) module names of transformer models, and which diffusers
+modules, and which rows of them, each one is.
+
+Community files for transformer models (sd-scripts, musubi-tuner, ComfyUI, xlabs) name modules as the
+model's original code does, where some projections are fused: Flux's ``double_blocks.{i}.img_attn.qkv``
+is diffusers' ``transformer_blocks.{i}.attn.to_q``, ``to_k`` and ``to_v`` (rows ``[0, D)``, ``[D, 2D)``,
+``[2D, 3D)``); Flux's ``single_blocks.{i}.linear1`` is ``to_q``, ``to_k``, ``to_v`` and ``proj_mlp``;
+a final ``adaLN_modulation`` is diffusers' ``norm_out.linear`` with its two halves swapped (the
+original is ``(shift, scale)``, diffusers ``(scale, shift)``).
+
+This module is the one place those facts live: :data:`RULES` (per denoiser class, one line per
+original module, read from diffusers' single-file converters ``convert_*_checkpoint_to_diffusers``),
+turned into :class:`OriginalModule` entries for a live model by :func:`original_modules`: the rows come
+from the live modules' sizes, never from constants. Tests check the rules against diffusers' own LoRA
+converters (``load_lora_weights`` on kohya / ComfyUI files).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...algos.dora import split_magnitude
+from ...base.layer_kind import LayerSpec
+from ...base.registry import LayerEntry, NotSplittable
+from ...base.rows import RowViewBase, RowViewSettings, put_rows, row_count, row_view, same_tensors
+from ...core.targets import base_module_at
+from .names import adapter_capable_paths
+
+#: a part's rows of the fused matrix, as ``(start, stop)`` segments in the part's own row order
+Rows = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One diffusers module inside an original module: its path and the original's rows it holds."""
+
+    path: str
+    rows: Rows
+
+
+@dataclass(frozen=True)
+class OriginalModule:
+    """An original module (``name``, dotted) as diffusers holds it: ``parts`` in the original's row
+    order; ``out_features``/``in_features`` of the original matrix."""
+
+    name: str
+    parts: tuple[Part, ...]
+    out_features: int
+    in_features: int
+
+    @property
+    def is_rename(self) -> bool:
+        """One diffusers module with every row in place: only the name differs."""
+        return len(self.parts) == 1 and self.parts[0].rows == ((0, self.out_features),)
+
+
+# kinds: "concat" (targets' rows one after another, in order), "swap" (one target, halves swapped:
+# the original's (shift, scale) is diffusers' (scale, shift)), "swap_if_2" (swap when the target has
+# two chunks, i.e. out = 2·in, as SD3's last context block)
+_FLUX_TOP = (
+    ("img_in", ("x_embedder",), "concat"),
+    ("txt_in", ("context_embedder",), "concat"),
+    ("final_layer.linear", ("proj_out",), "concat"),
+    ("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+)
+RULES: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
+    "FluxTransformer2DModel": _FLUX_TOP + (
+        ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",), "concat"),
+        ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",), "concat"),
+        ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",), "concat"),
+        ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",), "concat"),
+        ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",), "concat"),
+        ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",), "concat"),
+        ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                            "transformer_blocks.{i}.attn.to_v"), "concat"),
+        ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                            "transformer_blocks.{i}.attn.add_k_proj",
+                                            "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
+        ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
+        ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
+        ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.net.0.proj",), "concat"),
+        ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.net.2",), "concat"),
+        ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.net.0.proj",), "concat"),
+        ("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.net.2",), "concat"),
+        ("double_blocks.{i}.img_mod.lin", ("transformer_blocks.{i}.norm1.linear",), "concat"),
+        ("double_blocks.{i}.txt_mod.lin", ("transformer_blocks.{i}.norm1_context.linear",), "concat"),
+        ("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
+                                       "single_transformer_blocks.{i}.attn.to_v",
+                                       "single_transformer_blocks.{i}.proj_mlp"), "concat"),
+        ("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.proj_out",), "concat"),
+        ("single_blocks.{i}.modulation.lin", ("single_transformer_blocks.{i}.norm.linear",), "concat"),
+    ),
+    "Flux2Transformer2DModel": _FLUX_TOP + (
+        ("time_in.in_layer", ("time_guidance_embed.timestep_embedder.linear_1",), "concat"),
+        ("time_in.out_layer", ("time_guidance_embed.timestep_embedder.linear_2",), "concat"),
+        ("guidance_in.in_layer", ("time_guidance_embed.guidance_embedder.linear_1",), "concat"),
+        ("guidance_in.out_layer", ("time_guidance_embed.guidance_embedder.linear_2",), "concat"),
+        ("double_stream_modulation_img.lin", ("double_stream_modulation_img.linear",), "concat"),
+        ("double_stream_modulation_txt.lin", ("double_stream_modulation_txt.linear",), "concat"),
+        ("single_stream_modulation.lin", ("single_stream_modulation.linear",), "concat"),
+        ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                            "transformer_blocks.{i}.attn.to_v"), "concat"),
+        ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                            "transformer_blocks.{i}.attn.add_k_proj",
+                                            "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
+        ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
+        ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
+        ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), "concat"),
+        ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.linear_out",), "concat"),
+        ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.linear_in",), "concat"),
+        ("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.linear_out",), "concat"),
+        ("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj",), "concat"),
+        ("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.attn.to_out",), "concat"),
+    ),
+    "SD3Transformer2DModel": (
+        ("x_embedder.proj", ("pos_embed.proj",), "concat"),
+        ("context_embedder", ("context_embedder",), "concat"),
+        ("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",), "concat"),
+        ("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",), "concat"),
+        ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",), "concat"),
+        ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",), "concat"),
+        ("final_layer.linear", ("proj_out",), "concat"),
+        ("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
+        ("joint_blocks.{i}.x_block.attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                               "transformer_blocks.{i}.attn.to_v"), "concat"),
+        ("joint_blocks.{i}.x_block.attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
+        ("joint_blocks.{i}.x_block.attn2.qkv", ("transformer_blocks.{i}.attn2.to_q", "transformer_blocks.{i}.attn2.to_k",
+                                                "transformer_blocks.{i}.attn2.to_v"), "concat"),
+        ("joint_blocks.{i}.x_block.attn2.proj", ("transformer_blocks.{i}.attn2.to_out.0",), "concat"),
+        ("joint_blocks.{i}.x_block.mlp.fc1", ("transformer_blocks.{i}.ff.net.0.proj",), "concat"),
+        ("joint_blocks.{i}.x_block.mlp.fc2", ("transformer_blocks.{i}.ff.net.2",), "concat"),
+        ("joint_blocks.{i}.x_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1.linear",), "concat"),
+        ("joint_blocks.{i}.context_block.attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                                     "transformer_blocks.{i}.attn.add_k_proj",
+                                                     "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
+        ("joint_blocks.{i}.context_block.attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
+        ("joint_blocks.{i}.context_block.mlp.fc1", ("transformer_blocks.{i}.ff_context.net.0.proj",), "concat"),
+        ("joint_blocks.{i}.context_block.mlp.fc2", ("transformer_blocks.{i}.ff_context.net.2",), "concat"),
+        ("joint_blocks.{i}.context_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1_context.linear",),
+         "swap_if_2"),
+    ),
+    "ZImageTransformer2DModel": tuple(
+        (f"{stack}.{{i}}.attention.{old}", tuple(f"{stack}.{{i}}.attention.{n}" for n in new), "concat")
+        for stack in ("layers", "noise_refiner", "context_refiner")
+        for old, new in (("qkv", ("to_q", "to_k", "to_v")), ("out", ("to_out.0",)))
+    ) + (
+        ("x_embedder", ("all_x_embedder.2-1",), "concat"),
+        ("final_layer.linear", ("all_final_layer.2-1.linear",), "concat"),
+        ("final_layer.adaLN_modulation.1", ("all_final_layer.2-1.adaLN_modulation.1",), "concat"),
+    ),
+    "WanTransformer3DModel": tuple(
+        (f"blocks.{{i}}.{attn}.{old}", (f"blocks.{{i}}.{new_attn}.{new}",), "concat")
+        for attn, new_attn in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+        for old, new in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("k_img", "add_k_proj"),
+                         ("v_img", "add_v_proj"))
+    ) + (
+        ("blocks.{i}.ffn.0", ("blocks.{i}.ffn.net.0.proj",), "concat"),
+        ("blocks.{i}.ffn.2", ("blocks.{i}.ffn.net.2",), "concat"),
+        ("text_embedding.0", ("condition_embedder.text_embedder.linear_1",), "concat"),
+        ("text_embedding.2", ("condition_embedder.text_embedder.linear_2",), "concat"),
+        ("time_embedding.0", ("condition_embedder.time_embedder.linear_1",), "concat"),
+        ("time_embedding.2", ("condition_embedder.time_embedder.linear_2",), "concat"),
+        ("time_projection.1", ("condition_embedder.time_proj",), "concat"),
+        ("head.head", ("proj_out",), "concat"),
+        ("img_emb.proj.1", ("condition_embedder.image_embedder.ff.net.0.proj",), "concat"),
+        ("img_emb.proj.3", ("condition_embedder.image_embedder.ff.net.2",), "concat"),
+    ),
+}
+#: classes whose original names are diffusers' own (their community files differ by prefix only)
+SAME_NAMES = ("QwenImageTransformer2DModel",)
+
+
+def has_original_names(model: nn.Module) -> bool:
+    """Whether ``model``'s class has original names that differ from diffusers' (:data:`RULES`)."""
+    return type(model).__name__ in RULES
+
+
+def original_modules(model: nn.Module) -> dict[str, OriginalModule]:
+    """``{original dotted name: OriginalModule}`` for ``model`` (a diffusers transformer of a class in
+    :data:`RULES`; ``{}`` for other classes). A module no rule names keeps its diffusers path as its
+    original name (Z-Image's ``feed_forward.w1``, Qwen-Image's every module)."""
+    paths = tuple(adapter_capable_paths(model))
+    sizes = tuple(_sizes(base_module_at(model, p)) for p in paths)
+    return _original_modules(type(model).__name__, paths, sizes)
+
+
+def _sizes(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    weight = getattr(module, "weight", None)
+    return (weight.shape[0], weight[0].numel()) if weight is not None else (0, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _original_modules(class_name: str, paths: tuple[str, ...], sizes: tuple[tuple[int, int], ...]
+                      ) -> dict[str, OriginalModule]:
+    size = dict(zip(paths, sizes))
+    out: dict[str, OriginalModule] = {}
+    claimed: set[str] = set()
+    for original, targets, kind in RULES.get(class_name, ()):
+        indices = [None]
+        if "{i}" in original:
+            pattern = re.compile(re.escape(targets[0]).replace(re.escape("{i}"), r"(\d+)") + "$")
+            indices = sorted({int(m[1]) for p in paths if (m := pattern.match(p))})
+        for i in indices:
+            names = [t.format(i=i) if i is not None else t for t in targets]
+            if not all(n in size for n in names):
+                continue
+            in_features = {size[n][1] for n in names}
+            if len(in_features) != 1:
+                continue  # not one input: not a fused projection of this model
+            parts, start = [], 0
+            for n in names:
+                out_n = size[n][0]
+                if kind == "swap" or (kind == "swap_if_2" and out_n == 2 * size[n][1]):
+                    half = out_n // 2
+                    rows = ((start + half, start + out_n), (start, start + half))
+                else:
+                    rows = ((start, start + out_n),)
+                parts.append(Part(n, rows))
+                start += out_n
+            name = original.format(i=i) if i is not None else original
+            out[name] = OriginalModule(name, tuple(parts), start, in_features.pop())
+            claimed.update(names)
+    for path in paths:
+        if path not in claimed and path not in out and size[path][0]:
+            out[path] = OriginalModule(path, (Part(path, ((0, size[path][0]),)),), *size[path])
+    return out
+
+
+def module_original(model: nn.Module) -> dict[str, tuple[OriginalModule, int]]:
+    """``{diffusers path: (its OriginalModule, its index in the parts)}``."""
+    return {part.path: (om, i) for om in original_modules(model).values() for i, part in enumerate(om.parts)}
+
+
+
+
+# ---- adapters on original modules <-> adapters on diffusers modules --------------------------------
+def fused_spec(om: OriginalModule) -> LayerSpec:
+    """The original (fused) matrix as a layer: ``out_features × in_features`` (every original module
+    with parts is a linear layer)."""
+    return LayerSpec("linear", om.out_features, om.in_features)
+
+
+def split_entry(entry: LayerEntry, om: OriginalModule, model: nn.Module) -> dict[str, LayerEntry]:
+    """``{diffusers path: LayerEntry}`` of an adapter read on original module ``om`` (on
+    :func:`fused_spec`): the algorithm's exact split (``Algorithm.split_rows``), else, for an additive
+    adapter, the module's row view of it (:func:`~lycoris_lite.base.rows.row_view`). ``ValueError`` with
+    the reason when no exact form exists; nothing is ever approximated."""
+    algo, settings = entry.algorithm, entry.settings
+    spec = fused_spec(om)
+    parts = [(LayerSpec.from_module(base_module_at(model, p.path), p.path), p.rows) for p in om.parts]
+    for (tspec, rows), part in zip(parts, om.parts):
+        if tspec.in_features != spec.in_features or tspec.out_features != row_count(rows):
+            raise ValueError(f"{entry.source}: {part.path} is not {row_count(rows)}×{spec.in_features} (the model "
+                             f"changed under its name map)")
+    try:
+        pieces = algo.split_rows(entry.tensors, spec, settings, parts)
+    except NotSplittable as exc:
+        where = f"{entry.source} ({algo.name} on the fused {om.name} = {', '.join(p.path for p in om.parts)})"
+        if algo.multiplicative:
+            raise ValueError(f"{where}: no exact per-module form: {exc}. It is not loaded approximately; load it "
+                             "onto the original (fused) model") from None
+        view = row_view(algo)
+        try:
+            pieces = [(RowViewSettings(inner=settings, fused=spec, rows=rows),
+                       {**{k: v for k, v in entry.tensors.items() if k != "dora_scale"},
+                        **split_magnitude(entry.tensors, settings, rows)}) for _, rows in parts]
+        except NotSplittable as inner:
+            raise ValueError(f"{where}: no exact per-module form: {inner}. It is not loaded approximately") from None
+        algo = view
+    return {part.path: LayerEntry(algo, s, t, entry.source) for part, (s, t) in zip(om.parts, pieces)}
+
+
+def join_entries(entries: dict[str, LayerEntry], model: nn.Module) -> dict[str, tuple[OriginalModule, LayerEntry]]:
+    """The inverse of :func:`split_entry` for writing a file in original names: ``{original name:
+    (OriginalModule, LayerEntry on it)}`` for every module of ``entries`` (one component's, by diffusers
+    path). Row views of one fused adapter become it again; split adapters are joined by their
+    algorithm's ``join_rows``. ``ValueError`` naming the module and the reason when no exact fused form
+    exists."""
+    out: dict[str, tuple[OriginalModule, LayerEntry]] = {}
+    by_path = module_original(model)
+    missing = sorted(p for p in entries if p not in by_path)
+    if missing:
+        raise ValueError(f"no original name for {missing[:5]}")
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for path in entries:
+        om, i = by_path[path]
+        groups.setdefault(om.name, []).append((i, path))
+    for name, members in groups.items():
+        om = by_path[members[0][1]][0]
+        if om.is_rename:
+            out[name] = (om, entries[members[0][1]])
+            continue
+        members.sort()
+        chosen = [entries[path] for _, path in members]
+        out[name] = (om, _join(om, [(om.parts[i], e) for (i, _), e in zip(members, chosen)], model))
+    return out
+
+
+def _join(om: OriginalModule, members: list[tuple[Part, LayerEntry]], model: nn.Module) -> LayerEntry:
+    spec = fused_spec(om)
+    first = members[0][1]
+    where = f"{om.name} ({', '.join(part.path for part, _ in members)})"
+    views = [e for _, e in members if isinstance(e.algorithm, type) and issubclass(e.algorithm, RowViewBase)]
+    if views:
+        inner = first.settings.inner if views[0] is first else None
+        keys = [k for k in first.tensors if k != "dora_scale"]
+        if (len(views) != len(members) or len(members) != len(om.parts)
+                or any(e.settings.inner != inner or e.settings.fused != spec for e in views)
+                or not same_tensors([e.tensors for e in views], keys)):
+            raise ValueError(f"{where}: these modules hold parts of different fused adapters; no one adapter on "
+                             "the original module equals them")
+        tensors = {k: first.tensors[k] for k in keys}
+        if getattr(inner, "dora", None):
+            tensors["dora_scale"] = put_rows([(part.rows, e.tensors["dora_scale"]) for part, e in members],
+                                             spec.out_features)
+        return LayerEntry(first.algorithm.inner, inner, tensors, first.source)
+    algo = first.algorithm
+    if any(e.algorithm is not algo for _, e in members):
+        raise ValueError(f"{where}: the modules carry different algorithms "
+                         f"({sorted({e.algorithm.name for _, e in members})}), which one fused module cannot hold")
+    parts = [(LayerSpec.from_module(base_module_at(model, part.path), part.path), part.rows, e.settings, e.tensors)
+             for part, e in members]
+    try:
+        settings, tensors = algo.join_rows(spec, parts)
+    except NotSplittable as exc:
+        raise ValueError(f"{where}: no exact {algo.name} on the fused original module: {exc}. Save with "
+                         "layout='diffusers' (lycoris_/diffusers module names), which keeps every module's adapter "
+                         "as it is") from None
+    return LayerEntry(algo, settings, tensors, first.source)
+
+
+__all__ = ["RULES", "SAME_NAMES", "OriginalModule", "Part", "Rows", "fused_spec", "has_original_names", "join_entries",
+           "module_original", "original_modules", "split_entry"]
