@@ -28,7 +28,7 @@ from torch import nn
 from ..base.checks import non_finite_keys
 from ..base.config import AdapterConfig
 from ..base.dtypes import DTYPES
-from .formats import diffusers_format, kohya, peft_format
+from .formats import community, diffusers_format, kohya, peft_format
 from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TEXT_ENCODERS, build_name_map, split_key
 from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_dict
 from .metadata import PREFIX as META_PREFIX, component_config, header_alphas, network_metadata
@@ -36,7 +36,7 @@ from ..core.controller import AdapterController, controller_for
 from ..core.offload import check_not_offloaded
 from ..base.registry import ALGORITHMS, LayerEntry, get_algorithm
 
-FORMATS = ("kohya", "diffusers", "peft")
+FORMATS = ("kohya", "comfyui", "diffusers", "peft")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class LoadedAdapter:
     skipped_keys: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     coverage: dict[str, dict[str, str]] = field(default_factory=dict)  # component -> {model path: file module}
+    #: the module names the file uses (``"sd-scripts / musubi-tuner (lora_unet_ + original names)"``, …)
+    layout: str = ""
 
     def coverage_line(self) -> str:
         """One line: how many of the file's modules apply, where, and what was skipped."""
@@ -108,6 +110,15 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     if diffusers_format.looks_like_diffusers(keys):
         return "diffusers"  # one model's LoRA without component prefixes (``save_lora_adapter``)
     return "unknown"
+
+
+def kohya_layout(state: dict[str, torch.Tensor], names: dict) -> str:
+    """The module names a kohya-style file uses: sd-scripts' / musubi-tuner's original names of a
+    transformer, else kohya/LyCORIS names of diffusers paths."""
+    modules = {k.split(".", 1)[0] for k in state}
+    if any(modules & cn.original_spellings for cn in names.values()):
+        return "sd-scripts / musubi-tuner (lora_unet_ + original names)"
+    return "kohya/LyCORIS"
 
 
 def _sides_from_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -233,6 +244,7 @@ class ReadAdapter:
     configs: dict[str, AdapterConfig]
     skipped_keys: list[str]
     metadata: dict[str, str]
+    layout: str = ""
 
     def layer_plan(self, component: str) -> dict:
         """``{module path: (algorithm, settings, tensors)}`` for ``AdapterController.attach``."""
@@ -268,7 +280,7 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
             if folders:
                 plans, configs, skipped, metadata = _read_peft(folders, components, allow_pickle, strict)
                 _check_plans(components, adapter_name, plans)
-                return ReadAdapter(adapter_name, "peft", plans, configs, skipped, metadata)
+                return ReadAdapter(adapter_name, "peft", plans, configs, skipped, metadata, "peft")
             if (path / diffusers_format.WEIGHT_NAME).is_file():
                 path = path / diffusers_format.WEIGHT_NAME
             else:
@@ -285,10 +297,21 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
     _check_tensors(state)
     kohya.check_model_classes(saved_model_classes(metadata), components)
     fmt = detect_format(state)
+    layout, unresolved = "", []
+    if fmt in ("diffusers", "unknown") and components.get("transformer") is not None:
+        names = build_name_map(components)
+        renamed = community.to_kohya_names(state, components["transformer"], names["transformer"])
+        if renamed is not None:
+            state, layout, unresolved = renamed
+            fmt = "kohya"
+            kohya.check_unknown(sorted({(split_key(k) or (k, ""))[0] for k in unresolved}), [], strict,
+                                components=components)
     if fmt == "kohya":
         names = build_name_map(components)
         plans, skipped = kohya.read(state, components, names, _sides_from_metadata(metadata), strict=strict,
                                     header_alphas=header_alphas(metadata))
+        skipped += unresolved
+        layout = layout or kohya_layout(state, names)
     elif fmt == "diffusers":
         plans, skipped = diffusers_format.read(state, components, metadata,
                                                default_component=component or default_component(components),
@@ -303,7 +326,7 @@ def read_adapter(target, source, adapter_name: str | None = None, *, strict: boo
                          "kohya/LyCORIS (lora_unet_…, lycoris_…), diffusers (unet.….lora_A.weight, "
                          "transformer.….lora_A.weight), PEFT folders")
     _check_plans(components, adapter_name, plans)
-    return ReadAdapter(adapter_name, fmt, plans, configs, skipped, metadata)
+    return ReadAdapter(adapter_name, fmt, plans, configs, skipped, metadata, layout or fmt)
 
 
 def load_adapter(target, source, adapter_name: str | None = None, *, strict: bool = True,
@@ -356,7 +379,7 @@ def loaded_info(read: ReadAdapter) -> LoadedAdapter:
     algorithms = dict(Counter(e.algorithm.name for layers in read.plans.values() for e in layers.values()))
     coverage = {c: {path: e.source or path for path, e in layers.items()} for c, layers in read.plans.items()}
     return LoadedAdapter(read.name, read.format, algorithms, {c: len(v) for c, v in read.plans.items()},
-                         read.skipped_keys, read.metadata, coverage)
+                         read.skipped_keys, read.metadata, coverage, read.layout)
 
 
 def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, LayerEntry]]:
@@ -377,10 +400,15 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
 
 
 def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: str = "kohya",
-                 dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+                 dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                 layout: str | None = None) -> Path:
     """Write adapter ``adapter_name`` to ``path`` atomically; returns the file (kohya, diffusers) or folder (peft).
 
-    * ``"kohya"``: one safetensors file.
+    * ``"kohya"``: one safetensors file; a transformer with original module names (Flux.1/.2, SD3, Z-Image,
+      Wan) in them, as sd-scripts and musubi-tuner write them (``lora_unet_double_blocks_0_img_attn_qkv``),
+      its separate Q/K/V adapters joined into one on the fused matrix where that is exact (``layout``).
+    * ``"comfyui"``: the kohya file with a transformer's modules as ComfyUI names them
+      (``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``).
     * ``"diffusers"``: ``path`` is a ``.safetensors`` file or a folder (then
       ``path/pytorch_lora_weights.safetensors``); LoRA adapters only.
     * ``"peft"``: ``path`` is a folder; a pipeline or dict target gets a subfolder per component
@@ -396,6 +424,10 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
         adapter_name: the adapter to write.
         path: the file or folder.
         format, dtype: as above; ``dtype`` float32, float16 or bfloat16 (default: the adapter's).
+        layout: for ``kohya``/``comfyui`` on a transformer: ``"original"`` (original names; ``ValueError``
+            with the reason where a fused module has no exact adapter), ``"diffusers"`` (the diffusers
+            paths, ``lycoris_…``), or ``None``: original names where exact, else diffusers paths (a warning
+            says why).
         metadata: extra ``str -> str`` entries for the file's header (kohya, diffusers) or config (PEFT).
 
     Returns:
@@ -432,7 +464,7 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
         # the whole folder at once (every component), so a killed save never leaves parts of two versions
         return atomic_write_folder(path, write_parts, replaceable=peft_format.holds_only_adapter_files)
     names = build_name_map(components)
-    state = kohya.write(entries, names, dtype)
+    state = kohya.write(entries, names, dtype, components, layout, comfyui=format == "comfyui")
     algorithms = Counter(e.algorithm.name for layers in entries.values() for e in layers.values())
     main = algorithms.most_common(1)[0][0]
     sides = {e.algorithm.name: e.settings.side for layers in entries.values() for e in layers.values()

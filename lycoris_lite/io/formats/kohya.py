@@ -12,14 +12,16 @@ this module only splits names, maps them through the live model's name map and c
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
-from ...base.registry import ALPHA_KEY, LayerEntry, algorithm_of, detect_algorithm
-from .names import DENOISERS, ComponentNames, file_name_lookup
-from .original import OriginalModule, fused_spec, split_entry
+from ...base.registry import ALPHA_KEY, LayerEntry, NotSplittable, algorithm_of, detect_algorithm
+from .names import DENOISERS, ComponentNames, file_name_lookup, underscore
+from .original import OriginalModule, fused_spec, has_original_names, join_entries, split_entry
 
 __all__ = ["FAMILY_WIDTHS", "TRANSFORMER_FAMILIES", "FamilyMismatch", "LayerEntry", "check_family",
            "check_model_classes", "check_unknown", "class_family", "file_family", "join_modules", "model_family",
@@ -223,15 +225,52 @@ def read(state: dict[str, torch.Tensor], components: dict[str, nn.Module], names
     return plans, skipped
 
 
+LAYOUTS = ("original", "diffusers")
+
+
 def write(entries: dict[str, dict[str, LayerEntry]], names: dict[str, ComponentNames],
-          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer entries -> a kohya/LyCORIS state dict with the canonical names."""
+          dtype: torch.dtype | None = None, components: dict[str, nn.Module] | None = None,
+          layout: str | None = None, comfyui: bool = False) -> dict[str, torch.Tensor]:
+    """Per-layer entries -> a kohya/LyCORIS state dict.
+
+    A transformer whose family has original module names (:mod:`.original`) is written in them
+    (``layout="original"``): sd-scripts' ``lora_unet_<original>`` or, with ``comfyui``, ComfyUI's
+    ``diffusion_model.<original>``, each fused projection's modules joined into one adapter on the fused
+    matrix by their algorithm (exact, or ``ValueError`` with the reason). ``layout="diffusers"`` writes
+    the canonical names of the diffusers paths (``lycoris_…``). ``layout=None`` takes the original names
+    where every module joins exactly, else the diffusers paths' names, with a warning saying why. Other
+    components are written in their canonical names.
+    """
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"layout must be one of {LAYOUTS} (or None: original names where exact), got {layout!r}")
     modules = {}
     for component, layers in entries.items():
+        model = (components or {}).get(component)
+        if model is not None and component in DENOISERS[1:] and layout != "diffusers" and has_original_names(model):
+            try:
+                joined = join_entries(layers, model)
+            except ValueError as exc:
+                if layout == "original":
+                    raise
+                warnings.warn(f"the {component} is written with diffusers module names (lycoris_…), which ComfyUI "
+                              f"and LyCORIS read but sd-scripts does not: {exc}", stacklevel=3)
+            else:
+                for name, (_, entry) in joined.items():
+                    file_name = f"diffusion_model.{name}" if comfyui else "lora_unet_" + underscore(name)
+                    modules[file_name] = _file_tensors(entry, dtype)
+                continue
         to_file = names[component].to_file
         for path, entry in layers.items():
-            tensors, alpha = entry.algorithm.to_kohya(entry.tensors, entry.settings)
-            if alpha is not None:
-                tensors = {**tensors, ALPHA_KEY: torch.tensor(float(alpha), dtype=dtype or torch.float32)}
-            modules[to_file[path]] = tensors
+            modules[to_file[path]] = _file_tensors(entry, dtype)
     return join_modules(modules, dtype)
+
+
+def _file_tensors(entry: LayerEntry, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One module's kohya tensors (with its ``alpha``)."""
+    try:
+        tensors, alpha = entry.algorithm.to_kohya(entry.tensors, entry.settings)
+    except NotSplittable as exc:
+        raise ValueError(str(exc)) from None
+    if alpha is not None:
+        tensors = {**tensors, ALPHA_KEY: torch.tensor(float(alpha), dtype=dtype or torch.float32)}
+    return tensors

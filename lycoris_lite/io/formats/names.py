@@ -114,6 +114,8 @@ class ComponentNames:
     to_file: dict[str, str] = field(default_factory=dict)    # module path -> name we write
     #: full file name -> an original module with several parts or moved rows (:mod:`.original`)
     originals: dict = field(default_factory=dict)
+    #: the file names that are original names (not diffusers paths) of this component's modules
+    original_spellings: set = field(default_factory=set)
 
     def add(self, path: str, file_name: str, canonical: bool = False) -> None:
         self.to_module.setdefault(file_name, path)
@@ -134,7 +136,7 @@ def adapter_capable_paths(model: nn.Module) -> list[str]:
 
 def _copy(names: ComponentNames) -> ComponentNames:
     return ComponentNames(names.component, names.write_prefix, dict(names.to_module), dict(names.to_file),
-                          dict(names.originals))
+                          dict(names.originals), set(names.original_spellings))
 
 
 def unet_names(unet: nn.Module, sgm: bool = False) -> ComponentNames:
@@ -186,6 +188,8 @@ def add_original_names(names: ComponentNames, model: nn.Module) -> None:
 
     for om in original_modules(model).values():
         spelled = "lora_unet_" + underscore(om.name)
+        if om.name != om.parts[0].path:
+            names.original_spellings.add(spelled)
         if om.is_rename:
             names.add(om.parts[0].path, spelled)
         else:
