@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...base.registry import file_key_roots
-from .names import ComponentNames, split_key, underscore
+from .names import KOHYA_PREFIXES, ComponentNames, split_key, underscore
 from .original import original_modules
 
 #: prefixes before a module path, longest first
@@ -67,6 +67,10 @@ def to_kohya_names(state: dict[str, torch.Tensor], model: nn.Module, names: Comp
     layouts: set[str] = set()
     plain_lora = True
     for key, value in state.items():
+        if key.split(".", 1)[0].startswith(tuple(KOHYA_PREFIXES)):  # kohya names beside (another component's)
+            out[key] = value
+            plain_lora = False
+            continue
         found = _xlabs(key)
         if found is not None:
             module, tensor_key = found
@@ -99,7 +103,7 @@ def to_kohya_names(state: dict[str, torch.Tensor], model: nn.Module, names: Comp
             unresolved.append(key)
             continue
         out[f"{file_name}.{tensor_key}"] = value
-    if not out or (plain_lora and not unresolved and layouts <= {"transformer.diffusers names", "diffusers names"}):
+    if not layouts or (plain_lora and layouts <= {"transformer.diffusers names", "diffusers names"}):
         return None
     names_of = {"diffusion_model.original names": "ComfyUI (diffusion_model. + original names)",
                 "model.diffusion_model.original names": "original checkpoint names (model.diffusion_model.)",

@@ -246,12 +246,13 @@ def write(entries: dict[str, dict[str, LayerEntry]], names: dict[str, ComponentN
     modules = {}
     for component, layers in entries.items():
         model = (components or {}).get(component)
-        if model is not None and component in DENOISERS[1:] and layout != "diffusers" and has_original_names(model):
+        if model is not None and component == "transformer" and layout != "diffusers" and has_original_names(model):
             try:
                 joined = join_entries(layers, model)
             except ValueError as exc:
                 if layout == "original":
-                    raise
+                    raise ValueError(f"{exc}. Save with layout='diffusers' (lycoris_ + diffusers module names), which "
+                                     "keeps every module's adapter as it is") from None
                 warnings.warn(f"the {component} is written with diffusers module names (lycoris_…), which ComfyUI "
                               f"and LyCORIS read but sd-scripts does not: {exc}", stacklevel=3)
             else:

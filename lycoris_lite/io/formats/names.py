@@ -250,7 +250,8 @@ def build_name_map(components: dict[str, nn.Module], sdxl: bool | None = None) -
             out[component] = unet_names(model, sgm=sdxl)
         elif component in TRANSFORMER_PREFIXES:
             out[component] = transformer_names(model, component)
-            add_original_names(out[component], model)
+            if component == "transformer":  # a second expert's files use diffusers names (one name, one module)
+                add_original_names(out[component], model)
         elif component == "text_encoder":
             out[component] = text_encoder_names(model, component, "lora_te1_" if sdxl else "lora_te_",
                                                 lycoris_alias=not sdxl and no_transformer)

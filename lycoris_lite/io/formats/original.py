@@ -329,9 +329,7 @@ def _join(om: OriginalModule, members: list[tuple[Part, LayerEntry]], model: nn.
     try:
         settings, tensors = algo.join_rows(spec, parts)
     except NotSplittable as exc:
-        raise ValueError(f"{where}: no exact {algo.name} on the fused original module: {exc}. Save with "
-                         "layout='diffusers' (lycoris_/diffusers module names), which keeps every module's adapter "
-                         "as it is") from None
+        raise ValueError(f"{where}: no exact {algo.name} on the fused original module: {exc}") from None
     return LayerEntry(algo, settings, tensors, first.source)
 
 
