@@ -371,3 +371,41 @@ def test_lora_matches_diffusers_load_lora_weights(family, layout, alpha, modules
                                   theirs.transformer.get_submodule(path)(x)) < 1e-6, path
     finally:
         controller_for(ours.transformer).delete_adapter("a")
+
+
+# ---- inspect names layout, family, algorithms and coverage -------------------------------------------
+@pytest.mark.parametrize("family,layout,case,names,family_name", [
+    ("flux", "kohya", "lora", "sd-scripts / musubi-tuner (lora_unet_ + original names)", "Flux.1"),
+    ("flux", "comfyui", "lokr-straddling", "ComfyUI (diffusion_model. + original names)", "Flux.1"),
+    ("sd3", "kohya", "loha", "sd-scripts / musubi-tuner (lora_unet_ + original names)", "SD3"),
+    ("wan", "comfyui", "lora", "ComfyUI (diffusion_model. + original names)", "Wan"),
+    ("z-image", "kohya", "lokr-aligned", "sd-scripts / musubi-tuner (lora_unet_ + original names)", "Z-Image"),
+])
+def test_inspect_names_layout_family_algorithms_and_coverage(family, layout, case, names, family_name, tmp_path):
+    from safetensors.torch import save_file
+
+    from lycoris_lite.integrations import cli
+    from lycoris_lite.io.inspect import describe
+
+    pipe = _pipe(family)
+    state, expected = _file(family, pipe.transformer, case, layout, torch.Generator().manual_seed(10))
+    if family == "flux":  # a Flux.1-only module tells Flux.1 from Flux.2
+        om = original_modules(pipe.transformer)["double_blocks.0.img_mod.lin"]
+        for key, value in file_tensors("lora" if case == "lora" else "lokr-straddling", om.out_features,
+                                       om.in_features, torch.Generator().manual_seed(11)).items():
+            state[("lora_unet_double_blocks_0_img_mod_lin." if layout == "kohya"
+                   else "diffusion_model.double_blocks.0.img_mod.lin.") + key] = value
+    path = tmp_path / "a.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    info = describe(str(path))
+    assert info["layout"] == names
+    assert info["family"] == family_name
+    assert list(info["components"]) == ["transformer"]
+    assert list(info["algorithms"]) == ["lokr" if case.startswith("lokr") else case]
+    import io
+    out = io.StringIO()
+    model = {"flux": "tiny-flux", "sd3": "tiny-sd3", "wan": "tiny-wan", "z-image": "tiny-z-image"}[family]
+    assert cli.main(["inspect", str(path), "--model", model], out=out) == 0
+    text = out.getvalue()
+    assert "match no layer" not in text and "skipped" not in text
+    assert ("split exactly onto" in text) == (family != "wan")  # Wan's original names are renames only

@@ -292,9 +292,19 @@ def inspect(args, out=sys.stdout) -> int:
         info["coverage"] = loaded.coverage
         info["skipped_keys"] = loaded.skipped_keys
         info["coverage_line"] = loaded.coverage_line()
+        info["layout"] = loaded.layout
+        split: dict[str, list[str]] = {}
+        for component, paths in loaded.coverage.items():
+            for path, source in paths.items():
+                split.setdefault(source, []).append(f"{component}.{path}")
+        info["fused_modules"] = {source: paths for source, paths in split.items() if len(paths) > 1}
     report = json.dumps(info, indent=2, default=str) if args.json else format_report(info)
     if args.model and not args.json:
         report += f"\non {args.model}:  {info['coverage_line']}"
+        if info["fused_modules"]:
+            first, paths = next(iter(info["fused_modules"].items()))
+            report += (f"\nfused modules: {len(info['fused_modules'])} split exactly onto "
+                       f"{sum(map(len, info['fused_modules'].values()))} modules (e.g. {first} -> {', '.join(paths)})")
     print(report, file=out)
     return 0
 

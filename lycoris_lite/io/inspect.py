@@ -21,9 +21,10 @@ import torch
 from ..base.registry import ALPHA_KEY, algorithm_of, file_key_roots, pattern_value
 from ..base.settings import ScaledSettings
 from .files import detect_format, saved_model_classes
-from .formats import kohya, peft_format
+from .formats import community, kohya, peft_format
 from .formats.diffusers_format import WEIGHT_NAME as DIFFUSERS_WEIGHTS, component_metadata
 from .formats.names import COMPONENTS, DENOISERS, KOHYA_PREFIXES, TE_PREFIXES, UNET_PREFIXES, split_key
+from .formats.original import LAYOUT_NAMES, original_name_classes
 from .formats.safe_io import AdapterFileError, check_safetensors_header, read_state_dict
 from .metadata import PREFIX, header_alphas, summarize_metadata
 
@@ -118,13 +119,16 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
     file, fmt, state, metadata, configs = read_source(path, allow_pickle)
     roots = file_key_roots()
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    loose = []
+    loose, xlabs = [], False
     for key, value in state.items():
-        split = split_key(key, roots)
+        split = split_key(key, roots) or community.xlabs_key(key)
         if split is None:
             loose.append(key)
         else:
-            modules.setdefault(split[0], {})[split[1]] = value
+            xlabs = xlabs or split[0].startswith("xlabs:")
+            modules.setdefault(split[0].removeprefix("xlabs:"), {})[split[1]] = value
+    originals = {m: original_name_classes(m) for m in modules}
+    originals = {m: classes for m, classes in originals.items() if classes}
     algorithms, components, alphas, sizes, unknown = Counter(), Counter(), Counter(), {}, []
     no_alpha = 0  # modules of an alpha/r algorithm without an alpha tensor
     for module, tensors in modules.items():
@@ -134,7 +138,7 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
             unknown.append(module)
             continue
         algorithms[algo.name] += 1
-        components[component_of(module)] += 1
+        components["transformer" if module in originals else component_of(module)] += 1
         sizes.setdefault(algo.name, Counter())[algo.describe_size(body)] += 1
         alpha = tensors.get(ALPHA_KEY)
         if alpha is not None and alpha.numel():
@@ -146,10 +150,20 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
     denoiser = next((saved[c] for c in DENOISERS[1:] if isinstance(saved.get(c), str)), None)
     if denoiser is not None:  # a transformer's file we wrote: the SD evidence of file_family means nothing
         family, evidence = kohya.class_family(denoiser), f"metadata: saved from a {denoiser}"
+    elif originals:
+        classes = set.intersection(*originals.values()) or set.union(*originals.values())
+        family = " or ".join(sorted(kohya.class_family(c) for c in classes))
+        evidence = f"original module names ({next(iter(originals))})"
     else:
         family, evidence = kohya.file_family(_kohya_spelling(modules))
     if family is None and summary.family:
         family, evidence = summary.family, "metadata"
+    if family in kohya.TRANSFORMER_FAMILIES.values() and "unet" in components:  # lycoris_/lora_unet_ on a DiT
+        components["transformer"] += components.pop("unet")
+    fmt = fmt or detect_format(state)
+    layout = _layout(modules, originals, xlabs, fmt)
+    if fmt in ("unknown", "diffusers") and (originals or xlabs):  # what save_adapter(format=) calls it
+        fmt = "xlabs" if xlabs else "comfyui"
     try:
         configs = configs or component_metadata(metadata)
     except ValueError:
@@ -175,7 +189,8 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
     return {
         "file": str(file),
         "size_bytes": sum(f.stat().st_size for f in ([file] if file.is_file() else file.rglob("*")) if f.is_file()),
-        "format": fmt or detect_format(state),
+        "format": fmt,
+        "layout": layout,
         "tensors": len(state),
         "dtypes": dict(Counter(str(v.dtype).removeprefix("torch.") for v in state.values())),
         "modules": sum(algorithms.values()),
@@ -192,6 +207,25 @@ def describe(path: str, allow_pickle: bool = False, top_tags: int = 10) -> dict:
         "unrecognised_modules": sorted(unknown),
         "loose_keys": sorted(loose),
     }
+
+
+def _layout(modules, originals: dict, xlabs: bool, fmt: str) -> str:
+    """How the file names its modules, in the words of :data:`~lycoris_lite.io.formats.original.LAYOUT_NAMES`."""
+    found = []
+    if xlabs:
+        found.append(LAYOUT_NAMES["xlabs"])
+    if any(m.startswith("lora_unet_") for m in originals):
+        found.append(LAYOUT_NAMES["kohya-original"])
+    if any(not m.startswith("lora_unet_") for m in originals) and not xlabs:
+        found.append(LAYOUT_NAMES["comfyui-original"])
+    if not found:
+        if any(m.startswith("diffusion_model.") for m in modules):
+            found.append("ComfyUI (diffusion_model. + diffusers names)")
+        elif fmt == "kohya":
+            found.append("kohya/LyCORIS")
+        else:
+            found.append(fmt)
+    return ", ".join(found)
 
 
 def _number(x: float) -> str:
@@ -216,7 +250,7 @@ def format_report(info: dict) -> str:
     lines = [
         f"file:          {info['file']} ({_size(info['size_bytes'])}, {info['tensors']} tensors, "
         f"{', '.join(info['dtypes'])})",
-        f"format:        {info['format']}",
+        f"format:        {info['format']}" + (f"; names: {info['layout']}" if info.get("layout") not in (None, info["format"]) else ""),
         f"family:        {info['family'] or 'unknown'}" + (f" ({info['family_evidence']})" if info["family"] else ""),
         f"modules:       {info['modules']}" + (f" ({', '.join(f'{c} {n}' for c, n in info['components'].items())})"
                                                if info["components"] else ""),

@@ -50,6 +50,12 @@ def _xlabs(key: str) -> tuple[str, str] | None:
     return module, "lora_down.weight" if role == "down" else "lora_up.weight"
 
 
+def xlabs_key(key: str) -> tuple[str, str] | None:
+    """``("xlabs:<original module>", tensor key)`` of an xlabs key (for reading without a model)."""
+    found = _xlabs(key)
+    return None if found is None else (f"xlabs:{found[0]}", found[1])
+
+
 def to_kohya_names(state: dict[str, torch.Tensor], model: nn.Module, names: ComponentNames
                    ) -> tuple[dict[str, torch.Tensor], str, list[str]] | None:
     """``(state under kohya names, layout, unresolved keys)`` for a transformer's dotted file, or
@@ -122,4 +128,4 @@ def _pad_xlabs(value: torch.Tensor, module: str, tensor_key: str, om) -> torch.T
     return value
 
 
-__all__ = ["LORA_KEYS", "PREFIXES", "to_kohya_names"]
+__all__ = ["LORA_KEYS", "PREFIXES", "to_kohya_names", "xlabs_key"]

@@ -335,3 +335,35 @@ def _join(om: OriginalModule, members: list[tuple[Part, LayerEntry]], model: nn.
 
 __all__ = ["RULES", "SAME_NAMES", "OriginalModule", "Part", "Rows", "fused_spec", "has_original_names", "join_entries",
            "module_original", "original_modules", "split_entry"]
+
+
+# ---- reading names without a model (``inspect``) -------------------------------------------------------
+#: how a file spells module names -> the tools that write it
+LAYOUT_NAMES = {"kohya-original": "sd-scripts / musubi-tuner (lora_unet_ + original names)",
+                "comfyui-original": "ComfyUI (diffusion_model. + original names)",
+                "xlabs": "xlabs"}
+
+
+@functools.lru_cache(maxsize=1)
+def _name_patterns() -> dict[str, tuple[re.Pattern, re.Pattern]]:
+    """Per class in :data:`RULES`: one pattern over its original names in underscore form and one in
+    dotted form (``{i}`` any block number)."""
+    out = {}
+    for cls, rules in RULES.items():
+        dotted = "|".join(re.escape(original).replace(re.escape("{i}"), r"\d+") for original, _, _ in rules)
+        under = "|".join(re.escape(original.replace(".", "_")).replace(re.escape("{i}"), r"\d+")
+                         for original, _, _ in rules)
+        out[cls] = (re.compile(f"(?:{under})"), re.compile(f"(?:{dotted})"))
+    return out
+
+
+def original_name_classes(module: str) -> set[str]:
+    """The classes (of :data:`RULES`) that have ``module`` as an original name, spelled as sd-scripts
+    (``lora_unet_double_blocks_0_img_attn_qkv``) or ComfyUI (``diffusion_model.double_blocks.0.img_attn.qkv``,
+    also without the prefix) write it; empty for other names."""
+    if module.startswith("lora_unet_"):
+        body, which = module[len("lora_unet_"):], 0
+    else:
+        body = module.removeprefix("model.").removeprefix("diffusion_model.")
+        which = 1
+    return {cls for cls, patterns in _name_patterns().items() if patterns[which].fullmatch(body)}
