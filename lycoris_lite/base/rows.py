@@ -168,5 +168,75 @@ def row_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
     return View
 
 
-__all__ = ["NotSplittable", "RowViewBase", "RowViewSettings", "Rows", "blocks_of", "put_rows", "row_count",
+@functools.lru_cache(maxsize=None)
+def dense_rows_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
+    """The fused view of a multiplicative ``algorithm`` on the output side, where no per-module form
+    exists (a rotation block straddling a module boundary, BOFT's butterfly, HRA's reflections): the
+    fused delta ``ΔW_F = M·W_F − W_F`` is computed once, from the base weights of every module of the
+    fused matrix (:func:`fused_delta`), and each module keeps its rows as the tensor ``delta``:
+    ``ΔW_T = ΔW_F[rows_T]``. Exact at every multiplier ``s``: the user's ``M_s = I + s·(M − I)`` gives
+    ``W_T + s·ΔW_T``. It costs a dense ``out_T × in`` tensor per module and runs folded into the base op
+    (``W + s·ΔW``); the rotation's own tensors stay with it (what writing the original layout needs)."""
+    if not algorithm.multiplicative:
+        raise TypeError("a dense fused view is for multiplicative algorithms")
+
+    class View(RowViewBase):
+        name = algorithm.name
+        inner = algorithm
+        config_class = algorithm.config_class
+        settings_class = RowViewSettings
+        file_keys = algorithm.file_keys
+        activation_route = False
+        detect_keys = ()
+
+        @classmethod
+        def param_shapes(cls, spec, settings):
+            return {**algorithm.param_shapes(settings.fused, settings.inner),
+                    DELTA_KEY: (spec.out_features, spec.in_features)}
+
+        @classmethod
+        def delta_weight(cls, params, spec, settings):
+            return params[DELTA_KEY]
+
+        @classmethod
+        def delta_forward(cls, x, params, spec, settings, multiplier=1.0):
+            return torch.nn.functional.linear(x, params[DELTA_KEY] * multiplier)
+
+        @classmethod
+        def use_activation_route(cls, spec, settings, needs_grad):
+            return False
+
+        @classmethod
+        def forward_gain(cls, settings):
+            return settings, 1.0
+
+        @classmethod
+        def describe_size(cls, tensors):
+            return algorithm.describe_size(tensors)
+
+        @classmethod
+        def to_kohya(cls, params, settings):
+            raise NotSplittable(f"a module holding some rows of a fused {algorithm.name} adapter has no "
+                                "file form of its own; write the fused module (the original layout)")
+
+    View.__name__ = View.__qualname__ = f"DenseRows[{algorithm.__name__}]"
+    return View
+
+
+#: the tensor of a :func:`dense_rows_view` module: its rows of the fused delta
+DELTA_KEY = "fused_delta_rows"
+
+
+def fused_delta(algorithm: type[Algorithm], params: dict[str, torch.Tensor], spec: LayerSpec, settings: Settings,
+                weight: torch.Tensor) -> torch.Tensor:
+    """``M·W_F − W_F`` (float64) of a multiplicative adapter on the output side of the fused matrix
+    ``weight`` (``out_F × in``)."""
+    w = weight.to(torch.float64)
+    in_op, out_op = algorithm.transform({k: v.to(torch.float64) for k, v in params.items()}, spec, settings)
+    if in_op is not None:
+        raise NotSplittable("an input-side rotation splits per module; it needs no fused view")
+    return out_op.apply(w.T).T - w
+
+
+__all__ = ["DELTA_KEY", "NotSplittable", "RowViewBase", "RowViewSettings", "Rows", "dense_rows_view", "fused_delta", "blocks_of", "put_rows", "row_count",
            "row_index", "row_view", "same_tensors", "take_rows"]

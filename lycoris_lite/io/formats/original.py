@@ -21,13 +21,15 @@ import functools
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...algos.dora import split_magnitude
 from ...base.layer_kind import LayerSpec
 from ...base.registry import LayerEntry, NotSplittable
-from ...base.rows import RowViewBase, RowViewSettings, put_rows, row_count, row_view, same_tensors
-from ...core.targets import base_module_at
+from ...base.rows import (DELTA_KEY, RowViewBase, RowViewSettings, dense_rows_view, fused_delta, put_rows, row_count,
+                          row_view, same_tensors, take_rows)
+from ...core.targets import base_module_at, submodule
 from .names import adapter_capable_paths
 
 #: a part's rows of the fused matrix, as ``(start, stop)`` segments in the part's own row order
@@ -263,8 +265,7 @@ def split_entry(entry: LayerEntry, om: OriginalModule, model: nn.Module) -> dict
     except NotSplittable as exc:
         where = f"{entry.source} ({algo.name} on the fused {om.name} = {', '.join(p.path for p in om.parts)})"
         if algo.multiplicative:
-            raise ValueError(f"{where}: no exact per-module form: {exc}. It is not loaded approximately; load it "
-                             "onto the original (fused) model") from None
+            return _dense_view(entry, om, spec, parts, model, where, exc)
         view = row_view(algo)
         try:
             pieces = [(RowViewSettings(inner=settings, fused=spec, rows=rows),
@@ -274,6 +275,33 @@ def split_entry(entry: LayerEntry, om: OriginalModule, model: nn.Module) -> dict
             raise ValueError(f"{where}: no exact per-module form: {inner}. It is not loaded approximately") from None
         algo = view
     return {part.path: LayerEntry(algo, s, t, entry.source) for part, (s, t) in zip(om.parts, pieces)}
+
+
+def _dense_view(entry: LayerEntry, om: OriginalModule, spec: LayerSpec, parts, model: nn.Module, where: str,
+                reason: Exception) -> dict[str, LayerEntry]:
+    """Each module's rows of the fused delta of a rotation with no per-module form
+    (:func:`~lycoris_lite.base.rows.dense_rows_view`), from the modules' base weights now."""
+    fused = put_rows([(p.rows, _base_weight(model, p.path).detach().to(torch.float64)) for p in om.parts],
+                     om.out_features)
+    try:
+        delta = fused_delta(entry.algorithm, entry.tensors, spec, entry.settings, fused)
+    except NotSplittable as exc:
+        raise ValueError(f"{where}: no exact per-module form: {exc}") from None
+    view = dense_rows_view(entry.algorithm)
+    out = {}
+    for part, (tspec, rows) in zip(om.parts, parts):
+        settings = RowViewSettings(inner=entry.settings, fused=spec, rows=rows)
+        tensors = {**entry.tensors, DELTA_KEY: take_rows(delta, rows).to(torch.float32).contiguous()}
+        out[part.path] = LayerEntry(view, settings, tensors, entry.source)
+    del reason  # the per-module split's reason: the dense view is the exact form that remains
+    return out
+
+
+def _base_weight(model: nn.Module, path: str) -> torch.Tensor:
+    """A module's original weight (its layer's backup when adapters are fused into it)."""
+    layer = submodule(model, path)
+    backup = getattr(layer, "_backup", None)
+    return backup if backup is not None else base_module_at(model, path).weight
 
 
 def join_entries(entries: dict[str, LayerEntry], model: nn.Module) -> dict[str, tuple[OriginalModule, LayerEntry]]:
@@ -309,7 +337,7 @@ def _join(om: OriginalModule, members: list[tuple[Part, LayerEntry]], model: nn.
     views = [e for _, e in members if isinstance(e.algorithm, type) and issubclass(e.algorithm, RowViewBase)]
     if views:
         inner = first.settings.inner if views[0] is first else None
-        keys = [k for k in first.tensors if k != "dora_scale"]
+        keys = [k for k in first.tensors if k not in ("dora_scale", DELTA_KEY)]
         if (len(views) != len(members) or len(members) != len(om.parts)
                 or any(e.settings.inner != inner or e.settings.fused != spec for e in views)
                 or not same_tensors([e.tensors for e in views], keys)):
