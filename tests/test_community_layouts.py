@@ -416,3 +416,43 @@ def test_inspect_names_layout_family_algorithms_and_coverage(family, layout, cas
     text = out.getvalue()
     assert "match no layer" not in text and "skipped" not in text
     assert ("split exactly onto" in text) == (family != "wan")  # Wan's original names are renames only
+
+
+def test_bake_constraint_writes_a_file_every_tool_reads_alike(tmp_path):
+    """An OFT with a COFT clamp that bites: ``bake_constraint=True`` writes the clamped blocks and alpha 0
+    (ComfyUI takes alpha as the bound itself, AUTOMATIC1111 and LyCORIS as ``alpha · out``: with 0 all
+    three apply no clamp), and the file computes the same weights."""
+    from safetensors.torch import load_file
+
+    from lycoris_lite import OFTConfig
+
+    pipe = _pipe("flux")
+    model = pipe.transformer
+    ctrl = controller_for(model)
+    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"]
+    ctrl.add_adapter("o", OFTConfig(block_size=8, constraint=1e-3, target_modules=targets, init_weights=False))
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for _, layer in ctrl.layers():
+            for p in layer.adapters["o"].parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    ctrl.set_adapters("o")
+    x = torch.randn(4, 32, generator=g)
+    want = {t: model.get_submodule(t)(x).detach() for t in targets}
+    try:
+        with pytest.warns(UserWarning, match="a bound per module is not one bound on the fused matrix"):
+            plain = load_file(save_adapter(model, "o", tmp_path / "plain.safetensors"))
+        baked_path = save_adapter(model, "o", tmp_path / "baked.safetensors", bake_constraint=True)
+    finally:
+        ctrl.delete_adapter("o")
+    baked = load_file(baked_path)
+    # per-module clamps do not join into one on the fused qkv; baked, they do (sd-scripts' names)
+    q, key = "lycoris_transformer_blocks_0_attn_to_q", "lora_unet_double_blocks_0_img_attn_qkv"
+    assert float(plain[f"{q}.alpha"]) == pytest.approx(1e-3) and float(baked[f"{key}.alpha"]) == 0.0
+    assert baked[f"{key}.oft_blocks"][:4].norm() < plain[f"{q}.oft_blocks"].norm()  # the clamp is in the blocks
+    load_adapter(model, baked_path, "b")
+    try:
+        for t in targets:
+            assert relative_error(model.get_submodule(t)(x), want[t]) < 1e-5, t
+    finally:
+        ctrl.delete_adapter("b")

@@ -20,17 +20,17 @@ permutations (:func:`boft_blocks_from_peft`), ``boft_s`` ``(out, 1)`` linear / `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 
-from ..base.registry import Algorithm, register
-from ..base.registry import NotSplittable
+from ..base.registry import Algorithm, NotSplittable, register
 from . import peft
 from .common import block_layout, cayley, clamp_norm, rotated_dim, skew
-from .oft import (join_shared_rotation, split_shared_rotation, RotationConfig, RotationSettings, init_rotation, require_output_side, rescale_from_file,
-                  rescale_to_file, rotation_network_dim_alpha, rotation_operators)
+from .oft import (RotationConfig, RotationSettings, bake_clamp, init_rotation, join_shared_rotation,
+                  require_output_side, rescale_from_file, rescale_to_file, rotation_network_dim_alpha,
+                  rotation_operators, split_shared_rotation)
 
 
 @lru_cache(maxsize=256)
@@ -179,6 +179,13 @@ class BOFT(Algorithm):
     file_keys = frozenset({"oft_blocks", "rescale", *peft_keys})
     lycoris_args = {"constraint": "constraint", "rescale": "rescaled", "block_size": "block_size",
                     "butterfly_factor": "butterfly_factor", "rotation_side": "rotation_side"}
+
+    @classmethod
+    def bake_constraint(cls, params, settings):
+        """The COFT clamp (over every stage's blocks) applied to ``oft_blocks``, radius 0."""
+        if settings.radius <= 0:
+            return settings, params
+        return replace(settings, radius=0.0), {**params, "oft_blocks": bake_clamp(params["oft_blocks"], settings.radius)}
 
     @classmethod
     def split_rows(cls, params, spec, settings, parts):

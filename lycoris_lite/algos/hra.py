@@ -26,8 +26,7 @@ import torch
 
 from ..base.config import AdapterConfig, check_choice
 from ..base.operators import LowRankUpdate
-from ..base.registry import Algorithm, register
-from ..base.registry import NotSplittable
+from ..base.registry import Algorithm, NotSplittable, register
 from .oft import join_shared_rotation, split_shared_rotation
 from ..base.settings import Settings
 from . import peft

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base.registry import Algorithm, file_alpha, pattern_value, register
-from ..base.registry import NotSplittable
+from ..base.registry import Algorithm, NotSplittable, file_alpha, pattern_value, register
 from ..base.rows import put_rows, same_tensors, take_rows
 from ..base.settings import ScaledSettings
 from . import dora, peft

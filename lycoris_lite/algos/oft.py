@@ -157,6 +157,12 @@ def rescale_to_file(params: dict, settings: RotationSettings) -> dict:
     return params
 
 
+def bake_clamp(raw: torch.Tensor, radius: float) -> torch.Tensor:
+    """``raw`` scaled as the COFT clamp scales ``Q = skew(raw)`` (:func:`~lycoris_lite.algos.common.clamp_norm`,
+    over every block and stage): the same rotation with no clamp after."""
+    return raw * torch.clamp(radius / (torch.linalg.vector_norm(skew(raw)) + 1e-8), max=1.0)
+
+
 def split_shared_rotation(params: dict, settings, parts: list) -> list:
     """Per-module forms of an input-side rotation on a fused matrix (``W'_F = W_F·M``, so
     ``W'_T = W_T·M``): every module takes the same rotation, and its rows of an output ``rescale``."""
@@ -298,6 +304,13 @@ class OFT(Algorithm):
                     "rotation_side": "rotation_side"}
 
     @classmethod
+    def bake_constraint(cls, params, settings):
+        """The COFT clamp applied to ``oft_blocks`` (``Q`` is linear in them), radius 0."""
+        if settings.radius <= 0 or settings.rotation_given:
+            return settings, params
+        return replace(settings, radius=0.0), {**params, "oft_blocks": bake_clamp(params["oft_blocks"], settings.radius)}
+
+    @classmethod
     def split_rows(cls, params, spec, settings, parts):
         """Output side (``W'_F = M·W_F``): a module whose rows begin and end on block boundaries takes
         its blocks (and rescale rows); the COFT clamp, a bound on all blocks together, is applied to the
@@ -306,9 +319,8 @@ class OFT(Algorithm):
         if settings.side == "input":
             return split_shared_rotation(params, settings, parts)
         b = settings.block_size
+        settings, params = cls.bake_constraint(params, settings)
         blocks = params["oft_blocks"]
-        if settings.radius > 0 and not settings.rotation_given:
-            blocks = blocks * torch.clamp(settings.radius / (torch.linalg.vector_norm(skew(blocks)) + 1e-8), max=1.0)
         out = []
         for tspec, rows in parts:
             index = blocks_of(rows, b)

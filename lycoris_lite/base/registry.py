@@ -204,6 +204,14 @@ class Algorithm:
         from it; best effort: the per-layer settings are what the layers use)."""
         return {}
 
+    @classmethod
+    def bake_constraint(cls, params: dict[str, torch.Tensor], settings: Settings
+                        ) -> tuple[Settings, dict[str, torch.Tensor]]:
+        """``(settings, tensors)`` of the same adapter with any training-time constraint on its tensors
+        applied to them and switched off (OFT/BOFT's COFT clamp), so that a tool that reads the
+        constraint differently computes the same weight. Default: unchanged."""
+        return settings, params
+
     # ---- fused projections (:mod:`lycoris_lite.base.rows`) ----------------------------------------
     @classmethod
     def split_rows(cls, params: dict[str, torch.Tensor], spec: LayerSpec, settings: Settings,

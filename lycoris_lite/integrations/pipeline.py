@@ -434,16 +434,18 @@ class LycorisPipelineMixin:
         self.__dict__["_lycoris_state"] = _State()
 
     def save_adapter(self, adapter_name: str, path, format: str = "kohya", *, dtype: torch.dtype | None = None,
-                     metadata: dict[str, str] | None = None, layout: str | None = None) -> Path:
+                     metadata: dict[str, str] | None = None, layout: str | None = None,
+                     bake_constraint: bool = False) -> Path:
         """Write one adapter (every component it has) to ``path`` in ``format`` (kohya, comfyui, diffusers,
-        peft; ``layout`` for a transformer's module names: :func:`lycoris_lite.io.files.save_adapter`),
+        peft; ``layout`` for a transformer's module names, ``bake_constraint`` for OFT/BOFT files every tool
+        reads alike: :func:`lycoris_lite.io.files.save_adapter`),
         atomically. The metadata it was loaded with (trigger words, training settings) is kept."""
         (name,) = self._check_names(adapter_name)
         carried = {k: v for k, v in self._lycoris.adapters[name].metadata.items()
                    if not k.startswith(files.META_PREFIX)}
         carried.update(metadata or {})
         return files.save_adapter(self._adapter_components(), name, path, format=format, dtype=dtype,
-                                  metadata=carried, layout=layout)
+                                  metadata=carried, layout=layout, bake_constraint=bake_constraint)
 
     # ---- per-call scale (diffusers' ``cross_attention_kwargs={"scale": s}`` and its kin) ---------------
     @contextmanager

@@ -401,7 +401,7 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
 
 def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: str = "kohya",
                  dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
-                 layout: str | None = None) -> Path:
+                 layout: str | None = None, bake_constraint: bool = False) -> Path:
     """Write adapter ``adapter_name`` to ``path`` atomically; returns the file (kohya, diffusers) or folder (peft).
 
     * ``"kohya"``: one safetensors file; a transformer with original module names (Flux.1/.2, SD3, Z-Image,
@@ -428,6 +428,9 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
             with the reason where a fused module has no exact adapter), ``"diffusers"`` (the diffusers
             paths, ``lycoris_…``), or ``None``: original names where exact, else diffusers paths (a warning
             says why).
+        bake_constraint: write OFT/BOFT blocks with their COFT clamp applied and no constraint (alpha 0):
+            the same weights, read alike by ComfyUI (which takes the alpha as the bound itself),
+            AUTOMATIC1111 and LyCORIS (``alpha · out``); the clamp no longer limits further training.
         metadata: extra ``str -> str`` entries for the file's header (kohya, diffusers) or config (PEFT).
 
     Returns:
@@ -443,6 +446,9 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
         raise ValueError(f"dtype must be {', '.join(DTYPES)}, not {dtype}")
     components = components_of(target)
     entries = adapter_entries(components, adapter_name)
+    if bake_constraint:
+        entries = {c: {p: LayerEntry(e.algorithm, *e.algorithm.bake_constraint(e.tensors, e.settings), e.source)
+                       for p, e in layers.items()} for c, layers in entries.items()}
     path = Path(path)
     classes = {MODEL_CLASSES_KEY: json.dumps({c: type(components[c]).__name__ for c in entries})}
     if format == "diffusers":

@@ -1,0 +1,164 @@
+"""Which tools read our transformer files, measured: every algorithm on the tiny Flux.1 transformer,
+saved in every format we write, loaded by the tools installed here (diffusers' ``load_lora_weights``,
+PEFT's ``PeftModel.from_pretrained``, LyCORIS's ``create_lycoris_from_weights``), and the transformer's
+output compared with ours.
+
+    python benchmarks/interop.py            # prints a markdown table (README "Interoperability")
+
+A cell says ``exact`` (the output differs from ours by less than 1e-4 of the adapter's effect: float32
+rounding through the blocks), ``differs (e)``, ``adapts nothing`` (the tool loads the
+file and leaves the model as it was: the worst case), or ``refuses`` with the tool's reason. ComfyUI,
+AUTOMATIC1111/Forge and sd-scripts cannot be installed here; the README gives their columns from their
+code (shared/reference), marked so.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lycoris_lite import controller_for, models  # noqa: E402
+from lycoris_lite.base.registry import get_algorithm  # noqa: E402
+from lycoris_lite.io.files import save_adapter  # noqa: E402
+
+CASES = {"lora": ("lora", {"r": 4, "alpha": 2.0}), "lora+dora": ("lora", {"r": 4, "use_dora": True}),
+         "loha": ("loha", {"r": 4, "alpha": 2.0}), "lokr": ("lokr", {"r": 4, "factor": 4}),
+         "oft": ("oft", {"block_size": 8}), "boft": ("boft", {"block_size": 4}),
+         "hra": ("hra", {"r": 4})}
+#: the double blocks' attention and MLP layers (diffusers' kohya-Flux converter splits single blocks'
+#: ``linear1`` at Flux's full widths, 3072/12288, so a tiny model's single blocks would only measure that)
+TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+           r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))")
+
+
+def inputs(transformer) -> dict:
+    g, config = torch.Generator().manual_seed(0), transformer.config
+    return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+
+
+def output(transformer) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(**inputs(transformer)).sample
+
+
+def verdict(got: torch.Tensor | None, ours: torch.Tensor, base: torch.Tensor, error: str | None = None) -> str:
+    if error is not None:
+        return f"refuses ({error[:70]})"
+    if (got - base).abs().max() < 1e-7:
+        return "adapts nothing"
+    e = float((got - ours).abs().max() / (ours - base).abs().max())
+    return "exact" if e < 1e-4 else f"differs ({e:.2g})"
+
+
+def make(case: str, folder: Path) -> tuple[dict[str, Path], torch.Tensor, torch.Tensor]:
+    """Our adapter of ``case`` on a tiny Flux transformer, its output, the base output, and its files."""
+    algo, fields = CASES[case]
+    pipe = models.build_tiny_flux_pipeline()
+    base = output(pipe.transformer)
+    config = get_algorithm(algo).config_class(target_modules=TARGETS, init_weights=False, **fields)
+    ctrl = controller_for(pipe.transformer)
+    ctrl.add_adapter("a", config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in ctrl.layers():
+            for p in layer.adapters["a"].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ctrl.set_adapters("a")
+    ours = output(pipe.transformer)
+    files, names = {}, "original"
+    for fmt, kwargs in (("kohya", {}), ("kohya-diffusers-names", {"format": "kohya", "layout": "diffusers"}),
+                        ("comfyui", {"format": "comfyui"}), ("diffusers", {"format": "diffusers"}),
+                        ("peft", {"format": "peft"})):
+        kwargs = kwargs or {"format": fmt}
+        target = folder / case / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                files[fmt] = save_adapter(pipe, "a", target, **kwargs)
+            if fmt == "kohya" and caught:
+                names = "diffusers paths (" + str(caught[0].message).split(": ", 2)[-1][:60] + "…)"
+        except ValueError as exc:
+            files[fmt] = exc
+    return files, ours, base, names
+
+
+def diffusers_reads(path, ours, base) -> str:
+    if isinstance(path, Exception):
+        return "—"
+    pipe = models.build_tiny_flux_pipeline()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(path))
+    except Exception as exc:  # noqa: BLE001 - the tool's own error is the result
+        return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return verdict(output(pipe.transformer), ours, base)
+
+
+def peft_reads(path, ours, base) -> str:
+    if isinstance(path, Exception):
+        return "—"
+    import peft
+
+    transformer = models.build_tiny_flux_pipeline().transformer
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    try:
+        model = peft.PeftModel.from_pretrained(transformer, str(folder))
+    except Exception as exc:  # noqa: BLE001
+        return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    with torch.no_grad():
+        return verdict(model(**inputs(transformer)).sample, ours, base)
+
+
+def lycoris_reads(path, ours, base) -> str:
+    if isinstance(path, Exception):
+        return "—"
+    from lycoris.wrapper import create_lycoris_from_weights
+    from safetensors.torch import load_file
+
+    transformer = models.build_tiny_flux_pipeline().transformer
+    try:
+        net, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=load_file(str(path)))
+        net.apply_to()
+    except Exception as exc:  # noqa: BLE001
+        return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return verdict(output(transformer), ours, base)
+
+
+def main() -> None:
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in CASES:
+            files, ours, base, names = make(case, Path(tmp))
+            ours_reads = "exact"  # every format we write, read back: tests/test_dit_pipelines.py
+            rows.append((case, {
+                "our kohya file's names": names,
+                "diffusers: kohya file": diffusers_reads(files["kohya"], ours, base),
+                "diffusers: ComfyUI file": diffusers_reads(files["comfyui"], ours, base),
+                "diffusers: diffusers file": diffusers_reads(files["diffusers"], ours, base),
+                "PEFT: PEFT folder": peft_reads(files["peft"], ours, base),
+                "LyCORIS: lycoris_ file": lycoris_reads(files["kohya-diffusers-names"], ours, base),
+                "lycoris-lite: every file": ours_reads,
+            }))
+    columns = list(rows[0][1])
+    print("| algorithm | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for case, cells in rows:
+        print(f"| {case} | " + " | ".join(cells[c] for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
