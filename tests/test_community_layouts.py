@@ -456,3 +456,63 @@ def test_bake_constraint_writes_a_file_every_tool_reads_alike(tmp_path):
             assert relative_error(model.get_submodule(t)(x), want[t]) < 1e-5, t
     finally:
         ctrl.delete_adapter("b")
+
+
+@pytest.mark.parametrize("family,converter", [("flux2", "convert_flux2_transformer_checkpoint_to_diffusers"),
+                                              ("z-image", "convert_z_image_transformer_checkpoint_to_diffusers"),
+                                              ("wan", "convert_wan_transformer_to_diffusers")])
+def test_name_tables_match_diffusers_single_file_converters(family, converter):
+    """diffusers' own single-file converters (original checkpoint -> diffusers model) as the oracle of
+    the name tables: every original module's weight is a probe whose value is its source row (and module),
+    and each diffusers module must receive exactly the rows our table gives it."""
+    from diffusers.loaders import single_file_utils
+
+    model = _pipe(family).transformer
+    originals = {name: om for name, om in original_modules(model).items() if name != om.parts[0].path
+                 or not om.is_rename}
+    probes = {f"{name}.weight": (torch.arange(om.out_features, dtype=torch.float64) + 10_000 * i)[:, None]
+              for i, (name, om) in enumerate(originals.items())}
+    converted = getattr(single_file_utils, converter)(dict(probes))
+    want = {}
+    for name, om in originals.items():
+        probe = probes[f"{name}.weight"]
+        for part in om.parts:
+            want[f"{part.path}.weight"] = torch.cat([probe[start:stop] for start, stop in part.rows])
+    assert set(converted) == set(want)
+    for key, value in want.items():
+        assert torch.equal(converted[key], value), key
+
+
+class _Probes(dict):
+    """A checkpoint of probe weights; the biases and norms a converter also pops are zeros of a size
+    every split in it accepts (Flux's ``linear1`` split at 3072·3 + 12288 rows)."""
+
+    def pop(self, key, *default):
+        return super().pop(key) if key in self else torch.zeros(21504, 1, dtype=torch.float64)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key) if key in self else torch.zeros(21504, 1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls,converter,config", [
+    ("FluxTransformer2DModel", "convert_flux_transformer_checkpoint_to_diffusers",
+     dict(num_layers=1, num_single_layers=1, guidance_embeds=True)),
+    ("SD3Transformer2DModel", "convert_sd3_transformer_checkpoint_to_diffusers", dict(num_layers=2))])
+def test_name_tables_match_full_size_converters(cls, converter, config):
+    """Flux.1's and SD3's converters fix their widths (Flux: 3072), so the check runs on full-width models
+    built on the meta device (no memory), with probe weights of one column."""
+    import diffusers
+    from diffusers.loaders import single_file_utils
+
+    with torch.device("meta"):
+        model = getattr(diffusers, cls)(**config)
+    originals = {name: om for name, om in original_modules(model).items() if name != om.parts[0].path
+                 or not om.is_rename}
+    probes = {f"{name}.weight": (torch.arange(om.out_features, dtype=torch.float64) + 100_000 * i)[:, None]
+              for i, (name, om) in enumerate(originals.items())}
+    converted = getattr(single_file_utils, converter)(_Probes(probes))
+    for name, om in originals.items():
+        probe = probes[f"{name}.weight"]
+        for part in om.parts:
+            want = torch.cat([probe[start:stop] for start, stop in part.rows])
+            assert torch.equal(converted[f"{part.path}.weight"], want), (name, part.path)
