@@ -6,7 +6,10 @@ magnitude ``dora_scale``, ``(out, 1[, 1, 1])`` or LyCORIS's older ``(1, in[, 1, 
 (:mod:`lycoris_lite.algos.dora`); it is read and written as it is.
 
 Two pure mappings: :func:`read` (file tensors -> per-layer entries of our algorithms) and :func:`write`
-(entries -> file tensors). Each algorithm owns its keys (``Algorithm.from_kohya`` / ``to_kohya``);
+(entries -> file tensors). A transformer's original module names (sd-scripts / musubi-tuner, ComfyUI's
+``diffusion_model.`` through :mod:`.community`) are read and written through :mod:`.original`: an
+adapter on a fused projection is split exactly onto the diffusers modules, and joined back when written
+(:mod:`.projections`). Each algorithm owns its keys (``Algorithm.from_kohya`` / ``to_kohya``);
 this module only splits names, maps them through the live model's name map and checks.
 """
 
@@ -21,7 +24,8 @@ from ...core.targets import base_module_at
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALPHA_KEY, LayerEntry, NotSplittable, algorithm_of, detect_algorithm
 from .names import DENOISERS, ComponentNames, file_name_lookup, underscore
-from .original import OriginalModule, fused_spec, has_original_names, join_entries, split_entry
+from .original import OriginalModule, has_original_names
+from .projections import fused_spec, join_entries, split_entry
 
 __all__ = ["FAMILY_WIDTHS", "TRANSFORMER_FAMILIES", "FamilyMismatch", "LayerEntry", "check_family",
            "check_model_classes", "check_unknown", "class_family", "file_family", "join_modules", "model_family",

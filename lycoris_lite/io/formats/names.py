@@ -12,8 +12,10 @@ The prefixes, per component (the first is written, all are read):
 * ``transformer``: ``lycoris_`` (what LyCORIS's generic wrapper and SimpleTuner write, and ComfyUI reads
   for Flux), ``lora_transformer_`` (OneTrainer), ``lora_unet_`` (kohya-style trainers that keep the
   diffusers paths), each followed by the underscore form of the diffusers module path
-  (``lycoris_transformer_blocks_0_attn_to_q``). Files that use the original (BFL/SAI) module names,
-  such as sd-scripts' ``lora_unet_double_blocks_0_img_attn_qkv``, are not these names.
+  (``lycoris_transformer_blocks_0_attn_to_q``). The original (BFL/SAI/Wan/Z-Image) module names that
+  sd-scripts and musubi-tuner write (``lora_unet_double_blocks_0_img_attn_qkv``) are read too
+  (:func:`add_original_names`): a renamed module as its diffusers path, a fused one as the
+  :class:`~lycoris_lite.io.formats.original.OriginalModule` whose parts it splits onto.
 * ``transformer_2`` (Wan 2.2's second expert): ``lora_transformer_2_``, ``lycoris_transformer_2_``.
 * ``text_encoder``: ``lora_te_`` with one text encoder, else ``lora_te1_`` (both read); ``text_encoder_2``:
   ``lora_te2_``, and ``lora_te3_`` when the pipeline has no ``text_encoder_3`` (sd-scripts and ComfyUI
