@@ -1,9 +1,9 @@
-"""Which tools read our transformer files, measured: every algorithm on the tiny Flux.1 transformer,
-saved in every format we write, loaded by the tools installed here (diffusers' ``load_lora_weights``,
-PEFT's ``PeftModel.from_pretrained``, LyCORIS's ``create_lycoris_from_weights``), and the transformer's
-output compared with ours.
+"""Which tools read our files, measured: every algorithm on the tiny Flux.1 transformer and on the tiny
+SD 1.5 UNet, saved in every format we write, loaded by the tools installed here (diffusers'
+``load_lora_weights``, PEFT's ``PeftModel.from_pretrained``, LyCORIS's ``create_lycoris_from_weights``),
+and the denoiser's output compared with ours.
 
-    python benchmarks/interop.py            # prints a markdown table (README "Interoperability")
+    python benchmarks/interop.py            # prints two markdown tables (README "Interoperability")
 
 A cell says ``exact`` (the output differs from ours by less than 1e-4 of the adapter's effect: float32
 rounding through the blocks), ``differs (e)``, ``adapts nothing`` (the tool loads the
@@ -30,16 +30,27 @@ from lycoris_lite.io.files import save_adapter  # noqa: E402
 
 CASES = {"lora": ("lora", {"r": 4, "alpha": 2.0}), "lora+dora": ("lora", {"r": 4, "use_dora": True}),
          "loha": ("loha", {"r": 4, "alpha": 2.0}), "lokr": ("lokr", {"r": 4, "factor": 4}),
-         "oft": ("oft", {"block_size": 8}), "boft": ("boft", {"block_size": 4}),
+         "oft": ("oft", {"block_size": 4}),  # LyCORIS reloads block_size <= out / block_size only
+         "boft": ("boft", {"block_size": 4}),
          "hra": ("hra", {"r": 4})}
 #: the double blocks' attention and MLP layers (diffusers' kohya-Flux converter splits single blocks'
 #: ``linear1`` at Flux's full widths, 3072/12288, so a tiny model's single blocks would only measure that)
-TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+FLUX_TARGETS = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
            r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))")
 
 
-def inputs(transformer) -> dict:
-    g, config = torch.Generator().manual_seed(0), transformer.config
+#: the UNet's attention, feed-forward and resnet convolutions (3×3 and 1×1)
+UNET_TARGETS = r"down_blocks\.1\..*(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2|conv_shortcut)"
+FAMILIES = {"Flux.1 transformer": ("transformer", models.build_tiny_flux_pipeline, FLUX_TARGETS),
+            "SD 1.5 UNet": ("unet", models.build_tiny_sd_pipeline, UNET_TARGETS)}
+
+
+def inputs(model) -> dict:
+    g, config = torch.Generator().manual_seed(0), model.config
+    if not hasattr(config, "joint_attention_dim"):  # the UNet
+        return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=10,
+                    encoder_hidden_states=torch.randn(1, 6, config.cross_attention_dim, generator=g))
+    transformer = model
     return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
                 encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
                 pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
@@ -47,9 +58,14 @@ def inputs(transformer) -> dict:
                 guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
 
 
-def output(transformer) -> torch.Tensor:
+def output(model) -> torch.Tensor:
     with torch.no_grad():
-        return transformer(**inputs(transformer)).sample
+        return model(**inputs(model)).sample
+
+
+def not_written(exc: Exception) -> str:
+    """Our save refused this format for this adapter (the format cannot hold it exactly)."""
+    return "we do not write it (" + str(exc).split(";")[0].split(": ")[-1][:50] + "…)"
 
 
 def verdict(got: torch.Tensor | None, ours: torch.Tensor, base: torch.Tensor, error: str | None = None) -> str:
@@ -61,13 +77,17 @@ def verdict(got: torch.Tensor | None, ours: torch.Tensor, base: torch.Tensor, er
     return "exact" if e < 1e-4 else f"differs ({e:.2g})"
 
 
-def make(case: str, folder: Path) -> tuple[dict[str, Path], torch.Tensor, torch.Tensor]:
-    """Our adapter of ``case`` on a tiny Flux transformer, its output, the base output, and its files."""
+def make(family: str, case: str, folder: Path):
+    """Our adapter of ``case`` on the family's tiny denoiser, its output, the base output, its files and
+    the names our kohya file uses."""
+    component, build, targets = FAMILIES[family]
     algo, fields = CASES[case]
-    pipe = models.build_tiny_flux_pipeline()
-    base = output(pipe.transformer)
-    config = get_algorithm(algo).config_class(target_modules=TARGETS, init_weights=False, **fields)
-    ctrl = controller_for(pipe.transformer)
+    torch.manual_seed(0)  # the adapter's initialisation
+    pipe = build()
+    model = getattr(pipe, component)
+    base = output(model)
+    config = get_algorithm(algo).config_class(target_modules=targets, init_weights=False, **fields)
+    ctrl = controller_for(model)
     ctrl.add_adapter("a", config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -75,89 +95,98 @@ def make(case: str, folder: Path) -> tuple[dict[str, Path], torch.Tensor, torch.
             for p in layer.adapters["a"].parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     ctrl.set_adapters("a")
-    ours = output(pipe.transformer)
+    ours = output(model)
     files, names = {}, "original"
     for fmt, kwargs in (("kohya", {}), ("kohya-diffusers-names", {"format": "kohya", "layout": "diffusers"}),
                         ("comfyui", {"format": "comfyui"}), ("diffusers", {"format": "diffusers"}),
                         ("peft", {"format": "peft"})):
         kwargs = kwargs or {"format": fmt}
-        target = folder / case / (fmt if fmt == "peft" else f"{fmt}.safetensors")
+        target = folder / family / case / (fmt if fmt == "peft" else f"{fmt}.safetensors")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 files[fmt] = save_adapter(pipe, "a", target, **kwargs)
-            if fmt == "kohya" and caught:
+            if fmt == "kohya" and component == "unet":
+                names = "kohya UNet names"
+            elif fmt == "kohya" and caught:
                 names = "diffusers paths (" + str(caught[0].message).split(": ", 2)[-1][:60] + "…)"
         except ValueError as exc:
             files[fmt] = exc
     return files, ours, base, names
 
 
-def diffusers_reads(path, ours, base) -> str:
+def diffusers_reads(family, path, ours, base) -> str:
     if isinstance(path, Exception):
-        return "—"
-    pipe = models.build_tiny_flux_pipeline()
+        return not_written(path)
+    component, build, _ = FAMILIES[family]
+    pipe = build()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipe.load_lora_weights(str(path))
     except Exception as exc:  # noqa: BLE001 - the tool's own error is the result
         return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return verdict(output(pipe.transformer), ours, base)
+    return verdict(output(getattr(pipe, component)), ours, base)
 
 
-def peft_reads(path, ours, base) -> str:
+def peft_reads(family, path, ours, base) -> str:
     if isinstance(path, Exception):
-        return "—"
+        return not_written(path)
     import peft
 
-    transformer = models.build_tiny_flux_pipeline().transformer
-    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    component, build, _ = FAMILIES[family]
+    model = getattr(build(), component)
+    folder = path / component if (path / component).is_dir() else path
     try:
-        model = peft.PeftModel.from_pretrained(transformer, str(folder))
+        wrapped = peft.PeftModel.from_pretrained(model, str(folder))
     except Exception as exc:  # noqa: BLE001
         return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
     with torch.no_grad():
-        return verdict(model(**inputs(transformer)).sample, ours, base)
+        return verdict(wrapped(**inputs(model)).sample, ours, base)
 
 
-def lycoris_reads(path, ours, base) -> str:
+def lycoris_reads(family, path, ours, base) -> str:
+    """LyCORIS's generic wrapper on the denoiser, reading ``lycoris_<path>`` names (our transformer
+    files with ``layout="diffusers"``; our UNet files' ``lora_unet_`` names renamed so)."""
     if isinstance(path, Exception):
-        return "—"
+        return not_written(path)
     from lycoris.wrapper import create_lycoris_from_weights
     from safetensors.torch import load_file
 
-    transformer = models.build_tiny_flux_pipeline().transformer
+    component, build, _ = FAMILIES[family]
+    model = getattr(build(), component)
+    state = {("lycoris_" + k[len("lora_unet_"):] if k.startswith("lora_unet_") else k): v
+             for k, v in load_file(str(path)).items()}
     try:
-        net, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=load_file(str(path)))
+        net, _ = create_lycoris_from_weights(1.0, "", model, weights_sd=state)
         net.apply_to()
     except Exception as exc:  # noqa: BLE001
         return verdict(None, ours, base, f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return verdict(output(transformer), ours, base)
+    return verdict(output(model), ours, base)
 
 
 def main() -> None:
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
-            files, ours, base, names = make(case, Path(tmp))
-            ours_reads = "exact"  # every format we write, read back: tests/test_dit_pipelines.py
-            rows.append((case, {
-                "our kohya file's names": names,
-                "diffusers: kohya file": diffusers_reads(files["kohya"], ours, base),
-                "diffusers: ComfyUI file": diffusers_reads(files["comfyui"], ours, base),
-                "diffusers: diffusers file": diffusers_reads(files["diffusers"], ours, base),
-                "PEFT: PEFT folder": peft_reads(files["peft"], ours, base),
-                "LyCORIS: lycoris_ file": lycoris_reads(files["kohya-diffusers-names"], ours, base),
-                "lycoris-lite: every file": ours_reads,
-            }))
-    columns = list(rows[0][1])
-    print("| algorithm | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for case, cells in rows:
-        print(f"| {case} | " + " | ".join(cells[c] for c in columns) + " |")
+        for family in FAMILIES:
+            rows = []
+            for case in CASES:
+                files, ours, base, names = make(family, case, Path(tmp))
+                rows.append((case, {
+                    "our kohya file's names": names,
+                    "diffusers: kohya file": diffusers_reads(family, files["kohya"], ours, base),
+                    "diffusers: ComfyUI file": diffusers_reads(family, files["comfyui"], ours, base),
+                    "diffusers: diffusers file": diffusers_reads(family, files["diffusers"], ours, base),
+                    "PEFT: PEFT folder": peft_reads(family, files["peft"], ours, base),
+                    "LyCORIS: lycoris_ file": lycoris_reads(family, files["kohya-diffusers-names"], ours, base),
+                }))
+            columns = list(rows[0][1])
+            print(f"\n{family}\n")
+            print("| algorithm | " + " | ".join(columns) + " |")
+            print("|---|" + "---|" * len(columns))
+            for case, cells in rows:
+                print(f"| {case} | " + " | ".join(cells[c] for c in columns) + " |")
 
 
 if __name__ == "__main__":
