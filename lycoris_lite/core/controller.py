@@ -21,6 +21,7 @@ from .. import algos  # noqa: F401  (registers the algorithms)
 from .buffers import packed_empty
 from ..base.checks import all_finite
 from ..base.config import AdapterConfig
+from .quantized import check_fusable
 from .layer import AdapterLayer
 from .offload import check_not_offloaded
 from .stack import LayerWeights, Stack
@@ -42,6 +43,8 @@ def fuse_layers(layers: list[AdapterLayer], names: list[str], safe: bool = False
     (``packed=False``, for weights that outlive the adapters). With ``safe`` the adapter tensors
     and every new weight are checked for NaN/Inf first, so a failure changes nothing."""
     plan = [(layer, todo) for layer in layers if (todo := [n for n in layer.ordered(names) if n not in layer.fused])]
+    for layer, _ in plan:  # a quantized layer without an exact fuse refuses before anything is computed
+        check_fusable(layer.quant, layer.layer_name)
     if safe:
         for layer, todo in plan:
             layer.check_finite(todo)

@@ -40,6 +40,7 @@ from ..algos import common, dora
 from ..base.operators import Diagonal, Operator, is_one, low_rank_parts, orthogonal_blocks, rotate_output, scaled
 from ..base.registry import Algorithm
 from ..base.settings import Settings
+from .quantized import check_fusable, quantized_weight
 from .slot import AdapterSlot, _Use, _own_storage, compute_dtype
 
 
@@ -77,7 +78,8 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         # plain attributes straight into __dict__ (as AdapterSlot does); the base module is kept, not registered
         self.__dict__.update(spec=LayerSpec.from_module(base, name), layer_name=name, active=[], fused=[],
-                             disabled=False, backup_device=backup_device, _backup=None, _base_module=base)
+                             disabled=False, backup_device=backup_device, _backup=None, _base_module=base,
+                             quant=quantized_weight(base))
 
     # ---- attributes diffusers and users read on Linear/Conv2d -----------------------------------
     @property
@@ -93,19 +95,34 @@ class AdapterLayer(nn.Module):
                 return getattr(self._base_module, name)
             raise
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype adapters on this layer keep and compute in (:func:`compute_dtype` of the weight's, or
+        of a quantized layer's compute dtype)."""
+        return compute_dtype(self.quant.compute_dtype if self.quant is not None else self.weight.dtype)
+
+    def float_weight(self) -> torch.Tensor:
+        """The original weight as it computes: the backup of a fused weight, the weight itself, or a
+        quantized layer's weight dequantized into a new float32 tensor (a temporary, never kept)."""
+        if self._backup is not None:
+            return self._backup
+        if self.quant is not None:
+            return self.quant.dequantize(self._base_module)
+        return self.weight.detach()
+
     # ---- adapters ---------------------------------------------------------------------------------
     def add(self, name: str, algorithm: type[Algorithm], settings: Settings, params: dict[str, torch.Tensor]):
         """Attach adapter ``name``. A new DoRA adapter (settings ``dora_init``) gets its magnitude
         ``m = relative ⊙ ‖W + ΔW‖`` from the original weight here (PEFT's init), and keeps its settings
         with ``dora_init=False``."""
         weight = self.weight
-        dtype = compute_dtype(weight.dtype)
+        dtype = self.adapter_dtype
         params = {k: _own_storage(v.to(device=weight.device, dtype=dtype)) for k, v in params.items()}
         if algorithm.decomposable and settings.dora_init:
             settings = replace(settings, dora_init=False)
             with torch.no_grad():
                 delta = algorithm.delta_weight(params, self.spec, settings)
-                original = (self._backup if self._backup is not None else weight).to(delta)
+                original = self.float_weight().to(delta)
                 params[dora.KEY] = dora.magnitude_from_weight(params[dora.KEY], original, delta, settings.dora)
         self.adapters[name] = AdapterSlot(algorithm, settings, params, dtype, weight.device)
 
@@ -181,7 +198,7 @@ class AdapterLayer(nn.Module):
         axis = settings.dora
         params = {k: v.to(dtype) for k, v in use.params.items()}
         if base is None:
-            base = self.weight.detach()
+            base = self.float_weight() if self.quant is not None else self.weight.detach()
         with torch.no_grad():
             running = self._expand(terms, base.to(dtype), dtype)
             delta = use.algorithm.delta_weight(params, spec, settings)
@@ -226,7 +243,7 @@ class AdapterLayer(nn.Module):
         is written there and ``out`` returned. A stack of additive adapters on the plain weight is summed
         straight into ``out`` (no temporary)."""
         if base is None:
-            base = self._backup if self._backup is not None else self.weight.detach()
+            base = self.float_weight()
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         w = base.to(device=self.weight.device, dtype=dtype)
         terms, additive = self._plan(self._fuse_uses(self.ordered(names), dtype, scales), dtype, w)
@@ -246,7 +263,9 @@ class AdapterLayer(nn.Module):
             return spec.op(x, self._backup.to(device=weight.device, dtype=weight.dtype), bias)
         names = self.live_adapters()
         if not names:
-            return spec.op(x, weight, bias)
+            return self._base_module(x) if self.quant is not None else spec.op(x, weight, bias)
+        if self.quant is not None:
+            return self._quantized_forward(x, names)
         cdtype = compute_dtype(weight.dtype)
         terms, additive = self._plan(self._forward_uses(names), cdtype)
         routed = []
@@ -290,6 +309,49 @@ class AdapterLayer(nn.Module):
                 y = y + self._route(x, use, use.multiplier, cdtype).to(y.dtype)
             else:  # inference: accumulated into the fresh output in place
                 y = use.algorithm.add_delta_forward(y, x.to(cdtype), use.params, spec, use.settings, use.multiplier)
+        return y
+
+    def _quantized_forward(self, x: torch.Tensor, names) -> torch.Tensor:
+        """The forward on a quantized layer: the composition formula with every base op the layer's own
+        forward ``q(x) = op(x, W) + bias`` (its kernels, its hooks), nothing folded into the weight.
+        A term ``coef · L·op(x, W·R)`` is ``coef · L(q(R x) − bias)``; a DoRA term's ``ΔW`` and a folded
+        additive adapter run as ``op(x, ΔW)`` next to it; the activation routes as on any layer. Only a DoRA
+        stage reads the weight (its norms), dequantized for the call."""
+        spec, bias = self.spec, self.bias
+        cdtype = self.adapter_dtype
+        uses = self._forward_uses(names)
+        base = None
+        if any(u.algorithm.decomposable and u.settings.dora for u in uses):
+            with torch.no_grad():
+                base = self.float_weight().to(cdtype)
+        terms, additive = self._plan(uses, cdtype, base)
+        y = None
+        for term in terms:
+            if term.source is not None:  # a DoRA stage's own ΔW, through its route or as op(x, ΔW)
+                use = term.source
+                xin = _apply_ops(x, reversed(term.inputs), spec, cdtype) if term.inputs else x
+                if use.algorithm.use_activation_route(spec, use.settings, self._needs_grad(use)):
+                    h = self._route(xin, use, term.coef, cdtype).to(x.dtype)
+                else:
+                    delta = use.algorithm.delta_weight(use.params, spec, use.settings)
+                    h = spec.op(xin.to(cdtype), delta * term.coef).to(x.dtype)
+            else:
+                xin = _apply_ops(x, reversed(term.inputs), spec, cdtype) if term.inputs else x
+                h = self._base_module(xin)
+                if bias is not None:  # the term is coef · L·op(R x, W): the bias is added once, below
+                    h = h - (bias[:, None, None] if spec.is_conv else bias).to(h.dtype)
+                if not is_one(term.coef):
+                    h = h * term.coef
+            if term.outputs:
+                h = _apply_ops(h, term.outputs, spec, cdtype)
+            y = h if y is None else y + h
+        y = spec.add_bias(y, None if bias is None else bias.to(y.dtype))
+        for use in additive:
+            if use.algorithm.use_activation_route(spec, use.settings, self._needs_grad(use)):
+                y = y + self._route(x, use, use.multiplier, cdtype).to(y.dtype)
+            else:
+                delta = use.multiplier * use.algorithm.delta_weight(use.params, spec, use.settings)
+                y = y + spec.op(x.to(cdtype), delta).to(y.dtype)
         return y
 
     def _route(self, x: torch.Tensor, use: _Use, multiplier, cdtype) -> torch.Tensor:
@@ -405,6 +467,7 @@ class AdapterLayer(nn.Module):
     def fused_weight(self, names, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight with ``names`` fused (on top of those already fused), in the weight's dtype;
         written into ``out`` (the weight's shape and dtype) when given."""
+        check_fusable(self.quant, self.layer_name)
         target = self.ordered(list(self.fused) + list(names))
         if out is not None:
             return self.effective_weight(target, out=out)
