@@ -137,6 +137,11 @@ def train(args) -> int:
         model.requires_grad_(False)
     pipe.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     # (adapters attached to a half-precision model keep float32 parameters)
+    if args.base_quantization:  # QLoRA: the frozen base held quantized, the adapter trained unfused on it
+        from lycoris_lite.tools.quantize import quantize_base
+
+        for model in (unet, text_encoder) if args.train_text_encoder else (unet,):
+            quantize_base(model, args.base_quantization, compute_dtype=weight_dtype)
     set_attention(pipe, args.enable_xformers_memory_efficient_attention)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 

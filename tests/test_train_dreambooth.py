@@ -435,3 +435,32 @@ def test_sample_images_are_the_scripts_output(tmp_path):
             assert made.read_text() == shipped.read_text()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == json.dumps(
         sorted(p.name for p in (SAMPLES / "instance").iterdir()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None or importlib.util.find_spec("torchao") is None,
+                    reason="the quantization extras (bitsandbytes, torchao) are not installed")
+@pytest.mark.parametrize("kind,algo", [("nf4", "lora"), ("nf4", "loha"), ("int8", "lokr"), ("int8", "oft"),
+                                       ("fp8", "boft"), ("fp8", "hra")])
+def test_base_quantization_trains_on_a_quantized_unet(tmp_path, kind, algo):
+    """``--base_quantization``: the UNet's linear layers are held quantized while the adapter trains; the
+    file records it and loads onto the float pipeline."""
+    out = tmp_path / "q"
+    assert run(["--config", SAMPLES / f"dreambooth_{algo}.toml", "--output_dir", out, "--max_train_steps", 3,
+                "--validation_prompt", "", "--checkpointing_steps", 1000, "--base_quantization", kind]) == 0
+    path = next(out.glob("*.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        training = json.loads(f.metadata()["lycoris_lite.training"])
+    assert training["base_quantization"] == kind
+    pipe = build_tiny_sd_pipeline()
+    loaded = load_adapter(pipe, path, "q")
+    assert loaded.algorithms and set(loaded.algorithms) == {algo}
+
+
+def test_base_quantization_without_its_extra_is_refused(tmp_path, monkeypatch, capsys):
+    from lycoris_lite.tools import quantize
+
+    real = quantize.importlib.util.find_spec
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(SystemExit):
+        options.parse_args([str(a) for a in base_args(tmp_path, base_quantization="nf4")])
+    assert "lycoris-lite[bitsandbytes]" in capsys.readouterr().err

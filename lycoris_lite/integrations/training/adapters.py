@@ -102,6 +102,7 @@ def training_record(args, *, max_steps: int, seed: int, samples_per_step: int, m
         "batch_size_per_device": args.train_batch_size, "total_batch_size": samples_per_step,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "lr_scheduler": args.lr_scheduler,
         "lr_warmup_steps": args.lr_warmup_steps, "mixed_precision": mixed_precision,
+        "base_quantization": getattr(args, "base_quantization", None),
         "optimizer": "AdamW8bit" if args.use_8bit_adam else "AdamW", "noise_offset": args.noise_offset,
         "min_snr_gamma": args.snr_gamma, "max_grad_norm": args.max_grad_norm,
         "prior_loss_weight": args.prior_loss_weight if args.with_prior_preservation else None,

@@ -26,6 +26,7 @@ from ...base.config import AdapterConfig
 from ...base.presets import PRESETS
 from ...base.registry import ALGORITHMS, Algorithm, get_algorithm
 from ...base.presets import resolve_targets
+from ...tools import quantize
 
 SAVE_FORMATS = ("kohya", "diffusers", "peft")
 SAVE_PRECISIONS = {"fp32": "float32", "float32": "float32", "float": "float32", "fp16": "float16",
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
                    help="default: accelerate's configuration (usually no)")
+    g.add_argument("--base_quantization", choices=tuple(quantize.KINDS),
+                   help="hold the base model quantized while the adapter trains (QLoRA): nf4 (bitsandbytes), "
+                        "int8 or fp8 weight-only (torchao); the adapter runs unfused on the quantized layers")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (PyTorch's scaled_dot_product_attention, with a warning, when absent)")
@@ -322,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--save_format diffusers holds LoRA only; use kohya or peft for --algo {args.algo}")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--use_8bit_adam needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if args.base_quantization:
+        try:
+            quantize.require_backend(args.base_quantization)
+        except ImportError as exc:
+            parser.error(f"--base_quantization: {exc}")
     if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         parser.error("--report_to tensorboard needs tensorboard (pip install tensorboard)")
     args.output_name = args.output_name or f"dreambooth_{args.algo}"
