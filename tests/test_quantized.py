@@ -305,3 +305,38 @@ def test_missing_backend_is_named():
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ImportError, match=r"lycoris-lite\[bitsandbytes\]"):
             quantize.require_backend("nf4")
+
+
+@_needs("bitsandbytes")
+@pytest.mark.parametrize("case", ["lora", "lokr-straddling", "oft-straddling"])
+def test_community_file_on_a_quantized_flux_transformer(case):
+    """A Flux file in sd-scripts' original names (fused qkv / linear1) on a transformer quantized to NF4:
+    the split adapters (row views, dense fused views from the dequantized weights) match the same file on
+    the float transformer whose weights are the dequantized ones."""
+    from test_community_layouts import _file
+
+    import lycoris_lite
+    from lycoris_lite.io.files import load_adapter
+    from lycoris_lite.models import build_tiny_flux_pipeline
+
+    q = build_tiny_flux_pipeline()
+    quantize_base(q.transformer, "nf4")
+    twin = build_tiny_flux_pipeline()
+    with torch.no_grad():
+        for name, module in q.transformer.named_modules():
+            if quantized_weight(module) is not None:
+                twin.transformer.get_submodule(name).weight.copy_(quantized_weight(module).dequantize(module))
+    state, expected = _file("flux", twin.transformer, case, "kohya", torch.Generator().manual_seed(0))
+    lycoris_lite.enable(q)
+    g = torch.Generator().manual_seed(1)
+    xs = {path: torch.randn(3, w.shape[1], generator=g) for path, w in expected.items()}
+    with torch.no_grad():
+        base_q = {p: q.transformer.get_submodule(p)(x) for p, x in xs.items()}
+        base_f = {p: twin.transformer.get_submodule(p)(x) for p, x in xs.items()}
+    load_adapter(q, state, "a")
+    load_adapter(twin, state, "a")
+    with torch.no_grad():
+        for path, x in xs.items():
+            effect_q = q.transformer.get_submodule(path)(x) - base_q[path]
+            effect_f = twin.transformer.get_submodule(path)(x) - base_f[path]
+            assert float((effect_q - effect_f).abs().max() / effect_f.abs().max()) < 2e-3, path

@@ -20,6 +20,7 @@ from ...base.layer_kind import LayerSpec
 from ...base.registry import LayerEntry, NotSplittable
 from ...base.rows import (DELTA_KEY, RowViewBase, RowViewSettings, dense_rows_view, fused_delta, put_rows, row_count,
                           row_view, same_tensors, take_rows)
+from ...core.quantized import quantized_weight
 from ...core.targets import base_module_at, submodule
 from .original import OriginalModule, Part, module_original
 
@@ -80,10 +81,14 @@ def _dense_view(entry: LayerEntry, om: OriginalModule, spec: LayerSpec, parts, m
 
 
 def _base_weight(model: nn.Module, path: str) -> torch.Tensor:
-    """A module's original weight (its layer's backup when adapters are fused into it)."""
+    """A module's original weight as floats (its layer's backup when adapters are fused into it; a
+    quantized layer's weight dequantized, a temporary)."""
     layer = submodule(model, path)
-    backup = getattr(layer, "_backup", None)
-    return backup if backup is not None else base_module_at(model, path).weight
+    if hasattr(layer, "float_weight"):
+        return layer.float_weight()
+    module = base_module_at(model, path)
+    quant = quantized_weight(module)
+    return quant.dequantize(module) if quant is not None else module.weight
 
 
 def join_entries(entries: dict[str, LayerEntry], model: nn.Module) -> dict[str, tuple[OriginalModule, LayerEntry]]:
