@@ -292,9 +292,25 @@ def test_quantize_base_then_load_a_file_onto_the_pipeline(kind, tmp_path):
     assert np.abs(adapted - base).max() > 1e-3
     with pytest.raises(ValueError, match="quantized"):
         pipe.fuse_adapters()
+    # hotswap another file with the same layers: the render follows the new weights
+    with torch.no_grad():  # ΔW = kron(w1, w2): negate w1 alone
+        for _, layer in ctrl.layers():
+            for key, p in layer.adapters["s"].named_parameters():
+                if key.startswith("lokr_w1"):
+                    p.mul_(-1.0)
+    other = save_adapter(maker.unet, "s", tmp_path / "other.safetensors")
+    pipe.load_adapter(other, adapter_name=name, hotswap=True)
+    swapped = render()
+    assert np.abs(swapped - adapted).max() > 1e-4
     pipe.unload_adapters()
     np.testing.assert_array_equal(render(), base)
-    assert name
+    fresh = lycoris_lite.enable(build_tiny_sd_pipeline())
+    quantize_base(fresh.unet, kind)
+    fresh.load_adapter(other, scale=1.0)
+    fresh.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(fresh(prompt="a red circle", num_inference_steps=2, height=64, width=64,
+                                     output_type="np", generator=torch.Generator().manual_seed(0)).images,
+                               swapped, atol=1e-5)
 
 
 def test_missing_backend_is_named():
