@@ -9,7 +9,8 @@ whole UNet and the text encoder), every dtype and every check of ``tests/pipelin
 holds the checks and says what each one asserts: the adapter loaded then the pipeline cast
 (``pipe.to(device, dtype)``), fuse, bit-exact unfuse, disable/enable while fused, ``torch.compile`` then
 switching weights (graph breaks and recompiles counted; for ``--compile-algos`` only, each compile takes
-tens of seconds), model and sequential CPU offload. One line per check (PASS, FAIL or SKIP with its
+tens of seconds), model and sequential CPU offload, and the UNet loaded in NF4 through diffusers' own
+``BitsAndBytesConfig`` (CUDA only) with the adapter on top. One line per check (PASS, FAIL or SKIP with its
 numbers); a check that fails or crashes is reported and the next one runs. Exit status 1 if any failed.
 """
 

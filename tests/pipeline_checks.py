@@ -311,6 +311,45 @@ def check_sequential_offload(case: Case) -> dict:
     return numbers
 
 
+def check_quantized_nf4(case: Case) -> dict:
+    """The UNet loaded through diffusers' own ``BitsAndBytesConfig`` (NF4, computing in the case's dtype;
+    CUDA only: diffusers refuses it without a GPU), then the adapter file loaded: the adapter changes the
+    render by what it changes on the float pipeline (to NF4's own error), fusing is refused, and unload
+    gives the quantized render back exactly."""
+    if torch.device(case.device).type != "cuda":
+        raise NotApplicable("diffusers' BitsAndBytesConfig loader needs CUDA")
+    import tempfile
+
+    from diffusers import BitsAndBytesConfig, UNet2DConditionModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        case.source.unet.save_pretrained(folder)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=case.dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, quantization_config=config, torch_dtype=case.dtype)
+    pipe = case.fresh()
+    pipe.to(case.device, case.dtype)
+    pipe.unet = unet  # bitsandbytes places the quantized model on the GPU as it loads (it cannot be moved after)
+    quantized_base = render(pipe)
+    pipe.load_adapter(case.file)
+    adapted = render(pipe)
+    float_pipe, _ = case.loaded()
+    numbers = {"effect": max_diff(adapted, quantized_base), "float_effect": max_diff(render(float_pipe), case.base),
+               "tolerance": max(case.tolerance, 0.1)}
+    try:
+        pipe.fuse_adapters()
+        numbers["fuse"] = "fused (should have been refused)"
+    except ValueError as exc:
+        numbers["fuse"] = "refused" if "quantized" in str(exc) else f"refused: {exc}"[:80]
+    pipe.unload_adapters()
+    numbers["after_unload"] = max_diff(render(pipe), quantized_base)
+    require(numbers["effect"] >= MIN_EFFECT, "the adapter does not change the NF4 render", numbers)
+    require(abs(numbers["effect"] - numbers["float_effect"]) <= numbers["tolerance"],
+            "the adapter's effect on NF4 differs from its effect in float", numbers)
+    require(numbers["fuse"] == "refused", "fusing into NF4 was not refused with the reason", numbers)
+    require(numbers["after_unload"] == 0.0, "unload did not give the quantized render back", numbers)
+    return numbers
+
+
 CHECKS: dict[str, Callable[[Case], dict]] = {
     "cast_after_loading": check_cast_after_loading,
     "fuse": check_fuse,
@@ -319,6 +358,7 @@ CHECKS: dict[str, Callable[[Case], dict]] = {
     "compile": check_compile,
     "model_offload": check_model_offload,
     "sequential_offload": check_sequential_offload,
+    "quantized_nf4": check_quantized_nf4,
 }
 #: The checks that pass on the CPU in float32 today (the CI smoke test). The others wait on fixes in
 #: progress (casting to half precision after loading, compile without graph breaks or recompiles,
