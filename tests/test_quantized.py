@@ -356,3 +356,86 @@ def test_community_file_on_a_quantized_flux_transformer(case):
             effect_q = q.transformer.get_submodule(path)(x) - base_q[path]
             effect_f = twin.transformer.get_submodule(path)(x) - base_f[path]
             assert float((effect_q - effect_f).abs().max() / effect_f.abs().max()) < 2e-3, path
+
+
+def _z_image_gguf(folder, qtype_name: str):
+    """The tiny Z-Image transformer written as a GGUF file in its original (Tongyi) names, the fused
+    ``attention.qkv`` included (the inverse of diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers``,
+    checked here against it), 2-D weights quantized to ``qtype_name``, then loaded the way users load
+    GGUF files: ``from_single_file(…, quantization_config=GGUFQuantizationConfig(…))``."""
+    import gguf
+    from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    from lycoris_lite.models import build_tiny_z_image_pipeline
+
+    model = build_tiny_z_image_pipeline().transformer
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    renames = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+               (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+               (".attention.norm_q.", ".attention.q_norm."))
+    original = {}
+    for key, value in state.items():
+        if any(f".attention.to_{p}." in key for p in "qkv"):
+            if key.endswith(".to_q.weight"):
+                stem = key[: -len(".to_q.weight")]
+                original[stem + ".qkv.weight"] = torch.cat([state[f"{stem}.to_{p}.weight"] for p in "qkv"])
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        original[key] = value
+    back = convert_z_image_transformer_checkpoint_to_diffusers(dict(original))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    model.save_pretrained(folder / "transformer")
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    writer = gguf.GGUFWriter(str(folder / "z.gguf"), "z_image")
+    for key, value in original.items():
+        array = value.float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            writer.add_tensor(key, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ZImageTransformer2DModel.from_single_file(
+        str(folder / "z.gguf"), config=str(folder / "transformer"),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+
+
+@_needs("gguf")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("case", ["lora", "loha", "lokr-straddling", "oft", "oft-straddling", "hra"])
+def test_gguf_file_loaded_by_diffusers_takes_a_community_adapter(tmp_path, qtype, case):
+    """A real GGUF file (``gguf.GGUFWriter``) through diffusers' GGUF loader, then a file in sd-scripts'
+    original Z-Image names (fused qkv split onto the GGUF layers): each module's adapter effect equals the
+    same file's on a float model holding the dequantized weights; the GGUF layers keep their bits."""
+    from test_community_layouts import _file
+
+    from lycoris_lite.io.files import load_adapter
+    from lycoris_lite.models import build_tiny_z_image_pipeline
+
+    model = _z_image_gguf(tmp_path, qtype)
+    ggufs = {n: m for n, m in model.named_modules() if type(m).__name__ == "GGUFLinear"}
+    assert ggufs
+    twin = build_tiny_z_image_pipeline().transformer
+    with torch.no_grad():
+        for name, module in ggufs.items():
+            twin.get_submodule(name).weight.copy_(quantized_weight(module).dequantize(module))
+    before = {n: _bits(m) for n, m in ggufs.items()}
+    state, expected = _file("z-image", twin, case, "kohya", torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    xs = {path: torch.randn(3, w.shape[1], generator=g) for path, w in expected.items()}
+    with torch.no_grad():
+        base_q = {p: model.get_submodule(p)(x) for p, x in xs.items()}
+        base_f = {p: twin.get_submodule(p)(x) for p, x in xs.items()}
+    load_adapter({"transformer": model}, state, "a")
+    load_adapter({"transformer": twin}, state, "a")
+    with torch.no_grad():
+        for path, x in xs.items():
+            effect_q = model.get_submodule(path)(x) - base_q[path]
+            effect_f = twin.get_submodule(path)(x) - base_f[path]
+            assert float((effect_q - effect_f).abs().max() / effect_f.abs().max()) < 2e-3, path
+    assert {n: _bits(dict(controller_for(model).layers())[n].base_module) if n in dict(controller_for(model).layers())
+            else _bits(m) for n, m in ggufs.items()} == before
