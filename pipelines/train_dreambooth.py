@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of Stable Diffusion with a LyCORIS-style adapter (LoRA, LoHa, LoKr, OFT, BOFT,
-HRA), on one device or many through accelerate.
+"""DreamBooth fine-tuning of Stable Diffusion (UNet, ε/v objective) and of Flux.1 and SD3/3.5 transformers
+(flow matching, :mod:`lycoris_lite.integrations.training.flow`) with a LyCORIS-style adapter (LoRA, LoHa,
+LoKr, OFT, BOFT, HRA), on one device or many through accelerate. The objective comes from the pipeline.
 
     accelerate launch pipelines/train_dreambooth.py --pretrained_model_name_or_path PATH_OR_ID \\
         --instance_data_dir DIR --instance_prompt "a photo of sks dog" --algo lokr --output_dir out
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from lycoris_lite.integrations.training import adapters, checkpoint, data, images, loss, options  # noqa: E402
+from lycoris_lite.integrations.training import adapters, checkpoint, data, flow, images, loss, options  # noqa: E402
 from lycoris_lite.integrations.training.data import TrainingInputError  # noqa: E402
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,10 +53,15 @@ def load_model(args):
         raise TrainingInputError(f"--pretrained_model_name_or_path: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - hub and loading errors come in many types
         raise TrainingInputError(f"--pretrained_model_name_or_path {name!r} cannot be loaded: {exc}") from None
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
-    if missing or getattr(pipe, "text_encoder_2", None) is not None:
+    try:
+        family = flow.family_of(pipe)
+    except ValueError as exc:
+        raise TrainingInputError(f"{name!r}: {exc}") from None
+    denoiser = "transformer" if family else "unet"
+    missing = [c for c in (denoiser, "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
+    if missing or (family is None and getattr(pipe, "text_encoder_2", None) is not None):
         raise TrainingInputError(f"{name!r} is a {type(pipe).__name__}; this trainer takes Stable Diffusion 1.x/2.x "
-                                 "pipelines (one UNet, one text encoder)")
+                                 f"pipelines (one UNet, one text encoder) and {', '.join(flow.FAMILIES)} pipelines")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -66,7 +72,7 @@ def set_attention(pipe, use_xformers: bool) -> None:
     if importlib.util.find_spec("xformers") is None:
         warnings.warn("xformers is not installed: using PyTorch's scaled_dot_product_attention", stacklevel=2)
         return
-    pipe.unet.enable_xformers_memory_efficient_attention()
+    (getattr(pipe, "unet", None) or pipe.transformer).enable_xformers_memory_efficient_attention()
 
 
 def make_optimizer(args, groups):
@@ -117,7 +123,21 @@ def train(args) -> int:
             raise TrainingInputError(f"--resume_from_checkpoint: {exc}") from None
         if saved is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
-    configs = {"unet": options.adapter_config(args, "unet")}
+    pipe = load_model(args)
+    family = flow.family_of(pipe)  # None: a UNet (ε/v objective); "flux" / "sd3": flow matching
+    denoiser = "transformer" if family else "unet"
+    if family:
+        if args.train_text_encoder:
+            raise TrainingInputError(f"--train_text_encoder: {family} text encoders are not trained yet (the "
+                                     "transformer is; its prompts' embeddings are computed once)")
+        if args.snr_gamma or args.noise_offset:
+            raise TrainingInputError("--snr_gamma and --noise_offset belong to the UNet's objective; flow matching "
+                                     "weighs noise levels with --weighting_scheme")
+        options.transformer_defaults(args, family)
+    try:
+        configs = {denoiser: options.adapter_config(args, denoiser)}
+    except ValueError as exc:
+        raise TrainingInputError(f"--transformer_targets: {exc}") from None
     if args.train_text_encoder:
         configs["text_encoder"] = options.adapter_config(args, "text_encoder")
     if saved and saved.state.get("configs") != adapters.configs_json(configs):
@@ -130,11 +150,11 @@ def train(args) -> int:
 
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    pipe = load_model(args)
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
+    unet, vae, text_encoder, tokenizer = getattr(pipe, denoiser), pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, component, None) is not None:
+            getattr(pipe, component).requires_grad_(False)
     pipe.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     # (adapters attached to a half-precision model keep float32 parameters)
     if args.base_quantization:  # QLoRA: the frozen base held quantized, the adapter trained unfused on it
@@ -143,9 +163,12 @@ def train(args) -> int:
         for model in (unet, text_encoder) if args.train_text_encoder else (unet,):
             quantize_base(model, args.base_quantization, compute_dtype=weight_dtype)
     set_attention(pipe, args.enable_xformers_memory_efficient_attention)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if family:  # a copy the validation renders never touch (they set its timesteps)
+        noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    models = {"unet": unet, "text_encoder": text_encoder}
+    models = {denoiser: unet, "text_encoder": text_encoder}
     models = {c: models[c] for c in configs}
     try:
         controllers = adapters.attach(models, configs, seed)
@@ -177,7 +200,7 @@ def train(args) -> int:
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(instance) / samples_per_step)
     lr_scale = samples_per_step if args.scale_lr else 1
     params = adapters.trainable_parameters(controllers)
-    groups = [{"params": params["unet"], "lr": args.learning_rate * lr_scale}]
+    groups = adapters.parameter_groups(controllers, denoiser, args.learning_rate * lr_scale, args.loraplus_lr_ratio)
     if "text_encoder" in params:
         groups.append({"params": params["text_encoder"], "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
     optimizer = make_optimizer(args, groups)
@@ -213,6 +236,10 @@ def train(args) -> int:
     latent_size = args.resolution // pipe.vae_scale_factor
     latent_shape = (vae.config.latent_channels, latent_size, latent_size)
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    conditioning, latent_cache = None, {}
+    if family:  # every prompt's text embeddings, once: the text encoders then idle
+        prompts = [e.prompt for e in instance] + [e.prompt for e in (class_examples or [])]
+        conditioning = flow.encode_prompts(pipe, family, prompts, args.max_sequence_length, accelerator.device)
 
     training = adapters.training_record(args, max_steps=max_steps, seed=seed, samples_per_step=samples_per_step,
                                         mixed_precision=accelerator.mixed_precision, num_instance=len(instance),
@@ -248,6 +275,29 @@ def train(args) -> int:
             writer.add_images("validation", np.stack([np.asarray(i) for i in rendered]), step, dataformats="NHWC")
         return images.save_validation(rendered, output_dir, step)
 
+    def flow_loss(batch) -> torch.Tensor:
+        """The flow-matching loss of a micro-batch: latents (cached per image with --cache_latents), the
+        prompts' cached embeddings, per-sample seeded draws."""
+        keys = list(zip(batch["kinds"], batch["indices"]))
+        todo = [i for i, key in enumerate(keys) if key not in latent_cache]
+        if todo:
+            fresh = flow.image_latents(vae, batch["pixel_values"][todo].to(accelerator.device), seed,
+                                       [keys[i][0] for i in todo], [keys[i][1] for i in todo])
+            if not args.cache_latents:
+                latents = fresh
+            else:
+                latent_cache.update({keys[i]: row for i, row in zip(todo, fresh)})
+        if args.cache_latents:
+            latents = torch.stack([latent_cache[key] for key in keys])
+        draws = flow.draw(seed, batch["kinds"], batch["positions"], latent_shape, num_timesteps, args.weighting_scheme,
+                          args.logit_mean, args.logit_std, args.mode_scale)
+        cond = flow.batch_conditioning(conditioning, batch["prompts"], accelerator.device, weight_dtype)
+        return flow.training_loss(unet_model, family, noise_scheduler, latents, draws, cond, batch["kinds"],
+                                  weighting_scheme=args.weighting_scheme,
+                                  precondition_outputs=bool(args.precondition_outputs),
+                                  guidance_scale=args.guidance_scale, prior_loss_weight=args.prior_loss_weight,
+                                  dtype=weight_dtype)
+
     # 4. The loop: `accumulation` micro-batches, then one optimizer step.
     if args.report_to != "none":
         accelerator.init_trackers("dreambooth", config={k: v for k, v in training.items() if v is not None})
@@ -265,13 +315,17 @@ def train(args) -> int:
             # adapter dropout draws from the global RNG: make it a function of the step too
             torch.manual_seed(data.mix_seed(seed, "dropout", micro_step, accelerator.process_index))
             with accelerator.accumulate(*prepared[:-1]):
-                draws = loss.draw(seed, batch["kinds"], batch["positions"], latent_shape, num_timesteps,
-                                  args.noise_offset).to(accelerator.device)
-                with torch.set_grad_enabled(args.train_text_encoder):
-                    context = text_model(batch["input_ids"].to(accelerator.device))[0]
-                total = loss.training_loss(unet_model, vae, noise_scheduler, batch["pixel_values"].to(accelerator.device),
-                                           context, draws, batch["kinds"], snr_gamma=args.snr_gamma,
-                                           prior_loss_weight=args.prior_loss_weight, dtype=weight_dtype)
+                if family:
+                    total = flow_loss(batch)
+                else:
+                    draws = loss.draw(seed, batch["kinds"], batch["positions"], latent_shape, num_timesteps,
+                                      args.noise_offset).to(accelerator.device)
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        context = text_model(batch["input_ids"].to(accelerator.device))[0]
+                    total = loss.training_loss(unet_model, vae, noise_scheduler,
+                                               batch["pixel_values"].to(accelerator.device), context, draws,
+                                               batch["kinds"], snr_gamma=args.snr_gamma,
+                                               prior_loss_weight=args.prior_loss_weight, dtype=weight_dtype)
                 if args.regularization_weight:
                     total = total + args.regularization_weight * adapters.regularization(controllers)
                 accelerator.backward(total)

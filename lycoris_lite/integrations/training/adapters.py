@@ -42,6 +42,20 @@ def trainable_parameters(controllers: dict[str, AdapterController]) -> dict[str,
     return {c: ctrl.trainable_parameters([ADAPTER_NAME]) for c, ctrl in controllers.items()}
 
 
+def parameter_groups(controllers: dict[str, AdapterController], denoiser: str, lr: float,
+                     loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """The denoiser's optimizer groups: one at ``lr``, or with LoRA+ (``loraplus_lr_ratio``, Hayou et al.
+    2024) two: ``lora_up`` at ``lr · ratio`` and the rest at ``lr``. LoRA+ is LoRA's alone: its up factor
+    is the paper's B; the other algorithms have no such factor (the options refuse the ratio for them)."""
+    params = controllers[denoiser].trainable_parameters([ADAPTER_NAME])
+    if not loraplus_lr_ratio:
+        return [{"params": params, "lr": lr}]
+    up = {id(p) for _, layer in controllers[denoiser].layers() if ADAPTER_NAME in layer.adapters
+          for key, p in layer.adapters[ADAPTER_NAME].named_parameters() if key == "lora_up"}
+    return [{"params": [p for p in params if id(p) not in up], "lr": lr},
+            {"params": [p for p in params if id(p) in up], "lr": lr * loraplus_lr_ratio}]
+
+
 def regularization(controllers: dict[str, AdapterController]) -> torch.Tensor:
     """Sum of the algorithm's training penalties over the components (zero when it has none)."""
     return sum(ctrl.regularization_loss([ADAPTER_NAME]) for ctrl in controllers.values())

@@ -175,10 +175,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[str, int]) -> dict:
         kind, position = key
-        example = self.examples[kind][self.orders[kind].index(position)]
+        index = self.orders[kind].index(position)
+        example = self.examples[kind][index]
         generator = torch.Generator().manual_seed(mix_seed(self.seed, kind, "augment", position))
         pixels = transform(example.image, self.resolution, self.center_crop, self.random_flip, generator)
-        return {"pixel_values": pixels, "input_ids": self.tokenize(example.prompt), "kind": kind, "position": position}
+        return {"pixel_values": pixels, "input_ids": self.tokenize(example.prompt), "kind": kind, "position": position,
+                "index": index, "prompt": example.prompt}
 
 
 class MicroBatches(torch.utils.data.Sampler):
@@ -207,6 +209,8 @@ def collate(items: list[dict]) -> dict:
         "input_ids": torch.stack([i["input_ids"] for i in items]),
         "kinds": [i["kind"] for i in items],
         "positions": [i["position"] for i in items],
+        "indices": [i["index"] for i in items],
+        "prompts": [i["prompt"] for i in items],
     }
 
 

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unet_targets", type=_targets, default="unet-attn",
                    help=f"UNet modules: a preset ({', '.join(PRESETS)}) or comma-separated module names")
     g.add_argument("--train_text_encoder", action="store_true", help="also adapt the text encoder")
+    g.add_argument("--transformer_targets", type=_targets, default=None,
+                   help="transformer modules (Flux.1, SD3): a preset or comma-separated module names "
+                        "(default: the family's <family>-attn-mlp preset)")
     g.add_argument("--text_encoder_targets", type=_targets, default="text-encoder",
                    help="text encoder modules: a preset or comma-separated module names")
     g.add_argument("--text_encoder_lr", type=float, help="learning rate of the text encoder's adapter "
@@ -176,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
                    help="default: accelerate's configuration (usually no)")
+    g.add_argument("--weighting_scheme", choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none"),
+                   help="flow matching (Flux.1, SD3): how noise levels are drawn and weighted (default: none for "
+                        "Flux, logit_normal for SD3)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal's mean")
+    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal's standard deviation")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="the mode scheme's scale")
+    g.add_argument("--precondition_outputs", type=int, choices=(0, 1),
+                   help="flow matching: compare the x0 estimate with x0 (default: 1 for SD3, 0 for Flux)")
+    g.add_argument("--guidance_scale", type=float, default=3.5,
+                   help="the guidance input of a guidance-distilled transformer (Flux dev) while training")
+    g.add_argument("--max_sequence_length", type=int,
+                   help="T5 prompt length (default: 512 for Flux, 77 for SD3)")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode each image once, as first seen (its crop and flip then stay); text embeddings are "
+                        "always computed once")
+    g.add_argument("--loraplus_lr_ratio", type=float,
+                   help="LoRA+: lora_up's learning rate is this many times the rest (LoRA only: the paper's "
+                        "up/B factor; the other algorithms have no such factor)")
     g.add_argument("--base_quantization", choices=tuple(quantize.KINDS),
                    help="hold the base model quantized while the adapter trains (QLoRA): nf4 (bitsandbytes), "
                         "int8 or fp8 weight-only (torchao); the adapter runs unfused on the quantized layers")
@@ -262,7 +283,8 @@ def check_targets(parser, option: str, targets) -> None:
 
 
 def adapter_config(args, component: str) -> AdapterConfig:
-    """The adapter config of ``component`` ("unet" or "text_encoder") from the parsed options.
+    """The adapter config of ``component`` ("unet", "transformer" or "text_encoder") from the parsed options
+    (``--transformer_targets`` set to the family's preset when not given: :func:`transformer_defaults`).
 
     Adapters start at the identity (``init_weights=True``): step 0 is the base model."""
     fields = {name: getattr(args, name) for name in algorithm_options() if getattr(args, name) is not None}
@@ -270,9 +292,22 @@ def adapter_config(args, component: str) -> AdapterConfig:
         fields["r"] = args.rank
     if args.alpha is not None:
         fields["alpha"] = args.alpha
-    targets = args.unet_targets if component == "unet" else args.text_encoder_targets
+    targets = {"unet": args.unet_targets, "transformer": args.transformer_targets}.get(component,
+                                                                                       args.text_encoder_targets)
     fields["target_modules"] = resolve_targets(targets)
     return get_algorithm(args.algo).config_class(**fields)
+
+
+def transformer_defaults(args, family: str) -> None:
+    """The flow-matching options' family defaults, where not given (diffusers' Flux / SD3 scripts')."""
+    if args.transformer_targets is None:
+        args.transformer_targets = f"{family}-attn-mlp"
+    if args.weighting_scheme is None:
+        args.weighting_scheme = "logit_normal" if family == "sd3" else "none"
+    if args.precondition_outputs is None:
+        args.precondition_outputs = int(family == "sd3")
+    if args.max_sequence_length is None:
+        args.max_sequence_length = 77 if family == "sd3" else 512
 
 
 def to_argv(settings: dict) -> list[str]:
@@ -326,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--save_format diffusers holds LoRA only; use kohya or peft for --algo {args.algo}")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--use_8bit_adam needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if args.loraplus_lr_ratio is not None and (args.algo != "lora" or args.loraplus_lr_ratio <= 0):
+        parser.error("--loraplus_lr_ratio: LoRA+ scales the learning rate of LoRA's up factor; it takes a positive "
+                     f"ratio and --algo lora (not {args.algo})")
     if args.base_quantization:
         try:
             quantize.require_backend(args.base_quantization)
