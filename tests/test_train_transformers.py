@@ -1,0 +1,142 @@
+"""The DreamBooth trainer on transformer pipelines (tiny Flux.1 and SD3): flow matching for every
+algorithm, the file it writes, learning that is real, cached inputs equal to uncached ones, exact
+resume, LoRA+, a quantized base, and the refusals.
+
+Runs are in-process (``main(argv)``, the command line's code path), as in ``test_train_dreambooth.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lycoris_lite
+from lycoris_lite import ALGORITHMS, controller_for
+from lycoris_lite.integrations.training import adapters, data, flow, options
+from lycoris_lite.models import load_pipeline
+
+from test_train_dreambooth import SAMPLES, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a photo of sks duck"
+#: per algorithm, the sizes that fit the tiny transformers (hidden width 32)
+ALGO_OPTIONS = {"lora": {"rank": 4}, "loha": {"rank": 4}, "lokr": {"rank": 4, "factor": 4},
+                "oft": {"block_size": 8}, "boft": {"block_size": 4}, "hra": {"rank": 4}}
+
+
+def transformer_args(out: Path, model: str, **overrides) -> list[str]:
+    settings = {"pretrained_model_name_or_path": model, "instance_data_dir": SAMPLES / "instance",
+                "instance_prompt": PROMPT, "resolution": 64, "train_batch_size": 1, "max_train_steps": 2,
+                "learning_rate": 1e-3, "seed": 0, "output_dir": out, "checkpointing_steps": 1000,
+                "max_sequence_length": 16, **overrides}
+    return [str(a) for a in options.to_argv(settings)]
+
+
+def adapter_file(out: Path) -> Path:
+    return next(p for p in out.iterdir() if p.suffix == ".safetensors")
+
+
+def render(pipe) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return torch.from_numpy(pipe(prompt="sks duck", num_inference_steps=2, height=64, width=64, output_type="np",
+                                 generator=torch.Generator().manual_seed(0)).images)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_every_algorithm_trains_on_the_transformer_and_writes_a_loadable_file(tmp_path, model, algo):
+    assert run(transformer_args(tmp_path, model, algo=algo, **ALGO_OPTIONS[algo])) == 0
+    path = adapter_file(tmp_path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["lycoris_lite.training"])["steps"] == 2
+    assert json.loads(meta["lycoris_lite.model_classes"]) == {"transformer": {"tiny-flux": "FluxTransformer2DModel",
+                                                                              "tiny-sd3": "SD3Transformer2DModel"}[model]}
+    pipe = lycoris_lite.enable(load_pipeline(model))
+    base = render(pipe)
+    name = pipe.load_adapter(path)
+    assert set(pipe.list_adapters()[name]["algorithms"]) == {algo}
+    assert (render(pipe) - base).abs().max() > 1e-6  # two steps moved it off the identity
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_lora_in_diffusers_format_loads_with_load_lora_weights(tmp_path, model):
+    assert run(transformer_args(tmp_path, model, algo="lora", rank=4, save_format="diffusers")) == 0
+    ours = lycoris_lite.enable(load_pipeline(model))
+    theirs = load_pipeline(model)
+    ours.load_adapter(tmp_path / "pytorch_lora_weights.safetensors")
+    theirs.load_lora_weights(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert torch.allclose(render(ours), render(theirs), atol=1e-5)
+
+
+def test_cached_latents_give_the_same_run(tmp_path):
+    """``--cache_latents`` (each image encoded once) trains the same adapter as encoding every step: the
+    posterior sample is a function of the image, not of the step."""
+    common = dict(algo="lokr", rank=4, factor=4, max_train_steps=6)  # 6 steps: every image comes back
+    assert run(transformer_args(tmp_path / "plain", "tiny-flux", **common)) == 0
+    assert run(transformer_args(tmp_path / "cached", "tiny-flux", cache_latents=True, **common)) == 0
+    a, b = load_file(adapter_file(tmp_path / "plain")), load_file(adapter_file(tmp_path / "cached"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_gives_the_uninterrupted_adapter(tmp_path):
+    straight = tmp_path / "straight"
+    assert run(transformer_args(straight, "tiny-sd3", algo="oft", block_size=8, max_train_steps=4)) == 0
+    resumed = tmp_path / "resumed"
+    assert run(transformer_args(resumed, "tiny-sd3", algo="oft", block_size=8, max_train_steps=2,
+                                checkpointing_steps=2)) == 0
+    assert run(transformer_args(resumed, "tiny-sd3", algo="oft", block_size=8, max_train_steps=4,
+                                checkpointing_steps=2, resume_from_checkpoint="latest")) == 0
+    a, b = load_file(adapter_file(straight)), load_file(adapter_file(resumed))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_is_real(tmp_path):
+    """A held-out flow-matching loss on the instance images, at fixed (noise, σ) pairs, falls after 40
+    LoRA steps. Threshold: at least 5 % below the base model's. Measured across seeds 0, 1, 2: drops of
+    17.4 %, 16.9 %, 16.9 % (spread 0.5 points), so the threshold sits more than 3× below the drop."""
+    out = tmp_path / "run"
+    assert run(transformer_args(out, "tiny-flux", algo="lora", rank=8, max_train_steps=40, learning_rate=5e-3)) == 0
+    pipe = load_pipeline("tiny-flux")
+    examples = data.load_examples(SAMPLES / "instance", PROMPT)
+    pixels = torch.stack([data.transform(e.image, 64, True, False, torch.Generator()) for e in examples])
+    latents = flow.image_latents(pipe.vae, pixels, 0, ["instance"] * len(examples), list(range(len(examples))))
+    cond = flow.encode_prompts(pipe, "flux", [PROMPT], 16, "cpu")[PROMPT]
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    before = flow.heldout_loss(pipe.transformer, "flux", scheduler, latents, cond)
+    lycoris_lite.enable(pipe).load_adapter(adapter_file(out))
+    after = flow.heldout_loss(pipe.transformer, "flux", scheduler, latents, cond)
+    assert after < 0.95 * before, (before, after)
+
+
+def test_loraplus_groups_and_refusals(tmp_path, capsys):
+    pipe = load_pipeline("tiny-flux")
+    ctrl = adapters.attach({"transformer": pipe.transformer},
+                           {"transformer": lycoris_lite.LoRAConfig(r=4, target_modules=["to_q", "to_k"])}, 0)
+    groups = adapters.parameter_groups(ctrl, "transformer", 1e-4, 16.0)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3]
+    ups = {id(p) for _, layer in ctrl["transformer"].layers() for k, p in layer.adapters["dreambooth"].named_parameters()
+           if k == "lora_up"}
+    assert {id(p) for p in groups[1]["params"]} == ups and ups
+    with pytest.raises(SystemExit):
+        options.parse_args(transformer_args(tmp_path, "tiny-flux", algo="loha", loraplus_lr_ratio=16))
+    assert "LoRA" in capsys.readouterr().err
+    assert run(transformer_args(tmp_path / "te", "tiny-flux", algo="lora", train_text_encoder=True)) == 2
+    assert "text encoders are not trained yet" in capsys.readouterr().err
+    assert run(transformer_args(tmp_path / "snr", "tiny-sd3", algo="lora", snr_gamma=5)) == 2
+    assert "--weighting_scheme" in capsys.readouterr().err
+    assert not (tmp_path / "te").exists() or not any((tmp_path / "te").iterdir())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_quantized_base_on_the_transformer(tmp_path):
+    assert run(transformer_args(tmp_path, "tiny-flux", algo="lokr", rank=4, factor=4, base_quantization="nf4",
+                                loraplus_lr_ratio=None)) == 0
+    assert load_file(adapter_file(tmp_path))
