@@ -173,6 +173,7 @@ def train(args) -> int:
     try:
         controllers = adapters.attach(models, configs, seed)
         adapters.check_savable(models, args.save_format)
+        adapters.parameter_groups(controllers, denoiser, 1.0, args.loraplus_lr_ratio, args.block_lr)  # names
     except ValueError as exc:
         raise TrainingInputError(str(exc)) from None
 
@@ -200,7 +201,11 @@ def train(args) -> int:
     max_steps = args.max_train_steps or math.ceil(args.num_train_epochs * len(instance) / samples_per_step)
     lr_scale = samples_per_step if args.scale_lr else 1
     params = adapters.trainable_parameters(controllers)
-    groups = adapters.parameter_groups(controllers, denoiser, args.learning_rate * lr_scale, args.loraplus_lr_ratio)
+    try:
+        groups = adapters.parameter_groups(controllers, denoiser, args.learning_rate * lr_scale, args.loraplus_lr_ratio,
+                                           args.block_lr)
+    except ValueError as exc:
+        raise TrainingInputError(str(exc)) from None
     if "text_encoder" in params:
         groups.append({"params": params["text_encoder"], "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
     optimizer = make_optimizer(args, groups)

@@ -140,3 +140,25 @@ def test_quantized_base_on_the_transformer(tmp_path):
     assert run(transformer_args(tmp_path, "tiny-flux", algo="lokr", rank=4, factor=4, base_quantization="nf4",
                                 loraplus_lr_ratio=None)) == 0
     assert load_file(adapter_file(tmp_path))
+
+
+def test_block_wise_learning_rates_are_data(tmp_path, capsys):
+    """``--block_lr group=factor``: the layers under a block group (or one block) learn at that factor;
+    a factor 0 leaves them at the identity; a group that names no trained layer is refused before anything
+    is written."""
+    out = tmp_path / "frozen-singles"
+    assert run(transformer_args(out, "tiny-flux", algo="lora", rank=4,
+                                block_lr="single_transformer_blocks=0,transformer_blocks.1=0.5")) == 0
+    ups = {k: v for k, v in load_file(adapter_file(out)).items() if k.endswith("lora_up.weight")}
+    singles = [v for k, v in ups.items() if "single" in k]  # lora_unet_single_blocks_0_linear1, …
+    doubles = [v for k, v in ups.items() if "single" not in k]
+    assert singles and all(torch.count_nonzero(v) == 0 for v in singles)  # LoRA's up starts at zero: lr 0 keeps it
+    assert doubles and any(torch.count_nonzero(v) > 0 for v in doubles)
+    assert run(transformer_args(tmp_path / "bad", "tiny-flux", algo="lora", block_lr="down_blocks=0.5")) == 2
+    assert "name no trained layer" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    pipe = load_pipeline("tiny-flux")
+    ctrl = adapters.attach({"transformer": pipe.transformer},
+                           {"transformer": lycoris_lite.LoRAConfig(r=4, target_modules=["to_q", "proj_mlp"])}, 0)
+    groups = adapters.parameter_groups(ctrl, "transformer", 1e-3, 4.0, {"single_transformer_blocks": 0.5})
+    assert sorted(g["lr"] for g in groups) == [5e-4, 1e-3, 2e-3, 4e-3]

@@ -43,17 +43,36 @@ def trainable_parameters(controllers: dict[str, AdapterController]) -> dict[str,
 
 
 def parameter_groups(controllers: dict[str, AdapterController], denoiser: str, lr: float,
-                     loraplus_lr_ratio: float | None = None) -> list[dict]:
-    """The denoiser's optimizer groups: one at ``lr``, or with LoRA+ (``loraplus_lr_ratio``, Hayou et al.
-    2024) two: ``lora_up`` at ``lr · ratio`` and the rest at ``lr``. LoRA+ is LoRA's alone: its up factor
-    is the paper's B; the other algorithms have no such factor (the options refuse the ratio for them)."""
-    params = controllers[denoiser].trainable_parameters([ADAPTER_NAME])
-    if not loraplus_lr_ratio:
-        return [{"params": params, "lr": lr}]
-    up = {id(p) for _, layer in controllers[denoiser].layers() if ADAPTER_NAME in layer.adapters
-          for key, p in layer.adapters[ADAPTER_NAME].named_parameters() if key == "lora_up"}
-    return [{"params": [p for p in params if id(p) not in up], "lr": lr},
-            {"params": [p for p in params if id(p) in up], "lr": lr * loraplus_lr_ratio}]
+                     loraplus_lr_ratio: float | None = None, block_lr: dict[str, float] | None = None) -> list[dict]:
+    """The denoiser's optimizer groups, one per learning rate.
+
+    * LoRA+ (``loraplus_lr_ratio``, Hayou et al. 2024): ``lora_up`` learns at ``lr · ratio``. LoRA's alone:
+      its up factor is the paper's B; the other algorithms have no such factor (the options refuse the
+      ratio for them).
+    * Block-wise rates (``block_lr``, data: ``{prefix: factor}``): a layer whose path starts with
+      ``prefix`` (a block group such as ``single_transformer_blocks`` or ``up_blocks``, or one block,
+      ``transformer_blocks.3``) learns at ``lr · factor``; the longest prefix wins, other layers keep
+      ``lr``. ``ValueError`` for a prefix that names no trained layer.
+    """
+    block_lr = dict(block_lr or {})
+    rates: dict[float, list] = {}
+    used = set()
+    for path, layer in controllers[denoiser].layers():
+        if ADAPTER_NAME not in layer.adapters:
+            continue
+        matches = [prefix for prefix in block_lr if path == prefix or path.startswith(prefix + ".")]
+        prefix = max(matches, key=len, default=None)
+        used.update(matches)
+        factor = block_lr[prefix] if prefix is not None else 1.0
+        for key, p in layer.adapters[ADAPTER_NAME].named_parameters():
+            if p.requires_grad:
+                rate = lr * factor * (loraplus_lr_ratio if loraplus_lr_ratio and key == "lora_up" else 1.0)
+                rates.setdefault(rate, []).append(p)
+    unused = sorted(set(block_lr) - used)
+    if unused:
+        raise ValueError(f"--block_lr: {unused} name no trained layer of the {denoiser} (block groups are module "
+                         "paths such as transformer_blocks, single_transformer_blocks.3, down_blocks.1)")
+    return [{"params": params, "lr": rate} for rate, params in sorted(rates.items())]
 
 
 def regularization(controllers: dict[str, AdapterController]) -> torch.Tensor:

@@ -79,6 +79,29 @@ def has_penalty(algo: str) -> bool:
     return get_algorithm(algo).regularization.__func__ is not Algorithm.regularization.__func__
 
 
+def _block_lr(text) -> dict[str, float]:
+    """``group=factor,…`` (or a TOML table): learning-rate factors by block group or block path."""
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            name, sep, value = part.strip().partition("=")
+            if not sep or not name.strip():
+                raise argparse.ArgumentTypeError(f"expected group=factor, got {part.strip()!r}")
+            items.append((name.strip(), value))
+    out = {}
+    for name, value in items:
+        try:
+            factor = float(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{name}: the factor must be a number, got {value!r}") from None
+        if not factor >= 0 or factor == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name}: the factor must be a finite number >= 0, got {value!r}")
+        out[str(name)] = factor
+    return out
+
+
 def _targets(text):
     """A preset name, or a comma-separated list of module names; TOML may give a list."""
     if isinstance(text, list):
@@ -197,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loraplus_lr_ratio", type=float,
                    help="LoRA+: lora_up's learning rate is this many times the rest (LoRA only: the paper's "
                         "up/B factor; the other algorithms have no such factor)")
+    g.add_argument("--block_lr", type=_block_lr,
+                   help="block-wise learning rates as data: group=factor pairs, e.g. "
+                        "transformer_blocks=1,single_transformer_blocks=0.5 (a block: transformer_blocks.3=0)")
     g.add_argument("--base_quantization", choices=tuple(quantize.KINDS),
                    help="hold the base model quantized while the adapter trains (QLoRA): nf4 (bitsandbytes), "
                         "int8 or fp8 weight-only (torchao); the adapter runs unfused on the quantized layers")
