@@ -162,3 +162,48 @@ def test_block_wise_learning_rates_are_data(tmp_path, capsys):
                            {"transformer": lycoris_lite.LoRAConfig(r=4, target_modules=["to_q", "proj_mlp"])}, 0)
     groups = adapters.parameter_groups(ctrl, "transformer", 1e-3, 4.0, {"single_transformer_blocks": 0.5})
     assert sorted(g["lr"] for g in groups) == [5e-4, 1e-3, 2e-3, 4e-3]
+
+
+def test_two_gloo_processes_on_flux_equal_one_process_accumulating(tmp_path):
+    """Two data-parallel processes (accelerate, gloo on a CPU machine), batch 1 each, write the adapter of
+    one process accumulating two batches of 1: the draws are functions of the sample position."""
+    import subprocess
+    import sys
+
+    from test_train_dreambooth import ROOT, SCRIPT, _env
+
+    common = dict(algo="lokr", rank=4, factor=4, max_train_steps=3, train_batch_size=1)
+    assert run(transformer_args(tmp_path / "one", "tiny-flux", gradient_accumulation_steps=2, **common)) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2", str(SCRIPT),
+           *transformer_args(tmp_path / "two", "tiny-flux", **common)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    a, b = load_file(adapter_file(tmp_path / "one")), load_file(adapter_file(tmp_path / "two"))
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_resume_after_sigkill_on_sd3(tmp_path):
+    """A run killed after its first checkpoint and resumed (``--resume_from_checkpoint latest``) writes the
+    adapter of the uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_dreambooth import SCRIPT, _env
+
+    steps = dict(algo="loha", rank=4, max_train_steps=10, checkpointing_steps=2, cache_latents=True)
+    assert run(transformer_args(tmp_path / "reference", "tiny-sd3", **steps)) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *transformer_args(out, "tiny-sd3", **steps)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert run(transformer_args(out, "tiny-sd3", resume_from_checkpoint="latest", **steps)) == 0
+    a, b = load_file(adapter_file(tmp_path / "reference")), load_file(adapter_file(out))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
