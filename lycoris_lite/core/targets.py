@@ -158,3 +158,9 @@ class ModulesToSave(nn.Module):
     def forward(self, *args, **kwargs):
         module = self.modules_to_save[self.active] if self.active in self.modules_to_save else self.original_module
         return module(*args, **kwargs)
+
+
+def model_class(module: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps a module's class for a generated subclass
+    (``FSDPFluxTransformer2DModel``); names, families and file metadata go by the class it wraps."""
+    return next(cls for cls in type(module).__mro__ if not cls.__module__.startswith("torch.distributed"))

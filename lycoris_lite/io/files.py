@@ -34,6 +34,7 @@ from .formats.safe_io import atomic_write_folder, read_state_dict, write_state_d
 from .metadata import PREFIX as META_PREFIX, component_config, header_alphas, network_metadata
 from ..core.controller import AdapterController, controller_for
 from ..core.offload import check_not_offloaded
+from ..core.targets import model_class
 from ..base.registry import ALGORITHMS, LayerEntry, get_algorithm
 
 FORMATS = ("kohya", "comfyui", "diffusers", "peft")
@@ -382,7 +383,16 @@ def loaded_info(read: ReadAdapter) -> LoadedAdapter:
                          read.skipped_keys, read.metadata, coverage, read.layout)
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: a sharded one (FSDP2's ``DTensor``) gathered from every rank (a collective: every
+    rank must save), any other as it is."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
+
+
 def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict[str, dict[str, LayerEntry]]:
+    """``{component: {layer path: LayerEntry}}`` of adapter ``adapter_name``, its tensors whole (an adapter on a
+    model sharded with FSDP2 is gathered: every process must call this, and so :func:`save_adapter`)."""
     entries = {}
     for component, model in components.items():
         ctrl = controller_for(model, create=False)
@@ -392,7 +402,8 @@ def adapter_entries(components: dict[str, nn.Module], adapter_name: str) -> dict
         for path, layer in ctrl.layers():
             if adapter_name in layer.adapters:
                 slot = layer.adapters[adapter_name]
-                layers[path] = LayerEntry(slot.algorithm, slot.settings, slot.tensors())
+                layers[path] = LayerEntry(slot.algorithm, slot.settings,
+                                          {k: _whole(v) for k, v in slot.tensors().items()})
         entries[component] = layers
     if not entries:
         raise ValueError(f"no adapter named {adapter_name!r} on these components")
@@ -450,7 +461,7 @@ def save_adapter(target, adapter_name: str, path: str | os.PathLike, *, format: 
         entries = {c: {p: LayerEntry(e.algorithm, *e.algorithm.bake_constraint(e.tensors, e.settings), e.source)
                        for p, e in layers.items()} for c, layers in entries.items()}
     path = Path(path)
-    classes = {MODEL_CLASSES_KEY: json.dumps({c: type(components[c]).__name__ for c in entries})}
+    classes = {MODEL_CLASSES_KEY: json.dumps({c: model_class(components[c]).__name__ for c in entries})}
     if format == "diffusers":
         state, meta = diffusers_format.write(entries, components, dtype)
         meta.update(classes)

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ...core.targets import base_module_at
+from ...core.targets import base_module_at, model_class
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALPHA_KEY, LayerEntry, NotSplittable, algorithm_of, detect_algorithm
 from .names import DENOISERS, ComponentNames, file_name_lookup, underscore
@@ -89,7 +89,7 @@ def model_family(components: dict[str, nn.Module]) -> tuple[str | None, str]:
     conditions, else by the UNet's cross-attention width."""
     for component in DENOISERS[1:]:
         if components.get(component) is not None:
-            name = type(components[component]).__name__
+            name = model_class(components[component]).__name__
             return class_family(name), f"its {component} is a {name}"
     if components.get("text_encoder_2") is not None:
         return "SDXL", "two text encoders"
@@ -121,7 +121,7 @@ def check_model_classes(saved: dict[str, str], components: dict[str, nn.Module])
     a transformer file on a UNet, or transformers of two families raise :class:`FamilyMismatch` naming
     both; UNets are told apart by :func:`check_family`."""
     file_side = next(((c, saved[c]) for c in DENOISERS if isinstance(saved.get(c), str)), None)
-    model_side = next(((c, type(components[c]).__name__) for c in DENOISERS if components.get(c) is not None), None)
+    model_side = next(((c, model_class(components[c]).__name__) for c in DENOISERS if components.get(c) is not None), None)
     if file_side is None or model_side is None or file_side[0] == model_side[0] == "unet":
         return
     if file_side[1] not in TRANSFORMER_FAMILIES and model_side[1] not in TRANSFORMER_FAMILIES:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.targets import base_module_at
+from ...core.targets import base_module_at, model_class
 from .names import adapter_capable_paths
 
 #: a part's rows of the fused matrix, as ``(start, stop)`` segments in the part's own row order
@@ -173,7 +173,7 @@ SAME_NAMES = ("QwenImageTransformer2DModel",)
 
 def has_original_names(model: nn.Module) -> bool:
     """Whether ``model``'s class has original names that differ from diffusers' (:data:`RULES`)."""
-    return type(model).__name__ in RULES
+    return model_class(model).__name__ in RULES
 
 
 def original_modules(model: nn.Module) -> dict[str, OriginalModule]:
@@ -182,7 +182,7 @@ def original_modules(model: nn.Module) -> dict[str, OriginalModule]:
     original name (Z-Image's ``feed_forward.w1``, Qwen-Image's every module)."""
     paths = tuple(adapter_capable_paths(model))
     sizes = tuple(_sizes(base_module_at(model, p)) for p in paths)
-    return _original_modules(type(model).__name__, paths, sizes)
+    return _original_modules(model_class(model).__name__, paths, sizes)
 
 
 def _sizes(module: nn.Module) -> tuple[int, int]:
