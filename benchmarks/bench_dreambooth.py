@@ -20,6 +20,12 @@ out (identical work on both sides); latents, timesteps and contexts are fixed ra
     python benchmarks/bench_dreambooth.py --threads 1                     # SD-1.5 UNet, 128 px, batch 1
     python benchmarks/bench_dreambooth.py --threads 1 --model tiny --resolution 64 --rounds 5   # smoke
     python benchmarks/bench_dreambooth.py --device cuda --dtype bfloat16 --resolution 512    # on a GPU
+    python benchmarks/bench_dreambooth.py --threads 2 --model flux-width --targets flux-attn-mlp --resolution 256
+
+``--model flux-width``: the flow-matching step of the transformer trainer on a Flux.1-width transformer
+(hidden 3072, 2 double + 4 single blocks, seeded random weights; ``build_flux_width_transformer``): packed
+latents (``resolution/16`` squared tokens), 64 text tokens of T5 width, the velocity target ``ε − x₀``,
+guidance input; the same loop on both sides.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ SETTINGS = {
              "boft": {"block_size": 8, "butterfly_factor": 2}, "hra": {"r": 8}},
     "tiny": {"lora": {"r": 4}, "loha": {"r": 4}, "lokr": {"r": 4}, "oft": {"block_size": 4},
              "boft": {"block_size": 4, "butterfly_factor": 2}, "hra": {"r": 4}},
+    "flux-width": {"lora": {"r": 16}, "loha": {"r": 8}, "lokr": {"r": 8}, "oft": {"block_size": 64},
+                   "boft": {"block_size": 32, "butterfly_factor": 2}, "hra": {"r": 8}},
 }
 
 
@@ -62,6 +70,10 @@ def build_unet(model: str, device, dtype):
 
     if model == "sd15":
         return build_sd15_unet(seed=0, dtype=dtype, device=device).requires_grad_(False)
+    if model == "flux-width":
+        from lycoris_lite.models import build_flux_width_transformer
+
+        return build_flux_width_transformer(seed=0, dtype=dtype, device=device).requires_grad_(False)
     return build_tiny_unet(0).to(device=device, dtype=dtype).requires_grad_(False)
 
 
@@ -115,9 +127,15 @@ class Case:
         self.trainable = sum(p.numel() for p in self.params)
 
     def step(self) -> None:
-        latents, timesteps, context, noise = self.batch
-        prediction = self.model(latents, timesteps, context).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        if isinstance(self.batch, dict):  # a transformer's flow-matching step
+            batch = dict(self.batch)
+            target = batch.pop("target")
+            prediction = self.model(**batch).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        else:
+            latents, timesteps, context, noise = self.batch
+            prediction = self.model(latents, timesteps, context).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,6 +154,18 @@ class Case:
 
 def make_batch(unet, batch: int, resolution: int, device, dtype):
     g = torch.Generator().manual_seed(1)
+    if not hasattr(unet.config, "cross_attention_dim"):  # Flux: packed latents at noise level σ, velocity target
+        config, tokens = unet.config, (resolution // 16) ** 2
+        x0 = torch.randn(batch, tokens, config.in_channels, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.rand(batch, generator=g)
+        noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        return {"hidden_states": noisy.to(device, dtype), "timestep": sigma.to(device, dtype),
+                "guidance": torch.full((batch,), 3.5, device=device, dtype=dtype) if config.guidance_embeds else None,
+                "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=g).to(device, dtype),
+                "encoder_hidden_states": torch.randn(batch, 64, config.joint_attention_dim, generator=g).to(device, dtype),
+                "txt_ids": torch.zeros(64, 3, device=device, dtype=dtype),
+                "img_ids": torch.zeros(tokens, 3, device=device, dtype=dtype), "target": (noise - x0).to(device, dtype)}
     size = resolution // 8
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g)
     noise = torch.randn(latents.shape, generator=g)
@@ -206,11 +236,14 @@ def memory_child(args) -> None:
             print(json.dumps({"lib": lib, "algo": algo, "bytes": extra}), flush=True)
 
 
-def _targets(args) -> list[str]:
-    from lycoris_lite.base.presets import resolve_targets
+def _targets(args) -> list[str] | str:
+    """A preset's targets (a list of names or, for the transformer presets, one full-match pattern, which
+    PEFT reads alike) or the comma-separated module names."""
+    from lycoris_lite.base.presets import PRESETS, resolve_targets
 
-    targets = resolve_targets(args.targets)
-    return targets if isinstance(targets, list) else [t.strip() for t in args.targets.split(",")]
+    if args.targets in PRESETS:
+        return resolve_targets(args.targets)
+    return [t.strip() for t in args.targets.split(",")]
 
 
 def measure_memory(args) -> dict[tuple[str, str], float]:
@@ -234,7 +267,7 @@ def markdown(args, results, memory, header) -> str:
              "| algorithm | ours: s/step | PEFT: s/step | **PEFT ÷ ours** (speed-up) | target | mem ours MiB | mem PEFT MiB "
              "| trainable ours / PEFT |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
-    targets = {"lora": 1.0, "boft": 2.0, "hra": 2.0}
+    targets = {"lora": 1.0, "boft": 2.0, "hra": 2.0, **({"lokr": 1.5} if args.model == "flux-width" else {})}
     for r in results:
         a = r["algo"]
         target = targets.get(a)
@@ -256,7 +289,8 @@ def markdown(args, results, memory, header) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd15", choices=("sd15", "tiny"), help="SD 1.5's UNet or the tiny one")
+    parser.add_argument("--model", default="sd15", choices=("sd15", "tiny", "flux-width"),
+                        help="SD 1.5's UNet, the tiny one, or a Flux.1-width transformer (flow matching)")
     parser.add_argument("--resolution", type=int, default=128, help="image resolution (latents are 1/8)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--algos", default=",".join(ALGOS))
