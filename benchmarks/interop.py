@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lycoris_lite import controller_for, models  # noqa: E402
 from lycoris_lite.base.registry import get_algorithm  # noqa: E402
 from lycoris_lite.io.files import save_adapter  # noqa: E402
+from tests.test_dit_oracles import transformer_inputs  # noqa: E402
 
 CASES = {"lora": ("lora", {"r": 4, "alpha": 2.0}), "lora+dora": ("lora", {"r": 4, "use_dora": True}),
          "loha": ("loha", {"r": 4, "alpha": 2.0}), "lokr": ("lokr", {"r": 4, "factor": 4}),
@@ -46,16 +47,13 @@ FAMILIES = {"Flux.1 transformer": ("transformer", models.build_tiny_flux_pipelin
 
 
 def inputs(model) -> dict:
-    g, config = torch.Generator().manual_seed(0), model.config
+    """One seeded forward's inputs: the UNet's, or the tiny Flux transformer's (the oracle tests' own)."""
+    config = model.config
     if not hasattr(config, "joint_attention_dim"):  # the UNet
+        g = torch.Generator().manual_seed(0)
         return dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=10,
                     encoder_hidden_states=torch.randn(1, 6, config.cross_attention_dim, generator=g))
-    transformer = model
-    return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
-                guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+    return transformer_inputs(model)
 
 
 def output(model) -> torch.Tensor:

@@ -187,6 +187,17 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+def kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
+    """Run the trainer with ``argv`` in a process and SIGKILL it once ``out/checkpoint-2`` exists."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *[str(a) for a in argv]], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 def test_resume_after_sigkill_is_exact_and_leaves_no_partial_files(tmp_path):
     steps = dict(max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=2, learning_rate=1e-2,
                  algo="oft", block_size=4, train_batch_size=2)
@@ -194,13 +205,7 @@ def test_resume_after_sigkill_is_exact_and_leaves_no_partial_files(tmp_path):
     assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *base_args(out, **steps)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_first_checkpoint(base_args(out, **steps), out)
     assert not (out / "dreambooth_oft.safetensors").exists()
     for path in out.rglob("*"):  # complete files only (hidden temporaries are removed on resume)
         if path.suffix == ".safetensors" and not any(p.startswith(".") for p in path.relative_to(out).parts):

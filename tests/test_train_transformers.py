@@ -187,23 +187,12 @@ def test_two_gloo_processes_on_flux_equal_one_process_accumulating(tmp_path):
 def test_resume_after_sigkill_on_sd3(tmp_path):
     """A run killed after its first checkpoint and resumed (``--resume_from_checkpoint latest``) writes the
     adapter of the uninterrupted run."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from test_train_dreambooth import SCRIPT, _env
+    from test_train_dreambooth import kill_after_first_checkpoint
 
     steps = dict(algo="loha", rank=4, max_train_steps=10, checkpointing_steps=2, cache_latents=True)
     assert run(transformer_args(tmp_path / "reference", "tiny-sd3", **steps)) == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *transformer_args(out, "tiny-sd3", **steps)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_first_checkpoint(transformer_args(out, "tiny-sd3", **steps), out)
     assert run(transformer_args(out, "tiny-sd3", resume_from_checkpoint="latest", **steps)) == 0
     a, b = load_file(adapter_file(tmp_path / "reference")), load_file(adapter_file(out))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

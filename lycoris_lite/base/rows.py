@@ -98,9 +98,21 @@ class RowViewSettings(Settings):
 
 
 class RowViewBase(Algorithm):
-    """The base of :func:`row_view` classes (``isinstance`` checks and the writers find them by it)."""
+    """The base of :func:`row_view` and :func:`dense_rows_view` classes (the writers find them by it): a
+    module's view of the adapter ``inner`` on a fused matrix, which has no file form of its own."""
 
     inner: type[Algorithm]
+    settings_class = RowViewSettings
+    detect_keys = ()
+
+    @classmethod
+    def describe_size(cls, tensors):
+        return cls.inner.describe_size(tensors)
+
+    @classmethod
+    def to_kohya(cls, params, settings):
+        raise NotSplittable(f"a module holding some rows of a fused {cls.inner.name} adapter has no "
+                            "file form of its own; write the fused module (the original layout)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,10 +127,8 @@ def row_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
         name = algorithm.name
         inner = algorithm
         config_class = algorithm.config_class
-        settings_class = RowViewSettings
         decomposable = algorithm.decomposable
         file_keys = algorithm.file_keys
-        detect_keys = ()
 
         @classmethod
         def param_shapes(cls, spec, settings):
@@ -155,14 +165,6 @@ def row_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
         def regularization(cls, params, settings):
             return algorithm.regularization(cls._inner_params(params), settings.inner)
 
-        @classmethod
-        def describe_size(cls, tensors):
-            return algorithm.describe_size(tensors)
-
-        @classmethod
-        def to_kohya(cls, params, settings):
-            raise NotSplittable(f"a module holding some rows of a fused {algorithm.name} adapter has no "
-                                "file form of its own; write the fused module (the original layout)")
 
     View.__name__ = View.__qualname__ = f"RowView[{algorithm.__name__}]"
     return View
@@ -184,10 +186,8 @@ def dense_rows_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
         name = algorithm.name
         inner = algorithm
         config_class = algorithm.config_class
-        settings_class = RowViewSettings
         file_keys = algorithm.file_keys
         activation_route = False
-        detect_keys = ()
 
         @classmethod
         def param_shapes(cls, spec, settings):
@@ -210,14 +210,6 @@ def dense_rows_view(algorithm: type[Algorithm]) -> type[RowViewBase]:
         def forward_gain(cls, settings):
             return settings, 1.0
 
-        @classmethod
-        def describe_size(cls, tensors):
-            return algorithm.describe_size(tensors)
-
-        @classmethod
-        def to_kohya(cls, params, settings):
-            raise NotSplittable(f"a module holding some rows of a fused {algorithm.name} adapter has no "
-                                "file form of its own; write the fused module (the original layout)")
 
     View.__name__ = View.__qualname__ = f"DenseRows[{algorithm.__name__}]"
     return View

@@ -164,3 +164,14 @@ def model_class(module: nn.Module) -> type:
     """The model's own class: FSDP2's ``fully_shard`` swaps a module's class for a generated subclass
     (``FSDPFluxTransformer2DModel``); names, families and file metadata go by the class it wraps."""
     return next(cls for cls in type(module).__mro__ if not cls.__module__.startswith("torch.distributed"))
+
+
+def adapter_capable_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules an adapter may sit on (wrapped ones by their original path)."""
+    out = []
+    for name, module in walk_modules(model):
+        if not name or ".modules_to_save." in f".{name}.":
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d, AdapterLayer)):
+            out.append(name)
+    return out

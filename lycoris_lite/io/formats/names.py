@@ -40,7 +40,8 @@ from torch import nn
 
 from ...base.registry import file_key_roots
 from ...core.layer import AdapterLayer
-from ...core.targets import walk_modules
+from ...core.targets import adapter_capable_paths
+from .original import original_modules
 
 #: the denoisers adapters sit on: a UNet, or a transformer (Wan 2.2 has two experts)
 DENOISERS = ("unet", "transformer", "transformer_2")
@@ -125,17 +126,6 @@ class ComponentNames:
             self.to_file[path] = file_name
 
 
-def adapter_capable_paths(model: nn.Module) -> list[str]:
-    """Paths of the modules an adapter may sit on (wrapped ones by their original path)."""
-    out = []
-    for name, module in walk_modules(model):
-        if not name or ".modules_to_save." in f".{name}.":
-            continue
-        if isinstance(module, (nn.Linear, nn.Conv2d, AdapterLayer)):
-            out.append(name)
-    return out
-
-
 def _copy(names: ComponentNames) -> ComponentNames:
     return ComponentNames(names.component, names.write_prefix, dict(names.to_module), dict(names.to_file),
                           dict(names.originals), set(names.original_spellings))
@@ -186,8 +176,6 @@ def add_original_names(names: ComponentNames, model: nn.Module) -> None:
     """Read sd-scripts' / musubi-tuner's names of a transformer's original modules too:
     ``lora_unet_`` + the underscore form of each original name (:mod:`.original`); a renamed module
     resolves to its diffusers path, a fused one (or one with moved rows) to its :class:`OriginalModule`."""
-    from .original import original_modules  # original builds on this module's paths
-
     for om in original_modules(model).values():
         spelled = "lora_unet_" + underscore(om.name)
         if om.name != om.parts[0].path:

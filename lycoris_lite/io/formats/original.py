@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.targets import base_module_at, model_class
-from .names import adapter_capable_paths
+from ...core.targets import adapter_capable_paths, base_module_at, model_class
 
 #: a part's rows of the fused matrix, as ``(start, stop)`` segments in the part's own row order
 Rows = tuple[tuple[int, int], ...]
@@ -64,21 +63,23 @@ _FLUX_TOP = (
     ("final_layer.linear", ("proj_out",), "concat"),
     ("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
 )
+#: the double blocks' attention, the same in Flux.1 and Flux.2
+_FLUX_ATTENTION = (
+    ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                        "transformer_blocks.{i}.attn.to_v"), "concat"),
+    ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj", "transformer_blocks.{i}.attn.add_k_proj",
+                                        "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
+    ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
+    ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
+)
 RULES: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
-    "FluxTransformer2DModel": _FLUX_TOP + (
+    "FluxTransformer2DModel": _FLUX_TOP + _FLUX_ATTENTION + (
         ("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",), "concat"),
         ("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",), "concat"),
         ("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",), "concat"),
         ("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",), "concat"),
         ("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",), "concat"),
         ("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",), "concat"),
-        ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-                                            "transformer_blocks.{i}.attn.to_v"), "concat"),
-        ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
-                                            "transformer_blocks.{i}.attn.add_k_proj",
-                                            "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
-        ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
-        ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
         ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.net.0.proj",), "concat"),
         ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.net.2",), "concat"),
         ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.net.0.proj",), "concat"),
@@ -91,7 +92,7 @@ RULES: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
         ("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.proj_out",), "concat"),
         ("single_blocks.{i}.modulation.lin", ("single_transformer_blocks.{i}.norm.linear",), "concat"),
     ),
-    "Flux2Transformer2DModel": _FLUX_TOP + (
+    "Flux2Transformer2DModel": _FLUX_TOP + _FLUX_ATTENTION + (
         ("time_in.in_layer", ("time_guidance_embed.timestep_embedder.linear_1",), "concat"),
         ("time_in.out_layer", ("time_guidance_embed.timestep_embedder.linear_2",), "concat"),
         ("guidance_in.in_layer", ("time_guidance_embed.guidance_embedder.linear_1",), "concat"),
@@ -99,13 +100,6 @@ RULES: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
         ("double_stream_modulation_img.lin", ("double_stream_modulation_img.linear",), "concat"),
         ("double_stream_modulation_txt.lin", ("double_stream_modulation_txt.linear",), "concat"),
         ("single_stream_modulation.lin", ("single_stream_modulation.linear",), "concat"),
-        ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-                                            "transformer_blocks.{i}.attn.to_v"), "concat"),
-        ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
-                                            "transformer_blocks.{i}.attn.add_k_proj",
-                                            "transformer_blocks.{i}.attn.add_v_proj"), "concat"),
-        ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",), "concat"),
-        ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",), "concat"),
         ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), "concat"),
         ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.linear_out",), "concat"),
         ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.linear_in",), "concat"),

@@ -26,9 +26,9 @@ from torch import nn
 
 from ...base.layer_kind import LayerSpec
 from ...base.registry import ALGORITHMS, Algorithm, LayerEntry, peft_algorithm
-from ...core.targets import base_module_at
+from ...core.targets import adapter_capable_paths, base_module_at
 from .kohya import join_modules
-from .names import COMPONENTS, adapter_capable_paths
+from .names import COMPONENTS
 from .safe_io import AdapterFileError, atomic_write, read_state_dict, write_state_dict
 
 CONFIG_NAME = "adapter_config.json"
