@@ -14,6 +14,7 @@ the library's lock. With no arguments it opens the embedded tiny model and ``out
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import sys
 import time
@@ -117,7 +118,7 @@ class Handlers:
         status = (f"{len(result.images)} image(s) in {time.perf_counter() - start:.1f} s · "
                   f"{'fused stack' if result.fused else 'stack'} {_stack_line(result.stack)} · "
                   f"switched in {result.switch_seconds * 1000:.0f} ms ({read})")
-        status += "".join(f"\n\n{note}" for note in result.notes)
+        status += notes_markdown(result.notes)
         gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)]
         return gallery, result.parameters[0], status, result.seeds[0], result.parameters
 
@@ -153,13 +154,21 @@ class Handlers:
         return line
 
 
+def notes_markdown(notes) -> str:
+    """The engine's notes as Markdown paragraphs, ``<`` and ``&`` escaped: a ``<lora:name:w>`` tag in a note
+    would otherwise render as an autolink, brackets gone."""
+    return "".join(f"\n\n{html.escape(note, quote=False)}" for note in notes)
+
+
 @contextmanager
 def _user_errors():
-    """The library's errors about the user's input become messages on the page (the app goes on)."""
+    """The library's errors about the user's input become messages on the page (the app goes on). The
+    toast renders its text as HTML: the message is escaped, so what the user typed (``<lora:name:w>``
+    tags) shows as typed instead of vanishing as an unknown element."""
     try:
         yield
     except USER_ERRORS as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(html.escape(str(exc)), print_exception=False) from None
 
 
 def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes: int = 512 * 2**20,
