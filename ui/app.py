@@ -162,13 +162,11 @@ def notes_markdown(notes) -> str:
 
 @contextmanager
 def _user_errors():
-    """The library's errors about the user's input become messages on the page (the app goes on). The
-    toast renders its text as HTML: the message is escaped, so what the user typed (``<lora:name:w>``
-    tags) shows as typed instead of vanishing as an unknown element."""
+    """The library's errors about the user's input become messages on the page (the app goes on)."""
     try:
         yield
     except USER_ERRORS as exc:
-        raise gr.Error(html.escape(str(exc)), print_exception=False) from None
+        raise gr.Error(str(exc), print_exception=False) from None
 
 
 def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes: int = 512 * 2**20,
