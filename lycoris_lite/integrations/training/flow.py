@@ -145,7 +145,7 @@ def _image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device, dtype)
 
 
-def predict(transformer, family: str, noisy: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
+def predict(transformer, family: str, noisy: torch.Tensor, timesteps: torch.Tensor,
             cond: Conditioning, guidance_scale: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prediction, the noisy input as the transformer saw it)``, both packed for Flux."""
     if family == "flux":
@@ -174,7 +174,7 @@ def training_loss(transformer, family: str, scheduler, latents: torch.Tensor, dr
     noise = draws.noise.to(device)
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1.0 - s) * latents + s * noise
-    prediction, seen = predict(transformer, family, noisy, sigmas, timesteps, cond, guidance_scale, dtype)
+    prediction, seen = predict(transformer, family, noisy, timesteps, cond, guidance_scale, dtype)
     if family == "flux":
         target = _pack(noise - latents)
         if precondition_outputs:
@@ -204,6 +204,6 @@ def heldout_loss(transformer, family: str, scheduler, latents: torch.Tensor, con
     timesteps = scheduler.timesteps[indices].to(x0.device)
     noisy = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise
     rows = Conditioning(cond.embeds.expand(n, -1, -1), cond.pooled.expand(n, -1), cond.text_ids)
-    prediction, _ = predict(transformer, family, noisy, sigmas, timesteps, rows, guidance_scale, torch.float32)
+    prediction, _ = predict(transformer, family, noisy, timesteps, rows, guidance_scale, torch.float32)
     target = _pack(noise - x0) if family == "flux" else noise - x0
     return float(F.mse_loss(prediction.float(), target))

@@ -96,13 +96,13 @@ def to_kohya_names(state: dict[str, torch.Tensor], model: nn.Module, names: Comp
         if module in originals and not (originals[module].is_rename and originals[module].parts[0].path == module):
             om = originals[module]
             file_name = "lora_unet_" + underscore(module)
-            layouts.add(kind or f"{prefix or 'bare '}original names".replace("bare original", "original"))
+            layouts.add(kind or f"{prefix}original names")
             plain_lora = False
             if kind == "xlabs":
                 value = _pad_xlabs(value, module, tensor_key, om)
         elif module in names.to_file:
             file_name = names.to_file[module]
-            layouts.add(f"{prefix or 'bare '}diffusers names".replace("bare diffusers", "diffusers"))
+            layouts.add(f"{prefix}diffusers names")
             if prefix != "transformer.":
                 plain_lora = False
         else:
