@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of Stable Diffusion (UNet, ε/v objective) and of Flux.1 and SD3/3.5 transformers
-(flow matching, :mod:`lycoris_lite.integrations.training.flow`) with a LyCORIS-style adapter (LoRA, LoHa,
+"""DreamBooth fine-tuning of Stable Diffusion (UNet, ε/v objective) and of Flux.1, Flux.2, SD3/3.5, Qwen-Image,
+Z-Image and Wan 2.1 transformers (flow matching, :mod:`lycoris_lite.integrations.training.flow`) with a LyCORIS-style adapter (LoRA, LoHa,
 LoKr, OFT, BOFT, HRA), on one device or many through accelerate. The objective comes from the pipeline.
 
     accelerate launch pipelines/train_dreambooth.py --pretrained_model_name_or_path PATH_OR_ID \\
@@ -61,7 +61,7 @@ def load_model(args):
     missing = [c for c in (denoiser, "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
     if missing or (family is None and getattr(pipe, "text_encoder_2", None) is not None):
         raise TrainingInputError(f"{name!r} is a {type(pipe).__name__}; this trainer takes Stable Diffusion 1.x/2.x "
-                                 f"pipelines (one UNet, one text encoder) and {', '.join(flow.FAMILIES)} pipelines")
+                                 f"pipelines (one UNet, one text encoder) and those of {', '.join(flow.FAMILIES)}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -124,12 +124,20 @@ def train(args) -> int:
         if saved is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
     pipe = load_model(args)
-    family = flow.family_of(pipe)  # None: a UNet (ε/v objective); "flux" / "sd3": flow matching
+    family = flow.family_of(pipe)  # None: a UNet (ε/v objective); else the transformer's flow-matching family
     denoiser = "transformer" if family else "unet"
+    text_components = ["text_encoder"] if args.train_text_encoder else []
     if family:
         if args.train_text_encoder:
-            raise TrainingInputError(f"--train_text_encoder: {family} text encoders are not trained yet (the "
-                                     "transformer is; its prompts' embeddings are computed once)")
+            if not family.trainable_text_encoders:
+                able = [f.name for f in flow.FAMILIES.values() if f.trainable_text_encoders]
+                raise TrainingInputError(f"--train_text_encoder: {family.name}'s text encoder is not trained (its "
+                                         f"prompts' embeddings are computed once); families whose CLIP encoders "
+                                         f"train: {', '.join(able)}")
+            text_components = list(family.trainable_text_encoders)
+        if args.resolution % 16:
+            raise TrainingInputError(f"--resolution must be a multiple of 16 for {family.name} (the VAE's factor 8 "
+                                     f"times the transformer's 2×2 patches), got {args.resolution}")
         if args.snr_gamma or args.noise_offset:
             raise TrainingInputError("--snr_gamma and --noise_offset belong to the UNet's objective; flow matching "
                                      "weighs noise levels with --weighting_scheme")
@@ -138,8 +146,8 @@ def train(args) -> int:
         configs = {denoiser: options.adapter_config(args, denoiser)}
     except ValueError as exc:
         raise TrainingInputError(f"--transformer_targets: {exc}") from None
-    if args.train_text_encoder:
-        configs["text_encoder"] = options.adapter_config(args, "text_encoder")
+    for component in text_components:
+        configs[component] = options.adapter_config(args, "text_encoder")
     if saved and saved.state.get("configs") != adapters.configs_json(configs):
         raise TrainingInputError(f"{saved.path} was trained with other adapter settings: {saved.state.get('configs')}")
     seed = args.seed if args.seed is not None else saved.state["seed"] if saved else secrets.randbits(31)
@@ -152,6 +160,7 @@ def train(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     unet, vae, text_encoder, tokenizer = getattr(pipe, denoiser), pipe.vae, pipe.text_encoder, pipe.tokenizer
+    text_encoders = {c: getattr(pipe, c) for c in text_components}
     for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).requires_grad_(False)
@@ -160,16 +169,15 @@ def train(args) -> int:
     if args.base_quantization:  # QLoRA: the frozen base held quantized, the adapter trained unfused on it
         from lycoris_lite.tools.quantize import quantize_base
 
-        for model in (unet, text_encoder) if args.train_text_encoder else (unet,):
+        for model in (unet, *text_encoders.values()):
             quantize_base(model, args.base_quantization, compute_dtype=weight_dtype)
     set_attention(pipe, args.enable_xformers_memory_efficient_attention)
     if family:  # a copy the validation renders never touch (they set its timesteps)
-        noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        noise_scheduler = family.training_scheduler(pipe)
     else:
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    models = {denoiser: unet, "text_encoder": text_encoder}
-    models = {c: models[c] for c in configs}
+    models = {denoiser: unet, **text_encoders}
     try:
         controllers = adapters.attach(models, configs, seed)
         adapters.check_savable(models, args.save_format)
@@ -206,22 +214,23 @@ def train(args) -> int:
                                            args.block_lr)
     except ValueError as exc:
         raise TrainingInputError(str(exc)) from None
-    if "text_encoder" in params:
-        groups.append({"params": params["text_encoder"], "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
+    for component in text_components:
+        groups.append({"params": params[component], "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
     optimizer = make_optimizer(args, groups)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            if hasattr(text_encoder, "activation_checkpointing_enable"):  # transformers >= 5.x
-                text_encoder.activation_checkpointing_enable({"use_reentrant": False})
+        for model in text_encoders.values():
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable({"use_reentrant": False})
             else:
-                text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trained = [unet] + ([text_encoder] if args.train_text_encoder else [])
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = [unet, *text_encoders.values()]
     prepared = accelerator.prepare(*trained, optimizer)
     unet_model, optimizer = prepared[0], prepared[-1]
-    text_model = prepared[1] if args.train_text_encoder else text_encoder
+    text_models = dict(zip(text_components, prepared[1:-1]))  # as accelerate wrapped them
+    text_model = text_models.get("text_encoder", text_encoder)
 
     start_step = 0
     if saved:
@@ -233,18 +242,19 @@ def train(args) -> int:
         start_step = saved.step
         accelerator.print(f"resumed from {saved.path} at step {start_step}")
 
-    dataset = data.DreamBoothDataset(instance, tokenizer, args.resolution, seed=seed, class_examples=class_examples,
+    dataset = data.DreamBoothDataset(instance, None if family else tokenizer, args.resolution, seed=seed, class_examples=class_examples,
                                      center_crop=args.center_crop, random_flip=args.random_flip)
     batches = iter(data.data_loader(dataset, args.train_batch_size, accelerator.num_processes,
                                     accelerator.process_index, start=start_step * args.gradient_accumulation_steps,
                                     num_workers=args.dataloader_num_workers))
-    latent_size = args.resolution // pipe.vae_scale_factor
-    latent_shape = (vae.config.latent_channels, latent_size, latent_size)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     conditioning, latent_cache = None, {}
     if family:  # every prompt's text embeddings, once: the text encoders then idle
         prompts = [e.prompt for e in instance] + [e.prompt for e in (class_examples or [])]
         conditioning = flow.encode_prompts(pipe, family, prompts, args.max_sequence_length, accelerator.device)
+    else:
+        latent_size = args.resolution // pipe.vae_scale_factor
+        latent_shape = (vae.config.latent_channels, latent_size, latent_size)
 
     training = adapters.training_record(args, max_steps=max_steps, seed=seed, samples_per_step=samples_per_step,
                                         mixed_precision=accelerator.mixed_precision, num_instance=len(instance),
@@ -282,11 +292,11 @@ def train(args) -> int:
 
     def flow_loss(batch) -> torch.Tensor:
         """The flow-matching loss of a micro-batch: latents (cached per image with --cache_latents), the
-        prompts' cached embeddings, per-sample seeded draws."""
+        prompts' cached embeddings (the trained CLIP encoders' parts computed anew), per-sample seeded draws."""
         keys = list(zip(batch["kinds"], batch["indices"]))
         todo = [i for i, key in enumerate(keys) if key not in latent_cache]
         if todo:
-            fresh = flow.image_latents(vae, batch["pixel_values"][todo].to(accelerator.device), seed,
+            fresh = flow.image_latents(family, vae, batch["pixel_values"][todo].to(accelerator.device), seed,
                                        [keys[i][0] for i in todo], [keys[i][1] for i in todo])
             if not args.cache_latents:
                 latents = fresh
@@ -294,9 +304,11 @@ def train(args) -> int:
                 latent_cache.update({keys[i]: row for i, row in zip(todo, fresh)})
         if args.cache_latents:
             latents = torch.stack([latent_cache[key] for key in keys])
-        draws = flow.draw(seed, batch["kinds"], batch["positions"], latent_shape, num_timesteps, args.weighting_scheme,
-                          args.logit_mean, args.logit_std, args.mode_scale)
-        cond = flow.batch_conditioning(conditioning, batch["prompts"], accelerator.device, weight_dtype)
+        draws = flow.draw(seed, batch["kinds"], batch["positions"], latents.shape[1:], num_timesteps,
+                          args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+        trained_parts = family.text_parts(text_models, pipe, batch["prompts"], accelerator.device) if text_models else None
+        cond = flow.batch_conditioning(family, conditioning, batch["prompts"], accelerator.device, weight_dtype,
+                                       trained_parts)
         return flow.training_loss(unet_model, family, noise_scheduler, latents, draws, cond, batch["kinds"],
                                   weighting_scheme=args.weighting_scheme,
                                   precondition_outputs=bool(args.precondition_outputs),

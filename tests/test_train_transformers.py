@@ -1,5 +1,5 @@
-"""The DreamBooth trainer on transformer pipelines (tiny Flux.1 and SD3): flow matching for every
-algorithm, the file it writes, learning that is real, cached inputs equal to uncached ones, exact
+"""The DreamBooth trainer on transformer pipelines (tiny Flux.1 and SD3; the other families in
+``test_flow_families.py``): flow matching for every algorithm, the file it writes, learning that is real, cached inputs equal to uncached ones, exact
 resume, LoRA+, a quantized base, and the refusals.
 
 Runs are in-process (``main(argv)``, the command line's code path), as in ``test_train_dreambooth.py``.
@@ -107,12 +107,13 @@ def test_learning_is_real(tmp_path):
     pipe = load_pipeline("tiny-flux")
     examples = data.load_examples(SAMPLES / "instance", PROMPT)
     pixels = torch.stack([data.transform(e.image, 64, True, False, torch.Generator()) for e in examples])
-    latents = flow.image_latents(pipe.vae, pixels, 0, ["instance"] * len(examples), list(range(len(examples))))
-    cond = flow.encode_prompts(pipe, "flux", [PROMPT], 16, "cpu")[PROMPT]
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    before = flow.heldout_loss(pipe.transformer, "flux", scheduler, latents, cond)
+    family = flow.family_of(pipe)
+    latents = flow.image_latents(family, pipe.vae, pixels, 0, ["instance"] * len(examples), list(range(len(examples))))
+    cond = flow.encode_prompts(pipe, family, [PROMPT], 16, "cpu")[PROMPT]
+    scheduler = family.training_scheduler(pipe)
+    before = flow.heldout_loss(pipe.transformer, family, scheduler, latents, cond)
     lycoris_lite.enable(pipe).load_adapter(adapter_file(out))
-    after = flow.heldout_loss(pipe.transformer, "flux", scheduler, latents, cond)
+    after = flow.heldout_loss(pipe.transformer, family, scheduler, latents, cond)
     assert after < 0.95 * before, (before, after)
 
 
@@ -128,8 +129,8 @@ def test_loraplus_groups_and_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         options.parse_args(transformer_args(tmp_path, "tiny-flux", algo="loha", loraplus_lr_ratio=16))
     assert "LoRA" in capsys.readouterr().err
-    assert run(transformer_args(tmp_path / "te", "tiny-flux", algo="lora", train_text_encoder=True)) == 2
-    assert "text encoders are not trained yet" in capsys.readouterr().err
+    assert run(transformer_args(tmp_path / "te", "tiny-z-image", algo="lora", train_text_encoder=True)) == 2
+    assert "text encoder is not trained" in capsys.readouterr().err
     assert run(transformer_args(tmp_path / "snr", "tiny-sd3", algo="lora", snr_gamma=5)) == 2
     assert "--weighting_scheme" in capsys.readouterr().err
     assert not (tmp_path / "te").exists() or not any((tmp_path / "te").iterdir())

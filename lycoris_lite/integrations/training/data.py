@@ -154,7 +154,7 @@ def transform(image, resolution: int, center_crop: bool, random_flip: bool, gene
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Items are keyed by ``(kind, position)``, ``kind`` being ``"instance"`` or ``"class"``: the
     example at that position of the kind's :class:`SampleOrder`, transformed with a generator seeded by
-    ``(seed, kind, position)``, and its tokenised prompt."""
+    ``(seed, kind, position)``, and its tokenised prompt (none without a ``tokenizer``)."""
 
     def __init__(self, instance: list[Example], tokenizer, resolution: int, *, seed: int,
                  class_examples: list[Example] | None = None, center_crop: bool = False, random_flip: bool = False):
@@ -179,8 +179,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         example = self.examples[kind][index]
         generator = torch.Generator().manual_seed(mix_seed(self.seed, kind, "augment", position))
         pixels = transform(example.image, self.resolution, self.center_crop, self.random_flip, generator)
-        return {"pixel_values": pixels, "input_ids": self.tokenize(example.prompt), "kind": kind, "position": position,
-                "index": index, "prompt": example.prompt}
+        item = {"pixel_values": pixels, "kind": kind, "position": position, "index": index, "prompt": example.prompt}
+        if self.tokenizer is not None:  # the UNet's objective encodes each step; flow matching caches embeddings
+            item["input_ids"] = self.tokenize(example.prompt)
+        return item
 
 
 class MicroBatches(torch.utils.data.Sampler):
@@ -204,14 +206,16 @@ class MicroBatches(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    return {
+    batch = {
         "pixel_values": torch.stack([i["pixel_values"] for i in items]).contiguous(),
-        "input_ids": torch.stack([i["input_ids"] for i in items]),
         "kinds": [i["kind"] for i in items],
         "positions": [i["position"] for i in items],
         "indices": [i["index"] for i in items],
         "prompts": [i["prompt"] for i in items],
     }
+    if "input_ids" in items[0]:
+        batch["input_ids"] = torch.stack([i["input_ids"] for i in items])
+    return batch
 
 
 def data_loader(dataset: DreamBoothDataset, batch_size: int, num_processes: int, process_index: int, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -20,8 +21,10 @@ def write_png(image, path: str | Path) -> Path:
 def render(pipe, prompt: str, *, count: int, seed: int, steps: int, resolution: int, batch_size: int,
            autocast=None) -> list:
     """``count`` images of ``prompt``; image ``i`` uses a generator seeded with ``(seed, i)`` (the same
-    image whatever the batch size). The global RNG is left as it was."""
+    image whatever the batch size). A video pipeline (Wan) renders one-frame videos. The global RNG is
+    left as it was."""
     device = pipe._execution_device
+    video = {"num_frames": 1, "output_type": "pil"} if "num_frames" in inspect.signature(pipe.__call__).parameters else {}
     images = []
     with torch.random.fork_rng(devices=[]), torch.no_grad(), ExitStack() as stack:
         if autocast is not None:
@@ -29,9 +32,9 @@ def render(pipe, prompt: str, *, count: int, seed: int, steps: int, resolution: 
         for start in range(0, count, batch_size):
             indices = range(start, min(count, start + batch_size))
             generators = [torch.Generator(device).manual_seed(mix_seed(seed, "image", i)) for i in indices]
-            out = pipe([prompt] * len(indices), num_inference_steps=steps, height=resolution, width=resolution,
-                       generator=generators)
-            images += out.images
+            out = pipe(prompt=[prompt] * len(indices), num_inference_steps=steps, height=resolution, width=resolution,
+                       generator=generators, **video)
+            images += [frames[0] for frames in out.frames] if video else out.images
     return images
 
 

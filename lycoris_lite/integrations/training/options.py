@@ -168,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(*flags, dest=name, type=kind, default=None, help=help_text)
     g.add_argument("--unet_targets", type=_targets, default="unet-attn",
                    help=f"UNet modules: a preset ({', '.join(PRESETS)}) or comma-separated module names")
-    g.add_argument("--train_text_encoder", action="store_true", help="also adapt the text encoder")
+    g.add_argument("--train_text_encoder", action="store_true", help="also adapt the text encoder (UNet pipelines; Flux.1: CLIP-L; SD3: CLIP-L and "
+                        "CLIP-G, as diffusers' scripts)")
     g.add_argument("--transformer_targets", type=_targets, default=None,
-                   help="transformer modules (Flux.1, SD3): a preset or comma-separated module names "
+                   help="transformer modules (flow-matching families): a preset or comma-separated module names "
                         "(default: the family's <family>-attn-mlp preset)")
     g.add_argument("--text_encoder_targets", type=_targets, default="text-encoder",
                    help="text encoder modules: a preset or comma-separated module names")
@@ -203,20 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
                    help="default: accelerate's configuration (usually no)")
     g.add_argument("--weighting_scheme", choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none"),
-                   help="flow matching (Flux.1, SD3): how noise levels are drawn and weighted (default: none for "
-                        "Flux, logit_normal for SD3)")
+                   help="flow matching: how noise levels are drawn and weighted (default: logit_normal for SD3, "
+                        "none for the others)")
     g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal's mean")
     g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal's standard deviation")
     g.add_argument("--mode_scale", type=float, default=1.29, help="the mode scheme's scale")
     g.add_argument("--precondition_outputs", type=int, choices=(0, 1),
-                   help="flow matching: compare the x0 estimate with x0 (default: 1 for SD3, 0 for Flux)")
+                   help="flow matching: compare the x0 estimate with x0 (default: 1 for SD3, 0 for the others)")
     g.add_argument("--guidance_scale", type=float, default=3.5,
                    help="the guidance input of a guidance-distilled transformer (Flux dev) while training")
     g.add_argument("--max_sequence_length", type=int,
-                   help="T5 prompt length (default: 512 for Flux, 77 for SD3)")
+                   help="text encoder prompt length in tokens (default: the family's: 77 for SD3, 512 for the others)")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode each image once, as first seen (its crop and flip then stay); text embeddings are "
-                        "always computed once")
+                        "computed once (with --train_text_encoder, the trained CLIP parts each step)")
     g.add_argument("--loraplus_lr_ratio", type=float,
                    help="LoRA+: lora_up's learning rate is this many times the rest (LoRA only: the paper's "
                         "up/B factor; the other algorithms have no such factor)")
@@ -324,16 +325,17 @@ def adapter_config(args, component: str) -> AdapterConfig:
     return get_algorithm(args.algo).config_class(**fields)
 
 
-def transformer_defaults(args, family: str) -> None:
-    """The flow-matching options' family defaults, where not given (diffusers' Flux / SD3 scripts')."""
+def transformer_defaults(args, family) -> None:
+    """The flow-matching options' family defaults (a :class:`~.flow.Family`), where not given (those of
+    diffusers' script for the family)."""
     if args.transformer_targets is None:
-        args.transformer_targets = f"{family}-attn-mlp"
+        args.transformer_targets = family.preset
     if args.weighting_scheme is None:
-        args.weighting_scheme = "logit_normal" if family == "sd3" else "none"
+        args.weighting_scheme = family.weighting_scheme
     if args.precondition_outputs is None:
-        args.precondition_outputs = int(family == "sd3")
+        args.precondition_outputs = int(family.precondition_outputs)
     if args.max_sequence_length is None:
-        args.max_sequence_length = 77 if family == "sd3" else 512
+        args.max_sequence_length = family.max_sequence_length
 
 
 def to_argv(settings: dict) -> list[str]:
