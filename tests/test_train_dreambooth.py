@@ -239,7 +239,7 @@ def _from_root(argv: list[str]) -> list[str]:
 
 def test_readme_single_process_commands_run(tmp_path):
     commands = [c for c in readme_commands() if c[:2] == ["python", "pipelines/train_dreambooth.py"]]
-    assert len(commands) == 4  # the UNet (a sample config, HRA), Flux (LoKr), SD3 (LoRA+)
+    assert len(commands) == 8  # the UNet (a sample config, HRA), one per transformer family
     for i, command in enumerate(commands):
         assert run(_short(_from_root(command[2:]), tmp_path / str(i))) == 0
         assert list((tmp_path / str(i)).glob("*.safetensors"))
