@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """DreamBooth fine-tuning of Stable Diffusion (UNet, ε/v objective) and of Flux.1, Flux.2, SD3/3.5, Qwen-Image,
-Z-Image and Wan 2.1 transformers (flow matching, :mod:`lycoris_lite.integrations.training.flow`) with a LyCORIS-style adapter (LoRA, LoHa,
-LoKr, OFT, BOFT, HRA), on one device or many through accelerate. The objective comes from the pipeline.
+Z-Image and Wan 2.1 transformers (flow matching, :mod:`lycoris_lite.integrations.training.flow`) with a
+LyCORIS-style adapter (LoRA, LoHa, LoKr, OFT, BOFT, HRA), on one device or many through accelerate. The
+objective comes from the pipeline.
 
     accelerate launch pipelines/train_dreambooth.py --pretrained_model_name_or_path PATH_OR_ID \\
         --instance_data_dir DIR --instance_prompt "a photo of sks dog" --algo lokr --output_dir out
@@ -242,8 +243,9 @@ def train(args) -> int:
         start_step = saved.step
         accelerator.print(f"resumed from {saved.path} at step {start_step}")
 
-    dataset = data.DreamBoothDataset(instance, None if family else tokenizer, args.resolution, seed=seed, class_examples=class_examples,
-                                     center_crop=args.center_crop, random_flip=args.random_flip)
+    dataset = data.DreamBoothDataset(instance, None if family else tokenizer, args.resolution, seed=seed,
+                                     class_examples=class_examples, center_crop=args.center_crop,
+                                     random_flip=args.random_flip)
     batches = iter(data.data_loader(dataset, args.train_batch_size, accelerator.num_processes,
                                     accelerator.process_index, start=start_step * args.gradient_accumulation_steps,
                                     num_workers=args.dataloader_num_workers))
@@ -306,7 +308,9 @@ def train(args) -> int:
             latents = torch.stack([latent_cache[key] for key in keys])
         draws = flow.draw(seed, batch["kinds"], batch["positions"], latents.shape[1:], num_timesteps,
                           args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
-        trained_parts = family.text_parts(text_models, pipe, batch["prompts"], accelerator.device) if text_models else None
+        trained_parts = None
+        if text_models:  # the trained CLIP encoders run each step, with gradients
+            trained_parts = family.text_parts(text_models, pipe, batch["prompts"], accelerator.device)
         cond = flow.batch_conditioning(family, conditioning, batch["prompts"], accelerator.device, weight_dtype,
                                        trained_parts)
         return flow.training_loss(unet_model, family, noise_scheduler, latents, draws, cond, batch["kinds"],

@@ -179,8 +179,8 @@ class Flux(Family):
     def predict(self, transformer, noisy, timesteps, cond, guidance_scale, dtype):
         b, _, h, w = noisy.shape
         guidance = _guidance(transformer, b, guidance_scale, noisy.device, dtype)
-        out = transformer(hidden_states=_pack(noisy).to(dtype), timestep=(timesteps / 1000).to(dtype), guidance=guidance,
-                          pooled_projections=cond["pooled"], encoder_hidden_states=cond["embeds"],
+        out = transformer(hidden_states=_pack(noisy).to(dtype), timestep=(timesteps / 1000).to(dtype),
+                          guidance=guidance, pooled_projections=cond["pooled"], encoder_hidden_states=cond["embeds"],
                           txt_ids=cond["text_ids"], img_ids=_image_ids(h, w, noisy.device, dtype),
                           return_dict=False)[0]
         return _unpack(out, h, w)
@@ -211,7 +211,8 @@ class SD3(Family):
         clip = torch.cat([r["clip"] for r in rows]).to(device, dtype)
         t5 = torch.cat([r["t5"] for r in rows]).to(device, dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {"embeds": torch.cat([clip, t5], dim=-2), "pooled": torch.cat([r["pooled"] for r in rows]).to(device, dtype)}
+        pooled = torch.cat([r["pooled"] for r in rows]).to(device, dtype)
+        return {"embeds": torch.cat([clip, t5], dim=-2), "pooled": pooled}
 
     def predict(self, transformer, noisy, timesteps, cond, guidance_scale, dtype):
         return transformer(hidden_states=noisy.to(dtype), timestep=timesteps.to(dtype),
@@ -241,8 +242,8 @@ class Flux2(Family):
         grid = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
         guidance = _guidance(transformer, b, guidance_scale, noisy.device, dtype)
         out = transformer(hidden_states=noisy.reshape(b, c, h * w).permute(0, 2, 1).to(dtype),
-                          timestep=(timesteps / 1000).to(dtype), guidance=guidance, encoder_hidden_states=cond["embeds"],
-                          txt_ids=cond["text_ids"], img_ids=grid.unsqueeze(0).expand(b, -1, -1).to(noisy.device),
+                          timestep=(timesteps / 1000).to(dtype), guidance=guidance,
+                          encoder_hidden_states=cond["embeds"], txt_ids=cond["text_ids"], img_ids=grid.unsqueeze(0).expand(b, -1, -1).to(noisy.device),
                           return_dict=False)[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
@@ -280,8 +281,8 @@ class QwenImage(Family):
     def predict(self, transformer, noisy, timesteps, cond, guidance_scale, dtype):
         b, _, h, w = noisy.shape
         guidance = _guidance(transformer, b, guidance_scale, noisy.device, dtype)
-        out = transformer(hidden_states=_pack(noisy).to(dtype), timestep=(timesteps / 1000).to(dtype), guidance=guidance,
-                          encoder_hidden_states=cond["embeds"], encoder_hidden_states_mask=cond["mask"],
+        out = transformer(hidden_states=_pack(noisy).to(dtype), timestep=(timesteps / 1000).to(dtype),
+                          guidance=guidance, encoder_hidden_states=cond["embeds"], encoder_hidden_states_mask=cond["mask"],
                           img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return _unpack(out, h, w)
 
@@ -299,8 +300,8 @@ class ZImage(Family):
 
     def predict(self, transformer, noisy, timesteps, cond, guidance_scale, dtype):
         """Z-Image takes a list of ``(C, 1, H, W)`` latents, the time ``1 − σ`` and predicts ``x₀ − ε``."""
-        out = transformer(list(noisy.to(dtype).unsqueeze(2).unbind(0)), ((1000 - timesteps) / 1000).to(dtype), cond["caption"],
-                          return_dict=False)[0]
+        out = transformer(list(noisy.to(dtype).unsqueeze(2).unbind(0)), ((1000 - timesteps) / 1000).to(dtype),
+                          cond["caption"], return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
 
