@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from lycoris_lite.integrations.training import adapters, checkpoint, data, flow, images, loss, options  # noqa: E402
+from lycoris_lite.integrations.training import (adapters, checkpoint, data, flow, images, loss,  # noqa: E402
+                                               options, sharding)
 from lycoris_lite.integrations.training.data import TrainingInputError  # noqa: E402
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -124,6 +125,7 @@ def train(args) -> int:
             raise TrainingInputError(f"--resume_from_checkpoint: {exc}") from None
         if saved is None:
             accelerator.print(f"no checkpoint in {output_dir}: starting a new run")
+    sharded = sharding.check(accelerator, args, saved)  # FSDP2: every process joins the gathers below
     pipe = load_model(args)
     family = flow.family_of(pipe)  # None: a UNet (ε/v objective); else the transformer's flow-matching family
     denoiser = "transformer" if family else "unet"
@@ -165,7 +167,7 @@ def train(args) -> int:
     for component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).requires_grad_(False)
-    pipe.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    sharding.place(pipe, denoiser, accelerator.device, weight_dtype, sharded)
     # (adapters attached to a half-precision model keep float32 parameters)
     if args.base_quantization:  # QLoRA: the frozen base held quantized, the adapter trained unfused on it
         from lycoris_lite.tools.quantize import quantize_base
@@ -228,7 +230,7 @@ def train(args) -> int:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = [unet, *text_encoders.values()]
-    prepared = accelerator.prepare(*trained, optimizer)
+    prepared = sharding.prepare(accelerator, *trained, optimizer)
     unet_model, optimizer = prepared[0], prepared[-1]
     text_models = dict(zip(text_components, prepared[1:-1]))  # as accelerate wrapped them
     text_model = text_models.get("text_encoder", text_encoder)
@@ -236,7 +238,7 @@ def train(args) -> int:
     start_step = 0
     if saved:
         adapters.load_adapter_state(controllers, saved.adapter_state)
-        optimizer.load_state_dict(saved.optimizer)
+        sharding.load_optimizer_state(unet_model, optimizer, saved.optimizer, sharded)
         lr_scheduler.load_state_dict(saved.scheduler)
         if accelerator.scaler is not None and saved.scaler is not None:
             accelerator.scaler.load_state_dict(saved.scaler)
@@ -269,9 +271,9 @@ def train(args) -> int:
                                  training={**training, "steps": step, "training_finished_at": round(time.time())})
         return adapters.save(models, path, args.save_format, options.SAVE_PRECISIONS[args.save_precision], meta)
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int, optimizer_state: dict) -> Path:
         return checkpoint.save(
-            output_dir, step, adapter_state=adapters.adapter_state(controllers), optimizer=optimizer,
+            output_dir, step, adapter_state=adapters.adapter_state(controllers), optimizer_state=optimizer_state,
             scheduler=lr_scheduler, scaler=accelerator.scaler, total_limit=args.checkpoints_total_limit,
             state={"seed": seed, "configs": adapters.configs_json(configs), "num_processes": accelerator.num_processes,
                    "samples_per_step": samples_per_step},
@@ -285,6 +287,8 @@ def train(args) -> int:
                                  batch_size=args.num_validation_images, autocast=accelerator.autocast())
         for model in trained:
             model.train()
+        if not main_process:  # a sharded run renders on every process (each forward gathers shards)
+            return []
         if args.report_to == "tensorboard":
             import numpy as np
 
@@ -323,7 +327,8 @@ def train(args) -> int:
     if args.report_to != "none":
         accelerator.init_trackers("dreambooth", config={k: v for k, v in training.items() if v is not None})
     accelerator.print(f"training {adapters.describe(controllers)}; {max_steps} steps of {samples_per_step} samples "
-                      f"on {accelerator.num_processes} process(es), seed {seed}")
+                      f"on {accelerator.num_processes} process(es){', sharded (FSDP2)' if sharded else ''}, "
+                      f"seed {seed}")
     for model in trained:
         model.train()
     progress = tqdm(total=max_steps, initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
@@ -352,7 +357,9 @@ def train(args) -> int:
                 accelerator.backward(total)
                 step_loss += float(total.detach()) / args.gradient_accumulation_steps
         if args.max_grad_norm:
-            accelerator.clip_grad_norm_([p for group in groups for p in group["params"]], args.max_grad_norm)
+            # the prepared optimizer's groups: FSDP2 swaps its parameters for the sharded ones
+            accelerator.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                        args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -362,24 +369,28 @@ def train(args) -> int:
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % args.checkpointing_steps == 0:
-            if main_process:
-                written.append(save_checkpoint(global_step))
+            optimizer_state = sharding.optimizer_state(unet_model, optimizer, sharded)
+            with sharding.whole_adapter(controllers):
+                if main_process:
+                    written.append(save_checkpoint(global_step, optimizer_state))
             accelerator.wait_for_everyone()
         if args.validation_prompt and global_step % args.validation_steps == 0 and global_step < max_steps:
-            if main_process:
+            if main_process or sharded:
                 written += validate(global_step)
             accelerator.wait_for_everyone()
     progress.close()
 
     # 5. The adapter file, final validation images, and a summary.
     accelerator.wait_for_everyone()
+    with sharding.whole_adapter(controllers):
+        if main_process:
+            written.insert(0, save_adapter(adapter_file, max_steps))
+    if args.validation_prompt and (main_process or sharded):
+        written += validate(max_steps)
     if main_process:
-        written.insert(0, save_adapter(adapter_file, max_steps))
-        if args.validation_prompt:
-            written += validate(max_steps)
         kept = [p for p in written if p.exists()]
         folders = sorted({str(p.parent) for p in kept if p.suffix == ".png"})
-        trainable = sum(p.numel() for group in groups for p in group["params"])
+        trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
         accelerator.print(
             f"done: {max_steps - start_step} steps in {time.time() - started:.1f}s, {trainable:,} trainable "
             f"parameters ({args.algo}).\nadapter: {kept[0]}\n"

@@ -243,8 +243,8 @@ def checkpoint_kill_writes(folder: Path, kills: int, seed: int = 0, size: int = 
         optimizer.step()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         state = content(step)
-        checkpoint.save(out, step, adapter_state=state, optimizer=optimizer, scheduler=scheduler,
-                        state={"seed": 0}, total_limit=2,
+        checkpoint.save(out, step, adapter_state=state, optimizer_state=optimizer.state_dict(),
+                        scheduler=scheduler, state={"seed": 0}, total_limit=2,
                         extra=lambda f: save_tensors_file(f / "adapter.safetensors", state))
 
     write(1)  # warm-up (imports)

@@ -7,10 +7,11 @@
   held-out denoising loss;
 * :mod:`.checkpoint`: atomic checkpoint folders (adapter, optimizer, scheduler; no RNG state needed);
 * :mod:`.adapters`: attach, read, restore and save the trained adapter with its metadata;
-* :mod:`.images`: generated class images and validation images.
+* :mod:`.images`: generated class images and validation images;
+* :mod:`.sharding`: what a run sharded by accelerate's FSDP2 does differently (gathers, placement, refusals).
 """
 
-from . import adapters, checkpoint, data, images, loss, options
+from . import adapters, checkpoint, data, images, loss, options, sharding
 from .data import TrainingInputError
 
-__all__ = ["TrainingInputError", "adapters", "checkpoint", "data", "images", "loss", "options"]
+__all__ = ["TrainingInputError", "adapters", "checkpoint", "data", "images", "loss", "options", "sharding"]

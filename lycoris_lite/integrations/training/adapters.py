@@ -15,6 +15,7 @@ from ...io.formats import diffusers_format, peft_format
 from ...io.formats.kohya import model_family
 from ...io.metadata import build_metadata
 from ...core.controller import AdapterController, controller_for
+from . import sharding
 
 ADAPTER_NAME = "dreambooth"
 
@@ -89,8 +90,8 @@ def adapter_state(controllers: dict[str, AdapterController]) -> dict[str, torch.
 
 @torch.no_grad()
 def load_adapter_state(controllers: dict[str, AdapterController], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` (from :func:`adapter_state`) into the live adapter; ``ValueError`` unless the
-    names and shapes are exactly the live adapter's."""
+    """Copy ``tensors`` (from :func:`adapter_state`, whole) into the live adapter, a sharded parameter taking
+    its shard; ``ValueError`` unless the names and shapes are exactly the live adapter's."""
     params = adapter_state(controllers)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -102,7 +103,7 @@ def load_adapter_state(controllers: dict[str, AdapterController], tensors: dict[
             raise ValueError(f"the checkpoint's {name} has shape {tuple(tensors[name].shape)}, this run's "
                              f"{tuple(param.shape)}: the adapter settings differ")
     for name, param in params.items():
-        param.copy_(tensors[name])
+        param.copy_(sharding.like(param, tensors[name]))
 
 
 def check_savable(models: dict[str, nn.Module], save_format: str) -> None:

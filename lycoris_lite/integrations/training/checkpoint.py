@@ -3,7 +3,8 @@
 A checkpoint folder holds
 
 * ``adapter_state.safetensors``: every trainable tensor, float32, as ``<component>.<layer>.<key>``;
-* ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt`` with fp16 loss scaling);
+* ``optimizer.pt`` (the optimizer's state dict; a sharded run's whole, keyed by parameter name:
+  :mod:`.sharding`), ``scheduler.pt`` (and ``scaler.pt`` with fp16 loss scaling);
 * ``state.json``: the step, the seed and the adapter configs;
 * whatever ``extra(folder)`` writes (the trainer puts the adapter file there, ready to use).
 
@@ -88,15 +89,15 @@ def _torch_save(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save(output_dir: str | Path, step: int, *, adapter_state: dict[str, torch.Tensor], optimizer, scheduler,
-         scaler=None, state: dict | None = None, extra: Callable[[Path], None] | None = None,
+def save(output_dir: str | Path, step: int, *, adapter_state: dict[str, torch.Tensor], optimizer_state: dict,
+         scheduler, scaler=None, state: dict | None = None, extra: Callable[[Path], None] | None = None,
          total_limit: int | None = None) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically, then keep only the newest ``total_limit``."""
     output_dir = Path(output_dir)
 
     def write(folder: Path) -> None:
         write_state_dict(folder / ADAPTER_STATE, {k: v.detach().float() for k, v in adapter_state.items()})
-        _torch_save(folder / "optimizer.pt", optimizer.state_dict())
+        _torch_save(folder / "optimizer.pt", optimizer_state)
         _torch_save(folder / "scheduler.pt", scheduler.state_dict())
         if scaler is not None:
             _torch_save(folder / "scaler.pt", scaler.state_dict())

@@ -19,6 +19,7 @@ files). How adapters on these modules reach the diffusers modules is :mod:`.proj
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -183,7 +184,8 @@ def _sizes(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     weight = getattr(module, "weight", None)
-    return (weight.shape[0], weight[0].numel()) if weight is not None else (0, 0)
+    # from the shape alone: indexing a sharded (FSDP2) weight would be a collective
+    return (weight.shape[0], math.prod(weight.shape[1:])) if weight is not None else (0, 0)
 
 
 @functools.lru_cache(maxsize=16)
