@@ -166,3 +166,23 @@ def test_every_operator_acts_on_a_conv_channel_axis_as_its_dense_matrix():
             assert relative_error(op.apply(h.movedim(1, -1), transpose).movedim(-1, 1), want) <= 1e-13
             upstream = torch.randn_like(got)
             assert relative_error(torch.autograd.grad(got, h, upstream)[0], torch.autograd.grad(want, h, upstream)[0]) <= 1e-13
+
+
+@pytest.mark.parametrize("algo,layer,options", CASES, ids=IDS)
+def test_gradients_under_bf16_autocast(algo, layer, options):
+    """``--mixed_precision bf16``: a half-precision input (the previous layer's output) under CPU autocast,
+    the adapter in float32. The hand-written backward passes run without autocast; they compute in the
+    adapter's dtype, and every gradient comes back in its tensor's dtype, near the float32 gradients
+    (bf16 keeps 8 bits of mantissa: within 6 % of the largest gradient entry)."""
+    model, x = make(algo, layer, dtype=torch.float32, **options)
+    params = list(model.model[0].adapters["default"].parameters())
+    upstream = torch.randn_like(model(x), generator=torch.Generator().manual_seed(1))
+    exact = torch.autograd.grad(model(x), params, upstream)
+    half = x.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(half)
+    got = torch.autograd.grad(y, params + [half], upstream.to(y.dtype))
+    assert got[-1].dtype == torch.bfloat16
+    for g, want, p in zip(got, exact, params):
+        assert g.dtype == p.dtype == torch.float32
+        assert (g - want).abs().max() <= 0.06 * want.abs().max() + 1e-6, (p.shape, (g - want).abs().max())

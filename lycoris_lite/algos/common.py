@@ -183,8 +183,11 @@ class _FactoredRoute(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, *tensors = ctx.saved_tensors
-        grad_x, grads = _route_backward(ctx.route, x, tensors, grad.contiguous(), ctx.needs_input_grad[1],
-                                        ctx.needs_input_grad[2:])
+        # in the adapter's dtype: under autocast the forward ran in half precision, the backward runs without
+        # autocast (autograd casts ∂x back to x's dtype)
+        dtype = tensors[0].dtype
+        grad_x, grads = _route_backward(ctx.route, x.to(dtype), tensors, grad.to(dtype).contiguous(),
+                                        ctx.needs_input_grad[1], ctx.needs_input_grad[2:])
         return (None, grad_x, *grads)
 
 
@@ -256,17 +259,19 @@ class _FoldedRoute(torch.autograd.Function):
         route, spec = ctx.route, ctx.route.spec
         need_x, need_weight, need_bias = ctx.needs_input_grad[1:4]
         needs = ctx.needs_input_grad[4:]
-        grad = grad.contiguous()
+        # in the adapter's dtype: under autocast the forward ran in half precision, the backward runs without
+        # autocast (autograd casts each gradient back to its input's dtype)
+        dtype = tensors[0].dtype
+        x, grad = x.to(dtype), grad.to(dtype).contiguous()
         grad_x = grad_weight = grad_bias = None
         if need_x or need_weight:
-            grad_x, grad_weight = op_backward(spec, x, _folded_weight(route, weight, tensors) if need_x else weight,
-                                              grad, need_x, need_weight)
+            used = _folded_weight(route, weight, tensors) if need_x else weight
+            grad_x, grad_weight = op_backward(spec, x, used.to(dtype), grad, need_x, need_weight)
         if need_bias:
             grad_bias = grad.sum(tuple(d for d in range(grad.dim()) if d != (1 if spec.is_conv else grad.dim() - 1)))
         grads = [None] * len(tensors)
         if any(needs):
-            dtype = tensors[0].dtype
-            _, grads = _route_backward(route, x.to(dtype), tensors, grad.to(dtype), False, needs)
+            _, grads = _route_backward(route, x, tensors, grad, False, needs)
         return (None, grad_x, grad_weight, grad_bias, *grads)
 
 

@@ -191,6 +191,10 @@ class _OrthogonalOutputRotation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         out, blocks, bias = ctx.saved_tensors
+        # in the blocks' dtype: under autocast the forward ran in half precision, the backward runs without
+        # autocast (autograd casts each gradient back to its input's dtype)
+        grad, out = grad.to(blocks.dtype), out.to(blocks.dtype)
+        bias = None if bias is None else bias.to(blocks.dtype)
         need_v, need_blocks, need_bias = ctx.needs_input_grad
         n, b, _ = blocks.shape
         grad_v = BlockDiagonal(blocks).apply(grad, transpose=True) if need_v else None
