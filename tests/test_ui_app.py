@@ -108,8 +108,9 @@ def test_handlers_directly(served):
     assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8], [2, "tilt", "oft", 0.5, 0.25, 0.5]]
     with pytest.raises(gr.Error, match="twice"):
         h.set_stack(*slots(("tilt", 1.0), ("tilt", 0.5)))
-    gallery, text, status, seed, texts = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
+    gallery, text, status, seed, texts, seeds = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
     assert gallery[0][1] == "seed 3" and gallery[0][0].info["parameters"] == text == texts[0] and seed == 3
+    assert seeds == [3]
     assert text.startswith("a photo of sks dog <lora:watercolor:0.8> <lora:tilt:0.5:0.25>\nSteps: 2, Sampler: DDIM")
     assert "read from disk: watercolor, tilt" in status
     assert "no disk read" in h.generate(*GENERATE, stack, progress=lambda *a, **k: None)[2]
@@ -128,9 +129,10 @@ def test_handlers_directly(served):
     with pytest.raises(gr.Error, match="no adapter named 'gone'"):
         h.set_stack(*slots(("gone", 1.0)))
     assert [row[0] for row in h.library_rows()] == sorted(served.engine.cards)
+    assert h.library_rows()[0][1] == "examples/butterfly.safetensors"
     details = h.details(gr.SelectData(None, {"index": [0, 0], "value": "butterfly", "row_value": ["butterfly"]}))
     assert list(details["algorithms"]) == ["boft"] and details["trigger_words"] == ["butterfly"]
-    assert h.show_parameters(["x", "y"], gr.SelectData(None, {"index": 1, "value": None})) == "y"
+    assert h.select_image(["x", "y"], [5, 6], gr.SelectData(None, {"index": 1, "value": None})) == ("y", 6)
     with pytest.raises(gr.Error, match="Choose a .safetensors file"):
         h.add_adapter(None, "")
 
@@ -191,7 +193,7 @@ def test_cancel_stops_the_running_generation(clients):
     while not (job.status().progress_data and job.status().progress_data[0].desc == "denoising"):
         assert time.time() < deadline and not job.done()
         time.sleep(0.05)
-    assert client.predict(api_name="/cancel") == "Cancelling…"
+    assert re.fullmatch(r"Cancelled \(cancelled after \d+ of 150 steps\)\.", client.predict(api_name="/cancel"))
     assert "Cancelled (cancelled after" in job.result(timeout=30)[2]
 
 
@@ -298,12 +300,54 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed: `make install` installs Debian's "
-                    "chromium with apt-get where it can (root and apt needed); Playwright's own download "
-                    "does not work offline")
-def test_browser_picks_an_adapter_moves_its_slider_and_generates(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's browser tests (a fresh page each)."""
+    if chromium() is None:
+        pytest.skip("Chromium is not installed: `make install` installs Debian's chromium with apt-get where it "
+                    "can (root and apt needed); Playwright's own download does not work offline")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(url)
+    page.wait_for_load_state("load")
+    return page
+
+
+@pytest.fixture
+def page(browser, served):
+    """The served app (3 slots, 64x64, 2 steps) in a fresh page."""
+    opened = open_page(browser, served.url)
+    yield opened
+    opened.close()
+
+
+def pick(page, slot: int, name: str) -> None:
+    box = page.get_by_role("combobox", name=f"Adapter {slot}")
+    box.click()
+    page.locator(f"#{box.get_attribute('aria-controls')}").get_by_role("option", name=name, exact=True).click()
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def toast(page, text: str):
+    return page.get_by_test_id("toast-text").filter(has_text=text).first
+
+
+def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_path, monkeypatch):
     """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo, url = app.main(["--adapters", str(tmp_path / "adapters"), "--port", str(free_port()), "--slots", "2"],
@@ -311,32 +355,166 @@ def test_browser_picks_an_adapter_moves_its_slider_and_generates(tmp_path, monke
     try:
         assert url.startswith("http://127.0.0.1:")
         assert (tmp_path / "adapters" / "examples" / "watercolor.safetensors").is_file()
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(url)
-            page.wait_for_load_state("load")
-            page.get_by_role("combobox", name="Adapter 1").click()
-            page.get_by_role("option", name="watercolor").click()
-            slider = page.get_by_label("range slider for Weight 1")
-            slider.focus()
-            for _ in range(6):
-                slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
-            expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
-            expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
-            steps = page.get_by_label("number input for Steps")
-            steps.fill("2")
-            steps.press("Enter")
-            page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
-            page.get_by_role("button", name="Generate").click()
-            expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
-            expect(page.locator("#parameters textarea")).to_have_value(
-                re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
-            browser.close()
+        page = open_page(browser, url)
+        pick(page, 1, "watercolor")
+        slider = page.get_by_label("range slider for Weight 1")
+        slider.focus()
+        for _ in range(6):
+            slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
+        expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
+        expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
+        set_number(page, "Steps", 2)
+        page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
+        expect(page.locator("#parameters textarea")).to_have_value(
+            re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+        page.close()
     finally:
         demo.close()
+
+
+def test_browser_split_weights_panel_keeps_the_slot_weight(page):
+    """Opening "Separate UNet / text-encoder weights" changes nothing: its fields stay empty (the slot's
+    weight) and the next Generate uses the stack; a value typed there shows in the stack order."""
+    from playwright.sync_api import expect
+
+    pick(page, 1, "watercolor")
+    order = page.locator("#stack-order")
+    expect(order).to_contain_text("watercolor")
+    page.get_by_text("Separate UNet / text-encoder weights").click()
+    unet = page.get_by_label("UNet weight 1")
+    expect(unet).to_have_value("")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:watercolor:1>\nSteps"),
+                                                               timeout=60_000)
+    unet.fill("0.25")
+    unet.blur()
+    expect(order.locator("tbody tr").first).to_contain_text("0.25")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:watercolor:1:0\.25>\nSteps"),
+                                                               timeout=60_000)
+
+
+def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, served, tmp_path):
+    """A bad tag, a tag in the negative prompt, a bad split weight and a refused upload: each toast shows
+    the whole message, tags included, and the gallery, stack table and library keep their contents (no
+    "Error" overlay)."""
+    from playwright.sync_api import expect
+
+    prompt, negative = page.get_by_label("Prompt", exact=True), page.get_by_label("Negative prompt")
+    gallery = page.locator("#result-gallery")
+    page.get_by_role("button", name="Generate").click()
+    expect(gallery.locator("img").first).to_be_visible(timeout=60_000)
+    for text, where, message in [
+        ("a <lora:watercolor:abc> dog", prompt, "a weight in <lora:watercolor:abc> must be a number, got 'abc'"),
+        ("a <lora:watercolor:1:2:3> dog", prompt, "<lora:watercolor:1:2:3>: at most two weights"),
+        ("<lora:tilt:1>", negative, "<lora:…> tags work in the prompt only, not in the negative prompt"),
+    ]:
+        prompt.fill("")
+        where.fill(text)
+        page.get_by_role("button", name="Generate").click()
+        expect(toast(page, message)).to_be_visible(timeout=30_000)
+        expect(gallery).not_to_contain_text("Error")
+        expect(gallery.locator("img").first).to_be_visible()
+        negative.fill("")
+    pick(page, 1, "tilt")
+    page.get_by_text("Separate UNet / text-encoder weights").click()
+    page.get_by_label("UNet weight 1").fill("abc")
+    page.get_by_label("UNet weight 1").blur()
+    expect(toast(page, "the UNet weight of tilt must be a number, got 'abc'")).to_be_visible(timeout=30_000)
+    expect(page.locator("#stack-order")).not_to_contain_text("Error")
+    expect(page.locator("#stack-order")).to_contain_text("tilt")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((served.folder / "examples" / "tilt.safetensors").read_bytes()[:3000])
+    page.locator("#upload input[type=file]").set_input_files(str(corrupt))
+    page.get_by_role("button", name="Add to library").click()
+    expect(toast(page, "truncated")).to_be_visible(timeout=30_000)
+    library = page.locator("#library")
+    expect(library).not_to_contain_text("Error")
+    expect(library).to_contain_text("watercolor")
+
+
+def test_browser_cancel_confirms_in_the_page(page):
+    """Cancel answers once the generation has stopped, instead of staying on "Cancelling…"."""
+    from playwright.sync_api import expect
+
+    set_number(page, "Steps", 150)
+    set_number(page, "Images", 8)
+    for side in ("Width", "Height"):  # slow steps: Gradio drops the answer of a generation it cancels mid-step
+        set_number(page, side, 512)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#result-gallery")).to_contain_text("denoising", timeout=30_000)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#message")).to_have_text(re.compile(r"^\s*Cancelled \(cancelled after \d+ of 1200 steps\)\.\s*$"),
+                                                  timeout=30_000)
+
+
+def test_browser_status_is_fresh_and_reuse_takes_the_selected_seed(page, served):
+    """The status line is right as the page loads (not after the first 3 s timer tick); "Reuse last"
+    takes the seed of the image selected in the gallery."""
+    from playwright.sync_api import expect
+
+    served.engine.apply([webui.StackEntry("mirror")])
+    page.reload()
+    expect(page.locator("#status")).to_contain_text("attached adapters 1/8: mirror", timeout=2_000)
+    page.get_by_label("Seed", exact=True).fill("5")
+    set_number(page, "Images", 2)
+    page.get_by_role("button", name="Generate").click()
+    second = page.locator("#result-gallery").get_by_role("button", name="Thumbnail 2 of 2")
+    expect(second).to_be_visible(timeout=60_000)
+    second.click()
+    page.get_by_role("button", name="Reuse last").click()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("6")
+
+
+def test_browser_adapters_sharing_a_file_name_are_both_usable(page, served):
+    """``examples/tilt`` and ``more/tilt``: after Rescan the library lists both with their files, and both
+    go into the stack under those names."""
+    from playwright.sync_api import expect
+
+    (served.folder / "more").mkdir()
+    shutil.copyfile(served.folder / "examples" / "tilt.safetensors", served.folder / "more" / "tilt.safetensors")
+    try:
+        page.get_by_role("button", name="Rescan folder").click()
+        rows = page.locator("#library").get_by_role("row")
+        for name in ("examples/tilt", "more/tilt"):
+            expect(rows.filter(has_text=f"{name} {name}.safetensors oft").filter(has_text="usable")).to_have_count(1)
+        pick(page, 1, "examples/tilt")
+        pick(page, 2, "more/tilt")
+        rows = page.locator("#stack-order").get_by_role("row")
+        expect(rows.nth(1)).to_contain_text("1 examples/tilt oft")
+        expect(rows.nth(2)).to_contain_text("2 more/tilt oft")
+    finally:
+        shutil.rmtree(served.folder / "more")
+        served.engine.rescan()
+
+
+def test_browser_upload_message_sits_by_the_upload_and_names_are_not_clipped(page, served, tmp_path):
+    """"Added …" appears next to the upload box; a long file name and the chosen adapter are shown whole."""
+    from playwright.sync_api import expect
+
+    long_name = tmp_path / "a_rather_long_adapter_file_name_v2_final.safetensors"
+    shutil.copyfile(served.folder / "examples" / "tilt.safetensors", long_name)
+    page.locator("#upload input[type=file]").set_input_files(str(long_name))
+    stem = page.locator("#upload .filename .stem")
+    expect(stem).to_have_text(long_name.stem)
+    assert stem.evaluate("e => e.scrollWidth <= e.clientWidth")
+    try:
+        page.get_by_role("button", name="Add to library").click()
+        added = page.locator("#upload-message")
+        expect(added).to_contain_text(f"Added {long_name.stem}", timeout=30_000)
+        upload_box, message_box = page.locator("#upload").bounding_box(), added.bounding_box()
+        assert abs(message_box["y"] - upload_box["y"]) < upload_box["height"] + 100
+        pick(page, 1, long_name.stem)
+        chosen = page.get_by_role("combobox", name="Adapter 1")
+        expect(chosen).to_have_value(long_name.stem)
+        assert chosen.evaluate("e => e.scrollWidth <= e.clientWidth")
+    finally:
+        (served.folder / long_name.name).unlink(missing_ok=True)
+        served.engine.rescan()
 
 
 def test_notes_keep_their_tags_as_text():

@@ -167,6 +167,46 @@ def test_library_reads_subfolders_but_not_checkpoints(engine, folder):
         shutil.rmtree(trained)
 
 
+def test_adapters_sharing_a_file_name_are_named_by_their_paths(engine, folder):
+    """Two ``style.safetensors`` in different subfolders: each is named by its path (``a/style``), both
+    usable; a root file keeps its stem; the bare stem names no adapter and the error lists the paths."""
+    (folder / "a").mkdir()
+    (folder / "b.v2").mkdir()
+    try:
+        for where in ("a/style", "b.v2/style", "a/tilt"):
+            shutil.copyfile(folder / "watercolor.safetensors" if "style" in where else folder / "tilt.safetensors",
+                            folder / f"{where}.safetensors")
+        cards = {c.name: c for c in engine.rescan()}
+        assert {"a/style", "b_v2/style", "tilt", "a/tilt"} <= set(cards) and "style" not in cards
+        assert all(cards[n].usable for n in ("a/style", "b_v2/style", "tilt", "a/tilt"))
+        assert cards["b_v2/style"].location == "b.v2/style.safetensors" and cards["tilt"].location == "tilt.safetensors"
+        with pytest.raises(ValueError, match="several adapters have that file name; use one of a/style, b_v2/style"):
+            engine.card("style")
+        same = [pixels(engine.generate(settings(prompt=f"a photo <lora:{n}:0.8>"), []))[0] for n in ("a/tilt", "tilt")]
+        assert np.array_equal(*same)  # the same bytes under two names
+        assert [c.name for c in engine.rescan()] == list(cards)  # stable from one scan to the next
+    finally:
+        shutil.rmtree(folder / "a")
+        shutil.rmtree(folder / "b.v2")
+
+
+def test_waiting_is_reported_only_while_another_generation_holds_the_pipeline(engine):
+    phases = []
+    engine.generate(settings(), [StackEntry("watercolor")], on_step=lambda done, total, what: phases.append(what))
+    assert phases[:3] == ["applying the stack", "encoding the prompt", "denoising"]
+    phases.clear()
+    with engine.lock:
+        worker = threading.Thread(target=engine.generate, args=(settings(), []),
+                                  kwargs={"on_step": lambda done, total, what: phases.append(what)})
+        worker.start()
+        deadline = time.time() + 30
+        while not phases and time.time() < deadline:
+            time.sleep(0.01)
+        assert phases == ["waiting for the pipeline"]
+    worker.join(60)
+    assert phases[:3] == ["waiting for the pipeline", "applying the stack", "encoding the prompt"]
+
+
 def sdxl_file(path):
     pipe = build_tiny_sdxl_pipeline()
     for component in ("unet", "text_encoder", "text_encoder_2"):

@@ -30,9 +30,11 @@ from lycoris_lite.integrations import webui
 from lycoris_lite.base.dtypes import DTYPES  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
-LIBRARY_HEADERS = ["adapter", "algorithm", "rank", "family", "trigger words", "size", "status"]
+LIBRARY_HEADERS = ["adapter", "file", "algorithm", "rank", "family", "trigger words", "size", "status"]
 STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "UNet", "text encoder"]
 USER_ERRORS = (ValueError, OSError)  # the library's errors about the user's input (bad files included)
+CANCEL_WAIT = 30.0  # seconds Cancel waits for the generation to stop before it answers
+PAGE_SCRIPT = Path(__file__).with_name("plain_toasts.js")  # toasts show messages as text (see the file)
 
 
 def _session(request: gr.Request | None) -> str:
@@ -51,7 +53,7 @@ class Handlers:
 
     # ---- library ----------------------------------------------------------------------------------
     def library_rows(self) -> list[list]:
-        return [[c.name, c.algorithm or "", c.rank or "", c.family or "unknown", ", ".join(c.trigger_words),
+        return [[c.name, c.location, c.algorithm or "", c.rank or "", c.family or "unknown", ", ".join(c.trigger_words),
                  f"{c.size_bytes / 2**20:.2f} MiB", "usable" if c.usable else f"not usable: {c.problem}"]
                 for c in self.engine.cards.values()]
 
@@ -84,14 +86,16 @@ class Handlers:
 
     # ---- the session's stack ----------------------------------------------------------------------
     def set_stack(self, *values):
-        """``values``: per slot (on, adapter, weight, UNet weight or None, text-encoder weight or None)."""
+        """``values``: per slot (on, adapter, weight, UNet weight, text-encoder weight); an empty UNet or
+        text-encoder weight (``None`` or blank text) means the slot's weight."""
         stack = []
         for i in range(0, len(values), 5):
             on, name, weight, unet, te = values[i:i + 5]
             if name:
                 with _user_errors():
                     self.engine.card(name)
-                    stack.append(webui.StackEntry(name, weight, unet=unet, text_encoder=te, enabled=on))
+                    stack.append(webui.StackEntry(name, weight, unet=_blank_is_none(unet),
+                                                  text_encoder=_blank_is_none(te), enabled=on))
         with _user_errors():
             applied = webui.effective_stack(stack, [])
         cards = self.engine.cards
@@ -112,7 +116,7 @@ class Handlers:
                                                     height, count, sampler)
                 result = self.engine.generate(settings, stack or [], session=_session(request), on_step=on_step)
         except webui.GenerationCancelled as exc:
-            return gr.skip(), gr.skip(), f"Cancelled ({exc}).", gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), f"Cancelled ({exc}).", gr.skip(), gr.skip(), gr.skip()
         read = (f"read from disk: {', '.join(result.loaded_from_disk)}" if result.loaded_from_disk
                 else "no disk read")
         status = (f"{len(result.images)} image(s) in {time.perf_counter() - start:.1f} s · "
@@ -120,13 +124,19 @@ class Handlers:
                   f"switched in {result.switch_seconds * 1000:.0f} ms ({read})")
         status += notes_markdown(result.notes)
         gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds)]
-        return gallery, result.parameters[0], status, result.seeds[0], result.parameters
+        return gallery, result.parameters[0], status, result.seeds[0], result.parameters, result.seeds
 
     def cancel(self, request: gr.Request = None):
-        return "Cancelling…" if self.engine.cancel(_session(request)) else "Nothing to cancel."
+        """Stop the session's generation and answer once it has stopped, as the generation itself does
+        (the page may drop the cancelled generation's own answer)."""
+        outcome = self.engine.cancel(_session(request), wait=CANCEL_WAIT)
+        return "Nothing to cancel." if outcome is None else f"Cancelled ({outcome})."
 
-    def show_parameters(self, texts, evt: gr.SelectData):
-        return texts[evt.index] if texts and 0 <= evt.index < len(texts) else ""
+    def select_image(self, texts, seeds, evt: gr.SelectData):
+        """The selected image's parameters text and seed ("Reuse last" then takes that seed)."""
+        if not texts or not 0 <= evt.index < len(texts):
+            return "", gr.skip()
+        return texts[evt.index], seeds[evt.index]
 
     # ---- global actions ---------------------------------------------------------------------------
     def fuse(self, stack):
@@ -154,6 +164,19 @@ class Handlers:
         return line
 
 
+def _blank_is_none(value):
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def _keep_outputs_on_error(event, outputs: list) -> None:
+    """When ``event`` fails its outputs keep their values: Gradio covers them with an "Error" overlay
+    until another event updates them, so an update that changes nothing follows the failure (the toast
+    tells the user what went wrong)."""
+    unchanged = gr.skip() if len(outputs) == 1 else (gr.skip(),) * len(outputs)
+    event.failure(lambda: unchanged, None, outputs, api_visibility="private",
+                  concurrency_limit=None, show_progress="hidden")
+
+
 def notes_markdown(notes) -> str:
     """The engine's notes as Markdown paragraphs, ``<`` and ``&`` escaped: a ``<lora:name:w>`` tag in a note
     would otherwise render as an autolink, brackets gone."""
@@ -178,8 +201,8 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
     free = {"concurrency_limit": None}
     private = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
     with gr.Blocks(title="lycoris-lite", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
-        stack, last_seed, texts, seen = gr.State([]), gr.State(-1), gr.State([]), gr.State(-1)
-        status = gr.Markdown(h.status(), elem_id="status")
+        stack, last_seed, texts, seeds, seen = gr.State([]), gr.State(-1), gr.State([]), gr.State([]), gr.State(-1)
+        status = gr.Markdown(h.status, elem_id="status")  # a callable: fresh on every page load
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -207,19 +230,22 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                             "`<lora:name:w>` or `<lora:name:te:unet>` in the prompt adds to it.")
                 rows, splits = [], []
                 for i in range(1, slots + 1):
-                    with gr.Row(equal_height=True):
-                        rows.append((gr.Checkbox(True, label=f"On {i}", scale=0, min_width=80),
-                                     gr.Dropdown(engine.usable_names(), value=None, label=f"Adapter {i}", scale=2,
-                                                 allow_custom_value=True),
-                                     gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Weight {i}", scale=3)))
+                    with gr.Group():  # the adapter's name gets the whole width: long names stay readable
+                        name = gr.Dropdown(engine.usable_names(), value=None, label=f"Adapter {i}",
+                                           allow_custom_value=True)
+                        with gr.Row(equal_height=True):
+                            on = gr.Checkbox(True, label=f"On {i}", scale=0, min_width=80)
+                            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Weight {i}", scale=1)
+                        rows.append((on, name, weight))
                 with gr.Accordion("Separate UNet / text-encoder weights (empty: the slot's weight)", open=False):
                     for i in range(1, slots + 1):
-                        with gr.Row():
-                            splits.append((gr.Number(None, label=f"UNet weight {i}"),
-                                           gr.Number(None, label=f"Text-encoder weight {i}")))
+                        with gr.Row():  # text, not gr.Number: a Number sends 0 for an empty field
+                            splits.append((gr.Textbox(label=f"UNet weight {i}", placeholder="the slot's weight"),
+                                           gr.Textbox(label=f"Text-encoder weight {i}",
+                                                      placeholder="the slot's weight")))
                 slot_inputs = [c for row, split in zip(rows, splits) for c in (*row, *split)]
                 slot_names = [row[1] for row in rows]
-                order = gr.Dataframe(headers=STACK_HEADERS, label="Stack order", interactive=False)
+                order = gr.Dataframe(headers=STACK_HEADERS, label="Stack order", interactive=False, elem_id="stack-order")
                 with gr.Row():
                     fuse = gr.Button("Fuse stack")
                     unfuse = gr.Button("Unfuse")
@@ -230,32 +256,44 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                 parameters = gr.Textbox(label="Parameters (PNG text)", lines=4, elem_id="parameters")
                 message = gr.Markdown(elem_id="message")
         with gr.Accordion("Adapter library", open=True):
-            library = gr.Dataframe(h.library_rows(), headers=LIBRARY_HEADERS, interactive=False, label="Adapters")
+            library = gr.Dataframe(h.library_rows(), headers=LIBRARY_HEADERS, interactive=False, label="Adapters",
+                                   elem_id="library")
             with gr.Row():
-                rescan = gr.Button("Rescan folder")
-                upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"], type="filepath")
-                save_as = gr.Textbox(label="Save as", placeholder="name.safetensors (default: the file's name)")
-                add = gr.Button("Add to library")
+                upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"], type="filepath",
+                                 scale=2, min_width=320, elem_id="upload")
+                with gr.Column(scale=1, min_width=280):
+                    save_as = gr.Textbox(label="Save as", placeholder="name.safetensors", elem_id="save-as",
+                                         info="empty: the uploaded file's name")
+                    add = gr.Button("Add to library", variant="primary")
+                    upload_message = gr.Markdown(elem_id="upload-message")
+                    rescan = gr.Button("Rescan folder")
             details = gr.JSON(label="Metadata")
 
-        gr.on([c.change for c in slot_inputs], h.set_stack, slot_inputs, [stack, order], api_name="set_stack",
-              trigger_mode="always_last", **free)
-        generation = run.click(h.set_stack, slot_inputs, [stack, order], **private).success(
+        set_stack = gr.on([c.change for c in slot_inputs], h.set_stack, slot_inputs, [stack, order],
+                          api_name="set_stack", trigger_mode="always_last", **free)
+        read_stack = run.click(h.set_stack, slot_inputs, [stack, order], **private)
+        generation = read_stack.success(
             h.generate, [prompt, negative, seed, n_steps, guidance, width, height, count, sampler, stack],
-            [gallery, parameters, message, last_seed, texts], api_name="generate", **gpu)
+            [gallery, parameters, message, last_seed, texts, seeds], api_name="generate", **gpu)
         generation.then(h.status, None, status, **private)
         stop.click(h.cancel, None, message, cancels=[generation], api_name="cancel", **free)
         randomise.click(lambda: -1, None, seed, **private)
         reuse.click(lambda s: s, last_seed, seed, **private)
-        gallery.select(h.show_parameters, texts, parameters, **private)
-        fuse.click(h.set_stack, slot_inputs, [stack, order], **private).success(h.fuse, stack, status,
-                                                                                 api_name="fuse", **gpu)
-        unfuse.click(h.unfuse, None, status, api_name="unfuse", **gpu)
-        unload.click(h.unload_all, None, status, api_name="unload", **gpu)
+        gallery.select(h.select_image, [texts, seeds], [parameters, last_seed], **private)
+        read_for_fuse = fuse.click(h.set_stack, slot_inputs, [stack, order], **private)
+        fusing = read_for_fuse.success(h.fuse, stack, status, api_name="fuse", **gpu)
+        unfusing = unfuse.click(h.unfuse, None, status, api_name="unfuse", **gpu)
+        unloading = unload.click(h.unload_all, None, status, api_name="unload", **gpu)
         refresh = ([seen, *slot_names], [seen, library, *slot_names])
-        rescan.click(h.rescan, None, library, api_name="rescan", **gpu).success(h.refresh, *refresh, **private)
-        add.click(h.add_adapter, [upload, save_as], [message, library], api_name="add_adapter", **gpu).success(
-            h.refresh, *refresh, **private)
+        rescanning = rescan.click(h.rescan, None, library, api_name="rescan", **gpu)
+        rescanning.success(h.refresh, *refresh, **private)
+        adding = add.click(h.add_adapter, [upload, save_as], [upload_message, library], api_name="add_adapter", **gpu)
+        adding.success(h.refresh, *refresh, **private)
+        for event, outputs in ((set_stack, [order]), (read_stack, [order]), (read_for_fuse, [order]),
+                               (generation, [gallery, parameters, message]), (fusing, [status]),
+                               (unfusing, [status]), (unloading, [status]), (rescanning, [library]),
+                               (adding, [upload_message, library])):
+            _keep_outputs_on_error(event, outputs)
         library.select(h.details, None, details, **private)
         demo.load(h.refresh, *refresh, **private)
         timer = gr.Timer(3)
@@ -273,6 +311,7 @@ def launch(demo: gr.Blocks, engine: webui.SharedPipeline, *, host: str = "127.0.
     return demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=max_upload_bytes,
                        blocked_paths=[str(engine.library.folder)], enable_monitoring=False, mcp_server=False,
                        footer_links=["gradio", "settings"], ssr_mode=False, strict_cors=True, quiet=quiet,
+                       head=f"<script>{PAGE_SCRIPT.read_text()}</script>",
                        show_error=show_error, prevent_thread_lock=prevent_thread_lock)
 
 

@@ -36,6 +36,15 @@ from .tags import StackEntry, effective_stack, format_parameters, has_tags, pars
 from .values import finite
 
 
+class _Job:
+    """One session's generation: ``cancelled`` is set by :meth:`SharedPipeline.cancel`, ``finished`` once
+    it has stopped; ``outcome`` says how a cancelled one stopped."""
+
+    def __init__(self):
+        self.cancelled, self.finished = threading.Event(), threading.Event()
+        self.outcome = "still stopping"
+
+
 class SharedPipeline:
     """One diffusers pipeline shared by every session; see the module docstring.
 
@@ -152,6 +161,10 @@ class SharedPipeline:
         """The usable library card called ``name``, or ``ValueError`` saying why not."""
         card = self._cards.get(name)
         if card is None:
+            same_stem = [n for n in self._cards if n.endswith(f"/{name}")]
+            if same_stem:
+                raise ValueError(f"no adapter named {name!r}: several adapters have that file name; use one of "
+                                 f"{', '.join(same_stem)}")
             raise ValueError(f"no adapter named {name!r} in the library ({', '.join(self._cards) or 'empty'})")
         if not card.usable:
             raise ValueError(f"adapter {name!r} cannot be used: {card.problem}")
@@ -231,21 +244,26 @@ class SharedPipeline:
         """Images for one session: waits for the lock, brings the pipeline to ``stack`` plus the prompt's
         tags (or uses the fused stack), then renders ``settings.count`` images, image ``i`` with seed
         ``seed + i`` in its own call so each one is reproducible alone. ``on_step(done, total, what)``
-        follows the denoising steps; :meth:`cancel` for ``session`` stops it (``GenerationCancelled``)."""
+        follows it ("waiting for the pipeline" only while another generation holds it, then the stack, the
+        prompt and each denoising step); :meth:`cancel` for ``session`` stops it (``GenerationCancelled``)."""
         settings.check()
         prompt, tags = parse_prompt(settings.prompt)
         if has_tags(settings.negative_prompt):
             raise ValueError("<lora:…> tags work in the prompt only, not in the negative prompt")
-        token = threading.Event()
-        self._cancel[session] = token
+        job = _Job()
+        self._cancel[session] = job
+        token = job.cancelled
         total = settings.steps * settings.count
         report = on_step or (lambda done, total, what: None)
-        report(0, total, "waiting for the pipeline")
         try:
-            with self.lock:
+            if not self.lock.acquire(blocking=False):
+                report(0, total, "waiting for the pipeline")  # only while another generation holds it
+                self.lock.acquire()
+            try:
                 if token.is_set():
                     raise GenerationCancelled("cancelled before it started")
                 notes = []
+                report(0, total, "applying the stack")
                 start = time.perf_counter()
                 if self._fused is not None:
                     applied, read, fused = list(self._fused), [], True
@@ -256,6 +274,7 @@ class SharedPipeline:
                     applied, read = self.apply(effective_stack(stack, tags))
                     fused = False
                 switch_seconds = time.perf_counter() - start
+                report(0, total, "encoding the prompt")
                 scheduler, sampler = self._scheduler(settings.scheduler)
                 self.pipe.scheduler = scheduler
                 seed = settings.seed if settings.seed >= 0 else random.SystemRandom().randrange(MAX_SEED - 8)
@@ -286,17 +305,27 @@ class SharedPipeline:
                     texts.append(text)
                     seeds.append(image_seed)
                 return GenerationResult(images, texts, seeds, applied, fused, read, switch_seconds, notes)
+            finally:
+                self.lock.release()
+        except GenerationCancelled as exc:
+            job.outcome = str(exc)
+            raise
         finally:
-            if self._cancel.get(session) is token:
+            if self._cancel.get(session) is job:
                 del self._cancel[session]
+            job.finished.set()
 
-    def cancel(self, session: str = "default") -> bool:
-        """Stop ``session``'s generation (running or waiting); ``False`` when it has none."""
-        token = self._cancel.get(session)
-        if token is None:
-            return False
-        token.set()
-        return True
+    def cancel(self, session: str = "default", *, wait: float = 0.0) -> str | None:
+        """Stop ``session``'s generation (running or waiting for the pipeline); ``None`` when it has
+        none. Waits up to ``wait`` seconds for it to stop and says how it stopped (``"cancelled after 3
+        of 20 steps"``; ``"still stopping"`` when the time ran out, ``"finished"`` when it ended first)."""
+        job = self._cancel.get(session)
+        if job is None:
+            return None
+        job.cancelled.set()
+        if job.finished.wait(wait) and job.outcome == "still stopping":
+            job.outcome = "finished"
+        return job.outcome
 
     # ---- global actions ---------------------------------------------------------------------------
     def fuse(self, stack: list[StackEntry]) -> list[StackEntry]:

@@ -12,7 +12,8 @@ import hashlib
 import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +64,13 @@ def adapter_name(path: Path) -> str:
     return (path.name if path.is_dir() else path.stem).replace(".", "_")
 
 
+def _path_name(path: Path, folder: Path) -> str:
+    """The name of an adapter whose stem another adapter of the library shares: its path under ``folder``
+    without the suffix (``sub/tilt``), dots as ``_``."""
+    parents = path.relative_to(folder).parts[:-1]
+    return "/".join([*(part.replace(".", "_") for part in parents), adapter_name(path)])
+
+
 def _is_adapter_folder(path: Path) -> bool:
     return any((path / p).is_file() for p in ("adapter_config.json", "pytorch_lora_weights.safetensors")) or any(
         (path / c / "adapter_config.json").is_file() for c in files.COMPONENTS)
@@ -90,6 +98,7 @@ class AdapterCard:
     metadata: dict = field(default_factory=dict)
     shorthash: str | None = None
     problem: str | None = None        # unreadable, pickle, duplicate name, or does not fit the model
+    location: str = ""                # the path under the library's folder (``sub/tilt.safetensors``)
 
     @property
     def usable(self) -> bool:
@@ -97,7 +106,7 @@ class AdapterCard:
 
     def details(self) -> dict:
         """The card as JSON-ready data (the metadata panel)."""
-        return {"name": self.name, "file": self.path.name, "format": self.format, "algorithms": self.algorithms,
+        return {"name": self.name, "file": self.location or self.path.name, "format": self.format, "algorithms": self.algorithms,
                 "rank": self.rank, "family": self.family, "trigger_words": self.trigger_words,
                 "hash": self.shorthash, "size_bytes": self.size_bytes, "problem": self.problem,
                 "metadata": self.metadata}
@@ -162,15 +171,23 @@ class AdapterLibrary:
         return found
 
     def scan(self) -> list[AdapterCard]:
+        """The cards, in folder order. An adapter goes by its stem, or by its path under the folder
+        (``sub/tilt``) when another adapter has the same stem, so every name is unique and stays the same
+        from one scan to the next; the rare names that still collide are marked unusable."""
         cards, seen = [], set()
         cache = {}
-        for path in self.entries():
+        entries = self.entries()
+        stems = Counter(adapter_name(path) for path in entries)
+        for path in entries:
             card = self._cache.get(path)
             if card is None or card.stamp != _stamp(path):
                 card = read_card(path)
             cache[path] = card
+            name = card.name if stems[card.name] == 1 else _path_name(path, self.folder)
+            card = replace(card, name=name, location=path.relative_to(self.folder).as_posix())
             if card.name in seen:
-                card = AdapterCard(card.name, path, card.stamp, problem=f"another adapter is named {card.name!r}")
+                card = AdapterCard(card.name, path, card.stamp, problem=f"another adapter is named {card.name!r}",
+                                   location=card.location)
             seen.add(card.name)
             cards.append(card)
         self._cache = cache
