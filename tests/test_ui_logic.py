@@ -401,7 +401,11 @@ def test_uploads_are_validated_before_anything_is_saved(engine, folder, tmp_path
     save_file(state, tmp_path / "nan.safetensors")
     refused(tmp_path / "nan.safetensors", None, "NaN")
     refused(sdxl_file(tmp_path / "xl.safetensors"), None, "SDXL")
-    card = engine.add_upload(source, "my copy.safetensors", max_bytes=2**20)
+    refused(source, "dup.safetensors", r"already in the library as watercolor \(watercolor.safetensors\)")
+    state = load_file(source)
+    state[key] = state[key] * 1.5
+    save_file(state, tmp_path / "changed.safetensors")
+    card = engine.add_upload(tmp_path / "changed.safetensors", "my copy.safetensors", max_bytes=2**20)
     try:
         assert card.name == "my_copy" and card.usable and (folder / "my_copy.safetensors").is_file()
         assert "my_copy" in engine.usable_names()

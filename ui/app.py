@@ -1,13 +1,15 @@
 """lycoris-lite web UI: load, scale, stack, fuse and unload adapters on a diffusers pipeline.
 
     python ui/app.py [--model tiny-sd|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
-                     [--auth USER:PASSWORD] [--share] [--max-upload-mb 512] [--max-loaded 8] [--slots 4]
+                     [--auth USER:PASSWORD ...] [--admin USER ...] [--allow-anonymous] [--share]
+                     [--max-upload-mb 512] [--upload-quota-mb 2048] [--max-loaded 8] [--slots 4]
                      [--device cuda] [--dtype float16|bfloat16|float32]
 
 A Gradio page over :mod:`lycoris_lite.integrations.webui`, which does the work: the adapter library, the shared
 pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
 ``gr.State``; every event that touches the pipeline shares one queue slot (``concurrency_id="gpu"``) and
-the library's lock. With no arguments it opens the embedded tiny model and ``outputs/demo`` (where
+the library's lock. On a shared server, :class:`webui.Accounts` checks logins (rate-limited) and
+limits what changes everyone's pipeline or folder to the admins. With no arguments it opens the embedded tiny model and ``outputs/demo`` (where
 ``make demo`` trains one adapter per algorithm; an empty one gets example adapters in ``examples/``).
 """
 
@@ -37,8 +39,15 @@ CANCEL_WAIT = 30.0  # seconds Cancel waits for the generation to stop before it 
 PAGE_SCRIPT = Path(__file__).with_name("plain_toasts.js")  # toasts show messages as text (see the file)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
+
+
+def _username(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None)
 
 
 def _stack_line(stack) -> str:
@@ -48,8 +57,23 @@ def _stack_line(stack) -> str:
 class Handlers:
     """The page's event handlers: Gradio values in, Gradio values out, the work in ``engine``."""
 
-    def __init__(self, engine: webui.SharedPipeline, max_upload_bytes: int):
+    def __init__(self, engine: webui.SharedPipeline, max_upload_bytes: int, accounts: webui.Accounts | None = None,
+                 quota: webui.UploadQuota | None = None):
         self.engine, self.max_upload_bytes = engine, max_upload_bytes
+        self.accounts, self.quota = accounts, quota
+
+    # ---- who may ----------------------------------------------------------------------------------
+    def is_admin(self, request: gr.Request | None) -> bool:
+        return self.accounts is None or self.accounts.is_admin(_username(request))
+
+    def _require_admin(self, request: gr.Request | None, action: str) -> None:
+        if not self.is_admin(request):
+            raise gr.Error(f"{action} changes the server for everyone: only its admins ("
+                           f"{', '.join(sorted(self.accounts.admins))}) may do it", print_exception=False)
+
+    def permissions(self, request: gr.Request = None):
+        """Per page load: the buttons that change the server for everyone, enabled for admins only."""
+        return (gr.update(interactive=self.is_admin(request)),) * len(ADMIN_ACTIONS)
 
     # ---- library ----------------------------------------------------------------------------------
     def library_rows(self) -> list[list]:
@@ -57,7 +81,8 @@ class Handlers:
                  f"{c.size_bytes / 2**20:.2f} MiB", "usable" if c.usable else f"not usable: {c.problem}"]
                 for c in self.engine.cards.values()]
 
-    def rescan(self):
+    def rescan(self, request: gr.Request = None):
+        self._require_admin(request, "Rescan")
         with _user_errors():
             self.engine.rescan()
         return self.library_rows()
@@ -72,12 +97,19 @@ class Handlers:
         return (version, self.library_rows(),
                 *[gr.Dropdown(choices=usable, value=n if n in usable else None) for n in names])
 
-    def add_adapter(self, file, save_as):
+    def add_adapter(self, file, save_as, request: gr.Request = None):
+        self._require_admin(request, "Adding an adapter")
         if not file:
             raise gr.Error("Choose a .safetensors file first.", print_exception=False)
+        who = _username(request) or _session(request)
         with _user_errors():
+            size = Path(file).stat().st_size
+            if self.quota is not None:
+                self.quota.check(who, size)
             card = self.engine.add_upload(file, (save_as or "").strip() or Path(file).name,
                                           max_bytes=self.max_upload_bytes)
+        if self.quota is not None:
+            self.quota.add(who, size)
         return f"Added **{card.name}** ({card.algorithm}, {card.rank}).", self.library_rows()
 
     def details(self, evt: gr.SelectData):
@@ -139,25 +171,30 @@ class Handlers:
         return texts[evt.index], seeds[evt.index]
 
     # ---- global actions ---------------------------------------------------------------------------
-    def fuse(self, stack):
+    def fuse(self, stack, request: gr.Request = None):
+        self._require_admin(request, "Fuse")
         with _user_errors():
             self.engine.fuse(stack or [])
         return self.status()
 
-    def unfuse(self):
+    def unfuse(self, request: gr.Request = None):
+        self._require_admin(request, "Unfuse")
         with _user_errors():
             self.engine.unfuse()
         return self.status()
 
-    def unload_all(self):
+    def unload_all(self, request: gr.Request = None):
+        self._require_admin(request, "Unload all")
         with _user_errors():
             self.engine.unload_all()
         return self.status()
 
-    def status(self) -> str:
+    def status(self, request: gr.Request = None) -> str:
         s = self.engine.status()
         line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}) · attached adapters "
                 f"{len(s['loaded'])}/{s['max_loaded']}: {', '.join(s['loaded']) or 'none'}")
+        if _username(request):
+            line += f" · signed in as {_username(request)}{' (admin)' if self.is_admin(request) else ''}"
         if s["fused"]:
             line += (f"\n\n**Fused for everyone:** {_stack_line(s['fused'])}. Every generation uses this stack "
                      "until someone presses Unfuse.")
@@ -192,11 +229,18 @@ def _user_errors():
         raise gr.Error(str(exc), print_exception=False) from None
 
 
+ADMIN_ACTIONS = ("fuse", "unfuse", "unload", "rescan", "upload", "add")
+
+
 def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes: int = 512 * 2**20,
-              size: int = 512, steps: int = 20) -> gr.Blocks:
+              size: int = 512, steps: int = 20, accounts: webui.Accounts | None = None,
+              upload_quota_bytes: int | None = None, refresh_seconds: float = 3.0) -> gr.Blocks:
     """The page. Public API endpoints (``/set_stack``, ``/generate``, ``/cancel``, ``/fuse``, ``/unfuse``,
-    ``/unload``, ``/rescan``, ``/add_adapter``) go through the queue only (``api_open=False``)."""
-    h = Handlers(engine, max_upload_bytes)
+    ``/unload``, ``/rescan``, ``/add_adapter``) go through the queue only (``api_open=False``). With
+    ``accounts`` that name admins, the actions of :data:`ADMIN_ACTIONS` are theirs alone. The status
+    line and the library follow other sessions' changes every ``refresh_seconds``."""
+    quota = webui.UploadQuota(upload_quota_bytes) if upload_quota_bytes is not None else None
+    h = Handlers(engine, max_upload_bytes, accounts, quota)
     gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
     free = {"concurrency_limit": None}
     private = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
@@ -296,7 +340,8 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
             _keep_outputs_on_error(event, outputs)
         library.select(h.details, None, details, **private)
         demo.load(h.refresh, *refresh, **private)
-        timer = gr.Timer(3)
+        demo.load(h.permissions, None, [fuse, unfuse, unload, rescan, upload, add], **private)
+        timer = gr.Timer(refresh_seconds)
         timer.tick(h.status, None, status, **private)
         timer.tick(h.refresh, *refresh, **private)  # another session's upload shows up here too
     demo.queue(max_size=64, api_open=False)
@@ -304,7 +349,7 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
 
 
 def launch(demo: gr.Blocks, engine: webui.SharedPipeline, *, host: str = "127.0.0.1", port: int | None = 7860,
-           auth: tuple[str, str] | None = None, share: bool = False, max_upload_bytes: int = 512 * 2**20,
+           auth: webui.Accounts | None = None, share: bool = False, max_upload_bytes: int = 512 * 2**20,
            prevent_thread_lock: bool = False, quiet: bool = False, show_error: bool = False):
     """Serve ``demo`` with the security settings: the adapters folder is blocked from serving, uploads
     are capped, monitoring, the API page and MCP are off, and no share link unless asked."""
@@ -315,13 +360,35 @@ def launch(demo: gr.Blocks, engine: webui.SharedPipeline, *, host: str = "127.0.
                        show_error=show_error, prevent_thread_lock=prevent_thread_lock)
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if not text:
+def parse_logins(texts) -> dict[str, str]:
+    """``["USER:PASSWORD", …]`` as ``{user: password}`` (the password may hold colons)."""
+    logins = {}
+    for text in texts or []:
+        user, sep, password = text.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("--auth takes USER:PASSWORD")
+        if user in logins:
+            raise SystemExit(f"--auth names {user!r} twice")
+        logins[user] = password
+    return logins
+
+
+def accounts_from_args(args: argparse.Namespace) -> webui.Accounts | None:
+    """The server's logins and admins, or ``SystemExit`` for a setup that would expose it: a non-loopback
+    address or a share link without ``--auth`` needs ``--allow-anonymous``; ``--admin`` needs logins."""
+    logins = parse_logins(args.auth)
+    if not logins:
+        if args.admin:
+            raise SystemExit("--admin needs --auth: admins are users who log in")
+        if (args.share or args.host not in LOOPBACK) and not args.allow_anonymous:
+            where = "a public share link" if args.share else args.host
+            raise SystemExit(f"refusing to serve on {where} without --auth: anyone who can reach it could use it. "
+                             "Add --auth USER:PASSWORD, or --allow-anonymous if that is what you want.")
         return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("--auth takes USER:PASSWORD")
-    return user, password
+    try:
+        return webui.Accounts(logins, args.admin or ())
+    except ValueError as exc:
+        raise SystemExit(f"--admin: {exc}") from None
 
 
 def _device_type(device: str | None) -> str:
@@ -360,8 +427,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS, help="the adapters folder (subfolders too)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--auth", default=os.environ.get("LYCORIS_UI_AUTH"),
-                        help="USER:PASSWORD required to open the page (default: $LYCORIS_UI_AUTH, hidden from ps)")
+    parser.add_argument("--auth", action="append",
+                        help="USER:PASSWORD required to open the page; repeat for several users (default: "
+                             "$LYCORIS_UI_AUTH, one per line, hidden from ps); 5 wrong passwords in a minute "
+                             "lock that user out for the minute")
+    parser.add_argument("--admin", action="append",
+                        help="a user (of --auth) who may fuse, unfuse, unload all, rescan and upload; repeat for "
+                             "several (default: every user may)")
+    parser.add_argument("--allow-anonymous", action="store_true",
+                        help="serve a non-loopback --host or --share without --auth (refused otherwise)")
+    parser.add_argument("--upload-quota-mb", type=float, default=2048, help="uploads per session (or user)")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest adapter upload")
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept attached (least recently used leave)")
@@ -371,6 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the pipeline's dtype (default: float16 with --device cuda, float32 otherwise)")
     parser.add_argument("--no-examples", action="store_true", help="never write the example adapters")
     args = parser.parse_args(argv)
+    if args.auth is None and os.environ.get("LYCORIS_UI_AUTH"):
+        args.auth = os.environ["LYCORIS_UI_AUTH"].splitlines()
     if args.device is None and torch.cuda.is_available():
         args.device = "cuda"
     args.dtype = DTYPES[args.dtype] if args.dtype else default_dtype(args.device)
@@ -383,16 +460,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, block: bool = True):
     """Parse the command line and serve; with ``block=False`` return ``(demo, url)`` at once (tests)."""
     args = parse_args(argv)
-    auth = parse_auth(args.auth)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
-        print(f"warning: serving on {args.host} without --auth: anyone who can reach it can use it", file=sys.stderr)
+    accounts = accounts_from_args(args)
+    if accounts is None and args.host not in LOOPBACK:
+        print(f"warning: serving on {args.host} without --auth (--allow-anonymous): anyone who can reach it can "
+              "use it", file=sys.stderr)
     engine = open_engine(args.model, args.adapters, max_loaded=args.max_loaded, examples=not args.no_examples,
                          device=args.device, dtype=args.dtype)
     max_bytes = int(args.max_upload_mb * 2**20)
     pipe = engine.pipe
     size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    demo = build_app(engine, slots=args.slots, max_upload_bytes=max_bytes, size=size)
-    _, url, _ = launch(demo, engine, host=args.host, port=args.port, auth=auth, share=args.share,
+    demo = build_app(engine, slots=args.slots, max_upload_bytes=max_bytes, size=size, accounts=accounts,
+                     upload_quota_bytes=int(args.upload_quota_mb * 2**20))
+    _, url, _ = launch(demo, engine, host=args.host, port=args.port, auth=accounts, share=args.share,
                        max_upload_bytes=max_bytes, prevent_thread_lock=not block)
     return demo, url
 

@@ -9,8 +9,10 @@
 * :mod:`.settings`: what a session asks for (:class:`GenerationSettings`) and gets (:class:`GenerationResult`).
 * :mod:`.engine`: :class:`SharedPipeline`, the pipeline every session shares, changed under one lock.
 * :mod:`.values`: page values as numbers, or a ``ValueError`` naming the field.
+* :mod:`.access`: who may do what on a shared server (rate-limited logins, admins, upload quotas).
 """
 
+from .access import Accounts, UploadQuota
 from .engine import SharedPipeline
 from .library import (EXAMPLES, AdapterCard, AdapterLibrary, adapter_name, addnet_hash, read_card,
                       safe_adapter_filename, write_example_adapters)
@@ -18,7 +20,7 @@ from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancel
                        GenerationSettings)
 from .tags import StackEntry, effective_stack, format_parameters, parse_parameters, parse_prompt
 
-__all__ = ["DEFAULT_SCHEDULER", "EXAMPLES", "MAX_SEED", "SCHEDULERS", "AdapterCard", "AdapterLibrary",
-           "GenerationCancelled", "GenerationResult", "GenerationSettings", "SharedPipeline", "StackEntry",
+__all__ = ["DEFAULT_SCHEDULER", "EXAMPLES", "MAX_SEED", "SCHEDULERS", "Accounts", "AdapterCard", "AdapterLibrary",
+           "GenerationCancelled", "GenerationResult", "GenerationSettings", "SharedPipeline", "StackEntry", "UploadQuota",
            "addnet_hash", "adapter_name", "effective_stack", "format_parameters", "parse_parameters", "parse_prompt",
            "read_card", "safe_adapter_filename", "write_example_adapters"]

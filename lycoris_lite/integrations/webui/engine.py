@@ -29,7 +29,7 @@ from ...io import files
 from ...io.formats import kohya
 from ...io.formats.safe_io import atomic_write, check_safetensors_header
 from ..pipeline import enable
-from .library import AdapterCard, AdapterLibrary, adapter_name, read_card
+from .library import AdapterCard, AdapterLibrary, adapter_name, addnet_hash, read_card
 from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancelled, GenerationResult,
                        GenerationSettings)
 from .tags import StackEntry, effective_stack, format_parameters, has_tags, parse_prompt
@@ -133,8 +133,9 @@ class SharedPipeline:
         """Validate an uploaded file and copy it into the adapters folder under a safe name.
 
         Refused (``ValueError``, nothing written): a name that is unsafe or taken, a file over
-        ``max_bytes``, anything that is not a readable safetensors adapter, NaN/Inf weights, or an adapter
-        that does not fit the model (another family, unknown layers, wrong shapes)."""
+        ``max_bytes``, anything that is not a readable safetensors adapter, weights already in the library
+        (the same content hash; the message names that adapter), NaN/Inf weights, or an adapter that does
+        not fit the model (another family, unknown layers, wrong shapes)."""
         source = Path(source)
         size = source.stat().st_size
         if size > max_bytes:
@@ -148,6 +149,11 @@ class SharedPipeline:
             card = read_card(source)
             if card.problem:
                 raise ValueError(card.problem)
+            same = [c for c in self._cards.values() if card.shorthash and c.shorthash == card.shorthash
+                    and addnet_hash(c.path) == addnet_hash(source)]
+            if same:
+                raise ValueError(f"these weights are already in the library as {same[0].name} "
+                                 f"({same[0].location or same[0].path.name})")
             if card.family and self.family and card.family != self.family:
                 raise ValueError(f"this adapter is for {card.family}; the model is {self.family}")
             files.read_adapter(self.components, source, name)
