@@ -20,7 +20,10 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from playwright.sync_api import expect, sync_playwright
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lycoris_lite.integrations import webui
 from lycoris_lite.models import build_tiny_sd_pipeline
@@ -121,17 +124,27 @@ def test_handlers_directly(served):
     assert "Fused for everyone" in h.fuse(stack) and "Fused for everyone" not in h.unfuse()
     assert "attached adapters 0/8" in h.unload_all()
     assert h.cancel() == "Nothing to cancel."
-    version, table, *dropdowns = h.refresh(-1, "tilt", "gone", None)
-    assert version == served.engine.library_version and [row[0] for row in table] == sorted(served.engine.cards)
+    version, grid, *dropdowns = h.refresh(-1, "", "all", "all", "tilt", "gone", None)
+    assert version == served.engine.library_version and [c["name"] for c in grid] == sorted(served.engine.cards)
     assert [d.value for d in dropdowns] == ["tilt", None, None]
     assert sorted(dropdowns[0].choices) == sorted((n, n) for n in served.engine.usable_names())
-    assert h.refresh(version, "tilt") == (gr.skip(),) * 3
+    assert h.refresh(version, "", "all", "all", "tilt") == (gr.skip(),) * 3
     with pytest.raises(gr.Error, match="no adapter named 'gone'"):
         h.set_stack(*slots(("gone", 1.0)))
-    assert [row[0] for row in h.library_rows()] == sorted(served.engine.cards)
-    assert h.library_rows()[0][1] == "examples/butterfly.safetensors"
-    details = h.details(gr.SelectData(None, {"index": [0, 0], "value": "butterfly", "row_value": ["butterfly"]}))
-    assert list(details["algorithms"]) == ["boft"] and details["trigger_words"] == ["butterfly"]
+    assert h.cards_view("tilted", "all", "all")[0] == {
+        "name": "tilt", "location": "examples/tilt.safetensors", "algorithm": "oft", "rank": "block 4",
+        "family": "unknown", "words": "tilted", "problem": "", "preview": ""}
+    assert [c["name"] for c in h.cards_view("", "lokr", "all")] == ["sks_dog"] and not h.cards_view("", "all", "SDXL")
+    assert "<dt>Trigger words</dt><dd>butterfly</dd>" in h.card_details("butterfly")
+    click = lambda name, mode, prompt="a cat", names=("tilt", None, None): h.card_clicked(  # noqa: E731
+        gr.EventData(None, {"name": name, "action": "add"}), None, mode, prompt, "", "all", "all", *names)
+    details, prompt, grid, *updates = click("mirror", app.CLICK_MODES[0])
+    assert "<h3>mirror</h3>" in details and updates[0] == gr.skip() and updates[1]["value"] == "mirror"
+    assert click("mirror", app.CLICK_MODES[1])[1] == "a cat, mirror <lora:mirror:1>"
+    with pytest.raises(gr.Error, match="tilt is in the stack already \\(slot 1\\)"):
+        click("tilt", app.CLICK_MODES[0])
+    with pytest.raises(gr.Error, match="all 3 slots are in use"):
+        click("mirror", app.CLICK_MODES[0], names=("tilt", "sks_dog", "watercolor"))
     assert h.select_image(["x", "y"], [5, 6], gr.SelectData(None, {"index": 1, "value": None})) == ("y", 6)
     with pytest.raises(gr.Error, match="Choose a .safetensors file"):
         h.add_adapter(None, "")
@@ -217,10 +230,10 @@ def test_uploads_are_checked(served, clients, tmp_path):
     assert sorted(p.name for p in served.folder.iterdir()) == names
     assert not any(p.name == "evil.safetensors" for p in served.folder.parent.rglob("*"))
     changed = variant(source, tmp_path / "tilt.safetensors", 1.1)
-    message, library = client.predict(handle_file(str(changed)), "tilt copy.safetensors", api_name="/add_adapter")
+    message = client.predict(handle_file(str(changed)), "tilt copy.safetensors", api_name="/add_adapter")
     try:
         assert message.startswith("Added **tilt_copy** (oft, block 4)")
-        assert "tilt_copy" in [row[0] for row in library["data"]]
+        assert served.engine.cards["tilt_copy"].usable
         client.predict(*slots(("tilt_copy", 1.0)), api_name="/set_stack")  # selectable at once
     finally:
         (served.folder / "tilt_copy.safetensors").unlink()
@@ -275,9 +288,6 @@ def test_exposed_servers_need_logins_or_allow_anonymous(monkeypatch):
 
 def variant(source: Path, dest: Path, factor: float) -> Path:
     """A copy of adapter ``source`` whose weights differ (another content hash)."""
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     with safe_open(str(source), "pt") as fh:
         metadata = fh.metadata()
     state = {k: v * factor if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
@@ -319,7 +329,7 @@ def test_admins_quotas_and_duplicate_uploads(guarded, served, tmp_path):
             ann.predict(handle_file(str(tilt)), "copy.safetensors", api_name="/add_adapter")
         for i in (1, 2):  # 154 kB each: two fit the 350 kB quota, the third does not
             source = variant(tilt, tmp_path / f"tilt_v{i}.safetensors", 1 + i / 10)
-            message, _ = ann.predict(handle_file(str(source)), "", api_name="/add_adapter")
+            message = ann.predict(handle_file(str(source)), "", api_name="/add_adapter")
             added.append(served.folder / source.name)
             assert message.startswith(f"Added **tilt_v{i}**")
         with pytest.raises(AppError, match="the quota per session is 0.33 MiB"):
@@ -354,8 +364,6 @@ def test_logins_are_rate_limited():
 def test_browser_login_disables_what_only_admins_may_do(browser, guarded, served):
     """bob (not an admin) logs in: the header says who he is, and Fuse, Unfuse, Unload all, Rescan and
     Add to library are disabled for him (ann, the admin, gets them enabled)."""
-    from playwright.sync_api import expect
-
     context = browser.new_context(viewport={"width": 1400, "height": 1300})
     page = context.new_page()
     page.goto(guarded.url)
@@ -415,8 +423,6 @@ def browser():
     if chromium() is None:
         pytest.skip("Chromium is not installed: `make install` installs Debian's chromium with apt-get where it "
                     "can (root and apt needed); Playwright's own download does not work offline")
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         launched = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
         yield launched
@@ -456,8 +462,6 @@ def toast(page, text: str):
 
 def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_path, monkeypatch):
     """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
-    from playwright.sync_api import expect
-
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo, url = app.main(["--adapters", str(tmp_path / "adapters"), "--port", str(free_port()), "--slots", "2"],
                          block=False)
@@ -488,8 +492,6 @@ def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_pa
 def test_browser_split_weights_panel_keeps_the_slot_weight(page):
     """Opening "Separate UNet / text-encoder weights" changes nothing: its fields stay empty (the slot's
     weight) and the next Generate uses the stack; a value typed there shows in the stack order."""
-    from playwright.sync_api import expect
-
     pick(page, 1, "watercolor")
     order = page.locator("#stack-order")
     expect(order).to_contain_text("watercolor")
@@ -508,8 +510,6 @@ def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, s
     """A bad tag, a tag in the negative prompt, a bad split weight and a refused upload: each toast shows
     the whole message, tags included, and the gallery, stack table and library keep their contents (no
     "Error" overlay)."""
-    from playwright.sync_api import expect
-
     prompt, negative = page.get_by_label("Prompt", exact=True), page.get_by_label("Negative prompt")
     gallery = page.locator("#result-gallery")
     page.get_by_role("button", name="Generate").click()
@@ -537,15 +537,12 @@ def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, s
     page.locator("#upload input[type=file]").set_input_files(str(corrupt))
     page.get_by_role("button", name="Add to library").click()
     expect(toast(page, "truncated")).to_be_visible(timeout=30_000)
-    library = page.locator("#library")
-    expect(library).not_to_contain_text("Error")
-    expect(library).to_contain_text("watercolor")
+    expect(page.locator("#upload-message")).not_to_contain_text("Error")
+    expect(page.locator(".adapter-card")).to_have_count(len(webui.EXAMPLES))
 
 
 def test_browser_cancel_confirms_in_the_page(page):
     """Cancel answers once the generation has stopped, instead of staying on "Cancelling…"."""
-    from playwright.sync_api import expect
-
     set_number(page, "Steps", 150)
     set_number(page, "Images", 8)
     for side in ("Width", "Height"):  # slow steps: Gradio drops the answer of a generation it cancels mid-step
@@ -560,8 +557,6 @@ def test_browser_cancel_confirms_in_the_page(page):
 def test_browser_status_is_fresh_and_reuse_takes_the_selected_seed(page, served):
     """The status line is right as the page loads, not after the first tick of the refresh timer (60 s
     here); "Reuse last" takes the seed of the image selected in the gallery."""
-    from playwright.sync_api import expect
-
     served.engine.apply([webui.StackEntry("mirror")])
     page.reload()
     expect(page.locator("#status")).to_contain_text("attached adapters 1/8: mirror", timeout=15_000)
@@ -576,17 +571,15 @@ def test_browser_status_is_fresh_and_reuse_takes_the_selected_seed(page, served)
 
 
 def test_browser_adapters_sharing_a_file_name_are_both_usable(page, served):
-    """``examples/tilt`` and ``more/tilt``: after Rescan the library lists both with their files, and both
-    go into the stack under those names."""
-    from playwright.sync_api import expect
-
+    """``examples/tilt`` and ``more/tilt``: after Rescan the grid shows both with their files, and both go
+    into the stack under those names."""
     (served.folder / "more").mkdir()
     shutil.copyfile(served.folder / "examples" / "tilt.safetensors", served.folder / "more" / "tilt.safetensors")
     try:
         page.get_by_role("button", name="Rescan folder").click()
-        rows = page.locator("#library").get_by_role("row")
         for name in ("examples/tilt", "more/tilt"):
-            expect(rows.filter(has_text=f"{name} {name}.safetensors oft").filter(has_text="usable")).to_have_count(1)
+            card = page.locator(".adapter-card:not(.off)").filter(has_text=f"{name}.safetensors")
+            expect(card.locator(".card-name")).to_have_text(name)
         pick(page, 1, "examples/tilt")
         pick(page, 2, "more/tilt")
         rows = page.locator("#stack-order").get_by_role("row")
@@ -597,10 +590,60 @@ def test_browser_adapters_sharing_a_file_name_are_both_usable(page, served):
         served.engine.rescan()
 
 
+def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
+    """The card grid: search and filters narrow it; a sidecar ``name.png`` is the card's preview and "make
+    one" renders and keeps one; a click adds the adapter to the stack (or its tag and trigger words to
+    the prompt) and shows its metadata card; an adapter that does not fit the model is greyed with the
+    reason and adds nothing."""
+    examples = served.folder / "examples"
+    Image.new("RGB", (32, 32), "red").save(examples / "mirror.png")
+    state = load_file(str(examples / "watercolor.safetensors"))
+    down = next(k for k in sorted(state) if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
+    state[down] = torch.zeros(state[down].shape[0], state[down].shape[1] + 8)  # trained for a wider model
+    save_file(state, str(served.folder / "wide.safetensors"))
+    try:
+        page.get_by_role("button", name="Rescan folder").click()
+        cards = page.locator(".adapter-card")
+        expect(cards).to_have_count(len(webui.EXAMPLES) + 1)
+        wide = cards.filter(has_text="wide.safetensors")
+        expect(wide).to_have_class(re.compile(r"\boff\b"))
+        expect(wide).to_contain_text("does not fit this model")
+        expect(cards.filter(has_text="mirror").locator("img")).to_have_attribute("src", re.compile("^data:image/png"))
+        search = page.get_by_label("Search")
+        search.fill("tilted")
+        expect(cards).to_have_count(1)
+        expect(cards.first.locator(".card-name")).to_have_text("tilt")
+        search.fill("")
+        page.get_by_role("combobox", name="Algorithm").click()
+        page.get_by_role("option", name="lokr", exact=True).click()
+        expect(cards).to_have_count(1)
+        cards.first.click()                                     # sks_dog into the first empty slot
+        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("sks_dog")
+        expect(page.locator("#adapter-details").locator("xpath=//dt[.='Trigger words']/following-sibling::dd[1]")
+               ).to_have_text("sks, dog")
+        expect(page.locator("#stack-order")).to_contain_text("sks_dog")
+        page.get_by_role("combobox", name="Algorithm").click()
+        page.get_by_role("option", name="all", exact=True).click()
+        expect(cards).to_have_count(len(webui.EXAMPLES) + 1)
+        wide.click()                                            # greyed: shows why, adds nothing
+        expect(page.locator("#adapter-details")).to_contain_text("Not usable")
+        expect(page.get_by_role("combobox", name="Adapter 2")).to_have_value("")
+        page.get_by_label("Insert its tag in the prompt").check()
+        page.get_by_label("Prompt", exact=True).fill("a cat")
+        cards.filter(has_text="watercolor.safetensors").click()
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a cat, watercolor <lora:watercolor:1>")
+        cards.filter(has_text="tilt").get_by_role("button", name="make one").click()
+        expect(cards.filter(has_text="tilt").locator("img")).to_be_visible(timeout=60_000)
+        with Image.open(examples / "tilt.preview.png") as made:
+            assert made.text["parameters"].startswith("tilted <lora:tilt:1>")
+    finally:
+        for path in (examples / "mirror.png", examples / "tilt.preview.png", served.folder / "wide.safetensors"):
+            path.unlink(missing_ok=True)
+        served.engine.rescan()
+
+
 def test_browser_upload_message_sits_by_the_upload_and_names_are_not_clipped(page, served, tmp_path):
     """"Added …" appears next to the upload box; a long file name and the chosen adapter are shown whole."""
-    from playwright.sync_api import expect
-
     long_name = tmp_path / "a_rather_long_adapter_file_name_v2_final.safetensors"
     variant(served.folder / "examples" / "tilt.safetensors", long_name, 1.2)
     page.locator("#upload input[type=file]").set_input_files(str(long_name))
@@ -612,7 +655,8 @@ def test_browser_upload_message_sits_by_the_upload_and_names_are_not_clipped(pag
         added = page.locator("#upload-message")
         expect(added).to_contain_text(f"Added {long_name.stem}", timeout=30_000)
         upload_box, message_box = page.locator("#upload").bounding_box(), added.bounding_box()
-        assert abs(message_box["y"] - upload_box["y"]) < upload_box["height"] + 100
+        assert 0 <= message_box["y"] - (upload_box["y"] + upload_box["height"]) < 250  # under it, same column
+        assert abs(message_box["x"] - upload_box["x"]) < 50
         pick(page, 1, long_name.stem)
         chosen = page.get_by_role("combobox", name="Adapter 1")
         expect(chosen).to_have_value(long_name.stem)

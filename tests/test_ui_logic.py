@@ -5,13 +5,13 @@ concurrency, uploads). Images are 64x64, 2 steps."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import threading
 import time
 from unittest import mock
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -146,8 +146,62 @@ def test_library_cards(engine, folder):
     data = (folder / "watercolor.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert cards["watercolor"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
-    assert json.dumps(cards["watercolor"].details())  # JSON-ready for the metadata panel
+    assert cards["watercolor"].summary() == {
+        "Algorithm": "lora", "Rank": "r=4", "Family": "unknown", "Base model": "tiny-sd", "Trigger words": "watercolor",
+        "File": "watercolor.safetensors", "Size": f"{cards['watercolor'].size_bytes / 2**20:.2f} MiB",
+        "Hash": cards["watercolor"].shorthash}
     assert engine.usable_names() == sorted(cards)
+
+
+def test_search_and_filters(engine):
+    cards = engine.cards.values()
+    names = lambda *args: [c.name for c in webui.search_cards(cards, *args)]  # noqa: E731
+    assert names("") == sorted(engine.cards)
+    assert names("TILTED") == ["tilt"]                        # a trigger word, any case
+    assert names("sks dog") == ["sks_dog"]                    # every word must match
+    assert names("tiny-sd lokr") == ["sks_dog"]               # metadata: base model, algorithm
+    assert names("", "oft") == ["tilt"] and names("", "loha") == []
+    assert names("", None, "unknown") == sorted(engine.cards) and names("", None, "SDXL") == []
+
+
+@pytest.mark.parametrize("prompt, words, expected", [
+    ("a photo of a dog", ["watercolor"], "a photo of a dog, watercolor <lora:watercolor:1>"),
+    ("", ["sks", "dog"], "sks, dog <lora:watercolor:1>"),
+    ("a Watercolor cat", ["watercolor"], "a Watercolor cat <lora:watercolor:1>"),
+])
+def test_insert_tag(prompt, words, expected):
+    assert webui.insert_tag(prompt, "watercolor", words) == expected
+
+
+def test_insert_tag_refuses_a_second_tag():
+    with pytest.raises(ValueError, match="has a tag for watercolor already"):
+        webui.insert_tag("a <lora:watercolor:0.5>", "watercolor", [])
+
+
+def test_previews_sidecars_and_made_on_demand(engine, folder):
+    sidecar = folder / "mirror.png"
+    Image.new("RGB", (8, 8), "red").save(sidecar)
+    made = folder / "tilt.preview.png"
+    try:
+        cards = {c.name: c for c in engine.rescan()}
+        assert cards["mirror"].preview == sidecar and cards["tilt"].preview is None
+        version = engine.library_version
+        path = engine.make_preview("tilt", settings(prompt="ignored"))
+        assert path == made == webui.preview_destination(folder / "tilt.safetensors")
+        with Image.open(made) as image:
+            assert image.size == (64, 64) and image.text["parameters"].startswith("tilted <lora:tilt:1>\nSteps: 2")
+        alone = engine.generate(settings(prompt="tilted", seed=7), [StackEntry("tilt")])
+        assert np.array_equal(np.asarray(Image.open(made).convert("RGB")), pixels(alone)[0])
+        assert engine.cards["tilt"].preview == made and engine.library_version == version + 1
+        with pytest.raises(ValueError, match="already has a preview \\(tilt.preview.png\\)"):
+            engine.make_preview("tilt", settings())
+        engine.fuse([StackEntry("watercolor")])
+        with pytest.raises(ValueError, match="unfuse it before making previews"):
+            engine.make_preview("sks_dog", settings())
+        assert not (folder / "sks_dog.preview.png").exists()
+    finally:
+        sidecar.unlink()
+        made.unlink(missing_ok=True)
 
 
 def test_library_reads_subfolders_but_not_checkpoints(engine, folder):

@@ -16,7 +16,9 @@ limits what changes everyone's pipeline or folder to the admins. With no argumen
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import os
 import sys
 import time
@@ -27,16 +29,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; mus
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from lycoris_lite.integrations import webui
 from lycoris_lite.base.dtypes import DTYPES  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
-LIBRARY_HEADERS = ["adapter", "file", "algorithm", "rank", "family", "trigger words", "size", "status"]
 STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "UNet", "text encoder"]
 USER_ERRORS = (ValueError, OSError)  # the library's errors about the user's input (bad files included)
 CANCEL_WAIT = 30.0  # seconds Cancel waits for the generation to stop before it answers
-PAGE_SCRIPT = Path(__file__).with_name("plain_toasts.js")  # toasts show messages as text (see the file)
+PAGE = Path(__file__).with_name("page")  # the page's own script, and the adapter cards' template, CSS and JS
+ALL = "all"                                 # the filters' "no filter"
+CLICK_MODES = ("Add it to the stack", "Insert its tag in the prompt")
+THUMBNAIL = 192                             # pixels: the cards' preview images
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -58,9 +63,11 @@ class Handlers:
     """The page's event handlers: Gradio values in, Gradio values out, the work in ``engine``."""
 
     def __init__(self, engine: webui.SharedPipeline, max_upload_bytes: int, accounts: webui.Accounts | None = None,
-                 quota: webui.UploadQuota | None = None):
+                 quota: webui.UploadQuota | None = None, preview_settings: webui.GenerationSettings | None = None):
         self.engine, self.max_upload_bytes = engine, max_upload_bytes
         self.accounts, self.quota = accounts, quota
+        self.preview_settings = preview_settings or webui.GenerationSettings(seed=0)
+        self._thumbnails: dict[tuple, str] = {}
 
     # ---- who may ----------------------------------------------------------------------------------
     def is_admin(self, request: gr.Request | None) -> bool:
@@ -75,26 +82,83 @@ class Handlers:
         """Per page load: the buttons that change the server for everyone, enabled for admins only."""
         return (gr.update(interactive=self.is_admin(request)),) * len(ADMIN_ACTIONS)
 
-    # ---- library ----------------------------------------------------------------------------------
-    def library_rows(self) -> list[list]:
-        return [[c.name, c.location, c.algorithm or "", c.rank or "", c.family or "unknown", ", ".join(c.trigger_words),
-                 f"{c.size_bytes / 2**20:.2f} MiB", "usable" if c.usable else f"not usable: {c.problem}"]
-                for c in self.engine.cards.values()]
+    # ---- the adapter browser ----------------------------------------------------------------------
+    def cards_view(self, query: str = "", algorithm: str = ALL, family: str = ALL) -> list[dict]:
+        """The grid's cards: the adapters the search and the filters leave, previews as data URIs."""
+        shown = webui.search_cards(self.engine.cards.values(), query, _chosen(algorithm), _chosen(family))
+        return [{"name": c.name, "location": c.location, "algorithm": c.algorithm or "?", "rank": c.rank or "",
+                 "family": c.family or "unknown", "words": ", ".join(c.trigger_words), "problem": c.problem or "",
+                 "preview": self._thumbnail(c.preview) if c.preview else ""} for c in shown]
 
-    def rescan(self, request: gr.Request = None):
+    def _thumbnail(self, path: Path) -> str:
+        """``path`` as a small PNG data URI ("" when it is no readable image); kept per file version."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._thumbnails:
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+                image.thumbnail((THUMBNAIL, THUMBNAIL))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                self._thumbnails[key] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+            except (OSError, ValueError, Image.DecompressionBombError):
+                self._thumbnails[key] = ""
+        return self._thumbnails[key]
+
+    def card_details(self, name: str) -> str:
+        """The metadata card of adapter ``name`` (HTML, every value escaped)."""
+        card = self.engine.cards.get(name)
+        if card is None:
+            return ""
+        rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in card.summary().items())
+        return f'<div class="meta-card"><h3>{html.escape(card.name)}</h3><dl>{rows}</dl></div>'
+
+    def card_clicked(self, evt: gr.EventData, request: gr.Request, mode, prompt, query, algorithm, family, *names):
+        """A click on a card: its metadata card, then (usable adapters) the adapter in the first empty slot
+        or its tag and trigger words in the prompt, as ``mode`` says; the card's "make one" button makes
+        its preview. ``(details, prompt, grid, *slots)``; a greyed card only shows why."""
+        name, action = getattr(evt, "name", None), getattr(evt, "action", "add")
+        card = self.engine.cards.get(name)
+        if card is None:
+            raise gr.Error(f"no adapter named {name!r} in the library (it changed: rescan)", print_exception=False)
+        unchanged = (gr.skip(),) * len(names)
+        details = self.card_details(name)
+        if action == "preview":
+            self._require_admin(request, "Making a preview")
+            with _user_errors():
+                self.engine.make_preview(name, self.preview_settings)
+            return details, gr.skip(), self.cards_view(query, algorithm, family), *unchanged
+        if not card.usable:
+            gr.Warning(f"{name} cannot be used: {card.problem}")
+            return details, gr.skip(), gr.skip(), *unchanged
+        if mode == CLICK_MODES[1]:
+            with _user_errors():
+                return details, webui.insert_tag(prompt, name, card.trigger_words), gr.skip(), *unchanged
+        if name in names:
+            raise gr.Error(f"{name} is in the stack already (slot {names.index(name) + 1})", print_exception=False)
+        if all(names):
+            raise gr.Error(f"all {len(names)} slots are in use: empty one, or insert the tag in the prompt",
+                           print_exception=False)
+        slots = list(unchanged)
+        slots[[bool(n) for n in names].index(False)] = gr.update(value=name)
+        return details, gr.skip(), gr.skip(), *slots
+
+    # ---- library ----------------------------------------------------------------------------------
+    def rescan(self, request: gr.Request = None) -> str:
         self._require_admin(request, "Rescan")
         with _user_errors():
-            self.engine.rescan()
-        return self.library_rows()
+            cards = self.engine.rescan()
+        return f"{len(cards)} adapters, {sum(c.usable for c in cards)} usable."
 
-    def refresh(self, seen_version, *names):
-        """The library table and the slots' choices (usable adapters only) when the folder changed since
-        this session last looked: ``(version, table, *dropdowns)``; nothing otherwise."""
+    def refresh(self, seen_version, query, algorithm, family, *names):
+        """The card grid and the slots' choices (usable adapters only) when the folder changed since this
+        session last looked: ``(version, grid, *dropdowns)``; nothing otherwise."""
         version = self.engine.library_version
         if seen_version == version:
             return (gr.skip(),) * (2 + len(names))
         usable = self.engine.usable_names()
-        return (version, self.library_rows(),
+        return (version, self.cards_view(query, algorithm, family),
                 *[gr.Dropdown(choices=usable, value=n if n in usable else None) for n in names])
 
     def add_adapter(self, file, save_as, request: gr.Request = None):
@@ -110,11 +174,7 @@ class Handlers:
                                           max_bytes=self.max_upload_bytes)
         if self.quota is not None:
             self.quota.add(who, size)
-        return f"Added **{card.name}** ({card.algorithm}, {card.rank}).", self.library_rows()
-
-    def details(self, evt: gr.SelectData):
-        card = self.engine.cards.get((evt.row_value or [None])[0])
-        return card.details() if card else {}
+        return f"Added **{card.name}** ({card.algorithm}, {card.rank})."
 
     # ---- the session's stack ----------------------------------------------------------------------
     def set_stack(self, *values):
@@ -201,6 +261,11 @@ class Handlers:
         return line
 
 
+def _chosen(value):
+    """A filter's choice, ``None`` for :data:`ALL`."""
+    return None if value in (None, "", ALL) else value
+
+
 def _blank_is_none(value):
     return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
@@ -240,13 +305,39 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
     ``accounts`` that name admins, the actions of :data:`ADMIN_ACTIONS` are theirs alone. The status
     line and the library follow other sessions' changes every ``refresh_seconds``."""
     quota = webui.UploadQuota(upload_quota_bytes) if upload_quota_bytes is not None else None
-    h = Handlers(engine, max_upload_bytes, accounts, quota)
+    preview = webui.GenerationSettings(seed=0, steps=steps, width=size, height=size)
+    h = Handlers(engine, max_upload_bytes, accounts, quota, preview)
     gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
     free = {"concurrency_limit": None}
     private = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
     with gr.Blocks(title="lycoris-lite", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         stack, last_seed, texts, seeds, seen = gr.State([]), gr.State(-1), gr.State([]), gr.State([]), gr.State(-1)
         status = gr.Markdown(h.status, elem_id="status")  # a callable: fresh on every page load
+        with gr.Accordion("Adapters", open=True, elem_id="adapter-browser"):
+            with gr.Row(equal_height=True):
+                search = gr.Textbox(label="Search", placeholder="name, trigger words, metadata", scale=3,
+                                    elem_id="adapter-search")
+                algorithm = gr.Dropdown([ALL, *webui.algorithm_names()], value=ALL, label="Algorithm", scale=1,
+                                        elem_id="algorithm-filter")
+                family = gr.Dropdown([ALL, *webui.FAMILIES], value=ALL, label="Family", scale=1,
+                                     elem_id="family-filter")
+                click_mode = gr.Radio(list(CLICK_MODES), value=CLICK_MODES[0], label="A click on a card", scale=2,
+                                      elem_id="click-mode")
+            with gr.Row():
+                grid = gr.HTML(h.cards_view(), html_template=(PAGE / "adapter_cards.html").read_text(),
+                               css_template=(PAGE / "adapter_cards.css").read_text(),
+                               js_on_load=(PAGE / "adapter_cards.js").read_text(), elem_id="adapter-grid",
+                               max_height=480, scale=3)
+                with gr.Column(scale=1, min_width=300):
+                    details = gr.HTML("<p>Click a card: its metadata shows here.</p>", elem_id="adapter-details")
+                    upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"],
+                                     type="filepath", elem_id="upload", height=120)
+                    save_as = gr.Textbox(label="Save as", placeholder="name.safetensors", elem_id="save-as",
+                                         info="empty: the uploaded file's name")
+                    with gr.Row():
+                        add = gr.Button("Add to library", variant="primary")
+                        rescan = gr.Button("Rescan folder")
+                    upload_message = gr.Markdown(elem_id="upload-message")
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
@@ -299,20 +390,6 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                                      buttons=["download", "fullscreen"])
                 parameters = gr.Textbox(label="Parameters (PNG text)", lines=4, elem_id="parameters")
                 message = gr.Markdown(elem_id="message")
-        with gr.Accordion("Adapter library", open=True):
-            library = gr.Dataframe(h.library_rows(), headers=LIBRARY_HEADERS, interactive=False, label="Adapters",
-                                   elem_id="library")
-            with gr.Row():
-                upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"], type="filepath",
-                                 scale=2, min_width=320, elem_id="upload")
-                with gr.Column(scale=1, min_width=280):
-                    save_as = gr.Textbox(label="Save as", placeholder="name.safetensors", elem_id="save-as",
-                                         info="empty: the uploaded file's name")
-                    add = gr.Button("Add to library", variant="primary")
-                    upload_message = gr.Markdown(elem_id="upload-message")
-                    rescan = gr.Button("Rescan folder")
-            details = gr.JSON(label="Metadata")
-
         set_stack = gr.on([c.change for c in slot_inputs], h.set_stack, slot_inputs, [stack, order],
                           api_name="set_stack", trigger_mode="always_last", **free)
         read_stack = run.click(h.set_stack, slot_inputs, [stack, order], **private)
@@ -328,17 +405,20 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
         fusing = read_for_fuse.success(h.fuse, stack, status, api_name="fuse", **gpu)
         unfusing = unfuse.click(h.unfuse, None, status, api_name="unfuse", **gpu)
         unloading = unload.click(h.unload_all, None, status, api_name="unload", **gpu)
-        refresh = ([seen, *slot_names], [seen, library, *slot_names])
-        rescanning = rescan.click(h.rescan, None, library, api_name="rescan", **gpu)
+        refresh = ([seen, search, algorithm, family, *slot_names], [seen, grid, *slot_names])
+        rescanning = rescan.click(h.rescan, None, upload_message, api_name="rescan", **gpu)
         rescanning.success(h.refresh, *refresh, **private)
-        adding = add.click(h.add_adapter, [upload, save_as], [upload_message, library], api_name="add_adapter", **gpu)
+        adding = add.click(h.add_adapter, [upload, save_as], upload_message, api_name="add_adapter", **gpu)
         adding.success(h.refresh, *refresh, **private)
+        gr.on([search.change, algorithm.change, family.change], h.cards_view, [search, algorithm, family], grid,
+              trigger_mode="always_last", **private)
+        clicked = grid.click(h.card_clicked, [click_mode, prompt, search, algorithm, family, *slot_names],
+                             [details, prompt, grid, *slot_names], **private)
         for event, outputs in ((set_stack, [order]), (read_stack, [order]), (read_for_fuse, [order]),
                                (generation, [gallery, parameters, message]), (fusing, [status]),
-                               (unfusing, [status]), (unloading, [status]), (rescanning, [library]),
-                               (adding, [upload_message, library])):
+                               (unfusing, [status]), (unloading, [status]), (rescanning, [upload_message]),
+                               (adding, [upload_message]), (clicked, [details, prompt, grid])):
             _keep_outputs_on_error(event, outputs)
-        library.select(h.details, None, details, **private)
         demo.load(h.refresh, *refresh, **private)
         demo.load(h.permissions, None, [fuse, unfuse, unload, rescan, upload, add], **private)
         timer = gr.Timer(refresh_seconds)
@@ -356,7 +436,8 @@ def launch(demo: gr.Blocks, engine: webui.SharedPipeline, *, host: str = "127.0.
     return demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=max_upload_bytes,
                        blocked_paths=[str(engine.library.folder)], enable_monitoring=False, mcp_server=False,
                        footer_links=["gradio", "settings"], ssr_mode=False, strict_cors=True, quiet=quiet,
-                       head=f"<script>{PAGE_SCRIPT.read_text()}</script>",
+                       head=f"<script>{(PAGE / 'plain_toasts.js').read_text()}</script>",
+                       css=(PAGE / "page.css").read_text(),
                        show_error=show_error, prevent_thread_lock=prevent_thread_lock)
 
 

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import PngImagePlugin
 
 from ...io import files
 from ...io.formats import kohya
 from ...io.formats.safe_io import atomic_write, check_safetensors_header
 from ..pipeline import enable
-from .library import AdapterCard, AdapterLibrary, adapter_name, addnet_hash, read_card
+from .library import AdapterCard, AdapterLibrary, adapter_name, addnet_hash, preview_destination, read_card
 from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancelled, GenerationResult,
                        GenerationSettings)
 from .tags import StackEntry, effective_stack, format_parameters, has_tags, parse_prompt
@@ -115,8 +116,8 @@ class SharedPipeline:
                     if problem:
                         card = replace(card, problem=problem)
                 cards[card.name] = card
-            if [(c.name, c.stamp, c.problem) for c in cards.values()] != [
-                    (c.name, c.stamp, c.problem) for c in self._cards.values()]:
+            if [(c.name, c.stamp, c.problem, c.preview) for c in cards.values()] != [
+                    (c.name, c.stamp, c.problem, c.preview) for c in self._cards.values()]:
                 self.library_version += 1
             self._cards = cards
             self._compatibility = {(c.name, c.stamp): self._compatibility[(c.name, c.stamp)]
@@ -320,6 +321,27 @@ class SharedPipeline:
             if self._cancel.get(session) is job:
                 del self._cancel[session]
             job.finished.set()
+
+    def make_preview(self, name: str, settings: GenerationSettings) -> Path:
+        """Render ``name``'s preview with the current model: the adapter alone at weight 1, its trigger words
+        (or its name) as the prompt, ``settings``' seed, steps, CFG and size; kept beside the file
+        (:func:`~.library.preview_destination`, with the PNG's parameters text). Refused when it has a
+        preview already or a stack is fused for everyone (the image would show that stack)."""
+        with self.lock:
+            card = self.card(name)
+            if card.preview is not None:
+                raise ValueError(f"{name} already has a preview ({card.preview.name})")
+            if self._fused is not None:
+                raise ValueError("a stack is fused for everyone; unfuse it before making previews")
+            prompt = ", ".join(card.trigger_words) or name.rsplit("/", 1)[-1].replace("_", " ")
+            result = self.generate(replace(settings, prompt=prompt, negative_prompt="", count=1), [StackEntry(name)],
+                                   session=f"preview of {name}")
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", result.parameters[0])
+            dest = preview_destination(card.path)
+            atomic_write(dest, lambda tmp: result.images[0].save(tmp, format="PNG", pnginfo=info))
+            self.rescan()
+            return dest
 
     def cancel(self, session: str = "default", *, wait: float = 0.0) -> str | None:
         """Stop ``session``'s generation (running or waiting for the pipeline); ``None`` when it has

@@ -121,6 +121,18 @@ def effective_stack(stack: list[StackEntry], tags: list[StackEntry]) -> list[Sta
 
 
 
+def insert_tag(prompt: str, name: str, trigger_words=(), weight: float = 1.0) -> str:
+    """``prompt`` with the adapter's trigger words (those not in it yet) and its ``<lora:name:w>`` tag
+    appended, as AUTOMATIC1111's extra-networks cards do; ``ValueError`` when the prompt has a tag for it."""
+    if any(e.name == name for e in parse_prompt(prompt)[1]):
+        raise ValueError(f"the prompt has a tag for {name} already")
+    text = (prompt or "").rstrip()
+    words = [w for w in trigger_words if w.lower() not in text.lower()]
+    addition = ", ".join(words)
+    tag = StackEntry(name, weight).tag()
+    return " ".join(part for part in (text + ("," if text and addition else ""), addition, tag) if part)
+
+
 def has_tags(text: str) -> bool:
     """Whether ``text`` holds a ``<lora:…>`` / ``<lyco:…>`` tag."""
     return bool(_TAG.search(text or ""))
