@@ -56,11 +56,11 @@ def free_port() -> int:
 
 
 def slots(*entries) -> list:
-    """The /set_stack arguments: per slot (on, adapter, weight, UNet weight, text-encoder weight)."""
+    """The /set_stack arguments: per slot (on, adapter, weight, UNet weight, text-encoder weight, blocks)."""
     values = []
     for i in range(SLOTS):
         name, weight, *split = entries[i] if i < len(entries) else (None, 1.0)
-        values += [True, name, weight, *(split + [None, None])[:2]]
+        values += [True, name, weight, *(split + [None, None, None])[:3]]
     return values
 
 
@@ -108,7 +108,7 @@ def test_handlers_directly(served):
     h = app.Handlers(served.engine, MAX_UPLOAD)
     stack, rows = h.set_stack(*slots(("watercolor", 0.8), ("tilt", 0.5, 0.25, None)))
     assert stack == [webui.StackEntry("watercolor", 0.8), webui.StackEntry("tilt", 0.5, unet=0.25)]
-    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8], [2, "tilt", "oft", 0.5, 0.25, 0.5]]
+    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8, ""], [2, "tilt", "oft", 0.5, 0.25, 0.5, ""]]
     with pytest.raises(gr.Error, match="twice"):
         h.set_stack(*slots(("tilt", 1.0), ("tilt", 0.5)))
     gallery, text, status, seed, texts, seeds = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
@@ -664,6 +664,64 @@ def test_browser_upload_message_sits_by_the_upload_and_names_are_not_clipped(pag
     finally:
         (served.folder / long_name.name).unlink(missing_ok=True)
         served.engine.rescan()
+
+
+# ---- a transformer model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux_served(tmp_path_factory):
+    """``--model tiny-flux`` (its example adapters adapt the transformer's attention), served at 64x64."""
+    tmp = tmp_path_factory.mktemp("flux")
+    engine = app.open_engine("tiny-flux", tmp / "adapters")
+    demo = app.build_app(engine, slots=2, size=64, steps=2, refresh_seconds=60)
+    _, url, _ = app.launch(demo, engine, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield SimpleNamespace(url=url, engine=engine)
+    finally:
+        demo.close()
+
+
+def test_transformer_model_block_weights_and_samplers(flux_served):
+    """A Flux pipeline: its family and block groups, its own (flow-matching) sampler only, and block
+    weights per group: all groups at 0 switch an attention-only adapter off, one group at 0 changes it."""
+    engine = flux_served.engine
+    assert (engine.family, engine.denoiser, engine.samplers) == ("Flux.1", "transformer", ["Default"])
+    assert engine.block_groups == {"transformer_blocks": 2, "single_transformer_blocks": 2}
+    assert all(c.usable for c in engine.cards.values()) and len(engine.cards) == len(webui.EXAMPLES)
+    settings = webui.GenerationSettings("a photo of sks dog", seed=3, steps=2, width=64, height=64)
+    image = lambda stack, **kw: np.asarray(engine.generate(settings, stack, **kw).images[0])  # noqa: E731
+    base, styled = image([]), image([webui.StackEntry("watercolor")])
+    off = image([webui.StackEntry("watercolor", blocks="transformer_blocks=0; single_transformer_blocks=0")])
+    single_off = engine.generate(settings, [webui.StackEntry("watercolor", 0.5, blocks={"single_transformer_blocks": 0})])
+    assert np.abs(styled.astype(int) - base).max() > 0 and np.array_equal(off, base)
+    assert "<lora:watercolor:0.5:blocks=single_transformer_blocks=0>" in single_off.parameters[0]
+    again = engine.generate(webui.GenerationSettings(single_off.parameters[0].split("\n")[0], seed=3, steps=2,
+                                                     width=64, height=64), [])
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(single_off.images[0]))  # the tag carries the blocks
+    with pytest.raises(ValueError, match="block groups are transformer_blocks, single_transformer_blocks"):
+        engine.generate(settings, [webui.StackEntry("watercolor", blocks="down=0")])
+    with pytest.raises(ValueError, match="the Euler sampler does not work with this model's FlowMatchEulerDiscrete"):
+        engine.generate(webui.GenerationSettings("a", steps=2, width=64, height=64, scheduler="Euler"), [])
+
+
+def test_browser_transformer_model_header_and_block_weights(browser, flux_served):
+    """The header names the model's family and dtype; the block weights show the transformer's groups, and
+    block weights typed for a slot reach the stack and the image's parameters."""
+    page = open_page(browser, flux_served.url)
+    try:
+        expect(page.locator("#status")).to_contain_text("Model tiny-flux (family Flux.1, float32 on cpu)")
+        page.get_by_text("Separate Transformer / text-encoder weights").click()
+        expect(page.locator("#block-groups")).to_contain_text(
+            "transformer_blocks (2 blocks), single_transformer_blocks (2 blocks)")
+        pick(page, 1, "watercolor")
+        blocks = page.get_by_label("Block weights 1")
+        blocks.fill("single_transformer_blocks=0,1")
+        blocks.blur()
+        expect(page.locator("#stack-order").get_by_role("row").nth(1)).to_contain_text("single_transformer_blocks=0,1")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#parameters textarea")).to_have_value(
+            re.compile(r"<lora:watercolor:1:blocks=single_transformer_blocks=0,1>\nSteps: 2, Sampler: "), timeout=60_000)
+    finally:
+        page.close()
 
 
 def test_notes_keep_their_tags_as_text():

@@ -53,12 +53,28 @@ def test_tags_round_trip_and_effective_stack():
     entries = [StackEntry("a", 0.8), StackEntry("b", 1.0, unet=0.5), StackEntry("c", 0.7, text_encoder=0.2)]
     assert webui.parse_prompt(" ".join(e.tag() for e in entries))[1] == [
         StackEntry("a", 0.8), StackEntry("b", 1.0, unet=0.5), StackEntry("c", 0.2, unet=0.7)]
-    assert entries[2].pipeline_weight() == {"unet": 0.7, "text_encoder": 0.2, "text_encoder_2": 0.2}
+    assert entries[2].pipeline_weight() == {"unet": 0.7, "text_encoder": 0.2, "text_encoder_2": 0.2,
+                                            "text_encoder_3": 0.2}
+    blocky = StackEntry("d", 0.5, blocks="down=0.5; up=1,0")
+    assert blocky.pipeline_weight("unet", ["down", "mid", "up"]) == {
+        "unet": {"down": 0.25, "mid": 0.5, "up": [0.5, 0.0]}, "text_encoder": 0.5, "text_encoder_2": 0.5,
+        "text_encoder_3": 0.5}
+    assert webui.parse_prompt(blocky.tag()) == ("", [blocky]) and blocky.tag() == "<lora:d:0.5:blocks=down=0.5;up=1,0>"
     ui = [StackEntry("a", 1.0), StackEntry("off", 1.0, enabled=False), StackEntry("zero", 0.0), StackEntry("b", 0.5)]
     tags = [StackEntry("a", 0.25), StackEntry("c", 1.0)]
     assert webui.effective_stack(ui, tags) == [StackEntry("a", 0.25), StackEntry("b", 0.5), StackEntry("c", 1.0)]
     with pytest.raises(ValueError, match="twice"):
         webui.effective_stack([StackEntry("a"), StackEntry("a", 0.5)], [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("down", "is not group=value"), ("=1", "is not group=value"), ("down=", "is not group=value"),
+    ("down=x", "down weight in block weights must be a number"), ("up=1,nan", "finite"),
+    ("down=1; down=0", "down is given twice"), ("9x=1", "is not group=value"),
+])
+def test_bad_block_weights(text, message):
+    with pytest.raises(ValueError, match=message):
+        webui.parse_block_weights(text)
 
 
 # ---- AUTOMATIC1111 parameters text ------------------------------------------------------------------

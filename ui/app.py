@@ -1,6 +1,6 @@
 """lycoris-lite web UI: load, scale, stack, fuse and unload adapters on a diffusers pipeline.
 
-    python ui/app.py [--model tiny-sd|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
+    python ui/app.py [--model tiny-sd|tiny-flux|tiny-sd3|…|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
                      [--auth USER:PASSWORD ...] [--admin USER ...] [--allow-anonymous] [--share]
                      [--max-upload-mb 512] [--upload-quota-mb 2048] [--max-loaded 8] [--slots 4]
                      [--device cuda] [--dtype float16|bfloat16|float32]
@@ -31,11 +31,13 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lycoris_lite.integrations import webui
 from lycoris_lite.base.dtypes import DTYPES  # noqa: E402
+from lycoris_lite.integrations import webui  # noqa: E402
+from lycoris_lite.models import TINY_PIPELINES, load_pipeline  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
-STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "UNet", "text encoder"]
+STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "{denoiser}", "text encoder", "blocks"]
+SLOT_VALUES = 6  # per stack slot: on, adapter, weight, denoiser weight, text-encoder weight, block weights
 USER_ERRORS = (ValueError, OSError)  # the library's errors about the user's input (bad files included)
 CANCEL_WAIT = 30.0  # seconds Cancel waits for the generation to stop before it answers
 PAGE = Path(__file__).with_name("page")  # the page's own script, and the adapter cards' template, CSS and JS
@@ -178,21 +180,25 @@ class Handlers:
 
     # ---- the session's stack ----------------------------------------------------------------------
     def set_stack(self, *values):
-        """``values``: per slot (on, adapter, weight, UNet weight, text-encoder weight); an empty UNet or
-        text-encoder weight (``None`` or blank text) means the slot's weight."""
+        """``values``: per slot (on, adapter, weight, UNet or transformer weight, text-encoder weight, block
+        weights); an empty UNet, text-encoder or block weight (``None`` or blank text) means the slot's
+        weight. Block weights name the model's block groups (:attr:`webui.SharedPipeline.block_groups`)."""
         stack = []
-        for i in range(0, len(values), 5):
-            on, name, weight, unet, te = values[i:i + 5]
+        for i in range(0, len(values), SLOT_VALUES):
+            on, name, weight, unet, te, blocks = values[i:i + SLOT_VALUES]
             if name:
                 with _user_errors():
                     self.engine.card(name)
-                    stack.append(webui.StackEntry(name, weight, unet=_blank_is_none(unet),
-                                                  text_encoder=_blank_is_none(te), enabled=on))
+                    entry = webui.StackEntry(name, weight, unet=_blank_is_none(unet), text_encoder=_blank_is_none(te),
+                                             enabled=on, blocks=_blank_is_none(blocks))
+                    entry.pipeline_weight(self.engine.denoiser, list(self.engine.block_groups))  # groups exist
+                    stack.append(entry)
         with _user_errors():
             applied = webui.effective_stack(stack, [])
         cards = self.engine.cards
         rows = [[i + 1, e.name, getattr(cards.get(e.name), "algorithm", ""), e.weight, e.unet_weight,
-                 e.text_encoder_weight] for i, e in enumerate(applied)]
+                 e.text_encoder_weight, webui.format_block_weights(e.blocks) if e.blocks else ""]
+                for i, e in enumerate(applied)]
         return stack, rows
 
     # ---- generating -------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ class Handlers:
 
     def status(self, request: gr.Request = None) -> str:
         s = self.engine.status()
-        line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}) · attached adapters "
+        line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}, {s['dtype']} on {s['device']}) · attached adapters "
                 f"{len(s['loaded'])}/{s['max_loaded']}: {', '.join(s['loaded']) or 'none'}")
         if _username(request):
             line += f" · signed in as {_username(request)}{' (admin)' if self.is_admin(request) else ''}"
@@ -268,6 +274,15 @@ def _chosen(value):
 
 def _blank_is_none(value):
     return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def block_help(engine: webui.SharedPipeline) -> str:
+    """The block weights' help: the model's block groups and what a value means."""
+    groups = ", ".join(f"`{g}` ({n} block{'s' if n > 1 else ''})" for g, n in engine.block_groups.items())
+    return (f"Block groups of this model: {groups}. Block weights multiply the slot's "
+            f"{'UNet' if engine.denoiser == 'unet' else 'transformer'} weight per group: one number for the "
+            "whole group or one per block (`group=0.5; other=1,0,1`); groups not named keep 1, and layers "
+            "outside the blocks keep weight 1. In the prompt: `<lora:name:w:blocks=group=0.5;other=1,0>`.")
 
 
 def _keep_outputs_on_error(event, outputs: list) -> None:
@@ -307,6 +322,7 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
     quota = webui.UploadQuota(upload_quota_bytes) if upload_quota_bytes is not None else None
     preview = webui.GenerationSettings(seed=0, steps=steps, width=size, height=size)
     h = Handlers(engine, max_upload_bytes, accounts, quota, preview)
+    denoiser = "UNet" if engine.denoiser == "unet" else "Transformer"
     gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
     free = {"concurrency_limit": None}
     private = {"api_visibility": "private", "concurrency_limit": None, "show_progress": "hidden"}
@@ -352,7 +368,7 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                                          maximum=webui.MAX_SEED)
                         randomise = gr.Button("Random", scale=0, min_width=80)
                         reuse = gr.Button("Reuse last", scale=0, min_width=80)
-                        sampler = gr.Dropdown([webui.DEFAULT_SCHEDULER, *webui.SCHEDULERS],
+                        sampler = gr.Dropdown(engine.samplers,
                                               value=webui.DEFAULT_SCHEDULER, label="Sampler")
                     with gr.Row():
                         n_steps = gr.Slider(1, 150, value=steps, step=1, label="Steps")
@@ -372,15 +388,19 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                             on = gr.Checkbox(True, label=f"On {i}", scale=0, min_width=80)
                             weight = gr.Slider(-2, 2, value=1.0, step=0.05, label=f"Weight {i}", scale=1)
                         rows.append((on, name, weight))
-                with gr.Accordion("Separate UNet / text-encoder weights (empty: the slot's weight)", open=False):
+                with gr.Accordion(f"Separate {denoiser} / text-encoder weights, block weights (empty: the slot's "
+                                  "weight)", open=False, elem_id="split-weights"):
+                    gr.Markdown(block_help(engine), elem_id="block-groups")
                     for i in range(1, slots + 1):
                         with gr.Row():  # text, not gr.Number: a Number sends 0 for an empty field
-                            splits.append((gr.Textbox(label=f"UNet weight {i}", placeholder="the slot's weight"),
+                            splits.append((gr.Textbox(label=f"{denoiser} weight {i}", placeholder="the slot's weight"),
                                            gr.Textbox(label=f"Text-encoder weight {i}",
-                                                      placeholder="the slot's weight")))
+                                                      placeholder="the slot's weight"),
+                                           gr.Textbox(label=f"Block weights {i}", scale=2, placeholder="; ".join(
+                                               f"{g}=1" for g in engine.block_groups))))
                 slot_inputs = [c for row, split in zip(rows, splits) for c in (*row, *split)]
                 slot_names = [row[1] for row in rows]
-                order = gr.Dataframe(headers=STACK_HEADERS, label="Stack order", interactive=False, elem_id="stack-order")
+                order = gr.Dataframe(headers=[h.format(denoiser=denoiser) for h in STACK_HEADERS], label="Stack order", interactive=False, elem_id="stack-order")
                 with gr.Row():
                     fuse = gr.Button("Fuse stack")
                     unfuse = gr.Button("Unfuse")
@@ -487,15 +507,13 @@ def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bo
     """Load ``model`` in ``dtype`` (diffusers' ``torch_dtype``; the tiny model is cast) and the adapters
     folder; the tiny model's folder without adapters gets the example adapters (in ``examples/``).
     Adapters loaded later follow the library's rule for the layers' dtype."""
-    from lycoris_lite.models import TINY_SD_NAME, load_pipeline
-
     pipe = load_pipeline(model, torch_dtype=dtype)
     if device:
         pipe = pipe.to(device)
     library = webui.AdapterLibrary(adapters)
-    if examples and model == TINY_SD_NAME and not library.entries():
-        webui.write_example_adapters(pipe, library.folder / "examples")
-    name = model if model == TINY_SD_NAME or not os.path.isdir(model) else Path(model).resolve().name
+    if examples and model in TINY_PIPELINES and not library.entries():
+        webui.write_example_adapters(pipe, library.folder / "examples", model_name=model)
+    name = model if model in TINY_PIPELINES or not os.path.isdir(model) else Path(model).resolve().name
     return webui.SharedPipeline(pipe, library, name, max_loaded=max_loaded)
 
 
@@ -504,7 +522,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ``torch.dtype`` (:func:`default_dtype` when not given).
     float16 on the CPU is allowed with a warning."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-sd", help="tiny-sd, a diffusers folder or a hub id")
+    parser.add_argument("--model", default="tiny-sd",
+                        help=f"a diffusers folder or hub id (UNet or transformer pipelines: SD, SDXL, Flux, SD3, …), "
+                             f"or an embedded tiny model: {', '.join(TINY_PIPELINES)}")
     parser.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS, help="the adapters folder (subfolders too)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
@@ -548,8 +568,7 @@ def main(argv: list[str] | None = None, *, block: bool = True):
     engine = open_engine(args.model, args.adapters, max_loaded=args.max_loaded, examples=not args.no_examples,
                          device=args.device, dtype=args.dtype)
     max_bytes = int(args.max_upload_mb * 2**20)
-    pipe = engine.pipe
-    size = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    size = engine.default_size
     demo = build_app(engine, slots=args.slots, max_upload_bytes=max_bytes, size=size, accounts=accounts,
                      upload_quota_bytes=int(args.upload_quota_mb * 2**20))
     _, url, _ = launch(demo, engine, host=args.host, port=args.port, auth=accounts, share=args.share,

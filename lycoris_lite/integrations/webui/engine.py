@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from PIL import PngImagePlugin
+from torch import nn
 
 from ...io import files
 from ...io.formats import kohya
@@ -35,6 +36,14 @@ from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancel
                        GenerationSettings)
 from .tags import StackEntry, effective_stack, format_parameters, has_tags, parse_prompt
 from .values import finite
+
+
+def _block_groups(denoiser: nn.Module) -> dict[str, int]:
+    """A denoiser's block groups and their sizes, as block weights name them: a UNet's ``down``, ``mid``
+    and ``up``; a transformer's block lists (``transformer_blocks``, ``single_transformer_blocks``, …)."""
+    if hasattr(denoiser, "down_blocks"):
+        return {"down": len(denoiser.down_blocks), "mid": 1, "up": len(denoiser.up_blocks)}
+    return {name: len(child) for name, child in denoiser.named_children() if isinstance(child, nn.ModuleList) and child}
 
 
 class _Job:
@@ -65,9 +74,16 @@ class SharedPipeline:
         self.lock = threading.RLock()
         self.components = files.components_of(self.pipe)
         self.family = kohya.model_family(self.components)[0]
+        self.denoiser = next(c for c in files.DENOISERS if c in self.components)
+        self.block_groups = _block_groups(self.components[self.denoiser])
         self._default_scheduler = type(self.pipe.scheduler), self.pipe.scheduler.config
         self._default_sampler = next((k for k, v in SCHEDULERS.items() if v == type(self.pipe.scheduler).__name__),
                                      type(self.pipe.scheduler).__name__)
+        # AUTOMATIC1111's samplers are noise-prediction schedulers; a flow-matching model keeps its own
+        flow = "FlowMatch" in type(self.pipe.scheduler).__name__
+        self.samplers = [DEFAULT_SCHEDULER, *([] if flow else SCHEDULERS)]
+        weights = next(self.components[self.denoiser].parameters())
+        self.dtype, self.device = str(weights.dtype).removeprefix("torch."), weights.device.type
         self._cards: dict[str, AdapterCard] = {}
         self._compatibility: dict[tuple, str | None] = {}
         self._attached: dict[str, tuple] = {}    # name -> file version, in attach (= composition) order
@@ -82,6 +98,13 @@ class SharedPipeline:
         self.rescan()
 
     # ---- the library ------------------------------------------------------------------------------
+    @property
+    def default_size(self) -> int:
+        """The pipeline's default image side in pixels (its denoiser's sample size times the VAE's scale)."""
+        model = self.components[self.denoiser]
+        sample = model.config.sample_size if self.denoiser == "unet" else getattr(self.pipe, "default_sample_size", 64)
+        return int(sample * self.pipe.vae_scale_factor)
+
     @property
     def cards(self) -> dict[str, AdapterCard]:
         return self._cards
@@ -197,7 +220,7 @@ class SharedPipeline:
         entries applied and the adapters read from disk. On any error the pipeline's active stack and
         weights are put back and the error is raised."""
         entries = effective_stack(stack, [])
-        weights = {e.name: e.pipeline_weight() for e in entries}
+        weights = {e.name: e.pipeline_weight(self.denoiser, list(self.block_groups)) for e in entries}
         for e in entries:
             self.card(e.name)
             finite(e.weight, f"the weight of {e.name}")
@@ -242,6 +265,9 @@ class SharedPipeline:
         import diffusers
 
         cls, config = self._default_scheduler
+        if name not in self.samplers:
+            raise ValueError(f"the {name} sampler does not work with this model's {cls.__name__}; use "
+                             f"{', '.join(self.samplers)}")
         if name == DEFAULT_SCHEDULER:
             return cls.from_config(config), self._default_sampler
         return getattr(diffusers, SCHEDULERS[name]).from_config(config), name
@@ -387,11 +413,12 @@ class SharedPipeline:
 
     # ---- status -----------------------------------------------------------------------------------
     def _take_snapshot(self) -> None:
-        self._snapshot = {"model": self.model_name, "family": self.family,
+        self._snapshot = {"model": self.model_name, "family": self.family, "dtype": self.dtype, "device": self.device,
                           "loaded": list(self._attached), "max_loaded": self.max_loaded,
                           "fused": list(self._fused) if self._fused is not None else None}
 
     def status(self) -> dict:
-        """``{model, family, loaded (attach order), max_loaded, fused (entries or None)}``, without waiting."""
+        """``{model, family, dtype, device, loaded (attach order), max_loaded, fused (entries or None)}``,
+        without waiting."""
         return dict(self._snapshot)
 

@@ -270,7 +270,8 @@ class AdapterLibrary:
 
 
 
-#: (name, algorithm, settings, UNet targets, trigger words); all also adapt the text encoder
+#: (name, algorithm, settings, UNet targets, trigger words); on a UNet model all also adapt the text encoders,
+#: on a transformer model they adapt the transformer's attention only
 EXAMPLES = (
     ("watercolor", "lora", {"r": 4, "alpha": 8}, "unet-attn-ff", ["watercolor"]),
     ("sks_dog", "lokr", {"r": 4, "alpha": 8}, "unet-attn", ["sks", "dog"]),
@@ -292,13 +293,21 @@ def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "t
         generator = torch.Generator().manual_seed(seed)
         configs = {}
         for c, module in components.items():
-            targets = PRESETS[unet_targets] if c == "unet" else PRESETS["text-encoder"]
+            if c == "unet":
+                targets = PRESETS[unet_targets]
+            elif c in files.DENOISERS:
+                targets = PRESETS["unet-attn"]     # to_q, to_k, to_v, to_out.0: every transformer has them
+            elif "unet" in components:
+                targets = PRESETS["text-encoder"]
+            else:
+                continue
             configs[c] = config_class(**settings, target_modules=targets, init_weights=False)
             controller_for(module).add_adapter(name, configs[c], generator=generator)
         try:
-            meta = build_metadata(algo, configs["unet"], base_model=model_name, trigger_words=words, output_name=name)
-            written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta))
+            meta = build_metadata(algo, next(iter(configs.values())), base_model=model_name, trigger_words=words, output_name=name)
+            written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta,
+                                              layout=None if "unet" in components else "diffusers"))
         finally:
-            for module in components.values():
-                controller_for(module).unload()
+            for c in configs:
+                controller_for(components[c]).unload()
     return written
