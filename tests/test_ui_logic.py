@@ -164,7 +164,7 @@ def test_library_cards(engine, folder):
     assert cards["watercolor"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
     assert cards["watercolor"].summary() == {
         "Algorithm": "lora", "Rank": "r=4", "Family": "unknown", "Base model": "tiny-sd", "Trigger words": "watercolor",
-        "File": "watercolor.safetensors", "Size": f"{cards['watercolor'].size_bytes / 2**20:.2f} MiB",
+        "Tags": "1 distinct in ss_tag_frequency", "File": "watercolor.safetensors", "Size": f"{cards['watercolor'].size_bytes / 2**20:.2f} MiB",
         "Hash": cards["watercolor"].shorthash}
     assert engine.usable_names() == sorted(cards)
 

@@ -1,16 +1,18 @@
 """lycoris-lite web UI: load, scale, stack, fuse and unload adapters on a diffusers pipeline.
 
-    python ui/app.py [--model tiny-sd|tiny-flux|tiny-sd3|…|PATH|OWNER/NAME] [--adapters DIR] [--host 127.0.0.1] [--port 7860]
-                     [--auth USER:PASSWORD ...] [--admin USER ...] [--allow-anonymous] [--share]
+    python ui/app.py [--model tiny-sd|tiny-flux|tiny-sd3|…|PATH|OWNER/NAME] [--adapters DIR]
+                     [--host 127.0.0.1] [--port 7860] [--auth USER:PASSWORD ...] [--admin USER ...]
+                     [--allow-anonymous] [--share]
                      [--max-upload-mb 512] [--upload-quota-mb 2048] [--max-loaded 8] [--slots 4]
                      [--device cuda] [--dtype float16|bfloat16|float32]
 
 A Gradio page over :mod:`lycoris_lite.integrations.webui`, which does the work: the adapter library, the shared
 pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
 ``gr.State``; every event that touches the pipeline shares one queue slot (``concurrency_id="gpu"``) and
-the library's lock. On a shared server, :class:`webui.Accounts` checks logins (rate-limited) and
-limits what changes everyone's pipeline or folder to the admins. With no arguments it opens the embedded tiny model and ``outputs/demo`` (where
-``make demo`` trains one adapter per algorithm; an empty one gets example adapters in ``examples/``).
+the library's lock. On a shared server, :class:`webui.Accounts` checks logins (rate-limited) and keeps
+what changes everyone's pipeline or folder to the admins. With no arguments it opens the embedded tiny
+model and ``outputs/demo`` (where ``make demo`` trains one adapter per algorithm; an empty one gets example
+adapters in ``examples/``). The page's own files (scripts, the adapter cards' template) are in ``ui/page/``.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ PAGE = Path(__file__).with_name("page")  # the page's own script, and the adapte
 ALL = "all"                                 # the filters' "no filter"
 CLICK_MODES = ("Add it to the stack", "Insert its tag in the prompt")
 THUMBNAIL = 192                             # pixels: the cards' preview images
-
-
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: what changes the server for everyone: with ``--admin``, the admins' alone (enabled per page load)
+ADMIN_ACTIONS = ("fuse", "unfuse", "unload", "rescan", "upload", "add")
 
 
 def _session(request: gr.Request | None) -> str:
@@ -88,6 +90,8 @@ class Handlers:
     def cards_view(self, query: str = "", algorithm: str = ALL, family: str = ALL) -> list[dict]:
         """The grid's cards: the adapters the search and the filters leave, previews as data URIs."""
         shown = webui.search_cards(self.engine.cards.values(), query, _chosen(algorithm), _chosen(family))
+        current = {c.preview for c in self.engine.cards.values()}
+        self._thumbnails = {k: v for k, v in list(self._thumbnails.items()) if k[0] in current}  # gone ones leave
         return [{"name": c.name, "location": c.location, "algorithm": c.algorithm or "?", "rank": c.rank or "",
                  "family": c.family or "unknown", "words": ", ".join(c.trigger_words), "problem": c.problem or "",
                  "preview": self._thumbnail(c.preview) if c.preview else ""} for c in shown]
@@ -257,8 +261,8 @@ class Handlers:
 
     def status(self, request: gr.Request = None) -> str:
         s = self.engine.status()
-        line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}, {s['dtype']} on {s['device']}) · attached adapters "
-                f"{len(s['loaded'])}/{s['max_loaded']}: {', '.join(s['loaded']) or 'none'}")
+        line = (f"Model **{s['model']}** (family {s['family'] or 'unknown'}, {s['dtype']} on {s['device']}) · "
+                f"attached adapters {len(s['loaded'])}/{s['max_loaded']}: {', '.join(s['loaded']) or 'none'}")
         if _username(request):
             line += f" · signed in as {_username(request)}{' (admin)' if self.is_admin(request) else ''}"
         if s["fused"]:
@@ -307,9 +311,6 @@ def _user_errors():
         yield
     except USER_ERRORS as exc:
         raise gr.Error(str(exc), print_exception=False) from None
-
-
-ADMIN_ACTIONS = ("fuse", "unfuse", "unload", "rescan", "upload", "add")
 
 
 def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes: int = 512 * 2**20,
@@ -400,7 +401,8 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                                                f"{g}=1" for g in engine.block_groups))))
                 slot_inputs = [c for row, split in zip(rows, splits) for c in (*row, *split)]
                 slot_names = [row[1] for row in rows]
-                order = gr.Dataframe(headers=[h.format(denoiser=denoiser) for h in STACK_HEADERS], label="Stack order", interactive=False, elem_id="stack-order")
+                order = gr.Dataframe(headers=[h.format(denoiser=denoiser) for h in STACK_HEADERS], label="Stack order",
+                                     interactive=False, elem_id="stack-order")
                 with gr.Row():
                     fuse = gr.Button("Fuse stack")
                     unfuse = gr.Button("Unfuse")

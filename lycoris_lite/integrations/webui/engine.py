@@ -82,8 +82,8 @@ class SharedPipeline:
         # AUTOMATIC1111's samplers are noise-prediction schedulers; a flow-matching model keeps its own
         flow = "FlowMatch" in type(self.pipe.scheduler).__name__
         self.samplers = [DEFAULT_SCHEDULER, *([] if flow else SCHEDULERS)]
-        weights = next(self.components[self.denoiser].parameters())
-        self.dtype, self.device = str(weights.dtype).removeprefix("torch."), weights.device.type
+        parameter = next(self.components[self.denoiser].parameters())
+        self.dtype, self.device = str(parameter.dtype).removeprefix("torch."), parameter.device.type
         self._cards: dict[str, AdapterCard] = {}
         self._compatibility: dict[tuple, str | None] = {}
         self._attached: dict[str, tuple] = {}    # name -> file version, in attach (= composition) order

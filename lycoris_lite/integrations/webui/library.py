@@ -141,14 +141,13 @@ class AdapterCard:
         model, trigger words, training prompt and steps, tags, file, size, hash, and why it is unusable."""
         meta = self.metadata
         training = meta.get("training") or {}
-        tags = meta.get("tags") or meta.get("tag_frequency") or {}
         fields = {
             "Algorithm": ", ".join(self.algorithms) or self.algorithm, "Rank": self.rank,
             "Family": self.family or "unknown", "Base model": meta.get("base_model") or training.get("sd_model_name"),
             "Trigger words": ", ".join(self.trigger_words),
             "Training prompt": training.get("instance_prompt") or training.get("prompt"),
             "Steps": training.get("max_train_steps") or training.get("steps"),
-            "Tags": ", ".join(tags) if isinstance(tags, (list, dict)) else tags,
+            "Tags": f"{meta['tag_count']} distinct in ss_tag_frequency" if meta.get("tag_count") else None,
             "File": self.location or self.path.name,
             "Size": f"{self.size_bytes / 2**20:.2f} MiB" if self.size_bytes else None,
             "Hash": self.shorthash, "Not usable": self.problem,
@@ -159,7 +158,6 @@ class AdapterCard:
         """Everything a search matches, lower case: name, file, trigger words and metadata."""
         return " ".join([self.name, self.location, *self.trigger_words,
                          json.dumps(self.metadata, default=str, ensure_ascii=False)]).lower()
-
 
     @property
     def usable(self) -> bool:
@@ -251,8 +249,7 @@ class AdapterLibrary:
             card = replace(card, name=name, location=path.relative_to(self.folder).as_posix(),
                            preview=preview_of(path))
             if card.name in seen:
-                card = AdapterCard(card.name, path, card.stamp, problem=f"another adapter is named {card.name!r}",
-                                   location=card.location, preview=card.preview)
+                card = replace(card, problem=f"another adapter is named {card.name!r}")
             seen.add(card.name)
             cards.append(card)
         self._cache = cache
@@ -304,7 +301,8 @@ def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "t
             configs[c] = config_class(**settings, target_modules=targets, init_weights=False)
             controller_for(module).add_adapter(name, configs[c], generator=generator)
         try:
-            meta = build_metadata(algo, next(iter(configs.values())), base_model=model_name, trigger_words=words, output_name=name)
+            meta = build_metadata(algo, next(iter(configs.values())), base_model=model_name, trigger_words=words,
+                                  output_name=name)
             written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta,
                                               layout=None if "unet" in components else "diffusers"))
         finally:
