@@ -297,8 +297,8 @@ def variant(source: Path, dest: Path, factor: float) -> Path:
 
 @pytest.fixture(scope="module")
 def guarded(served):
-    """The same engine behind logins: ann is the admin, bob is not; 200 kB of uploads per user."""
-    accounts = webui.Accounts({"ann": "s3cret:x", "bob": "hunter2"}, ["ann"])
+    """The same engine behind logins: ann is the admin, bob and carl are not; 200 kB of uploads per user."""
+    accounts = webui.Accounts({"ann": "s3cret:x", "bob": "hunter2", "carl": "pw3"}, ["ann"])
     demo = app.build_app(served.engine, slots=SLOTS, size=64, steps=2, accounts=accounts,
                          upload_quota_bytes=200_000)
     _, url, _ = app.launch(demo, served.engine, port=free_port(), auth=accounts, prevent_thread_lock=True,
@@ -333,6 +333,9 @@ def test_admins_quotas_and_duplicate_uploads(guarded, served, tmp_path):
             ann.predict(handle_file(str(variant(tilt, tmp_path / "tilt_v2.safetensors", 1.2))), "",
                         api_name="/add_adapter")
         assert not (served.folder / "tilt_v2.safetensors").exists()
+        for _ in range(webui.Accounts.max_failures):  # guessing carl's password locks carl out
+            assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "guess"}).status_code == 400
+        assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "pw3"}).status_code == 400
         assert "attached adapters 0/8" in ann.predict(api_name="/unload")
     finally:
         for client in (ann, bob):
@@ -488,7 +491,8 @@ def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_pa
 
 def test_browser_status_split_weights_and_reuse_seed(page, served):
     """Defects 1 and 7: the status line is right as the page loads, not after the first tick of the
-    refresh timer (60 s here); opening "Separate UNet / text-encoder weights" changes nothing (its fields
+    refresh timer (60 s here); the progress says "waiting for the pipeline" only when someone else holds
+    it; opening "Separate UNet / text-encoder weights" changes nothing (its fields
     stay empty, the next Generate uses the stack) and a value typed there shows in the stack order;
     "Reuse last" takes the seed of the image selected in the gallery."""
     served.engine.apply([webui.StackEntry("mirror")])
@@ -502,9 +506,18 @@ def test_browser_status_split_weights_and_reuse_seed(page, served):
     expect(unet).to_have_value("")
     page.get_by_label("Seed", exact=True).fill("5")
     set_number(page, "Images", 2)
+    page.evaluate("""() => {  // every text the gallery shows while it generates (its progress line included)
+        const gallery = document.querySelector('#result-gallery');
+        window.shown = [];
+        new MutationObserver(() => window.shown.push(gallery.innerText))
+            .observe(gallery, {subtree: true, childList: true, characterData: true});
+    }""")
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:watercolor:1>\nSteps.*Seed: 5"),
                                                                timeout=60_000)
+    shown = page.evaluate("window.shown.join(' | ')")
+    assert re.search("applying the stack|encoding the prompt|denoising", shown), shown
+    assert "waiting for the pipeline" not in shown  # nobody else was generating
     page.locator("#result-gallery").get_by_role("button", name="Thumbnail 2 of 2").click()
     page.get_by_role("button", name="Reuse last").click()
     expect(page.get_by_label("Seed", exact=True)).to_have_value("6")
