@@ -38,7 +38,7 @@ from lycoris_lite.integrations import webui  # noqa: E402
 from lycoris_lite.models import TINY_PIPELINES, load_pipeline  # noqa: E402
 
 DEFAULT_ADAPTERS = Path("outputs/demo")
-STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "{denoiser}", "text encoder", "blocks"]
+STACK_HEADERS = ["#", "adapter", "algorithm", "weight", "{denoiser}", "TE", "blocks"]  # TE: the text encoders
 SLOT_VALUES = 6  # per stack slot: on, adapter, weight, denoiser weight, text-encoder weight, block weights
 USER_ERRORS = (ValueError, OSError)  # the library's errors about the user's input (bad files included)
 CANCEL_WAIT = 30.0  # seconds Cancel waits for the generation to stop before it answers
@@ -201,7 +201,7 @@ class Handlers:
             applied = webui.effective_stack(stack, [])
         cards = self.engine.cards
         rows = [[i + 1, e.name, getattr(cards.get(e.name), "algorithm", ""), e.weight, e.unet_weight,
-                 e.text_encoder_weight, webui.format_block_weights(e.blocks) if e.blocks else ""]
+                 e.text_encoder_weight, webui.format_block_weights(e.blocks).replace(";", "; ") if e.blocks else ""]
                 for i, e in enumerate(applied)]
         return stack, rows
 
@@ -402,7 +402,8 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                 slot_inputs = [c for row, split in zip(rows, splits) for c in (*row, *split)]
                 slot_names = [row[1] for row in rows]
                 order = gr.Dataframe(headers=[h.format(denoiser=denoiser) for h in STACK_HEADERS], label="Stack order",
-                                     interactive=False, elem_id="stack-order")
+                                     interactive=False, wrap=True, elem_id="stack-order",
+                                     column_widths=["6%", "20%", "14%", "13%", "11%", "8%", "28%"])
                 with gr.Row():
                     fuse = gr.Button("Fuse stack")
                     unfuse = gr.Button("Unfuse")
