@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # requirement would pull a CUDA build of several GB).
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install install-ui chromium demo test bench ui clean
+.PHONY: install install-ui chromium demo test bench ui ui-screens clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
@@ -27,6 +27,11 @@ install-ui:
 # The web UI: `make ui` opens the tiny model and make demo's adapters (outputs/demo); UI_ARGS="--model PATH --adapters DIR --device cuda --dtype bfloat16 …"
 ui: install-ui
 	$(PYTHON) ui/app.py $(UI_ARGS)
+
+# Screenshots of the web UI's main states in outputs/ui-screens/, for a person to look at (Chromium, Playwright).
+ui-screens: install-ui chromium
+	$(PIP) install --quiet --disable-pip-version-check -e ".[ui,screens]"
+	$(PYTHON) ui/screens.py --out outputs/ui-screens
 
 demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo

@@ -20,7 +20,10 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from playwright.sync_api import expect, sync_playwright
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lycoris_lite.integrations import webui
 from lycoris_lite.models import build_tiny_sd_pipeline
@@ -53,11 +56,11 @@ def free_port() -> int:
 
 
 def slots(*entries) -> list:
-    """The /set_stack arguments: per slot (on, adapter, weight, UNet weight, text-encoder weight)."""
+    """The /set_stack arguments: per slot (on, adapter, weight, UNet weight, text-encoder weight, blocks)."""
     values = []
     for i in range(SLOTS):
         name, weight, *split = entries[i] if i < len(entries) else (None, 1.0)
-        values += [True, name, weight, *(split + [None, None])[:2]]
+        values += [True, name, weight, *(split + [None, None, None])[:3]]
     return values
 
 
@@ -71,7 +74,7 @@ def served(tmp_path_factory):
     before = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(tmp / "gradio")
     engine = app.open_engine("tiny-sd", tmp / "adapters")          # writes the example adapters
-    demo = app.build_app(engine, slots=SLOTS, max_upload_bytes=MAX_UPLOAD, size=64, steps=2)
+    demo = app.build_app(engine, slots=SLOTS, max_upload_bytes=MAX_UPLOAD, size=64, steps=2, refresh_seconds=60)
     _, url, _ = app.launch(demo, engine, port=free_port(), prevent_thread_lock=True, quiet=True,
                            max_upload_bytes=MAX_UPLOAD)
     try:
@@ -105,11 +108,12 @@ def test_handlers_directly(served):
     h = app.Handlers(served.engine, MAX_UPLOAD)
     stack, rows = h.set_stack(*slots(("watercolor", 0.8), ("tilt", 0.5, 0.25, None)))
     assert stack == [webui.StackEntry("watercolor", 0.8), webui.StackEntry("tilt", 0.5, unet=0.25)]
-    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8], [2, "tilt", "oft", 0.5, 0.25, 0.5]]
+    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8, ""], [2, "tilt", "oft", 0.5, 0.25, 0.5, ""]]
     with pytest.raises(gr.Error, match="twice"):
         h.set_stack(*slots(("tilt", 1.0), ("tilt", 0.5)))
-    gallery, text, status, seed, texts = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
+    gallery, text, status, seed, texts, seeds = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
     assert gallery[0][1] == "seed 3" and gallery[0][0].info["parameters"] == text == texts[0] and seed == 3
+    assert seeds == [3]
     assert text.startswith("a photo of sks dog <lora:watercolor:0.8> <lora:tilt:0.5:0.25>\nSteps: 2, Sampler: DDIM")
     assert "read from disk: watercolor, tilt" in status
     assert "no disk read" in h.generate(*GENERATE, stack, progress=lambda *a, **k: None)[2]
@@ -120,17 +124,28 @@ def test_handlers_directly(served):
     assert "Fused for everyone" in h.fuse(stack) and "Fused for everyone" not in h.unfuse()
     assert "attached adapters 0/8" in h.unload_all()
     assert h.cancel() == "Nothing to cancel."
-    version, table, *dropdowns = h.refresh(-1, "tilt", "gone", None)
-    assert version == served.engine.library_version and [row[0] for row in table] == sorted(served.engine.cards)
+    version, grid, *dropdowns = h.refresh(-1, "", "all", "all", "tilt", "gone", None)
+    assert version == served.engine.library_version and [c["name"] for c in grid] == sorted(served.engine.cards)
     assert [d.value for d in dropdowns] == ["tilt", None, None]
     assert sorted(dropdowns[0].choices) == sorted((n, n) for n in served.engine.usable_names())
-    assert h.refresh(version, "tilt") == (gr.skip(),) * 3
+    assert h.refresh(version, "", "all", "all", "tilt") == (gr.skip(),) * 3
     with pytest.raises(gr.Error, match="no adapter named 'gone'"):
         h.set_stack(*slots(("gone", 1.0)))
-    assert [row[0] for row in h.library_rows()] == sorted(served.engine.cards)
-    details = h.details(gr.SelectData(None, {"index": [0, 0], "value": "butterfly", "row_value": ["butterfly"]}))
-    assert list(details["algorithms"]) == ["boft"] and details["trigger_words"] == ["butterfly"]
-    assert h.show_parameters(["x", "y"], gr.SelectData(None, {"index": 1, "value": None})) == "y"
+    assert h.cards_view("tilted", "all", "all")[0] == {
+        "name": "tilt", "location": "examples/tilt.safetensors", "algorithm": "oft", "rank": "block 4",
+        "family": "unknown", "words": "tilted", "problem": "", "preview": ""}
+    assert [c["name"] for c in h.cards_view("", "lokr", "all")] == ["sks_dog"] and not h.cards_view("", "all", "SDXL")
+    assert "<dt>Trigger words</dt><dd>butterfly</dd>" in h.card_details("butterfly")
+    click = lambda name, mode, prompt="a cat", names=("tilt", None, None): h.card_clicked(  # noqa: E731
+        gr.EventData(None, {"name": name, "action": "add"}), None, mode, prompt, "", "all", "all", *names)
+    details, prompt, grid, *updates = click("mirror", app.CLICK_MODES[0])
+    assert "<h3>mirror</h3>" in details and updates[0] == gr.skip() and updates[1]["value"] == "mirror"
+    assert click("mirror", app.CLICK_MODES[1])[1] == "a cat, mirror <lora:mirror:1>"
+    with pytest.raises(gr.Error, match="tilt is in the stack already \\(slot 1\\)"):
+        click("tilt", app.CLICK_MODES[0])
+    with pytest.raises(gr.Error, match="all 3 slots are in use"):
+        click("mirror", app.CLICK_MODES[0], names=("tilt", "sks_dog", "watercolor"))
+    assert h.select_image(["x", "y"], [5, 6], gr.SelectData(None, {"index": 1, "value": None})) == ("y", 6)
     with pytest.raises(gr.Error, match="Choose a .safetensors file"):
         h.add_adapter(None, "")
 
@@ -191,7 +206,7 @@ def test_cancel_stops_the_running_generation(clients):
     while not (job.status().progress_data and job.status().progress_data[0].desc == "denoising"):
         assert time.time() < deadline and not job.done()
         time.sleep(0.05)
-    assert client.predict(api_name="/cancel") == "Cancelling…"
+    assert re.fullmatch(r"Cancelled \(cancelled after \d+ of 150 steps\)\.", client.predict(api_name="/cancel"))
     assert "Cancelled (cancelled after" in job.result(timeout=30)[2]
 
 
@@ -214,10 +229,11 @@ def test_uploads_are_checked(served, clients, tmp_path):
     assert response.status_code == 413
     assert sorted(p.name for p in served.folder.iterdir()) == names
     assert not any(p.name == "evil.safetensors" for p in served.folder.parent.rglob("*"))
-    message, library = client.predict(handle_file(str(source)), "tilt copy.safetensors", api_name="/add_adapter")
+    changed = variant(source, tmp_path / "tilt.safetensors", 1.1)
+    message = client.predict(handle_file(str(changed)), "tilt copy.safetensors", api_name="/add_adapter")
     try:
         assert message.startswith("Added **tilt_copy** (oft, block 4)")
-        assert "tilt_copy" in [row[0] for row in library["data"]]
+        assert served.engine.cards["tilt_copy"].usable
         client.predict(*slots(("tilt_copy", 1.0)), api_name="/set_stack")  # selectable at once
     finally:
         (served.folder / "tilt_copy.safetensors").unlink()
@@ -234,7 +250,7 @@ def test_queue_bypass_and_adapter_files_are_closed(served):
     assert httpx.get(served.url + "monitoring").status_code != 200
 
 
-def test_launch_settings_and_password(served, tmp_path):
+def test_launch_settings(served):
     seen = {}
 
     class Recorder:
@@ -245,20 +261,123 @@ def test_launch_settings_and_password(served, tmp_path):
     assert (seen["server_name"], seen["share"], seen["auth"]) == ("127.0.0.1", False, None)
     assert seen["blocked_paths"] == [str(served.folder)] and seen["max_file_size"] == 512 * 2**20
     assert seen["enable_monitoring"] is False and seen["mcp_server"] is False and "api" not in seen["footer_links"]
+    assert "plain_toasts" not in seen["head"] and "TransformStream" in seen["head"]
+
+
+# ---- a shared server: logins, admins, quotas -------------------------------------------------------------
+def test_exposed_servers_need_logins_or_allow_anonymous(monkeypatch):
+    monkeypatch.delenv("LYCORIS_UI_AUTH", raising=False)
+    accounts = lambda *argv: app.accounts_from_args(app.parse_args(list(argv)))  # noqa: E731
+    assert accounts() is None and accounts("--host", "localhost") is None
+    for argv in (["--host", "0.0.0.0"], ["--host", "192.168.1.5"], ["--share"]):
+        with pytest.raises(SystemExit, match="without --auth.*--allow-anonymous"):
+            accounts(*argv)
+        assert accounts(*argv, "--allow-anonymous") is None
+    with pytest.raises(SystemExit, match="--admin needs --auth"):
+        accounts("--admin", "ann")
     with pytest.raises(SystemExit, match="USER:PASSWORD"):
-        app.parse_auth("ann")
-    demo = app.build_app(served.engine, slots=SLOTS, size=64, steps=2)
-    _, url, _ = app.launch(demo, served.engine, port=free_port(), auth=app.parse_auth("ann:s3cret:x"),
-                           prevent_thread_lock=True, quiet=True)
+        accounts("--auth", "ann")
+    with pytest.raises(SystemExit, match="admin.*carl.*no login"):
+        accounts("--auth", "ann:pw", "--admin", "carl")
+    made = accounts("--host", "0.0.0.0", "--auth", "ann:s3:cret", "--auth", "bob:pw2", "--admin", "ann")
+    assert made("ann", "s3:cret") and made("bob", "pw2") and not made("bob", "s3:cret")
+    assert made.is_admin("ann") and not made.is_admin("bob") and not made.is_admin(None)
+    monkeypatch.setenv("LYCORIS_UI_AUTH", "ann:pw\nbob:pw2")
+    assert accounts("--host", "0.0.0.0")("bob", "pw2")
+
+
+def variant(source: Path, dest: Path, factor: float) -> Path:
+    """A copy of adapter ``source`` whose weights differ (another content hash)."""
+    with safe_open(str(source), "pt") as fh:
+        metadata = fh.metadata()
+    state = {k: v * factor if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
+    save_file(state, str(dest), metadata=metadata)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def guarded(served):
+    """The same engine behind logins: ann is the admin, bob and carl are not; 200 kB of uploads per user."""
+    accounts = webui.Accounts({"ann": "s3cret:x", "bob": "hunter2", "carl": "pw3"}, ["ann"])
+    demo = app.build_app(served.engine, slots=SLOTS, size=64, steps=2, accounts=accounts,
+                         upload_quota_bytes=200_000)
+    _, url, _ = app.launch(demo, served.engine, port=free_port(), auth=accounts, prevent_thread_lock=True,
+                           quiet=True)
     try:
-        assert httpx.get(url + "config").status_code == 401
-        with pytest.raises(ValueError, match="Could not login"):
-            Client(url, auth=("ann", "wrong"), verbose=False)
-        client = Client(url, auth=("ann", "s3cret:x"), verbose=False, download_files=str(tmp_path))
-        assert client.predict(*slots(("tilt", 0.5)), api_name="/set_stack")["data"][0][1] == "tilt"
-        client.close()
+        yield SimpleNamespace(url=url, accounts=accounts)
     finally:
         demo.close()
+
+
+def test_admins_quotas_and_duplicate_uploads(guarded, served, tmp_path):
+    assert httpx.get(guarded.url + "config").status_code == 401
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(guarded.url, auth=("ann", "wrong"), verbose=False)
+    ann = Client(guarded.url, auth=("ann", "s3cret:x"), verbose=False, download_files=str(tmp_path / "ann"))
+    bob = Client(guarded.url, auth=("bob", "hunter2"), verbose=False, download_files=str(tmp_path / "bob"))
+    tilt = served.folder / "examples" / "tilt.safetensors"
+    added = []
+    try:
+        assert bob.predict(*slots(("tilt", 0.5)), api_name="/set_stack")["data"][0][1] == "tilt"
+        for api_name, args in (("/fuse", ()), ("/unfuse", ()), ("/unload", ()), ("/rescan", ()),
+                               ("/add_adapter", (handle_file(str(variant(tilt, tmp_path / "b.safetensors", 1.1))), ""))):
+            with pytest.raises(AppError, match="only its admins \\(ann\\) may do it"):
+                bob.predict(*args, api_name=api_name)
+        with pytest.raises(AppError, match="already in the library as tilt \\(examples/tilt.safetensors\\)"):
+            ann.predict(handle_file(str(tilt)), "copy.safetensors", api_name="/add_adapter")
+        source = variant(tilt, tmp_path / "tilt_v1.safetensors", 1.1)  # 154 kB: one fits the 200 kB quota
+        message = ann.predict(handle_file(str(source)), "", api_name="/add_adapter")
+        added.append(served.folder / source.name)
+        assert message.startswith("Added **tilt_v1**")
+        with pytest.raises(AppError, match="the quota per session is 0.19 MiB"):
+            ann.predict(handle_file(str(variant(tilt, tmp_path / "tilt_v2.safetensors", 1.2))), "",
+                        api_name="/add_adapter")
+        assert not (served.folder / "tilt_v2.safetensors").exists()
+        for _ in range(webui.Accounts.max_failures):  # guessing carl's password locks carl out
+            assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "guess"}).status_code == 400
+        assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "pw3"}).status_code == 400
+        assert "attached adapters 0/8" in ann.predict(api_name="/unload")
+    finally:
+        for client in (ann, bob):
+            client.close()
+        for path in added:
+            path.unlink()
+        served.engine.rescan()
+
+
+def test_logins_are_rate_limited():
+    now = [0.0]
+    accounts = webui.Accounts({"ann": "pw", "bob": "pw2"}, clock=lambda: now[0])
+    for _ in range(accounts.max_failures):
+        assert not accounts("ann", "guess")
+    assert not accounts("ann", "pw") and accounts.locked("ann")  # locked out, right password or not
+    assert accounts("bob", "pw2")                                # other users are not
+    now[0] += accounts.window + 1
+    assert accounts("ann", "pw")
+    for i in range(accounts.max_total_failures):                 # a spray across many user names
+        accounts(f"user{i}", "guess")
+    assert not accounts("bob", "pw2")
+    now[0] += accounts.window + 1
+    assert accounts("bob", "pw2")
+
+
+def test_browser_login_disables_what_only_admins_may_do(browser, guarded, served):
+    """bob (not an admin) logs in: the header says who he is, and Fuse, Unfuse, Unload all, Rescan and
+    Add to library are disabled for him (ann, the admin, gets them enabled)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    page = context.new_page()
+    page.goto(guarded.url)
+    page.get_by_label("username").fill("bob")
+    page.get_by_label("password").fill("hunter2")
+    page.get_by_role("button", name="Login").click()
+    expect(page.locator("#status")).to_contain_text("signed in as bob", timeout=30_000)
+    for name in ("Fuse stack", "Unfuse", "Unload all", "Rescan folder", "Add to library"):
+        expect(page.get_by_role("button", name=name)).to_be_disabled()
+    context.close()
+    admin = app.Handlers(served.engine, MAX_UPLOAD, guarded.accounts)
+    as_ann = SimpleNamespace(username="ann", session_hash="s")
+    assert all(update["interactive"] for update in admin.permissions(as_ann))
+    assert "signed in as ann (admin)" in admin.status(as_ann)
 
 
 # ---- --dtype ---------------------------------------------------------------------------------------------
@@ -298,45 +417,305 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium() is None, reason="Chromium is not installed: `make install` installs Debian's "
-                    "chromium with apt-get where it can (root and apt needed); Playwright's own download "
-                    "does not work offline")
-def test_browser_picks_an_adapter_moves_its_slider_and_generates(tmp_path, monkeypatch):
-    """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's browser tests (a fresh page each)."""
+    if chromium() is None:
+        pytest.skip("Chromium is not installed: `make install` installs Debian's chromium with apt-get where it "
+                    "can (root and apt needed); Playwright's own download does not work offline")
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
 
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(url)
+    page.wait_for_load_state("load")
+    return page
+
+
+@pytest.fixture
+def page(browser, served):
+    """The served app (3 slots, 64x64, 2 steps) in a fresh page."""
+    opened = open_page(browser, served.url)
+    yield opened
+    opened.close()
+
+
+def pick(page, slot: int, name: str) -> None:
+    box = page.get_by_role("combobox", name=f"Adapter {slot}")
+    box.click()
+    page.locator(f"#{box.get_attribute('aria-controls')}").get_by_role("option", name=name, exact=True).click()
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def toast(page, text: str):
+    return page.get_by_test_id("toast-text").filter(has_text=text).first
+
+
+def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_path, monkeypatch):
+    """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo, url = app.main(["--adapters", str(tmp_path / "adapters"), "--port", str(free_port()), "--slots", "2"],
                          block=False)
     try:
         assert url.startswith("http://127.0.0.1:")
         assert (tmp_path / "adapters" / "examples" / "watercolor.safetensors").is_file()
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(url)
-            page.wait_for_load_state("load")
-            page.get_by_role("combobox", name="Adapter 1").click()
-            page.get_by_role("option", name="watercolor").click()
-            slider = page.get_by_label("range slider for Weight 1")
-            slider.focus()
-            for _ in range(6):
-                slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
-            expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
-            expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
-            steps = page.get_by_label("number input for Steps")
-            steps.fill("2")
-            steps.press("Enter")
-            page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
-            page.get_by_role("button", name="Generate").click()
-            expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
-            expect(page.locator("#parameters textarea")).to_have_value(
-                re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
-            browser.close()
+        page = open_page(browser, url)
+        pick(page, 1, "watercolor")
+        slider = page.get_by_label("range slider for Weight 1")
+        slider.focus()
+        for _ in range(6):
+            slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
+        expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
+        expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
+        set_number(page, "Steps", 2)
+        page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
+        expect(page.locator("#parameters textarea")).to_have_value(
+            re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+        page.close()
     finally:
         demo.close()
+
+
+def test_browser_status_split_weights_and_reuse_seed(page, served):
+    """Defects 1 and 7: the status line is right as the page loads, not after the first tick of the
+    refresh timer (60 s here); the progress says "waiting for the pipeline" only when someone else holds
+    it; opening "Separate UNet / text-encoder weights" changes nothing (its fields
+    stay empty, the next Generate uses the stack) and a value typed there shows in the stack order;
+    "Reuse last" takes the seed of the image selected in the gallery."""
+    served.engine.apply([webui.StackEntry("mirror")])
+    page.reload()
+    expect(page.locator("#status")).to_contain_text("attached adapters 1/8: mirror", timeout=15_000)
+    pick(page, 1, "watercolor")
+    order = page.locator("#stack-order")
+    expect(order).to_contain_text("watercolor")
+    page.get_by_text("Separate UNet / text-encoder weights").click()
+    unet = page.get_by_label("UNet weight 1")
+    expect(unet).to_have_value("")
+    page.get_by_label("Seed", exact=True).fill("5")
+    set_number(page, "Images", 2)
+    page.evaluate("""() => {  // every text the gallery shows while it generates (its progress line included)
+        const gallery = document.querySelector('#result-gallery');
+        window.shown = [];
+        new MutationObserver(() => window.shown.push(gallery.innerText))
+            .observe(gallery, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:watercolor:1>\nSteps.*Seed: 5"),
+                                                               timeout=60_000)
+    shown = page.evaluate("window.shown.join(' | ')")
+    assert re.search("applying the stack|encoding the prompt|denoising", shown), shown
+    assert "waiting for the pipeline" not in shown  # nobody else was generating
+    page.locator("#result-gallery").get_by_role("button", name="Thumbnail 2 of 2").click()
+    page.get_by_role("button", name="Reuse last").click()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value("6")
+    unet.fill("0.25")
+    unet.blur()
+    expect(order.get_by_role("row").nth(1)).to_contain_text("1 watercolor lora 1 0.25 1")
+
+
+def test_browser_uploads_and_names(page, served, tmp_path):
+    """Defects 3 and 7: "Added …" appears under the upload box, a long file name and the chosen adapter
+    are shown whole; ``examples/tilt`` and ``more/tilt`` both show after Rescan, with their files, and
+    both go into the stack under those names."""
+    long_name = tmp_path / "a_rather_long_adapter_file_name_v2_final.safetensors"
+    variant(served.folder / "examples" / "tilt.safetensors", long_name, 1.2)
+    page.locator("#upload input[type=file]").set_input_files(str(long_name))
+    stem = page.locator("#upload .filename .stem")
+    expect(stem).to_have_text(long_name.stem)
+    assert stem.evaluate("e => e.scrollWidth <= e.clientWidth")
+    (served.folder / "more").mkdir()
+    try:
+        page.get_by_role("button", name="Add to library").click()
+        added = page.locator("#upload-message")
+        expect(added).to_contain_text(f"Added {long_name.stem}", timeout=30_000)
+        upload_box, message_box = page.locator("#upload").bounding_box(), added.bounding_box()
+        assert 0 <= message_box["y"] - (upload_box["y"] + upload_box["height"]) < 250  # under it, same column
+        assert abs(message_box["x"] - upload_box["x"]) < 50
+        pick(page, 1, long_name.stem)
+        chosen = page.get_by_role("combobox", name="Adapter 1")
+        expect(chosen).to_have_value(long_name.stem)
+        assert chosen.evaluate("e => e.scrollWidth <= e.clientWidth")
+        shutil.copyfile(served.folder / "examples" / "tilt.safetensors", served.folder / "more" / "tilt.safetensors")
+        page.get_by_role("button", name="Rescan folder").click()
+        for name in ("examples/tilt", "more/tilt"):
+            card = page.locator(".adapter-card:not(.off)").filter(has_text=f"{name}.safetensors")
+            expect(card.locator(".card-name")).to_have_text(name)
+        pick(page, 2, "examples/tilt")
+        pick(page, 3, "more/tilt")
+        rows = page.locator("#stack-order").get_by_role("row")
+        expect(rows.nth(2)).to_contain_text("2 examples/tilt oft")
+        expect(rows.nth(3)).to_contain_text("3 more/tilt oft")
+    finally:
+        (served.folder / long_name.name).unlink(missing_ok=True)
+        shutil.rmtree(served.folder / "more")
+        served.engine.rescan()
+
+
+def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, served, tmp_path):
+    """A bad tag, a tag in the negative prompt, a bad split weight and a refused upload: each toast shows
+    the whole message, tags included, and the gallery, stack table and library keep their contents (no
+    "Error" overlay)."""
+    prompt, negative = page.get_by_label("Prompt", exact=True), page.get_by_label("Negative prompt")
+    gallery = page.locator("#result-gallery")
+    page.get_by_role("button", name="Generate").click()
+    expect(gallery.locator("img").first).to_be_visible(timeout=60_000)
+    for text, where, message in [
+        ("a <lora:watercolor:abc> dog", prompt, "a weight in <lora:watercolor:abc> must be a number, got 'abc'"),
+        ("<lora:tilt:1>", negative, "<lora:…> tags work in the prompt only, not in the negative prompt"),
+    ]:
+        prompt.fill("")
+        where.fill(text)
+        page.get_by_role("button", name="Generate").click()
+        expect(toast(page, message)).to_be_visible(timeout=30_000)
+        expect(gallery).not_to_contain_text("Error")
+        expect(gallery.locator("img").first).to_be_visible()
+        negative.fill("")
+    pick(page, 1, "tilt")
+    page.get_by_text("Separate UNet / text-encoder weights").click()
+    page.get_by_label("UNet weight 1").fill("abc")
+    page.get_by_label("UNet weight 1").blur()
+    expect(toast(page, "the UNet weight of tilt must be a number, got 'abc'")).to_be_visible(timeout=30_000)
+    expect(page.locator("#stack-order")).not_to_contain_text("Error")
+    expect(page.locator("#stack-order")).to_contain_text("tilt")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((served.folder / "examples" / "tilt.safetensors").read_bytes()[:3000])
+    page.locator("#upload input[type=file]").set_input_files(str(corrupt))
+    page.get_by_role("button", name="Add to library").click()
+    expect(toast(page, "truncated")).to_be_visible(timeout=30_000)
+    expect(page.locator("#upload-message")).not_to_contain_text("Error")
+    expect(page.locator(".adapter-card")).to_have_count(len(webui.EXAMPLES))
+
+
+def test_browser_cancel_confirms_in_the_page(page):
+    """Cancel answers once the generation has stopped, instead of staying on "Cancelling…"."""
+    set_number(page, "Steps", 150)
+    for side in ("Width", "Height"):  # slow steps: Gradio drops the answer of a generation it cancels mid-step
+        set_number(page, side, 512)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#result-gallery")).to_contain_text("denoising", timeout=30_000)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#message")).to_have_text(re.compile(r"^\s*Cancelled \(cancelled after \d+ of 150 steps\)\.\s*$"),
+                                                  timeout=30_000)
+
+
+def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
+    """The card grid: search and filters narrow it; a sidecar ``name.png`` is the card's preview and "make
+    one" renders and keeps one; a click adds the adapter to the stack (or its tag and trigger words to
+    the prompt) and shows its metadata card; an adapter that does not fit the model is greyed with the
+    reason and adds nothing."""
+    examples = served.folder / "examples"
+    Image.new("RGB", (32, 32), "red").save(examples / "mirror.png")
+    state = load_file(str(examples / "watercolor.safetensors"))
+    down = next(k for k in sorted(state) if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
+    state[down] = torch.zeros(state[down].shape[0], state[down].shape[1] + 8)  # trained for a wider model
+    save_file(state, str(served.folder / "wide.safetensors"))
+    try:
+        page.get_by_role("button", name="Rescan folder").click()
+        cards = page.locator(".adapter-card")
+        expect(cards).to_have_count(len(webui.EXAMPLES) + 1)
+        wide = cards.filter(has_text="wide.safetensors")
+        expect(wide).to_have_class(re.compile(r"\boff\b"))
+        expect(wide).to_contain_text("does not fit this model")
+        expect(cards.filter(has_text="mirror").locator("img")).to_have_attribute("src", re.compile("^data:image/png"))
+        search = page.get_by_label("Search")
+        search.fill("tilted")
+        expect(cards).to_have_count(1)
+        expect(cards.first.locator(".card-name")).to_have_text("tilt")
+        search.fill("")
+        page.get_by_role("combobox", name="Algorithm").click()
+        page.get_by_role("option", name="lokr", exact=True).click()
+        expect(cards).to_have_count(1)
+        cards.first.click()                                     # sks_dog into the first empty slot
+        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("sks_dog")
+        expect(page.locator("#adapter-details").locator("xpath=//dt[.='Trigger words']/following-sibling::dd[1]")
+               ).to_have_text("sks, dog")
+        expect(page.locator("#stack-order")).to_contain_text("sks_dog")
+        page.get_by_role("combobox", name="Algorithm").click()
+        page.get_by_role("option", name="all", exact=True).click()
+        expect(cards).to_have_count(len(webui.EXAMPLES) + 1)
+        wide.click()                                            # greyed: shows why, adds nothing
+        expect(page.locator("#adapter-details")).to_contain_text("Not usable")
+        expect(page.get_by_role("combobox", name="Adapter 2")).to_have_value("")
+        page.get_by_label("Insert its tag in the prompt").check()
+        page.get_by_label("Prompt", exact=True).fill("a cat")
+        cards.filter(has_text="watercolor.safetensors").click()
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a cat, watercolor <lora:watercolor:1>")
+        cards.filter(has_text="tilt").get_by_role("button", name="make one").click()
+        expect(cards.filter(has_text="tilt").locator("img")).to_be_visible(timeout=60_000)
+        with Image.open(examples / "tilt.preview.png") as made:
+            assert made.text["parameters"].startswith("tilted <lora:tilt:1>")
+    finally:
+        for path in (examples / "mirror.png", examples / "tilt.preview.png", served.folder / "wide.safetensors"):
+            path.unlink(missing_ok=True)
+        served.engine.rescan()
+
+
+# ---- a transformer model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flux_served(tmp_path_factory):
+    """``--model tiny-flux`` (its example adapters adapt the transformer's attention), served at 64x64."""
+    tmp = tmp_path_factory.mktemp("flux")
+    engine = app.open_engine("tiny-flux", tmp / "adapters")
+    demo = app.build_app(engine, slots=2, size=64, steps=2, refresh_seconds=60)
+    _, url, _ = app.launch(demo, engine, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield SimpleNamespace(url=url, engine=engine)
+    finally:
+        demo.close()
+
+
+def test_transformer_model_block_weights_and_samplers(flux_served):
+    """A Flux pipeline: its family and block groups, its own (flow-matching) sampler only, and block
+    weights per group: all groups at 0 switch an attention-only adapter off, one group at 0 changes it."""
+    engine = flux_served.engine
+    assert (engine.family, engine.denoiser, engine.samplers) == ("Flux.1", "transformer", ["Default"])
+    assert engine.block_groups == {"transformer_blocks": 2, "single_transformer_blocks": 2}
+    assert all(c.usable for c in engine.cards.values()) and len(engine.cards) == len(webui.EXAMPLES)
+    settings = webui.GenerationSettings("a photo of sks dog", seed=3, steps=2, width=64, height=64)
+    image = lambda stack, **kw: np.asarray(engine.generate(settings, stack, **kw).images[0])  # noqa: E731
+    base, styled = image([]), image([webui.StackEntry("watercolor")])
+    off = image([webui.StackEntry("watercolor", blocks="transformer_blocks=0; single_transformer_blocks=0")])
+    single_off = engine.generate(settings, [webui.StackEntry("watercolor", 0.5, blocks={"single_transformer_blocks": 0})])
+    assert np.abs(styled.astype(int) - base).max() > 0 and np.array_equal(off, base)
+    assert "<lora:watercolor:0.5:blocks=single_transformer_blocks=0>" in single_off.parameters[0]
+    again = engine.generate(webui.GenerationSettings(single_off.parameters[0].split("\n")[0], seed=3, steps=2,
+                                                     width=64, height=64), [])
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(single_off.images[0]))  # the tag carries the blocks
+    with pytest.raises(ValueError, match="block groups are transformer_blocks, single_transformer_blocks"):
+        engine.generate(settings, [webui.StackEntry("watercolor", blocks="down=0")])
+    with pytest.raises(ValueError, match="the Euler sampler does not work with this model's FlowMatchEulerDiscrete"):
+        engine.generate(webui.GenerationSettings("a", steps=2, width=64, height=64, scheduler="Euler"), [])
+
+
+def test_browser_transformer_model_header_and_block_weights(browser, flux_served):
+    """The header names the model's family and dtype; the block weights show the transformer's groups, and
+    block weights typed for a slot reach the stack (generating with them: the test above)."""
+    page = open_page(browser, flux_served.url)
+    try:
+        expect(page.locator("#status")).to_contain_text("Model tiny-flux (family Flux.1, float32 on cpu)")
+        page.get_by_text("Separate Transformer / text-encoder weights").click()
+        expect(page.locator("#block-groups")).to_contain_text(
+            "transformer_blocks (2 blocks), single_transformer_blocks (2 blocks)")
+        pick(page, 1, "watercolor")
+        blocks = page.get_by_label("Block weights 1")
+        blocks.fill("single_transformer_blocks=0,1")
+        blocks.blur()
+        expect(page.locator("#stack-order").get_by_role("row").nth(1)).to_contain_text("single_transformer_blocks=0,1")
+    finally:
+        page.close()
 
 
 def test_notes_keep_their_tags_as_text():

@@ -5,13 +5,13 @@ concurrency, uploads). Images are 64x64, 2 steps."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import threading
 import time
 from unittest import mock
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,12 +53,28 @@ def test_tags_round_trip_and_effective_stack():
     entries = [StackEntry("a", 0.8), StackEntry("b", 1.0, unet=0.5), StackEntry("c", 0.7, text_encoder=0.2)]
     assert webui.parse_prompt(" ".join(e.tag() for e in entries))[1] == [
         StackEntry("a", 0.8), StackEntry("b", 1.0, unet=0.5), StackEntry("c", 0.2, unet=0.7)]
-    assert entries[2].pipeline_weight() == {"unet": 0.7, "text_encoder": 0.2, "text_encoder_2": 0.2}
+    assert entries[2].pipeline_weight() == {"unet": 0.7, "text_encoder": 0.2, "text_encoder_2": 0.2,
+                                            "text_encoder_3": 0.2}
+    blocky = StackEntry("d", 0.5, blocks="down=0.5; up=1,0")
+    assert blocky.pipeline_weight("unet", ["down", "mid", "up"]) == {
+        "unet": {"down": 0.25, "mid": 0.5, "up": [0.5, 0.0]}, "text_encoder": 0.5, "text_encoder_2": 0.5,
+        "text_encoder_3": 0.5}
+    assert webui.parse_prompt(blocky.tag()) == ("", [blocky]) and blocky.tag() == "<lora:d:0.5:blocks=down=0.5;up=1,0>"
     ui = [StackEntry("a", 1.0), StackEntry("off", 1.0, enabled=False), StackEntry("zero", 0.0), StackEntry("b", 0.5)]
     tags = [StackEntry("a", 0.25), StackEntry("c", 1.0)]
     assert webui.effective_stack(ui, tags) == [StackEntry("a", 0.25), StackEntry("b", 0.5), StackEntry("c", 1.0)]
     with pytest.raises(ValueError, match="twice"):
         webui.effective_stack([StackEntry("a"), StackEntry("a", 0.5)], [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("down", "is not group=value"), ("=1", "is not group=value"), ("down=", "is not group=value"),
+    ("down=x", "down weight in block weights must be a number"), ("up=1,nan", "finite"),
+    ("down=1; down=0", "down is given twice"), ("9x=1", "is not group=value"),
+])
+def test_bad_block_weights(text, message):
+    with pytest.raises(ValueError, match=message):
+        webui.parse_block_weights(text)
 
 
 # ---- AUTOMATIC1111 parameters text ------------------------------------------------------------------
@@ -146,8 +162,62 @@ def test_library_cards(engine, folder):
     data = (folder / "watercolor.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert cards["watercolor"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
-    assert json.dumps(cards["watercolor"].details())  # JSON-ready for the metadata panel
+    assert cards["watercolor"].summary() == {
+        "Algorithm": "lora", "Rank": "r=4", "Family": "unknown", "Base model": "tiny-sd", "Trigger words": "watercolor",
+        "Tags": "1 distinct in ss_tag_frequency", "File": "watercolor.safetensors", "Size": f"{cards['watercolor'].size_bytes / 2**20:.2f} MiB",
+        "Hash": cards["watercolor"].shorthash}
     assert engine.usable_names() == sorted(cards)
+
+
+def test_search_and_filters(engine):
+    cards = engine.cards.values()
+    names = lambda *args: [c.name for c in webui.search_cards(cards, *args)]  # noqa: E731
+    assert names("") == sorted(engine.cards)
+    assert names("TILTED") == ["tilt"]                        # a trigger word, any case
+    assert names("sks dog") == ["sks_dog"]                    # every word must match
+    assert names("tiny-sd lokr") == ["sks_dog"]               # metadata: base model, algorithm
+    assert names("", "oft") == ["tilt"] and names("", "loha") == []
+    assert names("", None, "unknown") == sorted(engine.cards) and names("", None, "SDXL") == []
+
+
+@pytest.mark.parametrize("prompt, words, expected", [
+    ("a photo of a dog", ["watercolor"], "a photo of a dog, watercolor <lora:watercolor:1>"),
+    ("", ["sks", "dog"], "sks, dog <lora:watercolor:1>"),
+    ("a Watercolor cat", ["watercolor"], "a Watercolor cat <lora:watercolor:1>"),
+])
+def test_insert_tag(prompt, words, expected):
+    assert webui.insert_tag(prompt, "watercolor", words) == expected
+
+
+def test_insert_tag_refuses_a_second_tag():
+    with pytest.raises(ValueError, match="has a tag for watercolor already"):
+        webui.insert_tag("a <lora:watercolor:0.5>", "watercolor", [])
+
+
+def test_previews_sidecars_and_made_on_demand(engine, folder):
+    sidecar = folder / "mirror.png"
+    Image.new("RGB", (8, 8), "red").save(sidecar)
+    made = folder / "tilt.preview.png"
+    try:
+        cards = {c.name: c for c in engine.rescan()}
+        assert cards["mirror"].preview == sidecar and cards["tilt"].preview is None
+        version = engine.library_version
+        path = engine.make_preview("tilt", settings(prompt="ignored"))
+        assert path == made == webui.preview_destination(folder / "tilt.safetensors")
+        with Image.open(made) as image:
+            assert image.size == (64, 64) and image.text["parameters"].startswith("tilted <lora:tilt:1>\nSteps: 2")
+        alone = engine.generate(settings(prompt="tilted", seed=7), [StackEntry("tilt")])
+        assert np.array_equal(np.asarray(Image.open(made).convert("RGB")), pixels(alone)[0])
+        assert engine.cards["tilt"].preview == made and engine.library_version == version + 1
+        with pytest.raises(ValueError, match="already has a preview \\(tilt.preview.png\\)"):
+            engine.make_preview("tilt", settings())
+        engine.fuse([StackEntry("watercolor")])
+        with pytest.raises(ValueError, match="unfuse it before making previews"):
+            engine.make_preview("sks_dog", settings())
+        assert not (folder / "sks_dog.preview.png").exists()
+    finally:
+        sidecar.unlink()
+        made.unlink(missing_ok=True)
 
 
 def test_library_reads_subfolders_but_not_checkpoints(engine, folder):
@@ -165,6 +235,46 @@ def test_library_reads_subfolders_but_not_checkpoints(engine, folder):
         assert engine.cards["sks_duck_lokr"].usable and engine.cards["sks_duck_lokr"].path.parent == trained
     finally:
         shutil.rmtree(trained)
+
+
+def test_adapters_sharing_a_file_name_are_named_by_their_paths(engine, folder):
+    """Two ``style.safetensors`` in different subfolders: each is named by its path (``a/style``), both
+    usable; a root file keeps its stem; the bare stem names no adapter and the error lists the paths."""
+    (folder / "a").mkdir()
+    (folder / "b.v2").mkdir()
+    try:
+        for where in ("a/style", "b.v2/style", "a/tilt"):
+            shutil.copyfile(folder / "watercolor.safetensors" if "style" in where else folder / "tilt.safetensors",
+                            folder / f"{where}.safetensors")
+        cards = {c.name: c for c in engine.rescan()}
+        assert {"a/style", "b_v2/style", "tilt", "a/tilt"} <= set(cards) and "style" not in cards
+        assert all(cards[n].usable for n in ("a/style", "b_v2/style", "tilt", "a/tilt"))
+        assert cards["b_v2/style"].location == "b.v2/style.safetensors" and cards["tilt"].location == "tilt.safetensors"
+        with pytest.raises(ValueError, match="several adapters have that file name; use one of a/style, b_v2/style"):
+            engine.card("style")
+        same = [pixels(engine.generate(settings(prompt=f"a photo <lora:{n}:0.8>"), []))[0] for n in ("a/tilt", "tilt")]
+        assert np.array_equal(*same)  # the same bytes under two names
+        assert [c.name for c in engine.rescan()] == list(cards)  # stable from one scan to the next
+    finally:
+        shutil.rmtree(folder / "a")
+        shutil.rmtree(folder / "b.v2")
+
+
+def test_waiting_is_reported_only_while_another_generation_holds_the_pipeline(engine):
+    phases = []
+    engine.generate(settings(), [StackEntry("watercolor")], on_step=lambda done, total, what: phases.append(what))
+    assert phases[:3] == ["applying the stack", "encoding the prompt", "denoising"]
+    phases.clear()
+    with engine.lock:
+        worker = threading.Thread(target=engine.generate, args=(settings(), []),
+                                  kwargs={"on_step": lambda done, total, what: phases.append(what)})
+        worker.start()
+        deadline = time.time() + 30
+        while not phases and time.time() < deadline:
+            time.sleep(0.01)
+        assert phases == ["waiting for the pipeline"]
+    worker.join(60)
+    assert phases[:3] == ["waiting for the pipeline", "applying the stack", "encoding the prompt"]
 
 
 def sdxl_file(path):
@@ -361,7 +471,11 @@ def test_uploads_are_validated_before_anything_is_saved(engine, folder, tmp_path
     save_file(state, tmp_path / "nan.safetensors")
     refused(tmp_path / "nan.safetensors", None, "NaN")
     refused(sdxl_file(tmp_path / "xl.safetensors"), None, "SDXL")
-    card = engine.add_upload(source, "my copy.safetensors", max_bytes=2**20)
+    refused(source, "dup.safetensors", r"already in the library as watercolor \(watercolor.safetensors\)")
+    state = load_file(source)
+    state[key] = state[key] * 1.5
+    save_file(state, tmp_path / "changed.safetensors")
+    card = engine.add_upload(tmp_path / "changed.safetensors", "my copy.safetensors", max_bytes=2**20)
     try:
         assert card.name == "my_copy" and card.usable and (folder / "my_copy.safetensors").is_file()
         assert "my_copy" in engine.usable_names()

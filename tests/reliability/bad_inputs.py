@@ -274,12 +274,16 @@ def trainer_in_process(argv: list[str]) -> tuple[object, str]:
 # ---- the web UI ------------------------------------------------------------------------------------------
 #: (id, handler, arguments, what the message must say): wrong types, out-of-range numbers, unknown names
 UI_BAD_INPUTS = [
-    ("weight-text", "set_stack", {"slot": (True, "watercolor", "heavy", None, None)}, r"weight"),
-    ("weight-nan", "set_stack", {"slot": (True, "watercolor", float("nan"), None, None)}, r"finite"),
-    ("weight-inf", "set_stack", {"slot": (True, "watercolor", float("inf"), None, None)}, r"finite"),
-    ("unet-weight-text", "set_stack", {"slot": (True, "watercolor", 1.0, "x", None)}, r"weight"),
-    ("unknown-adapter", "set_stack", {"slot": (True, "nope", 1.0, None, None)}, r"no adapter named 'nope'"),
-    ("path-as-adapter", "set_stack", {"slot": (True, "../tilt", 1.0, None, None)}, r"no adapter named '\.\./tilt'"),
+    ("weight-text", "set_stack", {"slot": (True, "watercolor", "heavy", None, None, None)}, r"weight"),
+    ("weight-nan", "set_stack", {"slot": (True, "watercolor", float("nan"), None, None, None)}, r"finite"),
+    ("weight-inf", "set_stack", {"slot": (True, "watercolor", float("inf"), None, None, None)}, r"finite"),
+    ("unet-weight-text", "set_stack", {"slot": (True, "watercolor", 1.0, "x", None, None)}, r"weight"),
+    ("blocks-text", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "down=x")}, r"down weight .* must be a number"),
+    ("blocks-no-group", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "0.5")}, r"is not group=value"),
+    ("blocks-unknown-group", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "sideways=1")},
+     r"block groups are down, mid, up"),
+    ("unknown-adapter", "set_stack", {"slot": (True, "nope", 1.0, None, None, None)}, r"no adapter named 'nope'"),
+    ("path-as-adapter", "set_stack", {"slot": (True, "../tilt", 1.0, None, None, None)}, r"no adapter named '\.\./tilt'"),
     ("seed-text", "generate", {"seed": "x"}, r"seed"),
     ("seed-negative", "generate", {"seed": -5}, r"seed must be"),
     ("seed-huge", "generate", {"seed": 2 ** 70}, r"seed must be"),
@@ -328,7 +332,7 @@ def run_ui_bad_inputs(engine, folder: Path, max_upload_bytes: int = 600_000, cas
         if handler == "set_stack":  # the Generate button: set_stack, then generate with its stack
             def call():
                 stack, _ = handlers.set_stack(*args["slot"], *[v for _ in range(UI_SLOTS - 1)
-                                                               for v in (True, None, 1.0, None, None)])
+                                                               for v in (True, None, 1.0, None, None, None)])
                 return handlers.generate(*generate.values(), stack, progress=lambda *a, **k: None)
         elif handler == "generate":
             values = {**generate, **args}

@@ -77,7 +77,7 @@ def _slots(stack) -> list:
     values = []
     for i in range(UI_SLOTS):
         name, weight = stack[i] if i < len(stack) else (None, 1.0)
-        values += [True, name, weight, None, None]
+        values += [True, name, weight, None, None, None]
     return values
 
 

@@ -24,16 +24,35 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import PngImagePlugin
+from torch import nn
 
 from ...io import files
 from ...io.formats import kohya
 from ...io.formats.safe_io import atomic_write, check_safetensors_header
 from ..pipeline import enable
-from .library import AdapterCard, AdapterLibrary, adapter_name, read_card
+from .library import AdapterCard, AdapterLibrary, adapter_name, addnet_hash, preview_destination, read_card
 from .settings import (DEFAULT_SCHEDULER, MAX_SEED, SCHEDULERS, GenerationCancelled, GenerationResult,
                        GenerationSettings)
 from .tags import StackEntry, effective_stack, format_parameters, has_tags, parse_prompt
 from .values import finite
+
+
+def _block_groups(denoiser: nn.Module) -> dict[str, int]:
+    """A denoiser's block groups and their sizes, as block weights name them: a UNet's ``down``, ``mid``
+    and ``up``; a transformer's block lists (``transformer_blocks``, ``single_transformer_blocks``, …)."""
+    if hasattr(denoiser, "down_blocks"):
+        return {"down": len(denoiser.down_blocks), "mid": 1, "up": len(denoiser.up_blocks)}
+    return {name: len(child) for name, child in denoiser.named_children() if isinstance(child, nn.ModuleList) and child}
+
+
+class _Job:
+    """One session's generation: ``cancelled`` is set by :meth:`SharedPipeline.cancel`, ``finished`` once
+    it has stopped; ``outcome`` says how a cancelled one stopped."""
+
+    def __init__(self):
+        self.cancelled, self.finished = threading.Event(), threading.Event()
+        self.outcome = "still stopping"
 
 
 class SharedPipeline:
@@ -55,9 +74,16 @@ class SharedPipeline:
         self.lock = threading.RLock()
         self.components = files.components_of(self.pipe)
         self.family = kohya.model_family(self.components)[0]
+        self.denoiser = next(c for c in files.DENOISERS if c in self.components)
+        self.block_groups = _block_groups(self.components[self.denoiser])
         self._default_scheduler = type(self.pipe.scheduler), self.pipe.scheduler.config
         self._default_sampler = next((k for k, v in SCHEDULERS.items() if v == type(self.pipe.scheduler).__name__),
                                      type(self.pipe.scheduler).__name__)
+        # AUTOMATIC1111's samplers are noise-prediction schedulers; a flow-matching model keeps its own
+        flow = "FlowMatch" in type(self.pipe.scheduler).__name__
+        self.samplers = [DEFAULT_SCHEDULER, *([] if flow else SCHEDULERS)]
+        parameter = next(self.components[self.denoiser].parameters())
+        self.dtype, self.device = str(parameter.dtype).removeprefix("torch."), parameter.device.type
         self._cards: dict[str, AdapterCard] = {}
         self._compatibility: dict[tuple, str | None] = {}
         self._attached: dict[str, tuple] = {}    # name -> file version, in attach (= composition) order
@@ -72,6 +98,13 @@ class SharedPipeline:
         self.rescan()
 
     # ---- the library ------------------------------------------------------------------------------
+    @property
+    def default_size(self) -> int:
+        """The pipeline's default image side in pixels (its denoiser's sample size times the VAE's scale)."""
+        model = self.components[self.denoiser]
+        sample = model.config.sample_size if self.denoiser == "unet" else getattr(self.pipe, "default_sample_size", 64)
+        return int(sample * self.pipe.vae_scale_factor)
+
     @property
     def cards(self) -> dict[str, AdapterCard]:
         return self._cards
@@ -106,8 +139,8 @@ class SharedPipeline:
                     if problem:
                         card = replace(card, problem=problem)
                 cards[card.name] = card
-            if [(c.name, c.stamp, c.problem) for c in cards.values()] != [
-                    (c.name, c.stamp, c.problem) for c in self._cards.values()]:
+            if [(c.name, c.stamp, c.problem, c.preview) for c in cards.values()] != [
+                    (c.name, c.stamp, c.problem, c.preview) for c in self._cards.values()]:
                 self.library_version += 1
             self._cards = cards
             self._compatibility = {(c.name, c.stamp): self._compatibility[(c.name, c.stamp)]
@@ -124,8 +157,9 @@ class SharedPipeline:
         """Validate an uploaded file and copy it into the adapters folder under a safe name.
 
         Refused (``ValueError``, nothing written): a name that is unsafe or taken, a file over
-        ``max_bytes``, anything that is not a readable safetensors adapter, NaN/Inf weights, or an adapter
-        that does not fit the model (another family, unknown layers, wrong shapes)."""
+        ``max_bytes``, anything that is not a readable safetensors adapter, weights already in the library
+        (the same content hash; the message names that adapter), NaN/Inf weights, or an adapter that does
+        not fit the model (another family, unknown layers, wrong shapes)."""
         source = Path(source)
         size = source.stat().st_size
         if size > max_bytes:
@@ -139,6 +173,11 @@ class SharedPipeline:
             card = read_card(source)
             if card.problem:
                 raise ValueError(card.problem)
+            same = [c for c in self._cards.values() if card.shorthash and c.shorthash == card.shorthash
+                    and addnet_hash(c.path) == addnet_hash(source)]
+            if same:
+                raise ValueError(f"these weights are already in the library as {same[0].name} "
+                                 f"({same[0].location or same[0].path.name})")
             if card.family and self.family and card.family != self.family:
                 raise ValueError(f"this adapter is for {card.family}; the model is {self.family}")
             files.read_adapter(self.components, source, name)
@@ -152,6 +191,10 @@ class SharedPipeline:
         """The usable library card called ``name``, or ``ValueError`` saying why not."""
         card = self._cards.get(name)
         if card is None:
+            same_stem = [n for n in self._cards if n.endswith(f"/{name}")]
+            if same_stem:
+                raise ValueError(f"no adapter named {name!r}: several adapters have that file name; use one of "
+                                 f"{', '.join(same_stem)}")
             raise ValueError(f"no adapter named {name!r} in the library ({', '.join(self._cards) or 'empty'})")
         if not card.usable:
             raise ValueError(f"adapter {name!r} cannot be used: {card.problem}")
@@ -177,7 +220,7 @@ class SharedPipeline:
         entries applied and the adapters read from disk. On any error the pipeline's active stack and
         weights are put back and the error is raised."""
         entries = effective_stack(stack, [])
-        weights = {e.name: e.pipeline_weight() for e in entries}
+        weights = {e.name: e.pipeline_weight(self.denoiser, list(self.block_groups)) for e in entries}
         for e in entries:
             self.card(e.name)
             finite(e.weight, f"the weight of {e.name}")
@@ -222,6 +265,9 @@ class SharedPipeline:
         import diffusers
 
         cls, config = self._default_scheduler
+        if name not in self.samplers:
+            raise ValueError(f"the {name} sampler does not work with this model's {cls.__name__}; use "
+                             f"{', '.join(self.samplers)}")
         if name == DEFAULT_SCHEDULER:
             return cls.from_config(config), self._default_sampler
         return getattr(diffusers, SCHEDULERS[name]).from_config(config), name
@@ -231,21 +277,26 @@ class SharedPipeline:
         """Images for one session: waits for the lock, brings the pipeline to ``stack`` plus the prompt's
         tags (or uses the fused stack), then renders ``settings.count`` images, image ``i`` with seed
         ``seed + i`` in its own call so each one is reproducible alone. ``on_step(done, total, what)``
-        follows the denoising steps; :meth:`cancel` for ``session`` stops it (``GenerationCancelled``)."""
+        follows it ("waiting for the pipeline" only while another generation holds it, then the stack, the
+        prompt and each denoising step); :meth:`cancel` for ``session`` stops it (``GenerationCancelled``)."""
         settings.check()
         prompt, tags = parse_prompt(settings.prompt)
         if has_tags(settings.negative_prompt):
             raise ValueError("<lora:…> tags work in the prompt only, not in the negative prompt")
-        token = threading.Event()
-        self._cancel[session] = token
+        job = _Job()
+        self._cancel[session] = job
+        token = job.cancelled
         total = settings.steps * settings.count
         report = on_step or (lambda done, total, what: None)
-        report(0, total, "waiting for the pipeline")
         try:
-            with self.lock:
+            if not self.lock.acquire(blocking=False):
+                report(0, total, "waiting for the pipeline")  # only while another generation holds it
+                self.lock.acquire()
+            try:
                 if token.is_set():
                     raise GenerationCancelled("cancelled before it started")
                 notes = []
+                report(0, total, "applying the stack")
                 start = time.perf_counter()
                 if self._fused is not None:
                     applied, read, fused = list(self._fused), [], True
@@ -256,6 +307,7 @@ class SharedPipeline:
                     applied, read = self.apply(effective_stack(stack, tags))
                     fused = False
                 switch_seconds = time.perf_counter() - start
+                report(0, total, "encoding the prompt")
                 scheduler, sampler = self._scheduler(settings.scheduler)
                 self.pipe.scheduler = scheduler
                 seed = settings.seed if settings.seed >= 0 else random.SystemRandom().randrange(MAX_SEED - 8)
@@ -286,17 +338,48 @@ class SharedPipeline:
                     texts.append(text)
                     seeds.append(image_seed)
                 return GenerationResult(images, texts, seeds, applied, fused, read, switch_seconds, notes)
+            finally:
+                self.lock.release()
+        except GenerationCancelled as exc:
+            job.outcome = str(exc)
+            raise
         finally:
-            if self._cancel.get(session) is token:
+            if self._cancel.get(session) is job:
                 del self._cancel[session]
+            job.finished.set()
 
-    def cancel(self, session: str = "default") -> bool:
-        """Stop ``session``'s generation (running or waiting); ``False`` when it has none."""
-        token = self._cancel.get(session)
-        if token is None:
-            return False
-        token.set()
-        return True
+    def make_preview(self, name: str, settings: GenerationSettings) -> Path:
+        """Render ``name``'s preview with the current model: the adapter alone at weight 1, its trigger words
+        (or its name) as the prompt, ``settings``' seed, steps, CFG and size; kept beside the file
+        (:func:`~.library.preview_destination`, with the PNG's parameters text). Refused when it has a
+        preview already or a stack is fused for everyone (the image would show that stack)."""
+        with self.lock:
+            card = self.card(name)
+            if card.preview is not None:
+                raise ValueError(f"{name} already has a preview ({card.preview.name})")
+            if self._fused is not None:
+                raise ValueError("a stack is fused for everyone; unfuse it before making previews")
+            prompt = ", ".join(card.trigger_words) or name.rsplit("/", 1)[-1].replace("_", " ")
+            result = self.generate(replace(settings, prompt=prompt, negative_prompt="", count=1), [StackEntry(name)],
+                                   session=f"preview of {name}")
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", result.parameters[0])
+            dest = preview_destination(card.path)
+            atomic_write(dest, lambda tmp: result.images[0].save(tmp, format="PNG", pnginfo=info))
+            self.rescan()
+            return dest
+
+    def cancel(self, session: str = "default", *, wait: float = 0.0) -> str | None:
+        """Stop ``session``'s generation (running or waiting for the pipeline); ``None`` when it has
+        none. Waits up to ``wait`` seconds for it to stop and says how it stopped (``"cancelled after 3
+        of 20 steps"``; ``"still stopping"`` when the time ran out, ``"finished"`` when it ended first)."""
+        job = self._cancel.get(session)
+        if job is None:
+            return None
+        job.cancelled.set()
+        if job.finished.wait(wait) and job.outcome == "still stopping":
+            job.outcome = "finished"
+        return job.outcome
 
     # ---- global actions ---------------------------------------------------------------------------
     def fuse(self, stack: list[StackEntry]) -> list[StackEntry]:
@@ -330,11 +413,12 @@ class SharedPipeline:
 
     # ---- status -----------------------------------------------------------------------------------
     def _take_snapshot(self) -> None:
-        self._snapshot = {"model": self.model_name, "family": self.family,
+        self._snapshot = {"model": self.model_name, "family": self.family, "dtype": self.dtype, "device": self.device,
                           "loaded": list(self._attached), "max_loaded": self.max_loaded,
                           "fused": list(self._fused) if self._fused is not None else None}
 
     def status(self) -> dict:
-        """``{model, family, loaded (attach order), max_loaded, fused (entries or None)}``, without waiting."""
+        """``{model, family, dtype, device, loaded (attach order), max_loaded, fused (entries or None)}``,
+        without waiting."""
         return dict(self._snapshot)
 

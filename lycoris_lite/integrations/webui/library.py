@@ -3,29 +3,41 @@
 * :class:`AdapterLibrary`: the adapters folder as cards (name, algorithm, rank, family, trigger words,
   metadata, A1111 short hash) read with :func:`describe`, cached per file version.
 * :func:`safe_adapter_filename`: where an upload may go; :func:`addnet_hash`: AUTOMATIC1111's file hash.
+* :func:`preview_of` / :func:`preview_destination`: an adapter's sidecar preview image;
+  :func:`search_cards`: the cards a search box and the algorithm and family filters leave.
 * :data:`EXAMPLES` / :func:`write_example_adapters`: five adapters of different algorithms for the tiny model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ...base.presets import PRESETS
-from ...base.registry import get_algorithm
+from ...base.registry import ALGORITHMS, get_algorithm
 from ...core.controller import controller_for
 from ...io import files
+from ...io.formats.kohya import FAMILY_WIDTHS, TRANSFORMER_FAMILIES
 from ...io.formats.safe_io import PICKLE_SUFFIXES, AdapterFileError
 from ...io.metadata import build_metadata
 from ...io.inspect import InspectError as CLIError, describe
 
 SAFETENSORS = ".safetensors"
+#: the model families a card may name (the filters' choices), "unknown" for files that name none
+FAMILIES = (*FAMILY_WIDTHS.values(), *TRANSFORMER_FAMILIES.values(), "unknown")
+
+
+def algorithm_names() -> list[str]:
+    """The registered algorithms (the filters' choices)."""
+    return list(ALGORITHMS)
 
 
 def addnet_hash(path: str | os.PathLike) -> str:
@@ -63,6 +75,37 @@ def adapter_name(path: Path) -> str:
     return (path.name if path.is_dir() else path.stem).replace(".", "_")
 
 
+def _path_name(path: Path, folder: Path) -> str:
+    """The name of an adapter whose stem another adapter of the library shares: its path under ``folder``
+    without the suffix (``sub/tilt``), dots as ``_``."""
+    parents = path.relative_to(folder).parts[:-1]
+    return "/".join([*(part.replace(".", "_") for part in parents), adapter_name(path)])
+
+
+#: an adapter's sidecar preview, beside it: ``name.preview.png`` (ours, AUTOMATIC1111's) or ``name.png``
+PREVIEW_SUFFIXES = (".preview.png", ".png")
+
+
+def _base(path: Path) -> Path:
+    return path if path.is_dir() else path.with_suffix("")
+
+
+def preview_of(path: Path) -> Path | None:
+    """The sidecar preview image of the adapter at ``path`` (see :data:`PREVIEW_SUFFIXES`), if any."""
+    base = _base(path)
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = base.with_name(base.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def preview_destination(path: Path) -> Path:
+    """Where a preview made for the adapter at ``path`` is kept: ``name.preview.png`` beside it."""
+    base = _base(path)
+    return base.with_name(base.name + PREVIEW_SUFFIXES[0])
+
+
 def _is_adapter_folder(path: Path) -> bool:
     return any((path / p).is_file() for p in ("adapter_config.json", "pytorch_lora_weights.safetensors")) or any(
         (path / c / "adapter_config.json").is_file() for c in files.COMPONENTS)
@@ -90,17 +133,45 @@ class AdapterCard:
     metadata: dict = field(default_factory=dict)
     shorthash: str | None = None
     problem: str | None = None        # unreadable, pickle, duplicate name, or does not fit the model
+    location: str = ""                # the path under the library's folder (``sub/tilt.safetensors``)
+    preview: Path | None = None       # the sidecar preview image (:func:`preview_of`)
+
+    def summary(self) -> dict[str, str]:
+        """What the metadata card shows, in order, empty fields left out: algorithm, rank, family, base
+        model, trigger words, training prompt and steps, tags, file, size, hash, and why it is unusable."""
+        meta = self.metadata
+        training = meta.get("training") or {}
+        fields = {
+            "Algorithm": ", ".join(self.algorithms) or self.algorithm, "Rank": self.rank,
+            "Family": self.family or "unknown", "Base model": meta.get("base_model") or training.get("sd_model_name"),
+            "Trigger words": ", ".join(self.trigger_words),
+            "Training prompt": training.get("instance_prompt") or training.get("prompt"),
+            "Steps": training.get("max_train_steps") or training.get("steps"),
+            "Tags": f"{meta['tag_count']} distinct in ss_tag_frequency" if meta.get("tag_count") else None,
+            "File": self.location or self.path.name,
+            "Size": f"{self.size_bytes / 2**20:.2f} MiB" if self.size_bytes else None,
+            "Hash": self.shorthash, "Not usable": self.problem,
+        }
+        return {k: str(v) for k, v in fields.items() if v not in (None, "", [], {})}
+
+    def search_text(self) -> str:
+        """Everything a search matches, lower case: name, file, trigger words and metadata."""
+        return " ".join([self.name, self.location, *self.trigger_words,
+                         json.dumps(self.metadata, default=str, ensure_ascii=False)]).lower()
 
     @property
     def usable(self) -> bool:
         return self.problem is None
 
-    def details(self) -> dict:
-        """The card as JSON-ready data (the metadata panel)."""
-        return {"name": self.name, "file": self.path.name, "format": self.format, "algorithms": self.algorithms,
-                "rank": self.rank, "family": self.family, "trigger_words": self.trigger_words,
-                "hash": self.shorthash, "size_bytes": self.size_bytes, "problem": self.problem,
-                "metadata": self.metadata}
+
+def search_cards(cards, query: str = "", algorithm: str | None = None, family: str | None = None) -> list[AdapterCard]:
+    """The cards whose :meth:`AdapterCard.search_text` holds every word of ``query``, of ``algorithm`` (one
+    of the file's algorithms) and ``family`` (``"unknown"``: no family), each filter off when ``None``."""
+    words = (query or "").lower().split()
+    return [c for c in cards
+            if (algorithm is None or algorithm in c.algorithms)
+            and (family is None or (c.family or "unknown") == family)
+            and all(w in c.search_text() for w in words)]
 
 
 def read_card(path: Path) -> AdapterCard:
@@ -162,15 +233,23 @@ class AdapterLibrary:
         return found
 
     def scan(self) -> list[AdapterCard]:
+        """The cards, in folder order. An adapter goes by its stem, or by its path under the folder
+        (``sub/tilt``) when another adapter has the same stem, so every name is unique and stays the same
+        from one scan to the next; the rare names that still collide are marked unusable."""
         cards, seen = [], set()
         cache = {}
-        for path in self.entries():
+        entries = self.entries()
+        stems = Counter(adapter_name(path) for path in entries)
+        for path in entries:
             card = self._cache.get(path)
             if card is None or card.stamp != _stamp(path):
                 card = read_card(path)
             cache[path] = card
+            name = card.name if stems[card.name] == 1 else _path_name(path, self.folder)
+            card = replace(card, name=name, location=path.relative_to(self.folder).as_posix(),
+                           preview=preview_of(path))
             if card.name in seen:
-                card = AdapterCard(card.name, path, card.stamp, problem=f"another adapter is named {card.name!r}")
+                card = replace(card, problem=f"another adapter is named {card.name!r}")
             seen.add(card.name)
             cards.append(card)
         self._cache = cache
@@ -188,7 +267,8 @@ class AdapterLibrary:
 
 
 
-#: (name, algorithm, settings, UNet targets, trigger words); all also adapt the text encoder
+#: (name, algorithm, settings, UNet targets, trigger words); on a UNet model all also adapt the text encoders,
+#: on a transformer model they adapt the transformer's attention only
 EXAMPLES = (
     ("watercolor", "lora", {"r": 4, "alpha": 8}, "unet-attn-ff", ["watercolor"]),
     ("sks_dog", "lokr", {"r": 4, "alpha": 8}, "unet-attn", ["sks", "dog"]),
@@ -210,13 +290,22 @@ def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "t
         generator = torch.Generator().manual_seed(seed)
         configs = {}
         for c, module in components.items():
-            targets = PRESETS[unet_targets] if c == "unet" else PRESETS["text-encoder"]
+            if c == "unet":
+                targets = PRESETS[unet_targets]
+            elif c in files.DENOISERS:
+                targets = PRESETS["unet-attn"]     # to_q, to_k, to_v, to_out.0: every transformer has them
+            elif "unet" in components:
+                targets = PRESETS["text-encoder"]
+            else:
+                continue
             configs[c] = config_class(**settings, target_modules=targets, init_weights=False)
             controller_for(module).add_adapter(name, configs[c], generator=generator)
         try:
-            meta = build_metadata(algo, configs["unet"], base_model=model_name, trigger_words=words, output_name=name)
-            written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta))
+            meta = build_metadata(algo, next(iter(configs.values())), base_model=model_name, trigger_words=words,
+                                  output_name=name)
+            written.append(files.save_adapter(components, name, Path(folder) / f"{name}{SAFETENSORS}", metadata=meta,
+                                              layout=None if "unet" in components else "diffusers"))
         finally:
-            for module in components.values():
-                controller_for(module).unload()
+            for c in configs:
+                controller_for(components[c]).unload()
     return written

@@ -1,9 +1,12 @@
 """A session's adapter stack and AUTOMATIC1111's text forms of it.
 
 * :class:`StackEntry` / :func:`parse_prompt`: a session's stack (adapter, weight, optional separate UNet
-  and text-encoder weights, on/off) and AUTOMATIC1111's ``<lora:name:w>`` / ``<lora:name:te:unet>``
-  (also ``<lyco:…>``, ``te=``/``unet=``) prompt tags, which add to the stack and are stripped from the
-  text that is encoded.
+  and text-encoder weights, optional block weights, on/off) and AUTOMATIC1111's ``<lora:name:w>`` /
+  ``<lora:name:te:unet>`` (also ``<lyco:…>``, ``te=``/``unet=``, and ``blocks=`` for block weights) prompt
+  tags, which add to the stack and are stripped from the text that is encoded.
+* :func:`parse_block_weights`: block weights as text (``down=0.5; mid=1; up=1,0,1,1``, or a transformer's
+  ``transformer_blocks=1; single_transformer_blocks=0``): multipliers of the denoiser's weight per block
+  group, a number for the whole group or one per block.
 * :func:`format_parameters` / :func:`parse_parameters`: AUTOMATIC1111's "parameters" text (the PNG
   ``parameters`` chunk): the prompt line with the applied stack as ``<lora:…>`` tags, ``Negative prompt:``,
   then ``Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …, Lora hashes: "name: hash"``.
@@ -31,9 +34,12 @@ class StackEntry:
     unet: float | None = None
     text_encoder: float | None = None
     enabled: bool = True
+    blocks: dict | None = None     # block group -> multiplier (or one per block) of the denoiser's weight
 
     def __post_init__(self):
         self.weight = number(self.weight, f"the weight of {self.name}")
+        if isinstance(self.blocks, str):
+            self.blocks = parse_block_weights(self.blocks, f"the block weights of {self.name}")
         if self.unet is not None:
             self.unet = number(self.unet, f"the UNet weight of {self.name}")
         if self.text_encoder is not None:
@@ -48,21 +54,58 @@ class StackEntry:
     def text_encoder_weight(self) -> float:
         return self.weight if self.text_encoder is None else self.text_encoder
 
-    def pipeline_weight(self):
-        """The weight for ``pipe.set_adapters``: one number, or one per component."""
-        if self.unet is None and self.text_encoder is None:
+    def pipeline_weight(self, denoiser: str = "unet", groups=()):
+        """The weight for ``pipe.set_adapters``: one number, or one per component, the ``denoiser``
+        (``"unet"`` or ``"transformer"``) block-wise when the entry has block weights: each of ``groups``
+        (the denoiser's block groups) gets its multiplier (1 when not named) times the UNet weight."""
+        if self.unet is None and self.text_encoder is None and not self.blocks:
             return float(self.weight)
         te = float(self.text_encoder_weight)
-        return {"unet": float(self.unet_weight), "text_encoder": te, "text_encoder_2": te}
+        denoised = float(self.unet_weight)
+        if self.blocks:
+            unknown = sorted(set(self.blocks) - set(groups))
+            if unknown:
+                raise ValueError(f"the block weights of {self.name} name {', '.join(unknown)}; this model's block "
+                                 f"groups are {', '.join(groups)}")
+            scaled = lambda v: [x * denoised for x in v] if isinstance(v, list) else v * denoised  # noqa: E731
+            denoised = {g: scaled(self.blocks.get(g, 1.0)) for g in groups}
+        return {denoiser: denoised, "text_encoder": te, "text_encoder_2": te, "text_encoder_3": te}
 
     def is_zero(self) -> bool:
         return self.unet_weight == 0 and self.text_encoder_weight == 0
 
     def tag(self) -> str:
         """The AUTOMATIC1111 tag: ``<lora:name:w>``, or ``<lora:name:te:unet>`` with separate weights."""
+        blocks = f":blocks={format_block_weights(self.blocks)}" if self.blocks else ""
         if self.unet is None and self.text_encoder is None:
-            return f"<lora:{self.name}:{_num(self.weight)}>"
-        return f"<lora:{self.name}:{_num(self.text_encoder_weight)}:{_num(self.unet_weight)}>"
+            return f"<lora:{self.name}:{_num(self.weight)}{blocks}>"
+        return f"<lora:{self.name}:{_num(self.text_encoder_weight)}:{_num(self.unet_weight)}{blocks}>"
+
+
+_GROUP = re.compile(r"[A-Za-z_]\w*")
+
+
+def parse_block_weights(text: str, what: str = "block weights") -> dict | None:
+    """``"down=0.5; mid=1; up=1,0,1,1"`` as ``{"down": 0.5, "mid": 1.0, "up": [1.0, 0.0, 1.0, 1.0]}``
+    (``None`` for blank text); ``ValueError`` naming ``what`` for anything else. Whether the groups exist
+    is the model's to say (:meth:`StackEntry.pipeline_weight`)."""
+    blocks = {}
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        group, eq, values = (p.strip() for p in part.partition("="))
+        if not eq or not _GROUP.fullmatch(group) or not values:
+            raise ValueError(f"{what}: {part.strip()!r} is not group=value (e.g. down=0.5; up=1,0,1)")
+        if group in blocks:
+            raise ValueError(f"{what}: {group} is given twice")
+        numbers = [finite(v, f"a {group} weight in {what}") for v in values.split(",")]
+        blocks[group] = numbers if len(numbers) > 1 else numbers[0]
+    return blocks or None
+
+
+def format_block_weights(blocks: dict) -> str:
+    """The text :func:`parse_block_weights` reads back."""
+    return ";".join(f"{g}={','.join(map(_num, v)) if isinstance(v, list) else _num(v)}" for g, v in blocks.items())
 
 
 def _num(x: float) -> str:
@@ -88,9 +131,11 @@ def parse_prompt(prompt: str) -> tuple[str, list[StackEntry]]:
         positional, named = [], {}
         for arg in args:
             key, eq, value = arg.partition("=")
-            if eq:
+            if eq and key.strip() == "blocks":
+                named["blocks"] = parse_block_weights(value, f"the block weights in {match.group(0)}")
+            elif eq:
                 if key.strip() not in ("te", "unet"):
-                    raise ValueError(f"{match.group(0)}: {key.strip()}= is not supported (te= and unet= are)")
+                    raise ValueError(f"{match.group(0)}: {key.strip()}= is not supported (te=, unet= and blocks= are)")
                 named[key.strip()] = finite(value, f"{key.strip()} in {match.group(0)}")
             else:
                 positional.append(finite(arg, f"a weight in {match.group(0)}"))
@@ -99,7 +144,7 @@ def parse_prompt(prompt: str) -> tuple[str, list[StackEntry]]:
                              "dynamic rank (a third one) is not supported")
         te = named.get("te", positional[0] if positional else 1.0)
         unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-        entries.append(StackEntry(name, te, unet=None if unet == te else unet))
+        entries.append(StackEntry(name, te, unet=None if unet == te else unet, blocks=named.get("blocks")))
     cleaned = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt or "")).strip()
     return cleaned, entries
 
@@ -119,6 +164,18 @@ def effective_stack(stack: list[StackEntry], tags: list[StackEntry]) -> list[Sta
         out[entry.name] = entry
     return [e for e in out.values() if not e.is_zero()]
 
+
+
+def insert_tag(prompt: str, name: str, trigger_words=(), weight: float = 1.0) -> str:
+    """``prompt`` with the adapter's trigger words (those not in it yet) and its ``<lora:name:w>`` tag
+    appended, as AUTOMATIC1111's extra-networks cards do; ``ValueError`` when the prompt has a tag for it."""
+    if any(e.name == name for e in parse_prompt(prompt)[1]):
+        raise ValueError(f"the prompt has a tag for {name} already")
+    text = (prompt or "").rstrip()
+    words = [w for w in trigger_words if w.lower() not in text.lower()]
+    addition = ", ".join(words)
+    tag = StackEntry(name, weight).tag()
+    return " ".join(part for part in (text + ("," if text and addition else ""), addition, tag) if part)
 
 
 def has_tags(text: str) -> bool:

@@ -1,0 +1,99 @@
+"""Screenshots of the web UI's main states, for a person to look at: ``make ui-screens``.
+
+    python ui/screens.py [--out outputs/ui-screens]
+
+Serves ``ui/app.py`` on the tiny model with its example adapters (in a temporary folder, previews made
+for them) and, for the transformer view, on ``tiny-flux``; drives them in headless Chromium (Debian's
+``chromium``) and writes one PNG per state into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+import app  # ui/app.py, beside this file
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _serve(model: str, folder: Path, **build):
+    engine = app.open_engine(model, folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.build_app(engine, **build)
+    _, url, _ = app.launch(demo, engine, port=port, prevent_thread_lock=True, quiet=True)
+    return engine, demo, url
+
+
+def sd_states(page, out: Path) -> None:
+    """The tiny SD model: the grid, a search with a card's metadata, a stack and its image, the split and
+    block weights, an error toast."""
+    page.screenshot(path=str(out / "01-start.png"), full_page=True)
+    page.get_by_label("Search").fill("tilted")
+    page.locator(".adapter-card").first.click()
+    expect(page.locator("#adapter-details")).to_contain_text("Trigger words")
+    page.screenshot(path=str(out / "02-search-and-metadata.png"))
+    page.get_by_label("Search").fill("")
+    page.locator(".adapter-card").filter(has_text="watercolor.safetensors").click()
+    page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile("<lora:tilt:1> <lora:watercolor:1>"),
+                                                               timeout=120_000)
+    page.screenshot(path=str(out / "03-stack-and-image.png"), full_page=True)
+    page.get_by_text("Separate UNet / text-encoder weights").click()
+    page.get_by_label("Block weights 1").fill("down=1; mid=0.5; up=1,0.5,0")
+    page.get_by_label("Block weights 1").blur()
+    expect(page.locator("#stack-order")).to_contain_text("up=1,0.5,0")
+    page.locator("#split-weights").screenshot(path=str(out / "04-split-and-block-weights.png"))
+    page.get_by_label("Prompt", exact=True).fill("a photo <lora:watercolor:abc>")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_test_id("toast-text").first).to_contain_text("<lora:watercolor:abc>", timeout=60_000)
+    page.screenshot(path=str(out / "05-error-toast.png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/ui-screens"))
+    args = parser.parse_args(argv)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("Chromium is not installed (`make chromium` installs Debian's where it can)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        engine, demo, url = _serve("tiny-sd", Path(tmp) / "sd", size=128, steps=8)
+        try:
+            preview = app.webui.GenerationSettings(seed=0, steps=8, width=128, height=128)
+            for name in [n for n in engine.cards if n != "mirror"]:  # one card left without a preview
+                engine.make_preview(name, preview)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            expect(page.locator(".adapter-card img")).to_have_count(len(engine.cards) - 1)
+            sd_states(page, args.out)
+        finally:
+            demo.close()
+        engine, demo, url = _serve("tiny-flux", Path(tmp) / "flux", size=64, steps=2)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.get_by_text("Separate Transformer / text-encoder weights").click()
+            expect(page.locator("#block-groups")).to_contain_text("single_transformer_blocks")
+            page.screenshot(path=str(args.out / "06-transformer-model.png"), full_page=True)
+        finally:
+            demo.close()
+        browser.close()
+    print(f"screenshots in {args.out}: {', '.join(sorted(p.name for p in args.out.glob('*.png')))}")
+
+
+if __name__ == "__main__":
+    main()
