@@ -229,7 +229,7 @@ def test_fuse_unfuse_cycles_are_bitwise_exact(pipe, stack_files, dtype):
 def test_load_unload_cycles_do_not_grow_memory(pipe, corpus, tmp_path):
     source = tmp_path / "loha.safetensors"
     source.write_bytes(next(iter(next(s for s in corpus if s.name == "kohya-loha").files.values())))
-    result = leak_cycles(pipe, source, cycles=30, fuse=True)
+    result = leak_cycles(pipe, source, cycles=20, fuse=True)
     assert result["live_tensors_last"] == result["live_tensors_first"] == result["live_tensors_max"]
     assert result["growth_trimmed"] < 0.01, result["rss_trimmed_mib"]
 
