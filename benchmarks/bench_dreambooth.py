@@ -25,7 +25,12 @@ out (identical work on both sides); latents, timesteps and contexts are fixed ra
 ``--model flux-width``: the flow-matching step of the transformer trainer on a Flux.1-width transformer
 (hidden 3072, 2 double + 4 single blocks, seeded random weights; ``build_flux_width_transformer``): packed
 latents (``resolution/16`` squared tokens), 64 text tokens of T5 width, the velocity target ``ε − x₀``,
-guidance input; the same loop on both sides.
+guidance input; the same loop on both sides. ``--base-quantization nf4|int8|fp8`` (memory phase) holds the
+base quantized as the trainer's ``--base_quantization`` does; each case also reports its process's peak
+RSS (weights included), the figure to compare with a bfloat16 base:
+
+    python benchmarks/bench_dreambooth.py --threads 2 --model flux-width --targets flux-attn-mlp --resolution 256 \
+        --dtype bfloat16 --no-timing --algos lora [--base-quantization nf4]
 """
 
 from __future__ import annotations
@@ -211,6 +216,11 @@ def memory_child(args) -> None:
     step's peak extra bytes."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     base = build_unet(args.model, device, dtype)
+    if args.base_quantization:  # the trainer's --base_quantization: the frozen base held quantized
+        from lycoris_lite.tools.quantize import quantize_base
+
+        quantize_base(base, args.base_quantization, compute_dtype=dtype)
+        gc.collect()
     targets = _targets(args)
     batch = make_batch(base, args.batch, args.resolution, device, dtype)
     for algo in args.algos:
@@ -231,9 +241,10 @@ def memory_child(args) -> None:
                 rest = _status_kb("VmRSS")
                 case.step()
                 extra = (_status_kb("VmHWM") - rest) * 1024
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
             case.close()
             del case
-            print(json.dumps({"lib": lib, "algo": algo, "bytes": extra}), flush=True)
+            print(json.dumps({"lib": lib, "algo": algo, "bytes": extra, "peak": peak}), flush=True)
 
 
 def _targets(args) -> list[str] | str:
@@ -254,10 +265,12 @@ def measure_memory(args) -> dict[tuple[str, str], float]:
             cmd = [sys.executable, __file__, "--memory-child", "--memory-lib", lib, "--model", args.model,
                    "--resolution", str(args.resolution), "--batch", str(args.batch), "--algos", algo,
                    "--targets", args.targets, "--device", args.device, "--dtype", args.dtype,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--base-quantization", args.base_quantization]
+                                                       if args.base_quantization else [])
             out = subprocess.run(cmd, env=env_for_memory_child(), capture_output=True, text=True, check=True).stdout
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-            print(f"memory {algo:5s} {lib:4s} {rows[-1]['bytes'] / 2**20:.1f} MiB", flush=True)
+            print(f"memory {algo:5s} {lib:4s} {rows[-1]['bytes'] / 2**20:.1f} MiB (process peak "
+                  f"{rows[-1]['peak'] / 2**20:.0f} MiB)", flush=True)
     return {(r["lib"], r["algo"]): r["bytes"] for r in rows}
 
 
@@ -299,6 +312,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--base-quantization", choices=("nf4", "int8", "fp8"),
+                        help="memory phase: the base quantized as the trainer's --base_quantization does")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--json", help="also write the results here")
