@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # requirement would pull a CUDA build of several GB).
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install install-ui chromium demo test bench ui ui-screens clean
+.PHONY: install install-ui chromium demo test bench ui ui-screens tiny-model clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
@@ -32,6 +32,11 @@ ui: install-ui
 ui-screens: install-ui chromium
 	$(PIP) install --quiet --disable-pip-version-check -e ".[ui,screens]"
 	$(PYTHON) ui/screens.py --out outputs/ui-screens
+
+# Rebuild the embedded pretrained model (lycoris_lite/models/tiny_world, about 30 min on 2 CPU cores) from
+# its recipe and seed, then its example adapters; prints what it draws correctly.
+tiny-model: install
+	$(PYTHON) -m lycoris_lite.models.world_model --out lycoris_lite/models/tiny_world
 
 demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo
