@@ -10,7 +10,13 @@ edges). Its caption names the colour, the shape, the background and, for half th
 :func:`detect` is the world's measuring instrument (what DINO/CLIP are for photos): the background is the
 median colour of the border, the object the pixels far from it; its colour is the nearest palette entry to
 their median, its shape comes from how much of its bounding box it fills (square ≈ 1, circle ≈ π/4,
-triangle ≈ ½), its position from its centroid.
+triangle ≈ ½; edge pixels count by the share of the object's colour in them), its position from the
+centre of its bounding box (where the scene centres it). It reads every drawn scene exactly.
+
+:func:`clutter` makes generic pictures (gradients, random shapes of any colour) for the autoencoder, so
+that it also encodes what lies outside the world. :func:`appearance` / :func:`subject_similarity` /
+:func:`subject_detected` are the feature space for *subject fidelity* of a DreamBooth subject (what DINO
+is for photos): the subject's colours and silhouette, wherever it stands and on whatever background.
 """
 
 from __future__ import annotations
@@ -89,6 +95,16 @@ def nearest_colour(rgb, names=tuple(PALETTE)) -> str:
     return min(names, key=lambda n: sum((a - b) ** 2 for a, b in zip(PALETTE[n], rgb)))
 
 
+def _near(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in each direction (the object's blended rim)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
 @dataclass(frozen=True)
 class Detection:
     """What :func:`detect` reads: ``found`` is False when no object stands out from the background
@@ -119,11 +135,16 @@ def detect(image: Image.Image, threshold: float = 60.0, min_area: float = 0.01) 
     if mask.mean() < min_area:
         return Detection(background, False)
     ys, xs = np.nonzero(mask)
-    colour = nearest_colour(np.median(a[mask], axis=0), OBJECT_COLOURS)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
+    rgb = np.median(a[mask], axis=0)
+    colour = nearest_colour(rgb, OBJECT_COLOURS)
+    # coverage: how much of each pixel the object covers (its colour's share along background -> object),
+    # so the edge pixels a camera (or the 4x drawing) blends count by their share
+    direction = rgb - bg_rgb
+    coverage = np.clip((a - bg_rgb) @ direction / max(float(direction @ direction), 1e-6), 0, 1) * _near(mask)
+    width, height = coverage.max(axis=0).sum(), coverage.max(axis=1).sum()
+    fill = coverage.sum() / max(width * height, 1e-6)
     shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
-    cx, cy = xs.mean() / w, ys.mean() / h
+    cx, cy = (xs.min() + xs.max() + 1) / (2 * w), (ys.min() + ys.max() + 1) / (2 * h)  # the box's centre
     dx, dy = cx - 0.5, cy - 0.5
     position = "center" if max(abs(dx), abs(dy)) < 0.12 else (
         ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top"))
@@ -209,3 +230,16 @@ def subject_similarity(images: list[Image.Image], references: list[Image.Image])
     DreamBooth paper's DINO score, image by image): 1 is the subject itself, 0 nothing in common."""
     ref = np.stack([appearance(r) for r in references])
     return np.stack([appearance(im) for im in images]) @ ref.T.mean(axis=1)
+
+
+#: :func:`subject_detected`'s threshold on :func:`subject_similarity`. The duck's own photos score
+#: 0.88–0.90 against the other five (leave-one-out); the world's scenes score at most 0.83 against them,
+#: its yellow shapes 0.64 on average (300 scenes of seed 5).
+SUBJECT_THRESHOLD = 0.75
+
+
+def subject_detected(images: list[Image.Image], references: list[Image.Image],
+                     threshold: float = SUBJECT_THRESHOLD) -> np.ndarray:
+    """Whether each image shows the subject of ``references``: its :func:`subject_similarity` is at
+    least ``threshold`` (bool array)."""
+    return subject_similarity(images, references) >= threshold

@@ -55,7 +55,7 @@ TINY_WORLD_DIR = Path(__file__).resolve().parent / "tiny_world"
 RESOLUTION = 32
 #: what :func:`caption_accuracy` measured on the committed weights at the defaults (60 held-out
 #: captions, seed 99, 20 DPM-Solver steps, guidance 3); the test asserts a margin below it
-MEASURED_ACCURACY = 0.88
+MEASURED_ACCURACY = 0.82
 
 
 def vae_config() -> dict[str, Any]:
