@@ -45,6 +45,8 @@ Training is the DreamBooth trainer (``pipelines/train_dreambooth.py --config sam
 plus overrides) in subprocesses, ``--jobs`` at a time, one torch thread each; this process renders and
 scores each adapter as soon as it is written (one pipeline, ``load_adapter`` / ``unload_adapters``).
 Every image has a fixed generator seed per (prompt, index), the same for the base and every adapter.
+The tiny-world folder (``--world-dir``) is copied into ``--out`` first and everything reads the copy; the
+table names the weights by the sha256 of the UNet file (first 12 hex digits).
 
     python benchmarks/bench_quality.py                          # tiny-world, every algorithm, 3 seeds
     python benchmarks/bench_quality.py --quick                  # smoke run (2 algorithms, 1 seed)
@@ -68,6 +70,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -421,7 +424,7 @@ def budget(args, algo: str) -> dict:
 def train_command(args, run: Run, folder: Path) -> list[str]:
     """The trainer's command line for ``run``: its sample config, then the benchmark's settings."""
     settings = {
-        "pretrained_model_name_or_path": args.model, "instance_data_dir": args.instance_dir,
+        "pretrained_model_name_or_path": args.pipeline, "instance_data_dir": args.instance_dir,
         "instance_prompt": args.instance_prompt, "resolution": args.resolution, "unet_targets": args.targets,
         "max_train_steps": args.train_steps, "learning_rate": args.learning_rates.get(run.algo, args.learning_rate),
         "lr_scheduler": "constant",
@@ -510,12 +513,25 @@ def legend(args, threshold: dict | None, weights: str) -> str:
     return text
 
 
-def weights_id(model: str) -> str:
-    """First 12 hex digits of the sha256 of tiny-world's UNet weights (``model`` for another model)."""
-    if model != TINY_WORLD_NAME:
-        return model
-    weights = TINY_WORLD_DIR / "unet" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+def snapshot(folder: Path, out: Path) -> Path:
+    """A copy of the tiny-world pipeline ``folder`` in ``out/tiny-world``: the trainings and the renders of
+    one run all read this copy, even if the weights are replaced while it runs."""
+    copy = out / "tiny-world"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def weights_id(pipeline: str | Path) -> str:
+    """First 12 hex digits of the sha256 of the pipeline folder's UNet weights (the name itself for a hub
+    id)."""
+    files = sorted((Path(pipeline) / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        return str(pipeline)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -525,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: lora and oft, 20 steps, 1 seed, few images")
     p.add_argument("--model", default=TINY_WORLD_NAME, help="tiny-world (default) or a diffusers SD folder / hub id")
+    p.add_argument("--world-dir", type=Path, default=TINY_WORLD_DIR,
+                   help="tiny-world's weights folder (default: the embedded one)")
     p.add_argument("--clip", help="CLIPModel + CLIPProcessor folder: CLIP-I and CLIP-T")
     p.add_argument("--dino", help="ViT folder for AutoModel + AutoImageProcessor: DINO")
     p.add_argument("--instance-dir", type=Path, default=SAMPLES / "instance")
@@ -587,10 +605,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [Run(algo, seed, prior) for seed in args.seeds
             for prior in (False, True) for algo in (args.algos if not prior else args.prior_algos)]
     args.out.mkdir(parents=True, exist_ok=True)
+    args.pipeline = snapshot(args.world_dir, args.out) if args.world else args.model
+    weights = weights_id(args.pipeline)
     with ThreadPoolExecutor(args.jobs) as pool:  # trainings start now; this process renders meanwhile
         futures = {pool.submit(train, args, run): run for run in runs}
 
-        pipe = lycoris_lite.enable(load_pipeline(args.model)).to(args.device)
+        pipe = lycoris_lite.enable(load_pipeline(args.pipeline)).to(args.device)
         pipe.set_progress_bar_config(disable=True)
         references = load_references(args.instance_dir, args.resolution)
         scorers = {}
@@ -617,6 +637,10 @@ def main(argv: list[str] | None = None) -> dict:
         per_run = {}
         for future in as_completed(futures):
             run = futures[future]
+            if future.exception() is not None:
+                for waiting in futures:  # the queued trainings; the one running finishes
+                    waiting.cancel()
+                raise future.exception()
             trained = future.result()
             pipe.load_adapter(trained["adapter"], scale=1.0)
             scores, _ = evaluate(run.folder_name)
@@ -633,7 +657,6 @@ def main(argv: list[str] | None = None) -> dict:
     for method in dict.fromkeys(run.method for run in runs):
         done = [per_run[r] for r in runs if r.method == method]
         rows.append(aggregate(method, [d["scores"] for d in done], done[0]["params"]))
-    weights = weights_id(args.model)
     table = markdown_table(rows) + "\n\n" + legend(args, threshold, weights)
     result = {
         "model": args.model, "weights": weights, "table": table, "rows": rows,

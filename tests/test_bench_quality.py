@@ -48,7 +48,7 @@ def feature_models(tmp_path_factory):
     CLIPModel(clip).save_pretrained(folder / "clip")
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(folder / "clip")
-    ViTModel(ViTConfig(image_size=32, patch_size=8, **small), add_pooling_layer=False).save_pretrained(folder / "dino")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, **small)).save_pretrained(folder / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
     return folder / "clip", folder / "dino"
 
