@@ -439,9 +439,13 @@ def train_command(args, run: Run, folder: Path) -> list[str]:
 
 def train(args, run: Run) -> dict:
     """Run the trainer for ``run`` (``OMP_NUM_THREADS=args.threads``); returns the adapter file, the
-    trainer's count of trainable parameters and the wall time. Raises with the trainer's last output on
-    failure."""
+    trainer's count of trainable parameters and the wall time, also written to ``train.json`` in the
+    run's folder. With ``args.reuse`` a run whose ``train.json`` is there is not trained again (an
+    interrupted benchmark goes on where it stopped). Raises with the trainer's last output on failure."""
     folder = args.out / "runs" / run.folder_name
+    record = folder / "train.json"
+    if args.reuse and record.is_file():
+        return json.loads(record.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
@@ -451,8 +455,10 @@ def train(args, run: Run) -> dict:
         raise RuntimeError(f"training {run} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     count = re.search(r"([\d,]+) trainable parameters", done.stdout + done.stderr)
     adapter = re.search(r"^adapter: (.+)$", done.stdout + done.stderr, re.MULTILINE)
-    return {"adapter": adapter.group(1).strip(), "params": int(count.group(1).replace(",", "")),
-            "train_s": round(seconds, 1)}
+    result = {"adapter": adapter.group(1).strip(), "params": int(count.group(1).replace(",", "")),
+              "train_s": round(seconds, 1)}
+    record.write_text(json.dumps(result))
+    return result
 
 
 # ---- the table ----------------------------------------------------------------------------------------
@@ -569,6 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="images per pipeline call")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training and of this process")
+    p.add_argument("--reuse", action="store_true", help="keep the adapters of --out's finished runs (same settings)")
     p.add_argument("--device", default="cpu", help="where this process renders and scores")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_quality", help="runs and image grids")
     p.add_argument("--json", type=Path, help="also write the results here")
