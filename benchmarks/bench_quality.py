@@ -15,13 +15,12 @@ an image exactly instead of through a learned embedding:
 
 * subject similarity (the DINO analogue): :func:`~lycoris_lite.models.world.subject_similarity` of each
   image of ``"a photo of sks duck"`` to the instance photos resized to 32 px (Lanczos, as the trainer
-  resizes them), averaged over images; **duck detected**: the fraction of those images whose similarity
-  reaches the threshold of :func:`detection_threshold` (midway between the most duck-like yellow world
-  shape and the least duck-like instance photo, the photos also through the model's VAE; no lower than
-  that yellow shape when the two overlap);
+  resizes them), averaged over images; **duck detected**: the fraction of those images that
+  :func:`~lycoris_lite.models.world.subject_detected` calls the duck (nearer a photo than any of 1000
+  world scenes in colour layout);
 * prompt fidelity, with :func:`~lycoris_lite.models.world.detect` reading the image back:
   *background* (``"a photo of sks duck on a {bg} background"``, every world background: the background
-  read back), *duck kept* (same images: background right **and** duck detected), *colour*
+  read back), *duck kept* (same images: background right **and** the object of the duck's colour), *colour*
   (``"a photo of a {colour} sks duck"``, every object colour but the subject's: the object's colour),
   *position* (``"a photo of sks duck at the {left,right,top,bottom}"``: the object's position);
   *world captions*: held-out world captions with a position (``"a red circle at the left on a blue
@@ -206,45 +205,9 @@ def leave_one_out(references: list[Image.Image], images: list[Image.Image] | Non
                      for i, im in enumerate(images)])
 
 
-def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
-    """The images encoded to the latents' mean and decoded again by ``pipe.vae`` (the blur every generated
-    image has)."""
-    processor = pipe.image_processor
-    with torch.no_grad():
-        pixels = processor.preprocess(images).to(pipe.vae.dtype)
-        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
-    return processor.postprocess(decoded, output_type="pil")
-
-
-def detection_threshold(pipe, references: list[Image.Image], args) -> dict:
-    """The subject similarity above which an image counts as showing the subject.
-
-    * positives: each instance photo against the other five (:func:`leave_one_out`), as resized and after
-      a VAE round trip;
-    * negatives: the world's shapes in the subject's colour (the colour :func:`world.detect` reads most
-      often on the photos), against all photos: every shape × background (≠ that colour) × side or centre
-      position × half-widths 0.14, 0.18, 0.22, drawn by :func:`world.draw`; and the base model's drawing of
-      ``"a {colour} {shape} on a {bg} background"`` for every shape and background (one image each).
-
-    When the two sets are apart (``separated``), ``threshold = (max negative + min positive) / 2``: no
-    yellow world shape counts as the duck, every photo of it does. When they overlap (a VAE that cannot
-    reconstruct the photos), ``threshold = max negative``: "detected" still means "more like the photos
-    than any yellow world shape", but a photo may fall below it. Returns those numbers."""
-    colour = Counter(world.detect(r).colour for r in references).most_common(1)[0][0]
-    backgrounds = [bg for bg in world.BACKGROUNDS if bg != colour]
-    drawn = [world.draw(world.Scene(shape, colour, bg, pos, size, (0.0, 0.0), False), args.resolution)
-             for shape in world.SHAPES for bg in backgrounds for pos in world.POSITIONS for size in (0.14, 0.18, 0.22)]
-    captions = [Prompt(f"a {colour} {shape} on a {bg} background", "negative", 1)
-                for shape in world.SHAPES for bg in backgrounds]
-    rendered = render(pipe, captions, args)
-    negatives = world.subject_similarity(drawn + rendered, references)
-    positives = np.concatenate([leave_one_out(references), leave_one_out(references, vae_round_trip(pipe, references))])
-    separated = bool(negatives.max() < positives.min())
-    threshold = (negatives.max() + positives.min()) / 2 if separated else negatives.max()
-    return {"subject_colour": colour, "threshold": float(threshold), "separated": separated,
-            "negatives_max": float(negatives.max()), "negatives_p95": float(np.percentile(negatives, 95)),
-            "negatives_count": len(negatives), "positives_min": float(positives.min()),
-            "positives_mean": float(positives.mean())}
+def subject_colour(references: list[Image.Image]) -> str:
+    """The colour :func:`world.detect` reads most often on the instance photos (the duck: yellow)."""
+    return Counter(world.detect(r).colour for r in references).most_common(1)[0][0]
 
 
 def mean_pairwise(values: np.ndarray, distance) -> float:
@@ -269,18 +232,19 @@ def diversity(images: list[Image.Image], appearance: bool) -> dict[str, float]:
     return scores
 
 
-def world_scores(groups: dict, references: list[Image.Image], threshold: float) -> dict[str, float]:
+def world_scores(groups: dict, references: list[Image.Image], colour: str) -> dict[str, float]:
     """The tiny-world columns (module docstring) from :func:`by_kind`'s groups; each a fraction or a
-    similarity in [0, 1]."""
+    similarity in [0, 1]. ``colour``: the subject's (:func:`subject_colour`)."""
     scores = {}
     if "subject" in groups:
         subject = [im for _, im in groups["subject"]]
         similarity = world.subject_similarity(subject, references)
-        scores.update(subject=float(similarity.mean()), detected=float((similarity >= threshold).mean()))
+        detected = world.subject_detected(subject, references)
+        scores.update(subject=float(similarity.mean()), detected=float(detected.mean()))
     if "background" in groups:
-        images = [im for _, im in groups["background"]]
-        right = np.array([world.detect(im).background == p.expected for p, im in groups["background"]])
-        kept = world.subject_similarity(images, references) >= threshold
+        read = [(world.detect(im), p) for p, im in groups["background"]]
+        right = np.array([d.background == p.expected for d, p in read])
+        kept = np.array([d.found and d.colour == colour for d, _ in read])
         scores.update(background=float(right.mean()), kept=float((right & kept).mean()))
     for kind, field in (("colour", "colour"), ("position", "position")):
         if kind in groups:
@@ -381,12 +345,14 @@ def feature_scores(groups: dict, reference_features: dict[str, torch.Tensor], sc
     return scores
 
 
-def instance_row(references: list[Image.Image], reference_features: dict, threshold: float | None) -> dict:
+def instance_row(references: list[Image.Image], reference_features: dict, world_model: bool) -> dict:
     """The instance photos scored leave-one-out (each against the others), as the papers' real-images row."""
-    scores = diversity(references, appearance=threshold is not None)
-    if threshold is not None:
+    scores = diversity(references, appearance=world_model)
+    if world_model:
         similarity = leave_one_out(references)
-        scores.update(subject=float(similarity.mean()), detected=float((similarity >= threshold).mean()))
+        detected = [world.subject_detected([r], references[:i] + references[i + 1:])[0]
+                    for i, r in enumerate(references)]
+        scores.update(subject=float(similarity.mean()), detected=float(np.mean(detected)))
     for name, features in reference_features.items():
         n = len(features)
         off_diagonal = (features @ features.T)[~torch.eye(n, dtype=torch.bool)]
@@ -502,7 +468,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def legend(args, threshold: dict | None, weights: str) -> str:
+def legend(args, weights: str) -> str:
     """The settings under the table, in words."""
     sizes = "; ".join(f"{a} " + ", ".join(f"{k} {v}" for k, v in budget(args, a).items()) for a in args.algos)
     rates = ", ".join(f"{a} {lr:g}" for a, lr in args.learning_rates.items())
@@ -512,10 +478,10 @@ def legend(args, threshold: dict | None, weights: str) -> str:
             f"Images: {args.subject_images} of \"{args.instance_prompt}\", {args.images_per_prompt} per other prompt"
             f"{f', {args.world_captions} held-out world captions' if args.world else ''}; {args.inference_steps} "
             f"steps, guidance {args.guidance:g}, {args.resolution} px. Weights: {weights}.")
-    if threshold:
-        text += (f" Duck detected: subject similarity ≥ {threshold['threshold']:.3f} (yellow world shapes up to "
-                 f"{threshold['negatives_max']:.3f}, instance photos, also through the VAE, from "
-                 f"{threshold['positives_min']:.3f}{'' if threshold['separated'] else ': the two overlap'}).")
+    if args.world:
+        text += (" Duck detected: world.subject_detected (nearer a duck photo, or its mirror image, than any of "
+                 "1000 world scenes in 8×8 colour layout). Duck kept: background right and the object the "
+                 "duck's colour.")
     return text
 
 
@@ -626,8 +592,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dino:
             scorers["dino"] = DinoScorer(args.dino, args.device)
         reference_features = {name: s.image_features(references) for name, s in scorers.items()}
-        threshold = detection_threshold(pipe, references, args) if args.world else None
-        prompts = world_prompts(args, threshold["subject_colour"]) if args.world else real_prompts(args)
+        colour = subject_colour(references) if args.world else None
+        prompts = world_prompts(args, colour) if args.world else real_prompts(args)
 
         def evaluate(label: str) -> tuple[dict[str, float], dict]:
             """Render the prompts with the pipeline as it is, save a grid, return the scores and images."""
@@ -635,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
             grid = [im for kind in ("subject", "background", "colour", "position", "recontext", "property")
                     for _, im in groups.get(kind, [])]
             image_grid(grid, max(args.subject_images, 8), 64).save(args.out / f"{label}.png")
-            scores = world_scores(groups, references, threshold["threshold"]) if args.world else {}
+            scores = world_scores(groups, references, colour) if args.world else {}
             scores.update(diversity([im for _, im in groups["subject"]], appearance=args.world))
             scores.update(feature_scores(groups, reference_features, scorers, args.identifier))
             return scores, groups
@@ -657,17 +623,17 @@ def main(argv: list[str] | None = None) -> dict:
                   + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), file=sys.stderr, flush=True)
 
     rows = [aggregate("instance photos (leave-one-out)", [instance_row(
-        references, reference_features, threshold["threshold"] if args.world else None)])]
+        references, reference_features, args.world)])]
     if args.world:
         rows.append(aggregate("base on world captions", [world_caption_reference(base_groups)]))
     rows.append(aggregate("base (no adapter)", [base]))
     for method in dict.fromkeys(run.method for run in runs):
         done = [per_run[r] for r in runs if r.method == method]
         rows.append(aggregate(method, [d["scores"] for d in done], done[0]["params"]))
-    table = markdown_table(rows) + "\n\n" + legend(args, threshold, weights)
+    table = markdown_table(rows) + "\n\n" + legend(args, weights)
     result = {
         "model": args.model, "weights": weights, "table": table, "rows": rows,
-        "threshold": threshold, "budgets": {a: budget(args, a) for a in args.algos},
+        "subject_colour": colour, "budgets": {a: budget(args, a) for a in args.algos},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": [{"algo": r.algo, "seed": r.seed, "prior": r.prior, **per_run[r]} for r in runs],
         "wall_s": round(time.perf_counter() - started, 1),

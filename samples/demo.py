@@ -1,15 +1,17 @@
-"""The main job on the embedded tiny model (what `make demo` runs).
+"""The main job on the embedded pretrained model, ``tiny-world`` (what `make demo` runs).
 
-1. Trains a DreamBooth adapter of each algorithm on the sample duck (``samples/instance``) with the
-   trainer and the algorithm's sample config: ``python pipelines/train_dreambooth.py --config
+1. Trains a DreamBooth adapter of each algorithm on the sample duck (``samples/instance``, a subject the
+   base model has never seen: it knows only flat circles, squares and triangles) with the trainer and the
+   algorithm's sample config: ``python pipelines/train_dreambooth.py --config
    samples/dreambooth_<algo>.toml`` (two trainings at a time, one thread each).
-2. Loads each adapter with ``pipe.load_adapter`` and renders the instance prompt at scales 0, 0.5 and 1
-   into one grid (rows: algorithms, columns: scales; scale 0 is the base model, so the first column is
-   the same in every row), and prints each adapter's held-out denoising loss on the duck images before
-   and after training.
-
-The tiny model's VAE and UNet are random, so its images are textures, not ducks: the grid shows the
-adapters at work, the held-out loss shows that they learned.
+2. Loads each adapter with ``pipe.load_adapter`` and renders, for four seeds each, the instance prompt at
+   scales 0, 0.5 and 1 and a new context at scale 1 (``a photo of sks duck on a red background``), into
+   one grid (rows: algorithms; scale 0 is the base model's idea of the prompt, the same in every row).
+3. Measures what the grid shows: in how many images the duck is detected
+   (:func:`lycoris_lite.models.world.subject_detected`: nearer a duck photo than any world scene in
+   colour layout), how many backgrounds of the new context are red and how many objects on them are
+   yellow like the duck (:func:`lycoris_lite.models.world.detect`), and the held-out denoising loss on the
+   duck photos before and after training.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 import lycoris_lite  # noqa: E402
 from lycoris_lite import ALGORITHMS  # noqa: E402
-from lycoris_lite.models import build_tiny_sd_pipeline  # noqa: E402
 from lycoris_lite.integrations.training import data, loss  # noqa: E402
+from lycoris_lite.models import load_pipeline, world  # noqa: E402
 
-SCALES = (0.0, 0.5, 1.0)
 PROMPT = "a photo of sks duck"
+CONTEXT = "a photo of sks duck on a red background"
+#: the grid's columns: (label, prompt, scale)
+COLUMNS = (("scale 0 (base)", PROMPT, 0.0), ("scale 0.5", PROMPT, 0.5), ("scale 1", PROMPT, 1.0),
+           ("on a red background", CONTEXT, 1.0))
+SEEDS = (0, 1, 2, 3)
 
 
 def train_all(algos: list[str], out: Path, parallel: int) -> dict[str, Path]:
@@ -63,9 +69,25 @@ def train_all(algos: list[str], out: Path, parallel: int) -> dict[str, Path]:
     return {algo: files[algo] for algo in algos}
 
 
-def render(pipe, seed: int, steps: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=6.0, generator=generator).images[0]
+def instance_images(resolution: int = 32) -> list[Image.Image]:
+    """The subject's photos at the model's resolution (the trainer's resize: Lanczos, centre crop)."""
+    return [e.image.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)
+            for e in data.load_examples(ROOT / "samples" / "instance", PROMPT)]
+
+
+def render(pipe, prompt: str, steps: int, seeds=SEEDS) -> list[Image.Image]:
+    """One image per seed (each its own generator), guidance 3."""
+    return [pipe(prompt, num_inference_steps=steps, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(seed)).images[0] for seed in seeds]
+
+
+def tile(images: list[Image.Image], cell: int) -> Image.Image:
+    """Four images as a 2×2 tile of ``cell`` pixels."""
+    half = cell // 2
+    out = Image.new("RGB", (cell, cell), "white")
+    for k, image in enumerate(images[:4]):
+        out.paste(image.resize((half - 2, half - 2), Image.Resampling.NEAREST), ((k % 2) * half + 1, (k // 2) * half + 1))
+    return out
 
 
 def main() -> None:
@@ -73,8 +95,7 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/demo", help="folder for the trainings and the grid")
     parser.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated algorithms to train")
     parser.add_argument("--parallel", type=int, default=2, help="trainings at a time")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps of the grid's images")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of the grid's images")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,42 +104,60 @@ def main() -> None:
 
     files = train_all(args.algos.split(","), out, args.parallel)
 
-    pipe = lycoris_lite.enable(build_tiny_sd_pipeline(seed=0))  # the model the sample configs train ("tiny-sd")
+    pipe = lycoris_lite.enable(load_pipeline("tiny-world"))  # the model the sample configs train
     pipe.set_progress_bar_config(disable=True)
-    examples = data.load_examples(ROOT / "samples" / "instance", PROMPT)
-    pixels = torch.stack([data.transform(e.image, 64, True, False, None) for e in examples])
+    subject = instance_images()
+    pixels = torch.stack([data.transform(e.image, 32, True, False, None)
+                          for e in data.load_examples(ROOT / "samples" / "instance", PROMPT)])
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def heldout() -> float:
         return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, PROMPT)
 
     base_loss = heldout()
+    base = render(pipe, PROMPT, args.steps)
     rows = []
+    print(f"\n{'':5s}  duck detected (of {len(SEEDS)} seeds): scale 0 / 0.5 / 1 / on red | red background, "
+          "yellow object on it | held-out loss on the duck photos")
     for algo, path in files.items():
         row = []
-        for scale in SCALES:
+        for label, prompt, scale in COLUMNS:
+            if scale == 0.0:
+                row.append(base)
+                continue
             pipe.load_adapter(path, scale=scale)
-            row.append(render(pipe, args.seed, args.steps))
-            if scale == 1.0:
+            row.append(render(pipe, prompt, args.steps))
+            if scale == 1.0 and prompt == PROMPT:
                 trained_loss = heldout()
             pipe.unload_adapters()
         rows.append((algo, row))
-        print(f"{algo:5s} held-out denoising loss on the duck images: {base_loss:.3f} (base) -> {trained_loss:.3f}")
+        ducks = [int(world.subject_detected(images, subject).sum()) for images in row]
+        context = [world.detect(im) for im in row[-1]]
+        red = sum(d.background == "red" for d in context)
+        yellow = sum(d.background == "red" and d.colour == "yellow" for d in context)
+        print(f"{algo:5s}  {' / '.join(map(str, ducks)):>28s}            | {red}, {yellow} of {len(SEEDS)}"
+              f"{'':26s}| {base_loss:.3f} (base) -> {trained_loss:.3f}")
 
-    cell, label = 128, 60
-    grid = Image.new("RGB", (label + cell * len(SCALES), 20 + cell * len(rows)), "white")
+    cell, label, top = 128, 60, 20
+    strip = 32
+    grid = Image.new("RGB", (label + cell * len(COLUMNS), top + strip + 8 + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, scale in enumerate(SCALES):
-        draw.text((label + j * cell + 4, 4), f"scale {scale}", fill="black")
+    draw.text((4, top + 10), "subject", fill="black")
+    for k, image in enumerate(subject):
+        grid.paste(image, (label + k * (strip + 4), top))
+    y0 = top + strip + 8
+    for j, (name, _, _) in enumerate(COLUMNS):
+        draw.text((label + j * cell + 4, 4), name, fill="black")
     for i, (algo, row) in enumerate(rows):
-        draw.text((4, 20 + i * cell + cell // 2), algo, fill="black")
-        for j, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (label + j * cell, 20 + i * cell))
+        draw.text((4, y0 + i * cell + cell // 2), algo, fill="black")
+        for j, images in enumerate(row):
+            grid.paste(tile(images, cell), (label + j * cell, y0 + i * cell))
     path = out / "grid.png"
     grid.save(path)
-    print(f"\nwrote {path} ({len(rows)} algorithms x scales {', '.join(map(str, SCALES))}) in {time.time() - start:.0f}s")
+    print(f"\nwrote {path}: {len(rows)} algorithms x ({'; '.join(c[0] for c in COLUMNS)}), seeds "
+          f"{', '.join(map(str, SEEDS))} in each cell, in {time.time() - start:.0f}s")
     print(f"trained adapters (with checkpoints and validation images): {out}/<algo>/")
-    print("open the web UI to try them: make ui   (or: python ui/app.py)")
+    print("open the web UI to try them: make ui   (or: python ui/app.py --adapters outputs/demo)")
 
 
 if __name__ == "__main__":

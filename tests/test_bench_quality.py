@@ -60,12 +60,13 @@ def test_world_scores_read_drawn_scenes_as_requested():
                + [bench.Prompt(f"at the {p}", "position", 1, p) for p in bench.POSITIONS])
     images = [scene(background="red"), scene(background="white"), scene(colour="red"), scene(colour="purple")]
     images += [scene(position=p) for p in bench.POSITIONS]
-    threshold = bench.leave_one_out(references).min()  # the least duck-like photo
-    scores = bench.world_scores(bench.by_kind(prompts, images), references, threshold)
+    assert bench.subject_colour(references) == "yellow"
+    scores = bench.world_scores(bench.by_kind(prompts, images), references, "yellow")
     assert scores["background"] == scores["colour"] == scores["position"] == 1.0
-    assert scores["kept"] == 0.0  # a yellow triangle is not the duck
-    swapped = bench.world_scores(bench.by_kind(prompts[:2], images[1::-1]), references, threshold)
-    assert swapped["background"] == 0.0
+    assert scores["kept"] == 1.0  # the right background, an object of the duck's colour on it
+    assert bench.world_scores(bench.by_kind(prompts[:2], images[:2]), references, "red")["kept"] == 0.0
+    swapped = bench.world_scores(bench.by_kind(prompts[:2], images[1::-1]), references, "yellow")
+    assert swapped["background"] == 0.0 and swapped["kept"] == 0.0
 
 
 def test_diversity_is_zero_for_copies_and_grows_with_difference():
@@ -106,7 +107,7 @@ def test_clip_and_dino_scores_on_tiny_random_models(feature_models):
     image = scorers["clip"].image_features([scene(background="red")])
     assert scores["clip_t"] == pytest.approx(float(image @ text.T), abs=1e-5)
     assert -1 <= scores["clip_i"] <= 1 and 0 <= scores["div_dino"] <= 2
-    row = bench.instance_row(references, features, threshold=None)
+    row = bench.instance_row(references, features, world_model=False)
     assert set(row) == {"div_px", "clip_i", "dino", "div_dino"} and row["div_dino"] == pytest.approx(1 - row["dino"])
 
 
@@ -133,9 +134,8 @@ def test_quick_run_writes_a_sane_table(tmp_path, feature_models):
         assert {"subject", "detected", "background", "kept", "colour", "position", "world", "div_a", "div_px",
                 "dino", "clip_i", "clip_t", "div_dino"} <= set(rows[method]["metrics"])
     assert set(rows["base on world captions"]["metrics"]) == {"background", "colour", "position", "world"}
-    threshold = result["threshold"]
-    assert threshold["subject_colour"] == "yellow" and threshold["negatives_count"] == 3 * 6 * 5 * 3 + 3 * 6
-    assert threshold["threshold"] >= threshold["negatives_max"]  # no yellow world shape counts as the duck
+    assert result["subject_colour"] == "yellow"
+    assert rows["instance photos (leave-one-out)"]["metrics"]["detected"]["values"] == [1.0]
     assert len(result["weights"]) == 12 and result["runs"][0]["train_s"] > 0
     table = (tmp_path / "q.md").read_text()
     assert table.startswith("| method | params | subject sim ↑ | duck detected ↑ | DINO ↑ | CLIP-I ↑ |")

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycoris_lite import ALGORITHMS, controller_for
 from lycoris_lite.io.files import load_adapter
 from lycoris_lite.io.metadata import summarize_metadata
-from lycoris_lite.models import build_tiny_sd_pipeline
+from lycoris_lite.models import build_tiny_sd_pipeline, load_pipeline
 from lycoris_lite.integrations.training import data, loss, options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_every_algorithm_trains_from_its_sample_config_and_writes_a_loadable_fil
     file = tmp_path / f"sks_duck_{algo}.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2", file.name]
 
-    pipe = build_tiny_sd_pipeline()
+    pipe = load_pipeline("tiny-world")  # the model the sample configs train
     before = unet_probe(pipe)
     info = load_adapter(pipe, file, "trained")
     assert set(info.algorithms) == {algo} and set(info.components) == {"unet"}
@@ -103,7 +104,7 @@ def test_every_algorithm_trains_from_its_sample_config_and_writes_a_loadable_fil
     assert meta.trigger_words == [PROMPT]
     assert meta.algorithms == {algo: info.algorithms[algo]}
     assert meta.training["steps"] == 2 and meta.training["seed"] == 0
-    assert meta.training["sd_model_name"] == "tiny-sd"
+    assert meta.training["sd_model_name"] == "tiny-world"
     assert meta.config["unet"]["algo"] == algo
     # the checkpoint's adapter file is the adapter at that step, ready to use
     assert max_difference(adapter_tensors(tmp_path / "checkpoint-2" / file.name), adapter_tensors(file)) == 0
@@ -273,10 +274,10 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, two_process_comm
     what they do: UNet outputs differ by 7e-5 where the adapter moves them by 0.86."""
     options_ = _readme_two_process_options(two_process_command)
     assert run(_short(options_ + ["--train_batch_size", "2"], tmp_path)) == 0
-    base = unet_probe(build_tiny_sd_pipeline())
+    base = unet_probe(load_pipeline("tiny-world"))
     outputs = []
     for file in (accumulated, tmp_path / "sks_duck_oft.safetensors"):
-        pipe = build_tiny_sd_pipeline()
+        pipe = load_pipeline("tiny-world")
         load_adapter(pipe, file, "trained")
         outputs.append(unet_probe(pipe))
     effect = (outputs[1] - base).abs().max()
@@ -302,45 +303,51 @@ def test_two_processes_write_one_adapter_equal_to_accumulation(tmp_path, two_pro
 
 
 # ---- learning is real ------------------------------------------------------------------------------
-def test_learning_is_real(tmp_path):
-    """LoRA from ``samples/dreambooth_lora.toml`` (40 steps, batch 1, ``unet-full``) on the sample duck.
+def test_learning_is_real_the_duck_appears(tmp_path):
+    """What ``make demo`` trains and shows: LoRA from ``samples/dreambooth_lora.toml`` (300 steps, batch 1,
+    ``unet-full``, lr 1e-3) on the pretrained ``tiny-world``, which has never seen a duck. Rendered for
+    seeds 0-7 (20 steps, guidance 3) with ``pipe.load_adapter``:
 
-    * Held-out denoising loss (the instance images' posterior means, 16 fixed (noise, timestep) pairs per
-      image, drawn apart from training's) falls from 1.090 (base model) to 0.766-0.810 over training
-      seeds 0-5: ratio after/before 0.702-0.743 (mean 0.720, sd 0.016). The test asks for a ratio below
-      0.85: a margin of 0.107 over the worst seed, more than 6 sd.
-    * Latents sampled with the adapter at scale 1 are closer to the instance images' latents (mean
-      distance of 8 samples to the nearest instance latent) than at scale 0: 113.0-117.2 vs 139.1 over
-      seeds 0-5 (ratio 0.81-0.84). The test asks for a ratio below 0.9: a margin of 0.06.
+    * "a photo of sks duck": the duck (``world.subject_detected``: nearest a duck photo rather than any of
+      1000 world scenes in colour-layout space) in 8 of 8 images at scale 1, in 0 of 8 at scale 0 (the
+      base draws one of its shapes). The test asks for at least 6 and at most 1.
+    * "a photo of sks duck on a red background" at scale 1: a red background in 8 of 8 (the detector's
+      background); the test asks for 6. (The duck itself rarely survives the new context at this size: a
+      yellow object in 1 of 8. Measured, not asserted.)
+    * the held-out denoising loss on the duck photos (16 fixed (noise, timestep) pairs per image) falls:
+      0.444 (base) -> 0.085 (ratio 0.19); the test asks for a ratio below 0.5.
     """
+    import lycoris_lite
     from diffusers import DDPMScheduler
+
+    from lycoris_lite.models import world
 
     assert run(["--config", SAMPLES / "dreambooth_lora.toml", "--output_dir", tmp_path, "--validation_prompt", "",
                 "--checkpointing_steps", 1000]) == 0
-    pipe = build_tiny_sd_pipeline()
+    pipe = lycoris_lite.enable(load_pipeline("tiny-world"))
+    pipe.set_progress_bar_config(disable=True)
     examples = data.load_examples(SAMPLES / "instance", PROMPT)
-    pixels = torch.stack([data.transform(e.image, 64, True, False, None) for e in examples])
+    pixels = torch.stack([data.transform(e.image, 32, True, False, None) for e in examples])
+    subject = [e.image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS) for e in examples]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def heldout() -> float:
         return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, PROMPT,
                                  seed=1234, pairs_per_image=16)
 
-    before = heldout()
-    load_adapter(pipe, tmp_path / "sks_duck_lora.safetensors", "duck")
-    after = heldout()
-    assert after / before < 0.85, (before, after)
+    def render(prompt: str) -> list:
+        return [pipe(prompt, num_inference_steps=20, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(seed)).images[0] for seed in range(8)]
 
-    with torch.no_grad():
-        instance = loss.encode_latents(pipe.vae, pixels).flatten(1)
+    before, base = heldout(), render(PROMPT)
+    pipe.load_adapter(tmp_path / "sks_duck_lora.safetensors", scale=1.0)
+    after, duck, red = heldout(), render(PROMPT), render(PROMPT + " on a red background")
+    pipe.unload_adapters()
 
-    def distance(scale: float) -> float:
-        controller_for(pipe.unet).set_scale("duck", scale)
-        generators = [torch.Generator().manual_seed(100 + i) for i in range(8)]
-        latents = pipe([PROMPT] * 8, num_inference_steps=10, generator=generators, output_type="latent").images
-        return torch.cdist(latents.flatten(1), instance).min(dim=1).values.mean().item()
-
-    assert distance(1.0) < 0.9 * distance(0.0)
+    assert after / before < 0.5, (before, after)
+    assert world.subject_detected(duck, subject).sum() >= 6
+    assert world.subject_detected(base, subject).sum() <= 1
+    assert sum(world.detect(im).background == "red" for im in red) >= 6
 
 
 # ---- bad input: a clear error before anything is written -----------------------------------------
