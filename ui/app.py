@@ -360,7 +360,7 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="a photo of sks dog <lora:watercolor:0.8>")
+                                    placeholder="a red circle on a green background, outline <lora:outline:0.8>")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
