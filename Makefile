@@ -24,7 +24,8 @@ install-ui:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet $(TORCH_CPU)
 	$(PIP) install --quiet --disable-pip-version-check -e ".[ui]"
 
-# The web UI: `make ui` opens the tiny model and make demo's adapters (outputs/demo); UI_ARGS="--model PATH --adapters DIR --device cuda --dtype bfloat16 …"
+# The web UI: `make ui` opens the pretrained tiny model (tiny-world) and make demo's adapters (outputs/demo), with
+# tiny-world's trained example adapters when none of those fits it; UI_ARGS="--model PATH --adapters DIR --device cuda --dtype bfloat16 …"
 ui: install-ui
 	$(PYTHON) ui/app.py $(UI_ARGS)
 
@@ -34,9 +35,11 @@ ui-screens: install-ui chromium
 	$(PYTHON) ui/screens.py --out outputs/ui-screens
 
 # Rebuild the embedded pretrained model (lycoris_lite/models/tiny_world, about 30 min on 2 CPU cores) from
-# its recipe and seed, then its example adapters; prints what it draws correctly.
+# its recipe and seed, then the web UI's example adapters trained on it (ui/example_adapters.py, about 3 min);
+# prints what the model draws correctly and what each example changes.
 tiny-model: install
 	$(PYTHON) -m lycoris_lite.models.world_model --out lycoris_lite/models/tiny_world
+	$(PYTHON) ui/example_adapters.py --out lycoris_lite/integrations/webui/examples
 
 demo: install
 	$(PYTHON) samples/demo.py --out outputs/demo

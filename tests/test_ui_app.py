@@ -106,16 +106,16 @@ def clean(served):
 # ---- handlers ---------------------------------------------------------------------------------------
 def test_handlers_directly(served):
     h = app.Handlers(served.engine, MAX_UPLOAD)
-    stack, rows = h.set_stack(*slots(("watercolor", 0.8), ("tilt", 0.5, 0.25, None)))
-    assert stack == [webui.StackEntry("watercolor", 0.8), webui.StackEntry("tilt", 0.5, unet=0.25)]
-    assert rows == [[1, "watercolor", "lora", 0.8, 0.8, 0.8, ""], [2, "tilt", "oft", 0.5, 0.25, 0.5, ""]]
+    stack, rows = h.set_stack(*slots(("outline", 0.8), ("swap", 0.5, 0.25, None)))
+    assert stack == [webui.StackEntry("outline", 0.8), webui.StackEntry("swap", 0.5, unet=0.25)]
+    assert rows == [[1, "outline", "lora", 0.8, 0.8, 0.8, ""], [2, "swap", "oft", 0.5, 0.25, 0.5, ""]]
     with pytest.raises(gr.Error, match="twice"):
-        h.set_stack(*slots(("tilt", 1.0), ("tilt", 0.5)))
+        h.set_stack(*slots(("swap", 1.0), ("swap", 0.5)))
     gallery, text, status, seed, texts, seeds = h.generate(*GENERATE, stack, progress=lambda *a, **k: None)
     assert gallery[0][1] == "seed 3" and gallery[0][0].info["parameters"] == text == texts[0] and seed == 3
     assert seeds == [3]
-    assert text.startswith("a photo of sks dog <lora:watercolor:0.8> <lora:tilt:0.5:0.25>\nSteps: 2, Sampler: DDIM")
-    assert "read from disk: watercolor, tilt" in status
+    assert text.startswith("a photo of sks dog <lora:outline:0.8> <lora:swap:0.5:0.25>\nSteps: 2, Sampler: DDIM")
+    assert "read from disk: outline, swap" in status
     assert "no disk read" in h.generate(*GENERATE, stack, progress=lambda *a, **k: None)[2]
     with pytest.raises(gr.Error, match="no adapter named 'nope'"):
         h.generate("a <lora:nope:1>", *GENERATE[1:], [], progress=lambda *a, **k: None)
@@ -124,27 +124,27 @@ def test_handlers_directly(served):
     assert "Fused for everyone" in h.fuse(stack) and "Fused for everyone" not in h.unfuse()
     assert "attached adapters 0/8" in h.unload_all()
     assert h.cancel() == "Nothing to cancel."
-    version, grid, *dropdowns = h.refresh(-1, "", "all", "all", "tilt", "gone", None)
+    version, grid, *dropdowns = h.refresh(-1, "", "all", "all", "swap", "gone", None)
     assert version == served.engine.library_version and [c["name"] for c in grid] == sorted(served.engine.cards)
-    assert [d.value for d in dropdowns] == ["tilt", None, None]
+    assert [d.value for d in dropdowns] == ["swap", None, None]
     assert sorted(dropdowns[0].choices) == sorted((n, n) for n in served.engine.usable_names())
-    assert h.refresh(version, "", "all", "all", "tilt") == (gr.skip(),) * 3
+    assert h.refresh(version, "", "all", "all", "swap") == (gr.skip(),) * 3
     with pytest.raises(gr.Error, match="no adapter named 'gone'"):
         h.set_stack(*slots(("gone", 1.0)))
-    assert h.cards_view("tilted", "all", "all")[0] == {
-        "name": "tilt", "location": "examples/tilt.safetensors", "algorithm": "oft", "rank": "block 4",
-        "family": "unknown", "words": "tilted", "problem": "", "preview": ""}
-    assert [c["name"] for c in h.cards_view("", "lokr", "all")] == ["sks_dog"] and not h.cards_view("", "all", "SDXL")
-    assert "<dt>Trigger words</dt><dd>butterfly</dd>" in h.card_details("butterfly")
-    click = lambda name, mode, prompt="a cat", names=("tilt", None, None): h.card_clicked(  # noqa: E731
+    assert h.cards_view("swapped", "all", "all")[0] == {
+        "name": "swap", "location": "examples/swap.safetensors", "algorithm": "oft", "rank": "block 4",
+        "family": "unknown", "words": "swapped", "problem": "", "preview": ""}
+    assert [c["name"] for c in h.cards_view("", "lokr", "all")] == ["star"] and not h.cards_view("", "all", "SDXL")
+    assert "<dt>Trigger words</dt><dd>night</dd>" in h.card_details("night")
+    click = lambda name, mode, prompt="a cat", names=("swap", None, None): h.card_clicked(  # noqa: E731
         gr.EventData(None, {"name": name, "action": "add"}), None, mode, prompt, "", "all", "all", *names)
-    details, prompt, grid, *updates = click("mirror", app.CLICK_MODES[0])
-    assert "<h3>mirror</h3>" in details and updates[0] == gr.skip() and updates[1]["value"] == "mirror"
-    assert click("mirror", app.CLICK_MODES[1])[1] == "a cat, mirror <lora:mirror:1>"
-    with pytest.raises(gr.Error, match="tilt is in the stack already \\(slot 1\\)"):
-        click("tilt", app.CLICK_MODES[0])
+    details, prompt, grid, *updates = click("zoom", app.CLICK_MODES[0])
+    assert "<h3>zoom</h3>" in details and updates[0] == gr.skip() and updates[1]["value"] == "zoom"
+    assert click("zoom", app.CLICK_MODES[1])[1] == "a cat, close-up <lora:zoom:1>"
+    with pytest.raises(gr.Error, match="swap is in the stack already \\(slot 1\\)"):
+        click("swap", app.CLICK_MODES[0])
     with pytest.raises(gr.Error, match="all 3 slots are in use"):
-        click("mirror", app.CLICK_MODES[0], names=("tilt", "sks_dog", "watercolor"))
+        click("zoom", app.CLICK_MODES[0], names=("swap", "star", "outline"))
     assert h.select_image(["x", "y"], [5, 6], gr.SelectData(None, {"index": 1, "value": None})) == ("y", 6)
     with pytest.raises(gr.Error, match="Choose a .safetensors file"):
         h.add_adapter(None, "")
@@ -153,31 +153,31 @@ def test_handlers_directly(served):
 # ---- gradio_client against the served app ----------------------------------------------------------------
 def test_stack_scale_and_generate(clients):
     client = clients[0]
-    table = client.predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
-    assert [row[1] for row in table["data"]] == ["watercolor", "tilt"]
+    table = client.predict(*slots(("outline", 0.8), ("swap", 0.5)), api_name="/set_stack")
+    assert [row[1] for row in table["data"]] == ["outline", "swap"]
     gallery, text, status = client.predict(*GENERATE, api_name="/generate")
     assert Image.open(gallery[0]["image"]).text["parameters"] == text  # the PNG's "parameters" chunk
-    assert "<lora:watercolor:0.8> <lora:tilt:0.5>" in text and "Seed: 3" in text and "no disk read" not in status
+    assert "<lora:outline:0.8> <lora:swap:0.5>" in text and "Seed: 3" in text and "no disk read" not in status
     first = image_of(gallery)
-    client.predict(*slots(("watercolor", 0.3), ("tilt", 0.5)), api_name="/set_stack")
+    client.predict(*slots(("outline", 0.3), ("swap", 0.5)), api_name="/set_stack")
     gallery, text, status = client.predict(*GENERATE, api_name="/generate")
-    assert "<lora:watercolor:0.3>" in text and "no disk read" in status
+    assert "<lora:outline:0.3>" in text and "no disk read" in status
     assert np.abs(image_of(gallery).astype(int) - first).max() > 0
-    client.predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
+    client.predict(*slots(("outline", 0.8), ("swap", 0.5)), api_name="/set_stack")
     assert np.array_equal(image_of(client.predict(*GENERATE, api_name="/generate")[0]), first)
     with pytest.raises(AppError, match="no adapter named"):
-        client.predict(*slots(("../tilt", 1.0)), api_name="/set_stack")
+        client.predict(*slots(("../swap", 1.0)), api_name="/set_stack")
 
 
 def test_fuse_is_shared_until_unfused_and_unload(clients):
     alice, bob = clients[:2]
-    alice.predict(*slots(("mirror", 0.7), ("sks_dog", 1.2)), api_name="/set_stack")
-    bob.predict(*slots(("watercolor", 1.0)), api_name="/set_stack")
+    alice.predict(*slots(("zoom", 0.7), ("star", 1.2)), api_name="/set_stack")
+    bob.predict(*slots(("outline", 1.0)), api_name="/set_stack")
     own = image_of(bob.predict(*GENERATE, api_name="/generate")[0])
     status = alice.predict(api_name="/fuse")
-    assert "**Fused for everyone:** `<lora:mirror:0.7>` → `<lora:sks_dog:1.2>`" in status
+    assert "**Fused for everyone:** `<lora:zoom:0.7>` → `<lora:star:1.2>`" in status
     gallery, text, status = bob.predict(*GENERATE, api_name="/generate")
-    assert "fused stack `<lora:mirror:0.7>` → `<lora:sks_dog:1.2>`" in status and "not applied" in status
+    assert "fused stack `<lora:zoom:0.7>` → `<lora:star:1.2>`" in status and "not applied" in status
     assert "Lora fused: True" in text
     assert np.abs(image_of(gallery).astype(int) - own).max() > 0
     with pytest.raises(AppError, match="already fused"):
@@ -189,8 +189,8 @@ def test_fuse_is_shared_until_unfused_and_unload(clients):
 
 def test_two_sessions_generating_at_once_get_their_own_images(clients):
     clients = {"a": clients[0], "b": clients[1]}
-    clients["a"].predict(*slots(("watercolor", 0.8), ("tilt", 0.5)), api_name="/set_stack")
-    clients["b"].predict(*slots(("mirror", -1.0), ("butterfly", 1.0, None, 0.5)), api_name="/set_stack")
+    clients["a"].predict(*slots(("outline", 0.8), ("swap", 0.5)), api_name="/set_stack")
+    clients["b"].predict(*slots(("zoom", -1.0), ("night", 1.0, None, 0.5)), api_name="/set_stack")
     alone = {k: image_of(c.predict(*GENERATE, api_name="/generate")[0]) for k, c in clients.items()}
     assert np.abs(alone["a"].astype(int) - alone["b"]).max() > 0
     jobs = {k: c.submit(*GENERATE, api_name="/generate") for k, c in clients.items()}
@@ -200,7 +200,7 @@ def test_two_sessions_generating_at_once_get_their_own_images(clients):
 
 def test_cancel_stops_the_running_generation(clients):
     client = clients[2]
-    client.predict(*slots(("watercolor", 1.0)), api_name="/set_stack")
+    client.predict(*slots(("outline", 1.0)), api_name="/set_stack")
     job = client.submit(GENERATE[0], "", 3, 150, 7, 64, 64, 1, "Default", api_name="/generate")
     deadline = time.time() + 60
     while not (job.status().progress_data and job.status().progress_data[0].desc == "denoising"):
@@ -213,7 +213,7 @@ def test_cancel_stops_the_running_generation(clients):
 def test_uploads_are_checked(served, clients, tmp_path):
     client = clients[2]
     names = sorted(p.name for p in served.folder.iterdir())
-    source = served.folder / "examples" / "tilt.safetensors"
+    source = served.folder / "examples" / "swap.safetensors"
     with pytest.raises(AppError, match="unsafe file name"):
         client.predict(handle_file(str(source)), "../../evil.safetensors", api_name="/add_adapter")
     corrupt = tmp_path / "corrupt.safetensors"
@@ -229,14 +229,14 @@ def test_uploads_are_checked(served, clients, tmp_path):
     assert response.status_code == 413
     assert sorted(p.name for p in served.folder.iterdir()) == names
     assert not any(p.name == "evil.safetensors" for p in served.folder.parent.rglob("*"))
-    changed = variant(source, tmp_path / "tilt.safetensors", 1.1)
-    message = client.predict(handle_file(str(changed)), "tilt copy.safetensors", api_name="/add_adapter")
+    changed = variant(source, tmp_path / "swap.safetensors", 1.1)
+    message = client.predict(handle_file(str(changed)), "swap copy.safetensors", api_name="/add_adapter")
     try:
-        assert message.startswith("Added **tilt_copy** (oft, block 4)")
-        assert served.engine.cards["tilt_copy"].usable
-        client.predict(*slots(("tilt_copy", 1.0)), api_name="/set_stack")  # selectable at once
+        assert message.startswith("Added **swap_copy** (oft, block 4)")
+        assert served.engine.cards["swap_copy"].usable
+        client.predict(*slots(("swap_copy", 1.0)), api_name="/set_stack")  # selectable at once
     finally:
-        (served.folder / "tilt_copy.safetensors").unlink()
+        (served.folder / "swap_copy.safetensors").unlink()
         client.predict(api_name="/rescan")
 
 
@@ -244,7 +244,7 @@ def test_queue_bypass_and_adapter_files_are_closed(served):
     assert served.url.startswith("http://127.0.0.1:")
     direct = httpx.post(served.url + "gradio_api/run/generate", json={"data": list(GENERATE)})
     assert direct.status_code == 404 and "join the queue" in direct.text
-    adapter = served.folder / "examples" / "watercolor.safetensors"
+    adapter = served.folder / "examples" / "outline.safetensors"
     served_file = httpx.get(served.url + "gradio_api/file=" + str(adapter))
     assert served_file.status_code == 403
     assert httpx.get(served.url + "monitoring").status_code != 200
@@ -315,24 +315,24 @@ def test_admins_quotas_and_duplicate_uploads(guarded, served, tmp_path):
         Client(guarded.url, auth=("ann", "wrong"), verbose=False)
     ann = Client(guarded.url, auth=("ann", "s3cret:x"), verbose=False, download_files=str(tmp_path / "ann"))
     bob = Client(guarded.url, auth=("bob", "hunter2"), verbose=False, download_files=str(tmp_path / "bob"))
-    tilt = served.folder / "examples" / "tilt.safetensors"
+    swap = served.folder / "examples" / "swap.safetensors"
     added = []
     try:
-        assert bob.predict(*slots(("tilt", 0.5)), api_name="/set_stack")["data"][0][1] == "tilt"
+        assert bob.predict(*slots(("swap", 0.5)), api_name="/set_stack")["data"][0][1] == "swap"
         for api_name, args in (("/fuse", ()), ("/unfuse", ()), ("/unload", ()), ("/rescan", ()),
-                               ("/add_adapter", (handle_file(str(variant(tilt, tmp_path / "b.safetensors", 1.1))), ""))):
+                               ("/add_adapter", (handle_file(str(variant(swap, tmp_path / "b.safetensors", 1.1))), ""))):
             with pytest.raises(AppError, match="only its admins \\(ann\\) may do it"):
                 bob.predict(*args, api_name=api_name)
-        with pytest.raises(AppError, match="already in the library as tilt \\(examples/tilt.safetensors\\)"):
-            ann.predict(handle_file(str(tilt)), "copy.safetensors", api_name="/add_adapter")
-        source = variant(tilt, tmp_path / "tilt_v1.safetensors", 1.1)  # 154 kB: one fits the 200 kB quota
+        with pytest.raises(AppError, match="already in the library as swap \\(examples/swap.safetensors\\)"):
+            ann.predict(handle_file(str(swap)), "copy.safetensors", api_name="/add_adapter")
+        source = variant(swap, tmp_path / "swap_v1.safetensors", 1.1)  # 154 kB: one fits the 200 kB quota
         message = ann.predict(handle_file(str(source)), "", api_name="/add_adapter")
         added.append(served.folder / source.name)
-        assert message.startswith("Added **tilt_v1**")
+        assert message.startswith("Added **swap_v1**")
         with pytest.raises(AppError, match="the quota per session is 0.19 MiB"):
-            ann.predict(handle_file(str(variant(tilt, tmp_path / "tilt_v2.safetensors", 1.2))), "",
+            ann.predict(handle_file(str(variant(swap, tmp_path / "swap_v2.safetensors", 1.2))), "",
                         api_name="/add_adapter")
-        assert not (served.folder / "tilt_v2.safetensors").exists()
+        assert not (served.folder / "swap_v2.safetensors").exists()
         for _ in range(webui.Accounts.max_failures):  # guessing carl's password locks carl out
             assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "guess"}).status_code == 400
         assert httpx.post(guarded.url + "login", data={"username": "carl", "password": "pw3"}).status_code == 400
@@ -407,8 +407,8 @@ def test_bfloat16_pipeline_renders_with_an_adapter(model, tmp_path):
     assert {p.dtype for p in weights} == {torch.bfloat16}
     settings = webui.GenerationSettings("a photo of sks dog", seed=3, steps=2, width=64, height=64)
     base = np.asarray(engine.generate(settings, []).images[0]).astype(int)
-    styled = engine.generate(settings, [webui.StackEntry("watercolor", 1.0)])
-    assert styled.loaded_from_disk == ["watercolor"]
+    styled = engine.generate(settings, [webui.StackEntry("outline", 1.0)])
+    assert styled.loaded_from_disk == ["outline"]
     assert np.abs(np.asarray(styled.images[0]).astype(int) - base).mean() > 1
 
 
@@ -461,27 +461,28 @@ def toast(page, text: str):
 
 
 def test_browser_picks_an_adapter_moves_its_slider_and_generates(browser, tmp_path, monkeypatch):
-    """``python ui/app.py --adapters DIR --port N`` (its main(), in this process) in headless Chromium."""
+    """``python ui/app.py --adapters DIR --port N`` (its main(), in this process; the default model,
+    tiny-world, with its trained example adapters) in headless Chromium."""
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo, url = app.main(["--adapters", str(tmp_path / "adapters"), "--port", str(free_port()), "--slots", "2"],
                          block=False)
     try:
         assert url.startswith("http://127.0.0.1:")
-        assert (tmp_path / "adapters" / "examples" / "watercolor.safetensors").is_file()
+        assert (tmp_path / "adapters" / "examples" / "outline.safetensors").is_file()
         page = open_page(browser, url)
-        pick(page, 1, "watercolor")
+        pick(page, 1, "outline")
         slider = page.get_by_label("range slider for Weight 1")
         slider.focus()
         for _ in range(6):
             slider.press("ArrowLeft")  # 1.0 -> 0.7 in steps of 0.05
         expect(page.get_by_label("number input for Weight 1")).to_have_value("0.7")
-        expect(page.locator("table").filter(has_text="watercolor").first).to_be_visible()
+        expect(page.locator("table").filter(has_text="outline").first).to_be_visible()
         set_number(page, "Steps", 2)
-        page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+        page.get_by_label("Prompt", exact=True).fill("a red circle on a green background, outline")
         page.get_by_role("button", name="Generate").click()
         expect(page.locator("#result-gallery img").first).to_be_visible(timeout=90_000)
-        expect(page.locator("#parameters textarea")).to_have_value(
-            re.compile(r"<lora:watercolor:0\.7>\nSteps: 2, Sampler: DDIM"))
+        expect(page.locator("#parameters textarea")).to_have_value(   # tiny-world, the default: 32x32
+            re.compile(r"<lora:outline:0\.7>\nSteps: 2, Sampler: .*Size: 32x32, Model: tiny-world"))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
         page.close()
@@ -495,12 +496,12 @@ def test_browser_status_split_weights_and_reuse_seed(page, served):
     it; opening "Separate UNet / text-encoder weights" changes nothing (its fields
     stay empty, the next Generate uses the stack) and a value typed there shows in the stack order;
     "Reuse last" takes the seed of the image selected in the gallery."""
-    served.engine.apply([webui.StackEntry("mirror")])
+    served.engine.apply([webui.StackEntry("zoom")])
     page.reload()
-    expect(page.locator("#status")).to_contain_text("attached adapters 1/8: mirror", timeout=15_000)
-    pick(page, 1, "watercolor")
+    expect(page.locator("#status")).to_contain_text("attached adapters 1/8: zoom", timeout=15_000)
+    pick(page, 1, "outline")
     order = page.locator("#stack-order")
-    expect(order).to_contain_text("watercolor")
+    expect(order).to_contain_text("outline")
     page.get_by_text("Separate UNet / text-encoder weights").click()
     unet = page.get_by_label("UNet weight 1")
     expect(unet).to_have_value("")
@@ -513,7 +514,7 @@ def test_browser_status_split_weights_and_reuse_seed(page, served):
             .observe(gallery, {subtree: true, childList: true, characterData: true});
     }""")
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:watercolor:1>\nSteps.*Seed: 5"),
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile(r"<lora:outline:1>\nSteps.*Seed: 5"),
                                                                timeout=60_000)
     shown = page.evaluate("window.shown.join(' | ')")
     assert re.search("applying the stack|encoding the prompt|denoising", shown), shown
@@ -523,15 +524,15 @@ def test_browser_status_split_weights_and_reuse_seed(page, served):
     expect(page.get_by_label("Seed", exact=True)).to_have_value("6")
     unet.fill("0.25")
     unet.blur()
-    expect(order.get_by_role("row").nth(1)).to_contain_text("1 watercolor lora 1 0.25 1")
+    expect(order.get_by_role("row").nth(1)).to_contain_text("1 outline lora 1 0.25 1")
 
 
 def test_browser_uploads_and_names(page, served, tmp_path):
     """Defects 3 and 7: "Added …" appears under the upload box, a long file name and the chosen adapter
-    are shown whole; ``examples/tilt`` and ``more/tilt`` both show after Rescan, with their files, and
+    are shown whole; ``examples/swap`` and ``more/swap`` both show after Rescan, with their files, and
     both go into the stack under those names."""
     long_name = tmp_path / "a_rather_long_adapter_file_name_v2_final.safetensors"
-    variant(served.folder / "examples" / "tilt.safetensors", long_name, 1.2)
+    variant(served.folder / "examples" / "swap.safetensors", long_name, 1.2)
     page.locator("#upload input[type=file]").set_input_files(str(long_name))
     stem = page.locator("#upload .filename .stem")
     expect(stem).to_have_text(long_name.stem)
@@ -548,16 +549,16 @@ def test_browser_uploads_and_names(page, served, tmp_path):
         chosen = page.get_by_role("combobox", name="Adapter 1")
         expect(chosen).to_have_value(long_name.stem)
         assert chosen.evaluate("e => e.scrollWidth <= e.clientWidth")
-        shutil.copyfile(served.folder / "examples" / "tilt.safetensors", served.folder / "more" / "tilt.safetensors")
+        shutil.copyfile(served.folder / "examples" / "swap.safetensors", served.folder / "more" / "swap.safetensors")
         page.get_by_role("button", name="Rescan folder").click()
-        for name in ("examples/tilt", "more/tilt"):
+        for name in ("examples/swap", "more/swap"):
             card = page.locator(".adapter-card:not(.off)").filter(has_text=f"{name}.safetensors")
             expect(card.locator(".card-name")).to_have_text(name)
-        pick(page, 2, "examples/tilt")
-        pick(page, 3, "more/tilt")
+        pick(page, 2, "examples/swap")
+        pick(page, 3, "more/swap")
         rows = page.locator("#stack-order").get_by_role("row")
-        expect(rows.nth(2)).to_contain_text("2 examples/tilt oft")
-        expect(rows.nth(3)).to_contain_text("3 more/tilt oft")
+        expect(rows.nth(2)).to_contain_text("2 examples/swap oft")
+        expect(rows.nth(3)).to_contain_text("3 more/swap oft")
     finally:
         (served.folder / long_name.name).unlink(missing_ok=True)
         shutil.rmtree(served.folder / "more")
@@ -573,8 +574,8 @@ def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, s
     page.get_by_role("button", name="Generate").click()
     expect(gallery.locator("img").first).to_be_visible(timeout=60_000)
     for text, where, message in [
-        ("a <lora:watercolor:abc> dog", prompt, "a weight in <lora:watercolor:abc> must be a number, got 'abc'"),
-        ("<lora:tilt:1>", negative, "<lora:…> tags work in the prompt only, not in the negative prompt"),
+        ("a <lora:outline:abc> dog", prompt, "a weight in <lora:outline:abc> must be a number, got 'abc'"),
+        ("<lora:swap:1>", negative, "<lora:…> tags work in the prompt only, not in the negative prompt"),
     ]:
         prompt.fill("")
         where.fill(text)
@@ -583,15 +584,15 @@ def test_browser_errors_show_whole_messages_and_leave_the_page_as_it_was(page, s
         expect(gallery).not_to_contain_text("Error")
         expect(gallery.locator("img").first).to_be_visible()
         negative.fill("")
-    pick(page, 1, "tilt")
+    pick(page, 1, "swap")
     page.get_by_text("Separate UNet / text-encoder weights").click()
     page.get_by_label("UNet weight 1").fill("abc")
     page.get_by_label("UNet weight 1").blur()
-    expect(toast(page, "the UNet weight of tilt must be a number, got 'abc'")).to_be_visible(timeout=30_000)
+    expect(toast(page, "the UNet weight of swap must be a number, got 'abc'")).to_be_visible(timeout=30_000)
     expect(page.locator("#stack-order")).not_to_contain_text("Error")
-    expect(page.locator("#stack-order")).to_contain_text("tilt")
+    expect(page.locator("#stack-order")).to_contain_text("swap")
     corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes((served.folder / "examples" / "tilt.safetensors").read_bytes()[:3000])
+    corrupt.write_bytes((served.folder / "examples" / "swap.safetensors").read_bytes()[:3000])
     page.locator("#upload input[type=file]").set_input_files(str(corrupt))
     page.get_by_role("button", name="Add to library").click()
     expect(toast(page, "truncated")).to_be_visible(timeout=30_000)
@@ -617,8 +618,8 @@ def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
     the prompt) and shows its metadata card; an adapter that does not fit the model is greyed with the
     reason and adds nothing."""
     examples = served.folder / "examples"
-    Image.new("RGB", (32, 32), "red").save(examples / "mirror.png")
-    state = load_file(str(examples / "watercolor.safetensors"))
+    Image.new("RGB", (32, 32), "red").save(examples / "zoom.png")
+    state = load_file(str(examples / "outline.safetensors"))
     down = next(k for k in sorted(state) if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
     state[down] = torch.zeros(state[down].shape[0], state[down].shape[1] + 8)  # trained for a wider model
     save_file(state, str(served.folder / "wide.safetensors"))
@@ -629,20 +630,20 @@ def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
         wide = cards.filter(has_text="wide.safetensors")
         expect(wide).to_have_class(re.compile(r"\boff\b"))
         expect(wide).to_contain_text("does not fit this model")
-        expect(cards.filter(has_text="mirror").locator("img")).to_have_attribute("src", re.compile("^data:image/png"))
+        expect(cards.filter(has_text="zoom").locator("img")).to_have_attribute("src", re.compile("^data:image/png"))
         search = page.get_by_label("Search")
-        search.fill("tilted")
+        search.fill("swapped")
         expect(cards).to_have_count(1)
-        expect(cards.first.locator(".card-name")).to_have_text("tilt")
+        expect(cards.first.locator(".card-name")).to_have_text("swap")
         search.fill("")
         page.get_by_role("combobox", name="Algorithm").click()
         page.get_by_role("option", name="lokr", exact=True).click()
         expect(cards).to_have_count(1)
-        cards.first.click()                                     # sks_dog into the first empty slot
-        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("sks_dog")
+        cards.first.click()                                     # star into the first empty slot
+        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("star")
         expect(page.locator("#adapter-details").locator("xpath=//dt[.='Trigger words']/following-sibling::dd[1]")
-               ).to_have_text("sks, dog")
-        expect(page.locator("#stack-order")).to_contain_text("sks_dog")
+               ).to_have_text("star")
+        expect(page.locator("#stack-order")).to_contain_text("star")
         page.get_by_role("combobox", name="Algorithm").click()
         page.get_by_role("option", name="all", exact=True).click()
         expect(cards).to_have_count(len(webui.EXAMPLES) + 1)
@@ -651,14 +652,14 @@ def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
         expect(page.get_by_role("combobox", name="Adapter 2")).to_have_value("")
         page.get_by_label("Insert its tag in the prompt").check()
         page.get_by_label("Prompt", exact=True).fill("a cat")
-        cards.filter(has_text="watercolor.safetensors").click()
-        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a cat, watercolor <lora:watercolor:1>")
-        cards.filter(has_text="tilt").get_by_role("button", name="make one").click()
-        expect(cards.filter(has_text="tilt").locator("img")).to_be_visible(timeout=60_000)
-        with Image.open(examples / "tilt.preview.png") as made:
-            assert made.text["parameters"].startswith("tilted <lora:tilt:1>")
+        cards.filter(has_text="outline.safetensors").click()
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a cat, outline <lora:outline:1>")
+        cards.filter(has_text="swap").get_by_role("button", name="make one").click()
+        expect(cards.filter(has_text="swap").locator("img")).to_be_visible(timeout=60_000)
+        with Image.open(examples / "swap.preview.png") as made:
+            assert made.text["parameters"].startswith("swapped <lora:swap:1>")
     finally:
-        for path in (examples / "mirror.png", examples / "tilt.preview.png", served.folder / "wide.safetensors"):
+        for path in (examples / "zoom.png", examples / "swap.preview.png", served.folder / "wide.safetensors"):
             path.unlink(missing_ok=True)
         served.engine.rescan()
 
@@ -686,16 +687,16 @@ def test_transformer_model_block_weights_and_samplers(flux_served):
     assert all(c.usable for c in engine.cards.values()) and len(engine.cards) == len(webui.EXAMPLES)
     settings = webui.GenerationSettings("a photo of sks dog", seed=3, steps=2, width=64, height=64)
     image = lambda stack, **kw: np.asarray(engine.generate(settings, stack, **kw).images[0])  # noqa: E731
-    base, styled = image([]), image([webui.StackEntry("watercolor")])
-    off = image([webui.StackEntry("watercolor", blocks="transformer_blocks=0; single_transformer_blocks=0")])
-    single_off = engine.generate(settings, [webui.StackEntry("watercolor", 0.5, blocks={"single_transformer_blocks": 0})])
+    base, styled = image([]), image([webui.StackEntry("outline")])
+    off = image([webui.StackEntry("outline", blocks="transformer_blocks=0; single_transformer_blocks=0")])
+    single_off = engine.generate(settings, [webui.StackEntry("outline", 0.5, blocks={"single_transformer_blocks": 0})])
     assert np.abs(styled.astype(int) - base).max() > 0 and np.array_equal(off, base)
-    assert "<lora:watercolor:0.5:blocks=single_transformer_blocks=0>" in single_off.parameters[0]
+    assert "<lora:outline:0.5:blocks=single_transformer_blocks=0>" in single_off.parameters[0]
     again = engine.generate(webui.GenerationSettings(single_off.parameters[0].split("\n")[0], seed=3, steps=2,
                                                      width=64, height=64), [])
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(single_off.images[0]))  # the tag carries the blocks
     with pytest.raises(ValueError, match="block groups are transformer_blocks, single_transformer_blocks"):
-        engine.generate(settings, [webui.StackEntry("watercolor", blocks="down=0")])
+        engine.generate(settings, [webui.StackEntry("outline", blocks="down=0")])
     with pytest.raises(ValueError, match="the Euler sampler does not work with this model's FlowMatchEulerDiscrete"):
         engine.generate(webui.GenerationSettings("a", steps=2, width=64, height=64, scheduler="Euler"), [])
 
@@ -709,7 +710,7 @@ def test_browser_transformer_model_header_and_block_weights(browser, flux_served
         page.get_by_text("Separate Transformer / text-encoder weights").click()
         expect(page.locator("#block-groups")).to_contain_text(
             "transformer_blocks (2 blocks), single_transformer_blocks (2 blocks)")
-        pick(page, 1, "watercolor")
+        pick(page, 1, "outline")
         blocks = page.get_by_label("Block weights 1")
         blocks.fill("single_transformer_blocks=0,1")
         blocks.blur()
@@ -721,5 +722,5 @@ def test_browser_transformer_model_header_and_block_weights(browser, flux_served
 def test_notes_keep_their_tags_as_text():
     """A note naming ``<lora:name:w>`` tags renders them as text, not as an autolink (issue: tags in the
     notes rendered as links with the brackets gone)."""
-    text = app.notes_markdown(["a fused stack is in use for everyone: <lora:watercolor:1>, <lora:tilt:0.5>"])
-    assert "&lt;lora:watercolor:1&gt;" in text and "<lora:" not in text
+    text = app.notes_markdown(["a fused stack is in use for everyone: <lora:outline:1>, <lora:swap:0.5>"])
+    assert "&lt;lora:outline:1&gt;" in text and "<lora:" not in text

@@ -157,15 +157,15 @@ def pixels(result) -> list[np.ndarray]:
 def test_library_cards(engine, folder):
     cards = engine.cards
     assert {n: c.algorithm for n, c in cards.items()} == {n: a for n, a, *_ in webui.EXAMPLES}
-    assert cards["watercolor"].trigger_words == ["watercolor"] and cards["watercolor"].rank == "r=4"
-    assert cards["tilt"].rank == "block 4" and cards["sks_dog"].trigger_words == ["sks", "dog"]
-    data = (folder / "watercolor.safetensors").read_bytes()
+    assert cards["outline"].trigger_words == ["outline"] and cards["outline"].rank == "r=4"
+    assert cards["swap"].rank == "block 4" and cards["star"].trigger_words == ["star"]
+    data = (folder / "outline.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
-    assert cards["watercolor"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
-    assert cards["watercolor"].summary() == {
-        "Algorithm": "lora", "Rank": "r=4", "Family": "unknown", "Base model": "tiny-sd", "Trigger words": "watercolor",
-        "Tags": "1 distinct in ss_tag_frequency", "File": "watercolor.safetensors", "Size": f"{cards['watercolor'].size_bytes / 2**20:.2f} MiB",
-        "Hash": cards["watercolor"].shorthash}
+    assert cards["outline"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
+    assert cards["outline"].summary() == {
+        "Algorithm": "lora", "Rank": "r=4", "Family": "unknown", "Base model": "tiny-sd", "Trigger words": "outline",
+        "Tags": "1 distinct in ss_tag_frequency", "File": "outline.safetensors", "Size": f"{cards['outline'].size_bytes / 2**20:.2f} MiB",
+        "Hash": cards["outline"].shorthash}
     assert engine.usable_names() == sorted(cards)
 
 
@@ -173,10 +173,10 @@ def test_search_and_filters(engine):
     cards = engine.cards.values()
     names = lambda *args: [c.name for c in webui.search_cards(cards, *args)]  # noqa: E731
     assert names("") == sorted(engine.cards)
-    assert names("TILTED") == ["tilt"]                        # a trigger word, any case
-    assert names("sks dog") == ["sks_dog"]                    # every word must match
-    assert names("tiny-sd lokr") == ["sks_dog"]               # metadata: base model, algorithm
-    assert names("", "oft") == ["tilt"] and names("", "loha") == []
+    assert names("SWAPPED") == ["swap"]                      # a trigger word, any case
+    assert names("night boft") == ["night"]                  # every word must match
+    assert names("tiny-sd lokr") == ["star"]                 # metadata: base model, algorithm
+    assert names("", "oft") == ["swap"] and names("", "loha") == ["snow"]
     assert names("", None, "unknown") == sorted(engine.cards) and names("", None, "SDXL") == []
 
 
@@ -195,26 +195,26 @@ def test_insert_tag_refuses_a_second_tag():
 
 
 def test_previews_sidecars_and_made_on_demand(engine, folder):
-    sidecar = folder / "mirror.png"
+    sidecar = folder / "zoom.png"
     Image.new("RGB", (8, 8), "red").save(sidecar)
-    made = folder / "tilt.preview.png"
+    made = folder / "swap.preview.png"
     try:
         cards = {c.name: c for c in engine.rescan()}
-        assert cards["mirror"].preview == sidecar and cards["tilt"].preview is None
+        assert cards["zoom"].preview == sidecar and cards["swap"].preview is None
         version = engine.library_version
-        path = engine.make_preview("tilt", settings(prompt="ignored"))
-        assert path == made == webui.preview_destination(folder / "tilt.safetensors")
+        path = engine.make_preview("swap", settings(prompt="ignored"))
+        assert path == made == webui.preview_destination(folder / "swap.safetensors")
         with Image.open(made) as image:
-            assert image.size == (64, 64) and image.text["parameters"].startswith("tilted <lora:tilt:1>\nSteps: 2")
-        alone = engine.generate(settings(prompt="tilted", seed=7), [StackEntry("tilt")])
+            assert image.size == (64, 64) and image.text["parameters"].startswith("swapped <lora:swap:1>\nSteps: 2")
+        alone = engine.generate(settings(prompt="swapped", seed=7), [StackEntry("swap")])
         assert np.array_equal(np.asarray(Image.open(made).convert("RGB")), pixels(alone)[0])
-        assert engine.cards["tilt"].preview == made and engine.library_version == version + 1
-        with pytest.raises(ValueError, match="already has a preview \\(tilt.preview.png\\)"):
-            engine.make_preview("tilt", settings())
-        engine.fuse([StackEntry("watercolor")])
+        assert engine.cards["swap"].preview == made and engine.library_version == version + 1
+        with pytest.raises(ValueError, match="already has a preview \\(swap.preview.png\\)"):
+            engine.make_preview("swap", settings())
+        engine.fuse([StackEntry("outline")])
         with pytest.raises(ValueError, match="unfuse it before making previews"):
-            engine.make_preview("sks_dog", settings())
-        assert not (folder / "sks_dog.preview.png").exists()
+            engine.make_preview("star", settings())
+        assert not (folder / "star.preview.png").exists()
     finally:
         sidecar.unlink()
         made.unlink(missing_ok=True)
@@ -225,7 +225,7 @@ def test_library_reads_subfolders_but_not_checkpoints(engine, folder):
     (trained / "checkpoint-20").mkdir(parents=True)
     (trained / ".tmp-checkpoint-40").mkdir()
     try:
-        (trained / "sks_duck_lokr.safetensors").write_bytes((folder / "sks_dog.safetensors").read_bytes())
+        (trained / "sks_duck_lokr.safetensors").write_bytes((folder / "star.safetensors").read_bytes())
         for skipped in ("checkpoint-20", ".tmp-checkpoint-40"):
             (trained / skipped / "adapter_state.safetensors").write_bytes(b"not read")
         entries = webui.AdapterLibrary(folder).entries()
@@ -243,16 +243,16 @@ def test_adapters_sharing_a_file_name_are_named_by_their_paths(engine, folder):
     (folder / "a").mkdir()
     (folder / "b.v2").mkdir()
     try:
-        for where in ("a/style", "b.v2/style", "a/tilt"):
-            shutil.copyfile(folder / "watercolor.safetensors" if "style" in where else folder / "tilt.safetensors",
+        for where in ("a/style", "b.v2/style", "a/swap"):
+            shutil.copyfile(folder / "outline.safetensors" if "style" in where else folder / "swap.safetensors",
                             folder / f"{where}.safetensors")
         cards = {c.name: c for c in engine.rescan()}
-        assert {"a/style", "b_v2/style", "tilt", "a/tilt"} <= set(cards) and "style" not in cards
-        assert all(cards[n].usable for n in ("a/style", "b_v2/style", "tilt", "a/tilt"))
-        assert cards["b_v2/style"].location == "b.v2/style.safetensors" and cards["tilt"].location == "tilt.safetensors"
+        assert {"a/style", "b_v2/style", "swap", "a/swap"} <= set(cards) and "style" not in cards
+        assert all(cards[n].usable for n in ("a/style", "b_v2/style", "swap", "a/swap"))
+        assert cards["b_v2/style"].location == "b.v2/style.safetensors" and cards["swap"].location == "swap.safetensors"
         with pytest.raises(ValueError, match="several adapters have that file name; use one of a/style, b_v2/style"):
             engine.card("style")
-        same = [pixels(engine.generate(settings(prompt=f"a photo <lora:{n}:0.8>"), []))[0] for n in ("a/tilt", "tilt")]
+        same = [pixels(engine.generate(settings(prompt=f"a photo <lora:{n}:0.8>"), []))[0] for n in ("a/swap", "swap")]
         assert np.array_equal(*same)  # the same bytes under two names
         assert [c.name for c in engine.rescan()] == list(cards)  # stable from one scan to the next
     finally:
@@ -262,7 +262,7 @@ def test_adapters_sharing_a_file_name_are_named_by_their_paths(engine, folder):
 
 def test_waiting_is_reported_only_while_another_generation_holds_the_pipeline(engine):
     phases = []
-    engine.generate(settings(), [StackEntry("watercolor")], on_step=lambda done, total, what: phases.append(what))
+    engine.generate(settings(), [StackEntry("outline")], on_step=lambda done, total, what: phases.append(what))
     assert phases[:3] == ["applying the stack", "encoding the prompt", "denoising"]
     phases.clear()
     with engine.lock:
@@ -306,22 +306,22 @@ def test_unusable_files_are_marked(engine, folder, tmp_path):
 
 # ---- stacks, switching, cache ----------------------------------------------------------------------------
 def test_generation_is_reproducible_from_its_parameters(engine):
-    stack = [StackEntry("watercolor", 0.8), StackEntry("tilt", 1.0, unet=0.5, text_encoder=-0.5)]
+    stack = [StackEntry("outline", 0.8), StackEntry("swap", 1.0, unet=0.5, text_encoder=-0.5)]
     first = engine.generate(settings(negative_prompt="blurry", count=2), stack)
-    assert first.seeds == [7, 8] and [e.name for e in first.stack] == ["watercolor", "tilt"]
+    assert first.seeds == [7, 8] and [e.name for e in first.stack] == ["outline", "swap"]
     base = engine.generate(settings(count=2), [])
     assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(pixels(first), pixels(base)))
     # image 2 alone, from its own PNG text: the tags in its prompt line carry the stack
     fields = webui.parse_parameters(first.images[1].info["parameters"])
     assert fields["Seed"] == "8" and fields["Negative prompt"] == "blurry"
     again = engine.generate(settings(prompt=fields["Prompt"], negative_prompt="blurry", seed=8), [])
-    assert again.stack == [StackEntry("watercolor", 0.8), StackEntry("tilt", -0.5, unet=0.5)]
+    assert again.stack == [StackEntry("outline", 0.8), StackEntry("swap", -0.5, unet=0.5)]
     assert np.array_equal(pixels(again)[0], pixels(first)[1])
 
 
 def test_switching_cached_stacks_reads_no_disk(engine):
-    a = [StackEntry("watercolor", 0.8), StackEntry("sks_dog", 0.6)]
-    b = [StackEntry("tilt", 1.0), StackEntry("mirror", 0.5)]
+    a = [StackEntry("outline", 0.8), StackEntry("star", 0.6)]
+    b = [StackEntry("swap", 1.0), StackEntry("zoom", 0.5)]
     images = {id(s): pixels(engine.generate(settings(), s)) for s in (a, b)}
     reads = engine.disk_loads
     with mock.patch.object(files, "read_state_dict", side_effect=AssertionError("disk read")) as read, \
@@ -334,10 +334,10 @@ def test_switching_cached_stacks_reads_no_disk(engine):
 
 def test_stack_order_is_the_composition_order(engine):
     # OFT and BOFT both rotate the output side, with 4x4 blocks: the order matters
-    one, two = [StackEntry("tilt"), StackEntry("butterfly")], [StackEntry("butterfly"), StackEntry("tilt")]
+    one, two = [StackEntry("swap"), StackEntry("night")], [StackEntry("night"), StackEntry("swap")]
     first = pixels(engine.generate(settings(), one))[0]
     second = engine.generate(settings(), two)
-    assert second.loaded_from_disk == ["tilt"]  # re-attached after butterfly
+    assert second.loaded_from_disk == ["swap"]  # re-attached after night
     assert np.abs(pixels(second)[0].astype(int) - first).max() > 0  # rotations do not commute
     assert np.array_equal(pixels(engine.generate(settings(), one))[0], first)
     engine.unload_all()  # as if this session were alone: nothing attached before
@@ -353,12 +353,12 @@ def small_cache(engine):
 
 def test_least_recently_used_adapters_leave(small_cache):
     engine = small_cache
-    for name in ("watercolor", "tilt", "watercolor", "mirror"):
+    for name in ("outline", "swap", "outline", "zoom"):
         engine.apply([StackEntry(name)])
-    assert engine.status()["loaded"] == ["watercolor", "mirror"]
-    applied, read = engine.apply([StackEntry("mirror"), StackEntry("tilt"), StackEntry("sks_dog")])
-    assert read == ["tilt", "sks_dog"] and engine.pipe.get_active_adapters() == ["mirror", "tilt", "sks_dog"]
-    assert engine.status()["loaded"] == ["mirror", "tilt", "sks_dog"]  # a stack larger than the cache still runs
+    assert engine.status()["loaded"] == ["outline", "zoom"]
+    applied, read = engine.apply([StackEntry("zoom"), StackEntry("swap"), StackEntry("star")])
+    assert read == ["swap", "star"] and engine.pipe.get_active_adapters() == ["zoom", "swap", "star"]
+    assert engine.status()["loaded"] == ["zoom", "swap", "star"]  # a stack larger than the cache still runs
 
 
 def active_state(engine):
@@ -366,38 +366,38 @@ def active_state(engine):
 
 
 def test_errors_leave_the_pipeline_as_it_was(engine, folder, tmp_path):
-    engine.generate(settings(), [StackEntry("watercolor", 0.5)])
-    before, image = active_state(engine), pixels(engine.generate(settings(), [StackEntry("watercolor", 0.5)]))
-    target = folder / "tilt.safetensors"
+    engine.generate(settings(), [StackEntry("outline", 0.5)])
+    before, image = active_state(engine), pixels(engine.generate(settings(), [StackEntry("outline", 0.5)]))
+    target = folder / "swap.safetensors"
     saved = target.read_bytes()
     try:
         target.write_bytes(saved[: len(saved) // 2])  # truncated after the scan: the load fails
         for stack, prompt, message in [
             ([StackEntry("nope")], "a", "no adapter named 'nope'"),
-            ([StackEntry("watercolor", float("nan"))], "a", "finite"),
-            ([StackEntry("watercolor")], "a <lora:mirror:x>", "must be a number"),
-            ([StackEntry("mirror"), StackEntry("tilt")], "a", "truncated or corrupt"),
+            ([StackEntry("outline", float("nan"))], "a", "finite"),
+            ([StackEntry("outline")], "a <lora:zoom:x>", "must be a number"),
+            ([StackEntry("zoom"), StackEntry("swap")], "a", "truncated or corrupt"),
         ]:
             with pytest.raises(ValueError, match=message):
                 engine.generate(settings(prompt=prompt), stack)
             assert active_state(engine)[0] == before[0]
     finally:
         target.write_bytes(saved)
-    assert active_state(engine)[1]["watercolor"] == before[1]["watercolor"]
-    assert np.array_equal(pixels(engine.generate(settings(), [StackEntry("watercolor", 0.5)]))[0], image[0])
+    assert active_state(engine)[1]["outline"] == before[1]["outline"]
+    assert np.array_equal(pixels(engine.generate(settings(), [StackEntry("outline", 0.5)]))[0], image[0])
 
 
 def test_fused_stack_is_used_by_everyone_until_unfused(engine):
-    stack = [StackEntry("watercolor", 0.8), StackEntry("mirror", 0.5)]
+    stack = [StackEntry("outline", 0.8), StackEntry("zoom", 0.5)]
     original = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
     unfused = pixels(engine.generate(settings(), stack))[0]
     assert engine.fuse(stack) == stack and engine.status()["fused"] == stack
-    other = engine.generate(settings(prompt="a photo of sks dog <lora:tilt:1>"), [StackEntry("sks_dog")])
+    other = engine.generate(settings(prompt="a photo of sks dog <lora:swap:1>"), [StackEntry("star")])
     assert other.fused and other.stack == stack and "fused" in other.notes[0]
     assert "Lora fused: True" in other.parameters[0]
     assert np.abs(pixels(other)[0].astype(int) - unfused).max() <= 2  # fused weights round differently
     with pytest.raises(ValueError, match="already fused"):
-        engine.fuse([StackEntry("tilt")])
+        engine.fuse([StackEntry("swap")])
     engine.unfuse()
     assert engine.status()["fused"] is None
     assert np.array_equal(pixels(engine.generate(settings(), stack))[0], unfused)
@@ -411,7 +411,7 @@ def test_cancel_stops_a_running_generation(engine):
 
     def run():
         try:
-            engine.generate(settings(steps=150), [StackEntry("watercolor")], session="s1",
+            engine.generate(settings(steps=150), [StackEntry("outline")], session="s1",
                             on_step=lambda done, total, what: steps.append(done))
         except webui.GenerationCancelled as exc:
             outcome["cancelled"] = str(exc)
@@ -428,8 +428,8 @@ def test_cancel_stops_a_running_generation(engine):
 
 
 def test_concurrent_sessions_get_their_own_images(engine):
-    stacks = {"a": [StackEntry("watercolor", 0.8), StackEntry("tilt", 0.5)],
-              "b": [StackEntry("mirror", -1.0), StackEntry("sks_dog", 1.5)]}
+    stacks = {"a": [StackEntry("outline", 0.8), StackEntry("swap", 0.5)],
+              "b": [StackEntry("zoom", -1.0), StackEntry("star", 1.5)]}
     alone = {s: pixels(engine.generate(settings(), stack))[0] for s, stack in stacks.items()}
     calls = []
     hook = engine.pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(threading.get_ident()))
@@ -451,7 +451,7 @@ def test_concurrent_sessions_get_their_own_images(engine):
 
 # ---- uploads ---------------------------------------------------------------------------------------------
 def test_uploads_are_validated_before_anything_is_saved(engine, folder, tmp_path):
-    source = folder / "watercolor.safetensors"
+    source = folder / "outline.safetensors"
     names = sorted(p.name for p in folder.iterdir())
 
     def refused(path, name, message, max_bytes=2**20):
@@ -460,7 +460,7 @@ def test_uploads_are_validated_before_anything_is_saved(engine, folder, tmp_path
         assert sorted(p.name for p in folder.iterdir()) == names and not (tmp_path / "evil.safetensors").exists()
 
     refused(source, "../evil.safetensors", "unsafe file name")
-    refused(source, "watercolor.safetensors", "already in the adapters folder")
+    refused(source, "outline.safetensors", "already in the adapters folder")
     refused(source, "big.safetensors", "the limit is", max_bytes=1000)
     refused(source, "x.ckpt", "only .safetensors")
     (tmp_path / "corrupt.safetensors").write_bytes(source.read_bytes()[:5000])
@@ -471,7 +471,7 @@ def test_uploads_are_validated_before_anything_is_saved(engine, folder, tmp_path
     save_file(state, tmp_path / "nan.safetensors")
     refused(tmp_path / "nan.safetensors", None, "NaN")
     refused(sdxl_file(tmp_path / "xl.safetensors"), None, "SDXL")
-    refused(source, "dup.safetensors", r"already in the library as watercolor \(watercolor.safetensors\)")
+    refused(source, "dup.safetensors", r"already in the library as outline \(outline.safetensors\)")
     state = load_file(source)
     state[key] = state[key] * 1.5
     save_file(state, tmp_path / "changed.safetensors")

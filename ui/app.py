@@ -1,6 +1,6 @@
 """lycoris-lite web UI: load, scale, stack, fuse and unload adapters on a diffusers pipeline.
 
-    python ui/app.py [--model tiny-sd|tiny-flux|tiny-sd3|…|PATH|OWNER/NAME] [--adapters DIR]
+    python ui/app.py [--model tiny-world|tiny-sd|tiny-flux|…|PATH|OWNER/NAME] [--adapters DIR]
                      [--host 127.0.0.1] [--port 7860] [--auth USER:PASSWORD ...] [--admin USER ...]
                      [--allow-anonymous] [--share]
                      [--max-upload-mb 512] [--upload-quota-mb 2048] [--max-loaded 8] [--slots 4]
@@ -10,9 +10,11 @@ A Gradio page over :mod:`lycoris_lite.integrations.webui`, which does the work: 
 pipeline and its lock, prompt tags, PNG parameters. Each browser session keeps its own stack in
 ``gr.State``; every event that touches the pipeline shares one queue slot (``concurrency_id="gpu"``) and
 the library's lock. On a shared server, :class:`webui.Accounts` checks logins (rate-limited) and keeps
-what changes everyone's pipeline or folder to the admins. With no arguments it opens the embedded tiny
-model and ``outputs/demo`` (where ``make demo`` trains one adapter per algorithm; an empty one gets example
-adapters in ``examples/``). The page's own files (scripts, the adapter cards' template) are in ``ui/page/``.
+what changes everyone's pipeline or folder to the admins. With no arguments it opens the embedded
+pretrained model ``tiny-world`` and ``outputs/demo`` (where ``make demo`` trains one adapter per algorithm);
+a folder with no adapter that fits a tiny model gets its example adapters (for ``tiny-world`` trained ones:
+moving a weight visibly changes the picture). The page's own files (scripts, the adapter cards' template)
+are in ``ui/page/``.
 """
 
 from __future__ import annotations
@@ -358,7 +360,7 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="a photo of sks dog <lora:watercolor:0.8>")
+                                    placeholder="a red circle on a green background, outline <lora:outline:0.8>")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -375,8 +377,8 @@ def build_app(engine: webui.SharedPipeline, *, slots: int = 4, max_upload_bytes:
                         n_steps = gr.Slider(1, 150, value=steps, step=1, label="Steps")
                         guidance = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
                     with gr.Row():
-                        width = gr.Slider(64, 2048, value=size, step=8, label="Width")
-                        height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                        width = gr.Slider(8, 2048, value=size, step=8, label="Width")
+                        height = gr.Slider(8, 2048, value=size, step=8, label="Height")
                         count = gr.Slider(1, 8, value=1, step=1, label="Images")
                 gr.Markdown("### Stack\nApplied top to bottom (that is the composition order). "
                             "`<lora:name:w>` or `<lora:name:te:unet>` in the prompt adds to it.")
@@ -508,16 +510,22 @@ def default_dtype(device: str | None) -> torch.dtype:
 def open_engine(model: str, adapters: Path, *, max_loaded: int = 8, examples: bool = True,
                 device: str | None = None, dtype: torch.dtype | None = None) -> webui.SharedPipeline:
     """Load ``model`` in ``dtype`` (diffusers' ``torch_dtype``; the tiny model is cast) and the adapters
-    folder; the tiny model's folder without adapters gets the example adapters (in ``examples/``).
+    folder. For a tiny model, a folder none of whose adapters fits it gets the example adapters, in
+    ``examples/`` (``examples-<model>/`` when ``examples/`` is taken, e.g. by another tiny model's).
     Adapters loaded later follow the library's rule for the layers' dtype."""
     pipe = load_pipeline(model, torch_dtype=dtype)
     if device:
         pipe = pipe.to(device)
     library = webui.AdapterLibrary(adapters)
-    if examples and model in TINY_PIPELINES and not library.entries():
-        webui.write_example_adapters(pipe, library.folder / "examples", model_name=model)
     name = model if model in TINY_PIPELINES or not os.path.isdir(model) else Path(model).resolve().name
-    return webui.SharedPipeline(pipe, library, name, max_loaded=max_loaded)
+    engine = webui.SharedPipeline(pipe, library, name, max_loaded=max_loaded)
+    if examples and model in TINY_PIPELINES and not any(card.usable for card in engine.cards.values()):
+        destination = library.folder / "examples"
+        if destination.exists():
+            destination = library.folder / f"examples-{model}"
+        webui.write_example_adapters(pipe, destination, model_name=model)
+        engine.rescan()
+    return engine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -525,7 +533,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ``torch.dtype`` (:func:`default_dtype` when not given).
     float16 on the CPU is allowed with a warning."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-sd",
+    parser.add_argument("--model", default="tiny-world",
                         help=f"a diffusers folder or hub id (UNet or transformer pipelines: SD, SDXL, Flux, SD3, …), "
                              f"or an embedded tiny model: {', '.join(TINY_PIPELINES)}")
     parser.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS, help="the adapters folder (subfolders too)")

@@ -2,9 +2,9 @@
 
     python ui/screens.py [--out outputs/ui-screens]
 
-Serves ``ui/app.py`` on the tiny model with its example adapters (in a temporary folder, previews made
-for them) and, for the transformer view, on ``tiny-flux``; drives them in headless Chromium (Debian's
-``chromium``) and writes one PNG per state into ``--out``.
+Serves ``ui/app.py`` on the pretrained tiny model ``tiny-world`` with its trained example adapters (in a
+temporary folder, previews made for them) and, for the transformer view, on ``tiny-flux``; drives them in
+headless Chromium (Debian's ``chromium``) and writes one PNG per state into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from playwright.sync_api import expect, sync_playwright
 
 import app  # ui/app.py, beside this file
 
+#: the world caption the tiny-world states draw (CFG 3 and 4 images are set on the page)
+PROMPT = "a red circle on a green background"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -36,29 +38,46 @@ def _serve(model: str, folder: Path, **build):
 
 
 def sd_states(page, out: Path) -> None:
-    """The tiny SD model: the grid, a search with a card's metadata, a stack and its image, the split and
-    block weights, an error toast."""
+    """The tiny-world model: the grid, a search with a card's metadata, one example at weight 0 and at
+    weight 1 (four seeds each), a stack of two and its images, the split and block weights, an error toast."""
     page.screenshot(path=str(out / "01-start.png"), full_page=True)
-    page.get_by_label("Search").fill("tilted")
-    page.locator(".adapter-card").first.click()
+    page.get_by_label("Search").fill("swapped")
+    page.locator(".adapter-card").first.click()                   # swap into the first slot
     expect(page.locator("#adapter-details")).to_contain_text("Trigger words")
     page.screenshot(path=str(out / "02-search-and-metadata.png"))
+    page.get_by_label("Prompt", exact=True).fill(f"{PROMPT}, swapped")
+    page.get_by_label("Seed", exact=True).fill("0")
+    _set_number(page, "CFG scale", 3)
+    _set_number(page, "Images", 4)
+    for weight, name in ((0, "03-weight-0.png"), (1, "04-weight-1.png")):
+        _set_number(page, "Weight 1", weight)
+        page.get_by_role("button", name="Generate").click()
+        tags = f" <lora:swap:{weight}>" if weight else ""        # a weight-0 adapter is left out of the text
+        expect(page.locator("#parameters textarea")).to_have_value(re.compile(f"^{PROMPT}, swapped{tags}\nSteps"),
+                                                                   timeout=120_000)
+        page.screenshot(path=str(out / name), full_page=True)
     page.get_by_label("Search").fill("")
-    page.locator(".adapter-card").filter(has_text="watercolor.safetensors").click()
-    page.get_by_label("Prompt", exact=True).fill("a photo of sks dog")
+    page.locator(".adapter-card").filter(has_text="outline.safetensors").click()
+    page.get_by_label("Prompt", exact=True).fill(f"{PROMPT}, swapped, outline")
     page.get_by_role("button", name="Generate").click()
-    expect(page.locator("#parameters textarea")).to_have_value(re.compile("<lora:tilt:1> <lora:watercolor:1>"),
+    expect(page.locator("#parameters textarea")).to_have_value(re.compile("<lora:swap:1> <lora:outline:1>"),
                                                                timeout=120_000)
-    page.screenshot(path=str(out / "03-stack-and-image.png"), full_page=True)
+    page.screenshot(path=str(out / "05-stack-and-images.png"), full_page=True)
     page.get_by_text("Separate UNet / text-encoder weights").click()
     page.get_by_label("Block weights 1").fill("down=1; mid=0.5; up=1,0.5,0")
     page.get_by_label("Block weights 1").blur()
     expect(page.locator("#stack-order")).to_contain_text("up=1,0.5,0")
-    page.locator("#split-weights").screenshot(path=str(out / "04-split-and-block-weights.png"))
-    page.get_by_label("Prompt", exact=True).fill("a photo <lora:watercolor:abc>")
+    page.locator("#split-weights").screenshot(path=str(out / "06-split-and-block-weights.png"))
+    page.get_by_label("Prompt", exact=True).fill("a photo <lora:outline:abc>")
     page.get_by_role("button", name="Generate").click()
-    expect(page.get_by_test_id("toast-text").first).to_contain_text("<lora:watercolor:abc>", timeout=60_000)
-    page.screenshot(path=str(out / "05-error-toast.png"))
+    expect(page.get_by_test_id("toast-text").first).to_contain_text("<lora:outline:abc>", timeout=60_000)
+    page.screenshot(path=str(out / "07-error-toast.png"))
+
+
+def _set_number(page, label: str, value) -> None:
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Enter")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        engine, demo, url = _serve("tiny-sd", Path(tmp) / "sd", size=128, steps=8)
+        engine, demo, url = _serve("tiny-world", Path(tmp) / "world", size=32, steps=20)
         try:
-            preview = app.webui.GenerationSettings(seed=0, steps=8, width=128, height=128)
-            for name in [n for n in engine.cards if n != "mirror"]:  # one card left without a preview
+            preview = app.webui.GenerationSettings(seed=0, steps=20, guidance=3, width=32, height=32)
+            for name in [n for n in engine.cards if n != "snow"]:  # one card left without a preview
                 engine.make_preview(name, preview)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url)
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             page.goto(url)
             page.get_by_text("Separate Transformer / text-encoder weights").click()
             expect(page.locator("#block-groups")).to_contain_text("single_transformer_blocks")
-            page.screenshot(path=str(args.out / "06-transformer-model.png"), full_page=True)
+            page.screenshot(path=str(args.out / "08-transformer-model.png"), full_page=True)
         finally:
             demo.close()
         browser.close()

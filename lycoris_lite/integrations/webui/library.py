@@ -5,7 +5,8 @@
 * :func:`safe_adapter_filename`: where an upload may go; :func:`addnet_hash`: AUTOMATIC1111's file hash.
 * :func:`preview_of` / :func:`preview_destination`: an adapter's sidecar preview image;
   :func:`search_cards`: the cards a search box and the algorithm and family filters leave.
-* :data:`EXAMPLES` / :func:`write_example_adapters`: five adapters of different algorithms for the tiny model.
+* :data:`EXAMPLES` / :func:`write_example_adapters`: six adapters, one per algorithm, for the tiny models
+  (trained ones for ``tiny-world``, random ones for the others).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -29,6 +31,7 @@ from ...io.formats.kohya import FAMILY_WIDTHS, TRANSFORMER_FAMILIES
 from ...io.formats.safe_io import PICKLE_SUFFIXES, AdapterFileError
 from ...io.metadata import build_metadata
 from ...io.inspect import InspectError as CLIError, describe
+from ...models import TINY_WORLD_NAME
 
 SAFETENSORS = ".safetensors"
 #: the model families a card may name (the filters' choices), "unknown" for files that name none
@@ -267,20 +270,30 @@ class AdapterLibrary:
 
 
 
-#: (name, algorithm, settings, UNet targets, trigger words); on a UNet model all also adapt the text encoders,
-#: on a transformer model they adapt the transformer's attention only
+#: (name, algorithm, settings, UNet targets, trigger words): six adapters, one per algorithm. For
+#: ``tiny-world`` they are trained (``ui/example_adapters.py``, ``make tiny-model``) and kept in
+#: :data:`EXAMPLES_DIR`: ``outline`` draws objects hollow, ``star`` draws a five-pointed star, ``swap`` trades
+#: object colours in pairs, ``zoom`` enlarges the object, ``night`` makes the background black, ``snow``
+#: makes the object white. For the random-weight tiny models they are random. On a UNet model they also adapt
+#: the text encoders, on a transformer model the transformer's attention only.
 EXAMPLES = (
-    ("watercolor", "lora", {"r": 4, "alpha": 8}, "unet-attn-ff", ["watercolor"]),
-    ("sks_dog", "lokr", {"r": 4, "alpha": 8}, "unet-attn", ["sks", "dog"]),
-    ("tilt", "oft", {"block_size": 4}, "unet-attn-ff", ["tilted"]),
-    ("mirror", "hra", {"r": 4}, "unet-attn-ff", ["mirror"]),
-    ("butterfly", "boft", {"block_size": 4, "butterfly_factor": 2}, "unet-attn", ["butterfly"]),
+    ("outline", "lora", {"r": 4, "alpha": 4}, "unet-full", ["outline"]),
+    ("star", "lokr", {"r": 4, "alpha": 8}, "unet-full", ["star"]),
+    ("swap", "oft", {"block_size": 4}, "unet-attn-ff", ["swapped"]),
+    ("zoom", "hra", {"r": 4}, "unet-full", ["close-up"]),
+    ("night", "boft", {"block_size": 4, "butterfly_factor": 2}, "unet-attn", ["night"]),
+    ("snow", "loha", {"r": 4, "alpha": 8}, "unet-attn-ff", ["snowy"]),
 )
+#: the trained example adapters of ``tiny-world`` (package data), ``<name>.safetensors`` per row of EXAMPLES
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
 def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "tiny-sd") -> list[Path]:
-    """Write :data:`EXAMPLES` (non-identity random weights, fixed seeds) for ``pipe`` into ``folder``;
-    ``pipe`` must have no adapters and is left as it was."""
+    """Put :data:`EXAMPLES` for ``pipe`` into ``folder``: for ``tiny-world`` copies of the trained files of
+    :data:`EXAMPLES_DIR` (``FileNotFoundError`` when one is missing); for any other model non-identity
+    random weights (fixed seeds), written for ``pipe``, which must have no adapters and is left as it was."""
+    if model_name == TINY_WORLD_NAME:
+        return _copy_trained_examples(Path(folder))
     components = files.components_of(pipe)
     if any(controller_for(m, create=False) is not None for m in components.values()):
         raise ValueError("write_example_adapters needs a pipeline without adapters")
@@ -309,3 +322,13 @@ def write_example_adapters(pipe, folder: str | os.PathLike, model_name: str = "t
             for c in configs:
                 controller_for(components[c]).unload()
     return written
+
+
+def _copy_trained_examples(folder: Path) -> list[Path]:
+    missing = [name for name, *_ in EXAMPLES if not (EXAMPLES_DIR / f"{name}{SAFETENSORS}").is_file()]
+    if missing:
+        raise FileNotFoundError(f"the trained example adapters {', '.join(missing)} are missing from {EXAMPLES_DIR}: "
+                                "train them with `make tiny-model` (python ui/example_adapters.py)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copyfile(EXAMPLES_DIR / f"{name}{SAFETENSORS}", folder / f"{name}{SAFETENSORS}"))
+            for name, *_ in EXAMPLES]
