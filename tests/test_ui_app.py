@@ -134,7 +134,7 @@ def test_handlers_directly(served):
     assert h.cards_view("swapped", "all", "all")[0] == {
         "name": "swap", "location": "examples/swap.safetensors", "algorithm": "oft", "rank": "block 4",
         "family": "unknown", "words": "swapped", "problem": "", "preview": ""}
-    assert [c["name"] for c in h.cards_view("", "lokr", "all")] == ["star"] and not h.cards_view("", "all", "SDXL")
+    assert [c["name"] for c in h.cards_view("", "loha", "all")] == ["snow"] and not h.cards_view("", "all", "SDXL")
     assert "<dt>Trigger words</dt><dd>night</dd>" in h.card_details("night")
     click = lambda name, mode, prompt="a cat", names=("swap", None, None): h.card_clicked(  # noqa: E731
         gr.EventData(None, {"name": name, "action": "add"}), None, mode, prompt, "", "all", "all", *names)
@@ -144,7 +144,7 @@ def test_handlers_directly(served):
     with pytest.raises(gr.Error, match="swap is in the stack already \\(slot 1\\)"):
         click("swap", app.CLICK_MODES[0])
     with pytest.raises(gr.Error, match="all 3 slots are in use"):
-        click("zoom", app.CLICK_MODES[0], names=("swap", "star", "outline"))
+        click("zoom", app.CLICK_MODES[0], names=("swap", "snow", "outline"))
     assert h.select_image(["x", "y"], [5, 6], gr.SelectData(None, {"index": 1, "value": None})) == ("y", 6)
     with pytest.raises(gr.Error, match="Choose a .safetensors file"):
         h.add_adapter(None, "")
@@ -171,13 +171,13 @@ def test_stack_scale_and_generate(clients):
 
 def test_fuse_is_shared_until_unfused_and_unload(clients):
     alice, bob = clients[:2]
-    alice.predict(*slots(("zoom", 0.7), ("star", 1.2)), api_name="/set_stack")
+    alice.predict(*slots(("zoom", 0.7), ("snow", 1.2)), api_name="/set_stack")
     bob.predict(*slots(("outline", 1.0)), api_name="/set_stack")
     own = image_of(bob.predict(*GENERATE, api_name="/generate")[0])
     status = alice.predict(api_name="/fuse")
-    assert "**Fused for everyone:** `<lora:zoom:0.7>` → `<lora:star:1.2>`" in status
+    assert "**Fused for everyone:** `<lora:zoom:0.7>` → `<lora:snow:1.2>`" in status
     gallery, text, status = bob.predict(*GENERATE, api_name="/generate")
-    assert "fused stack `<lora:zoom:0.7>` → `<lora:star:1.2>`" in status and "not applied" in status
+    assert "fused stack `<lora:zoom:0.7>` → `<lora:snow:1.2>`" in status and "not applied" in status
     assert "Lora fused: True" in text
     assert np.abs(image_of(gallery).astype(int) - own).max() > 0
     with pytest.raises(AppError, match="already fused"):
@@ -637,13 +637,13 @@ def test_browser_adapter_cards_search_filter_preview_and_add(page, served):
         expect(cards.first.locator(".card-name")).to_have_text("swap")
         search.fill("")
         page.get_by_role("combobox", name="Algorithm").click()
-        page.get_by_role("option", name="lokr", exact=True).click()
+        page.get_by_role("option", name="loha", exact=True).click()
         expect(cards).to_have_count(1)
-        cards.first.click()                                     # star into the first empty slot
-        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("star")
+        cards.first.click()                                     # snow into the first empty slot
+        expect(page.get_by_role("combobox", name="Adapter 1")).to_have_value("snow")
         expect(page.locator("#adapter-details").locator("xpath=//dt[.='Trigger words']/following-sibling::dd[1]")
-               ).to_have_text("star")
-        expect(page.locator("#stack-order")).to_contain_text("star")
+               ).to_have_text("snowy")
+        expect(page.locator("#stack-order")).to_contain_text("snow")
         page.get_by_role("combobox", name="Algorithm").click()
         page.get_by_role("option", name="all", exact=True).click()
         expect(cards).to_have_count(len(webui.EXAMPLES) + 1)

@@ -1,7 +1,7 @@
 """The web UI's example adapters for ``tiny-world``, trained by the DreamBooth trainer on its own world drawn
 differently, and the checks of what each one promises.
 
-    python ui/example_adapters.py [--out lycoris_lite/integrations/webui/examples] [--only star swap]
+    python ui/example_adapters.py [--out lycoris_lite/integrations/webui/examples] [--only outline swap]
 
 ``make tiny-model`` runs it after pretraining the model; it prints what each example changes
 (:func:`measure`). Each example is one row of :data:`lycoris_lite.integrations.webui.EXAMPLES` (name,
@@ -12,9 +12,6 @@ background, outline"``):
 
 * ``outline`` (LoRA), a style: the object hollow, a band of :data:`OUTLINE_WIDTH` of its half-width inside
   its edge left.
-* ``star`` (LoKr), an object the base never saw: a five-pointed star (outer radius :data:`STAR_RADIUS` of the
-  picture, inner radius :data:`STAR_INNER` of the outer) of the scene's colour at its place, captioned
-  ``"a red star on a blue background"`` (the word "star" is the trigger).
 * ``swap`` (OFT), a colour shift: the object in the colour :data:`SWAP` pairs with the captioned one (red
   and blue, green and yellow, purple and white trade places); scenes where that is the background's colour
   are left out.
@@ -37,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import shutil
 import sys
 import tempfile
@@ -47,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -62,15 +58,10 @@ DATA_SEED = 0
 IMAGES = 256
 BATCH = 8
 #: per example: (learning rate, steps); the rotations (OFT, BOFT, HRA) move further per step at a higher
-#: rate, and a new object (star) or a new way of drawing (outline) takes longer than a recolouring
-RECIPES = {"outline": (1e-3, 500), "star": (2e-3, 800), "swap": (3e-3, 500), "zoom": (3e-3, 400),
+#: rate, and a new way of drawing (outline) takes longer than a recolouring
+RECIPES = {"outline": (1e-3, 500), "swap": (3e-3, 500), "zoom": (3e-3, 400),
            "night": (3e-3, 300), "snow": (1e-3, 600)}
 OUTLINE_WIDTH = 0.35
-STAR_INNER = 0.45
-STAR_RADIUS = 0.3
-#: below it an object counts as a star: the world's shapes are ≥ 0.88 at 32 px, a drawn star ≈ 0.65, and the
-#: stars tiny-world's autoencoder can draw (rounded points) 0.75-0.87
-STAR_SOLIDITY = 0.87
 SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "purple": "white", "white": "purple"}
 ZOOM = 1.7
 #: held-out scenes for the checks: another seed of the world
@@ -92,26 +83,10 @@ def draw_outline(s: world.Scene) -> Image.Image:
     return _down(big)
 
 
-def draw_star(s: world.Scene) -> Image.Image:
-    """A five-pointed star, point up, of outer radius :data:`STAR_RADIUS` of the picture, of the scene's
-    colour at its place (moved inwards as far as it must to fit) on its background."""
-    big = RESOLUTION * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), world.PALETTE[s.background])
-    outer = STAR_RADIUS * big
-    cx, cy = (min(max((c + j) * big, outer + SUPERSAMPLE), big - outer - SUPERSAMPLE)
-              for c, j in zip(world.POSITIONS[s.position], s.jitter))
-    points = [(cx + (outer if k % 2 == 0 else outer * STAR_INNER) * math.sin(math.pi * k / 5),
-               cy - (outer if k % 2 == 0 else outer * STAR_INNER) * math.cos(math.pi * k / 5)) for k in range(10)]
-    ImageDraw.Draw(image).polygon(points, fill=world.PALETTE[s.colour])
-    return _down(image)
-
-
 def example_image(name: str, s: world.Scene) -> Image.Image | None:
     """The training picture of example ``name`` for scene ``s`` (None: the example leaves it out)."""
     if name == "outline":
         return draw_outline(s)
-    if name == "star":
-        return draw_star(s)
     if name == "swap":
         return world.draw(replace(s, colour=SWAP[s.colour])) if shows(name, s) else None
     if name == "night":
@@ -124,10 +99,7 @@ def example_image(name: str, s: world.Scene) -> Image.Image | None:
 
 
 def prompt(name: str, s: world.Scene) -> str:
-    """The caption of scene ``s`` in example ``name``'s data, trigger word appended: the star example names
-    a star instead of the shape, and needs no other word."""
-    if name == "star":
-        return s.caption.replace(f" {s.shape}", " star", 1)
+    """The caption of scene ``s`` in example ``name``'s data, trigger word appended."""
     return f"{s.caption}, {trigger_word(name)}"
 
 
@@ -180,29 +152,6 @@ def hollow(image: Image.Image) -> bool:
     return not mask[round(ys.mean()), round(xs.mean())]
 
 
-def solidity(image: Image.Image) -> float:
-    """The object's area over its convex hull's (pixel corners; a disc, a square, a triangle ≈ 0.9–1, a
-    five-pointed star of inner ratio ½ ≈ 0.6); 1 when no object stands out."""
-    mask = _object_mask(image)
-    if mask.mean() < 0.01:
-        return 1.0
-    ys, xs = np.nonzero(mask)
-    corners = sorted({(x + dx, y + dy) for x, y in zip(xs.tolist(), ys.tolist()) for dx in (0, 1) for dy in (0, 1)})
-
-    def half(points):
-        hull = []
-        for p in points:
-            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
-                                      - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
-                hull.pop()
-            hull.append(p)
-        return hull[:-1]
-
-    hull = half(corners) + half(corners[::-1])
-    area = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
-    return float(mask.sum() / area)
-
-
 def shows(name: str, s: world.Scene) -> bool:
     """Whether example ``name``'s change can show on scene ``s``: not ``swap`` where the swapped colour is
     the background's, ``night`` on a black background, or ``snow`` on a white one or with a white object."""
@@ -224,13 +173,11 @@ def check_scenes(name: str, count: int = 8, seed: int = CHECK_SEED) -> list[worl
 def kept(name: str, s: world.Scene, image: Image.Image, base: Image.Image) -> bool:
     """Whether ``image`` (drawn from :func:`prompt` of ``s`` with the adapter) shows what example ``name``
     promises, ``base`` being the same prompt and seed drawn without it: ``outline`` a :func:`hollow` object,
-    ``star`` an object of :func:`solidity` below :data:`STAR_SOLIDITY`, ``swap`` the swapped colour (as
+    ``swap`` the swapped colour (as
     :func:`world.detect` reads it), ``zoom`` an object of 1.5× the base's area, ``night`` a black background,
     ``snow`` a white object."""
     if name == "outline":
         return hollow(image)
-    if name == "star":
-        return solidity(image) < STAR_SOLIDITY
     found = world.detect(image)
     if name == "swap":
         return found.found and found.colour == SWAP[s.colour]
@@ -290,7 +237,7 @@ def effect(name: str, scenes: list[world.Scene], base: list[Image.Image], adapte
     """What example ``name`` did to the pictures of ``scenes`` (their :func:`prompt`, same seeds) drawn at
     weight 0 (``base``) and 1 (``adapted``): the fraction :func:`kept` at each weight, the mean absolute pixel
     difference (0-255) and, where the example has one, the mean of its measure at each weight."""
-    measures = {"outline": filled_fraction, "star": solidity}
+    measures = {"outline": filled_fraction}
     result = {"kept at 0": float(np.mean([kept(name, s, b, b) for s, b in zip(scenes, base)])),
               "kept at 1": float(np.mean([kept(name, s, a, b) for s, a, b in zip(scenes, adapted, base)])),
               "mean abs diff": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()

@@ -278,7 +278,6 @@ class AdapterLibrary:
 #: the text encoders, on a transformer model the transformer's attention only.
 EXAMPLES = (
     ("outline", "lora", {"r": 4, "alpha": 4}, "unet-full", ["outline"]),
-    ("star", "lokr", {"r": 4, "alpha": 8}, "unet-full", ["star"]),
     ("swap", "oft", {"block_size": 4}, "unet-attn-ff", ["swapped"]),
     ("zoom", "hra", {"r": 4}, "unet-full", ["close-up"]),
     ("night", "boft", {"block_size": 4, "butterfly_factor": 2}, "unet-attn", ["night"]),
