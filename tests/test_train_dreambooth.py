@@ -287,8 +287,9 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, two_process_comm
 
 def test_two_processes_write_one_adapter_equal_to_accumulation(tmp_path, two_process_command, accumulated):
     """README's command: two gloo processes on a CPU machine, each with batch 1, averaging gradients;
-    only the main process writes. Same adapter as one process accumulating two batches of 1 (bitwise
-    here: (g1 + g2)/2 and g1/2 + g2/2 round alike)."""
+    only the main process writes. Same adapter as one process accumulating two batches of 1, up to float
+    rounding ((g1 + g2)/2 against g1/2 + g2/2, then four Adam steps): 1.1e-6 on values of about 0.03 on
+    tiny-world; the test allows 1e-5."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", *two_process_command[2:]]
     script_at = launcher.index("pipelines/train_dreambooth.py")
     cmd = _short(_from_root(launcher[:script_at]) + _from_root(launcher[script_at:]), tmp_path / "ddp")
@@ -299,7 +300,7 @@ def test_two_processes_write_one_adapter_equal_to_accumulation(tmp_path, two_pro
     assert "on 2 process(es)" in result.stdout
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["sks_duck_oft.safetensors"]
     assert max_difference(adapter_tensors(tmp_path / "ddp" / "sks_duck_oft.safetensors"),
-                          adapter_tensors(accumulated)) <= 1e-6
+                          adapter_tensors(accumulated)) <= 1e-5
 
 
 # ---- learning is real ------------------------------------------------------------------------------
