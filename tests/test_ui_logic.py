@@ -158,7 +158,7 @@ def test_library_cards(engine, folder):
     cards = engine.cards
     assert {n: c.algorithm for n, c in cards.items()} == {n: a for n, a, *_ in webui.EXAMPLES}
     assert cards["outline"].trigger_words == ["outline"] and cards["outline"].rank == "r=4"
-    assert cards["swap"].rank == "block 4" and cards["star"].trigger_words == ["star"]
+    assert cards["swap"].rank == "block 4" and cards["night"].trigger_words == ["night"]
     data = (folder / "outline.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert cards["outline"].shorthash == hashlib.sha256(data[8 + header:]).hexdigest()[:12]
@@ -175,7 +175,7 @@ def test_search_and_filters(engine):
     assert names("") == sorted(engine.cards)
     assert names("SWAPPED") == ["swap"]                      # a trigger word, any case
     assert names("night boft") == ["night"]                  # every word must match
-    assert names("tiny-sd lokr") == ["star"]                 # metadata: base model, algorithm
+    assert names("tiny-sd hra") == ["zoom"]                  # metadata: base model, algorithm
     assert names("", "oft") == ["swap"] and names("", "loha") == ["snow"]
     assert names("", None, "unknown") == sorted(engine.cards) and names("", None, "SDXL") == []
 
@@ -213,8 +213,8 @@ def test_previews_sidecars_and_made_on_demand(engine, folder):
             engine.make_preview("swap", settings())
         engine.fuse([StackEntry("outline")])
         with pytest.raises(ValueError, match="unfuse it before making previews"):
-            engine.make_preview("star", settings())
-        assert not (folder / "star.preview.png").exists()
+            engine.make_preview("night", settings())
+        assert not (folder / "night.preview.png").exists()
     finally:
         sidecar.unlink()
         made.unlink(missing_ok=True)
@@ -225,7 +225,7 @@ def test_library_reads_subfolders_but_not_checkpoints(engine, folder):
     (trained / "checkpoint-20").mkdir(parents=True)
     (trained / ".tmp-checkpoint-40").mkdir()
     try:
-        (trained / "sks_duck_lokr.safetensors").write_bytes((folder / "star.safetensors").read_bytes())
+        (trained / "sks_duck_lokr.safetensors").write_bytes((folder / "night.safetensors").read_bytes())
         for skipped in ("checkpoint-20", ".tmp-checkpoint-40"):
             (trained / skipped / "adapter_state.safetensors").write_bytes(b"not read")
         entries = webui.AdapterLibrary(folder).entries()
@@ -320,7 +320,7 @@ def test_generation_is_reproducible_from_its_parameters(engine):
 
 
 def test_switching_cached_stacks_reads_no_disk(engine):
-    a = [StackEntry("outline", 0.8), StackEntry("star", 0.6)]
+    a = [StackEntry("outline", 0.8), StackEntry("night", 0.6)]
     b = [StackEntry("swap", 1.0), StackEntry("zoom", 0.5)]
     images = {id(s): pixels(engine.generate(settings(), s)) for s in (a, b)}
     reads = engine.disk_loads
@@ -356,9 +356,9 @@ def test_least_recently_used_adapters_leave(small_cache):
     for name in ("outline", "swap", "outline", "zoom"):
         engine.apply([StackEntry(name)])
     assert engine.status()["loaded"] == ["outline", "zoom"]
-    applied, read = engine.apply([StackEntry("zoom"), StackEntry("swap"), StackEntry("star")])
-    assert read == ["swap", "star"] and engine.pipe.get_active_adapters() == ["zoom", "swap", "star"]
-    assert engine.status()["loaded"] == ["zoom", "swap", "star"]  # a stack larger than the cache still runs
+    applied, read = engine.apply([StackEntry("zoom"), StackEntry("swap"), StackEntry("night")])
+    assert read == ["swap", "night"] and engine.pipe.get_active_adapters() == ["zoom", "swap", "night"]
+    assert engine.status()["loaded"] == ["zoom", "swap", "night"]  # a stack larger than the cache still runs
 
 
 def active_state(engine):
@@ -392,7 +392,7 @@ def test_fused_stack_is_used_by_everyone_until_unfused(engine):
     original = {k: v.clone() for k, v in engine.pipe.unet.state_dict().items()}
     unfused = pixels(engine.generate(settings(), stack))[0]
     assert engine.fuse(stack) == stack and engine.status()["fused"] == stack
-    other = engine.generate(settings(prompt="a photo of sks dog <lora:swap:1>"), [StackEntry("star")])
+    other = engine.generate(settings(prompt="a photo of sks dog <lora:swap:1>"), [StackEntry("night")])
     assert other.fused and other.stack == stack and "fused" in other.notes[0]
     assert "Lora fused: True" in other.parameters[0]
     assert np.abs(pixels(other)[0].astype(int) - unfused).max() <= 2  # fused weights round differently
@@ -429,7 +429,7 @@ def test_cancel_stops_a_running_generation(engine):
 
 def test_concurrent_sessions_get_their_own_images(engine):
     stacks = {"a": [StackEntry("outline", 0.8), StackEntry("swap", 0.5)],
-              "b": [StackEntry("zoom", -1.0), StackEntry("star", 1.5)]}
+              "b": [StackEntry("zoom", -1.0), StackEntry("night", 1.5)]}
     alone = {s: pixels(engine.generate(settings(), stack))[0] for s, stack in stacks.items()}
     calls = []
     hook = engine.pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(threading.get_ident()))
