@@ -274,16 +274,16 @@ def trainer_in_process(argv: list[str]) -> tuple[object, str]:
 # ---- the web UI ------------------------------------------------------------------------------------------
 #: (id, handler, arguments, what the message must say): wrong types, out-of-range numbers, unknown names
 UI_BAD_INPUTS = [
-    ("weight-text", "set_stack", {"slot": (True, "watercolor", "heavy", None, None, None)}, r"weight"),
-    ("weight-nan", "set_stack", {"slot": (True, "watercolor", float("nan"), None, None, None)}, r"finite"),
-    ("weight-inf", "set_stack", {"slot": (True, "watercolor", float("inf"), None, None, None)}, r"finite"),
-    ("unet-weight-text", "set_stack", {"slot": (True, "watercolor", 1.0, "x", None, None)}, r"weight"),
-    ("blocks-text", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "down=x")}, r"down weight .* must be a number"),
-    ("blocks-no-group", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "0.5")}, r"is not group=value"),
-    ("blocks-unknown-group", "set_stack", {"slot": (True, "watercolor", 1.0, None, None, "sideways=1")},
+    ("weight-text", "set_stack", {"slot": (True, "outline", "heavy", None, None, None)}, r"weight"),
+    ("weight-nan", "set_stack", {"slot": (True, "outline", float("nan"), None, None, None)}, r"finite"),
+    ("weight-inf", "set_stack", {"slot": (True, "outline", float("inf"), None, None, None)}, r"finite"),
+    ("unet-weight-text", "set_stack", {"slot": (True, "outline", 1.0, "x", None, None)}, r"weight"),
+    ("blocks-text", "set_stack", {"slot": (True, "outline", 1.0, None, None, "down=x")}, r"down weight .* must be a number"),
+    ("blocks-no-group", "set_stack", {"slot": (True, "outline", 1.0, None, None, "0.5")}, r"is not group=value"),
+    ("blocks-unknown-group", "set_stack", {"slot": (True, "outline", 1.0, None, None, "sideways=1")},
      r"block groups are down, mid, up"),
     ("unknown-adapter", "set_stack", {"slot": (True, "nope", 1.0, None, None, None)}, r"no adapter named 'nope'"),
-    ("path-as-adapter", "set_stack", {"slot": (True, "../tilt", 1.0, None, None, None)}, r"no adapter named '\.\./tilt'"),
+    ("path-as-adapter", "set_stack", {"slot": (True, "../swap", 1.0, None, None, None)}, r"no adapter named '\.\./swap'"),
     ("seed-text", "generate", {"seed": "x"}, r"seed"),
     ("seed-negative", "generate", {"seed": -5}, r"seed must be"),
     ("seed-huge", "generate", {"seed": 2 ** 70}, r"seed must be"),
@@ -299,9 +299,9 @@ UI_BAD_INPUTS = [
     ("width-text", "generate", {"width": "wide"}, r"width"),
     ("count-0", "generate", {"count": 0}, r"number of images must be"),
     ("sampler-unknown", "generate", {"sampler": "nope"}, r"unknown sampler 'nope'"),
-    ("tag-weight-text", "generate", {"prompt": "a <lora:watercolor:abc>"}, r"must be a number, got 'abc'"),
+    ("tag-weight-text", "generate", {"prompt": "a <lora:outline:abc>"}, r"must be a number, got 'abc'"),
     ("tag-unknown-adapter", "generate", {"prompt": "a <lora:nope:1>"}, r"no adapter named 'nope'"),
-    ("tag-weight-nan", "generate", {"prompt": "a <lora:watercolor:nan>"}, r"finite"),
+    ("tag-weight-nan", "generate", {"prompt": "a <lora:outline:nan>"}, r"finite"),
     ("upload-none", "add_adapter", {"file": None}, r"Choose a \.safetensors file"),
     ("upload-unsafe-name", "add_adapter", {"file": "{tilt}", "name": "../../evil.safetensors"}, r"unsafe file name"),
     ("upload-corrupt", "add_adapter", {"file": "{corrupt}"}, r"truncated|corrupt|not a safetensors"),
@@ -318,7 +318,7 @@ def run_ui_bad_inputs(engine, folder: Path, max_upload_bytes: int = 600_000, cas
 
     handlers = load_script(UI_APP, "lycoris_ui_app_for_reliability").Handlers(engine, max_upload_bytes)
     library = engine.library.folder
-    tilt = next(library.rglob("tilt.safetensors"))
+    tilt = next(library.rglob("swap.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corrupt.safetensors").write_bytes(tilt.read_bytes()[:3000])
     state, _ = load_tensors(tilt.read_bytes())

@@ -20,14 +20,14 @@ from .subjects import UI_APP, UI_SLOTS, child_env
 
 #: one stack per client (the example adapters ``ui/app.py`` writes for the tiny model), in slot order
 UI_STACKS = [
-    [("watercolor", 0.8)],
-    [("tilt", 0.6), ("watercolor", 1.0)],
-    [("mirror", -1.0), ("butterfly", 1.0)],
-    [("sks_dog", 1.2), ("tilt", 0.5), ("mirror", 0.7)],
-    [("butterfly", 0.4), ("sks_dog", 0.9)],
-    [("watercolor", 0.3), ("mirror", 1.1), ("butterfly", -0.5)],
-    [("sks_dog", 0.6)],
-    [("tilt", 1.0), ("sks_dog", -0.8), ("watercolor", 0.5)],
+    [("outline", 0.8)],
+    [("swap", 0.6), ("outline", 1.0)],
+    [("zoom", -1.0), ("night", 1.0)],
+    [("snow", 1.2), ("swap", 0.5), ("zoom", 0.7)],
+    [("night", 0.4), ("snow", 0.9)],
+    [("outline", 0.3), ("zoom", 1.1), ("night", -0.5)],
+    [("snow", 0.6)],
+    [("swap", 1.0), ("snow", -0.8), ("outline", 0.5)],
 ]
 
 
