@@ -198,11 +198,10 @@ def load_references(folder: Path, resolution: int) -> list[Image.Image]:
             for p in image_files(folder)]
 
 
-def leave_one_out(references: list[Image.Image], images: list[Image.Image] | None = None) -> np.ndarray:
-    """Subject similarity of image ``i`` (default: reference ``i`` itself) to every reference but ``i``."""
-    images = references if images is None else images
+def leave_one_out(references: list[Image.Image]) -> np.ndarray:
+    """Subject similarity of each reference to every other reference."""
     return np.array([world.subject_similarity([im], references[:i] + references[i + 1:])[0]
-                     for i, im in enumerate(images)])
+                     for i, im in enumerate(references)])
 
 
 def subject_colour(references: list[Image.Image]) -> str:
