@@ -16,11 +16,11 @@ an image exactly instead of through a learned embedding:
 * subject similarity (the DINO analogue): :func:`~lycoris_lite.models.world.subject_similarity` of each
   image of ``"a photo of sks duck"`` to the instance photos resized to 32 px (Lanczos, as the trainer
   resizes them), averaged over images; **duck detected**: the fraction of those images that
-  :func:`~lycoris_lite.models.world.subject_detected` calls the duck (nearer a photo than any of 1000
-  world scenes in colour layout);
+  :func:`~lycoris_lite.models.world.subject_detected` calls the duck (nearer a photo, or a photo repainted
+  on the image's background, than any of 3000 world scenes in colour layout);
 * prompt fidelity, with :func:`~lycoris_lite.models.world.detect` reading the image back:
   *background* (``"a photo of sks duck on a {bg} background"``, every world background: the background
-  read back), *duck kept* (same images: background right **and** the object of the duck's colour), *colour*
+  read back), *duck kept* (same images: background right **and** the duck detected on it), *colour*
   (``"a photo of a {colour} sks duck"``, every object colour but the subject's: the object's colour),
   *position* (``"a photo of sks duck at the {left,right,top,bottom}"``: the object's position);
   *world captions*: held-out world captions with a position (``"a red circle at the left on a blue
@@ -231,9 +231,9 @@ def diversity(images: list[Image.Image], appearance: bool) -> dict[str, float]:
     return scores
 
 
-def world_scores(groups: dict, references: list[Image.Image], colour: str) -> dict[str, float]:
+def world_scores(groups: dict, references: list[Image.Image]) -> dict[str, float]:
     """The tiny-world columns (module docstring) from :func:`by_kind`'s groups; each a fraction or a
-    similarity in [0, 1]. ``colour``: the subject's (:func:`subject_colour`)."""
+    similarity in [0, 1]."""
     scores = {}
     if "subject" in groups:
         subject = [im for _, im in groups["subject"]]
@@ -243,7 +243,7 @@ def world_scores(groups: dict, references: list[Image.Image], colour: str) -> di
     if "background" in groups:
         read = [(world.detect(im), p) for p, im in groups["background"]]
         right = np.array([d.background == p.expected for d, p in read])
-        kept = np.array([d.found and d.colour == colour for d, _ in read])
+        kept = world.subject_detected([im for _, im in groups["background"]], references)
         scores.update(background=float(right.mean()), kept=float((right & kept).mean()))
     for kind, field in (("colour", "colour"), ("position", "position")):
         if kind in groups:
@@ -478,9 +478,9 @@ def legend(args, weights: str) -> str:
             f"{f', {args.world_captions} held-out world captions' if args.world else ''}; {args.inference_steps} "
             f"steps, guidance {args.guidance:g}, {args.resolution} px. Weights: {weights}.")
     if args.world:
-        text += (" Duck detected: world.subject_detected (nearer a duck photo, or its mirror image, than any of "
-                 "1000 world scenes in 8×8 colour layout). Duck kept: background right and the object the "
-                 "duck's colour.")
+        text += (" Duck detected: world.subject_detected (nearer a duck photo, its mirror image or either "
+                 "repainted on the image's background, than any of 3000 world scenes in 8×8 colour layout). Duck "
+                 "kept: background right and the duck detected on it.")
     return text
 
 
@@ -523,7 +523,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="default: 32 on tiny-world, 512 otherwise")
     p.add_argument("--algos", help="comma-separated (default: every registered algorithm)")
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default: 0,1,2)")
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-steps", type=int, default=900)
     p.add_argument("--learning-rate", type=float,
                    help="every algorithm's (default: 1e-3 on tiny-world, 1e-4 otherwise)")
     p.add_argument("--learning-rates", default="", help="per-algorithm exceptions, e.g. oft=3e-3,hra=3e-3")
@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
             grid = [im for kind in ("subject", "background", "colour", "position", "recontext", "property")
                     for _, im in groups.get(kind, [])]
             image_grid(grid, max(args.subject_images, 8), 64).save(args.out / f"{label}.png")
-            scores = world_scores(groups, references, colour) if args.world else {}
+            scores = world_scores(groups, references) if args.world else {}
             scores.update(diversity([im for _, im in groups["subject"]], appearance=args.world))
             scores.update(feature_scores(groups, reference_features, scorers, args.identifier))
             return scores, groups

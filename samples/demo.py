@@ -1,17 +1,20 @@
 """The main job on the embedded pretrained model, ``tiny-world`` (what `make demo` runs).
 
-1. Trains a DreamBooth adapter of each algorithm on the sample duck (``samples/instance``, a subject the
-   base model has never seen: it knows only flat circles, squares and triangles) with the trainer and the
-   algorithm's sample config: ``python pipelines/train_dreambooth.py --config
-   samples/dreambooth_<algo>.toml`` (two trainings at a time, one thread each).
+1. Trains a DreamBooth adapter of each algorithm on the sample duck (``samples/instance``: twelve photos,
+   each captioned with its background, none red; a subject the base model has never seen: it knows only
+   flat circles, squares and triangles) with the trainer and the algorithm's sample config: ``python
+   pipelines/train_dreambooth.py --config samples/dreambooth_<algo>.toml`` (two trainings at a time, one
+   thread each).
 2. Loads each adapter with ``pipe.load_adapter`` and renders, for four seeds each, the instance prompt at
    scales 0, 0.5 and 1 and a new context at scale 1 (``a photo of sks duck on a red background``), into
    one grid (rows: algorithms; scale 0 is the base model's idea of the prompt, the same in every row).
 3. Measures what the grid shows: in how many images the duck is detected
-   (:func:`lycoris_lite.models.world.subject_detected`: nearer a duck photo than any world scene in
-   colour layout), how many backgrounds of the new context are red and how many objects on them are
-   yellow like the duck (:func:`lycoris_lite.models.world.detect`), and the held-out denoising loss on the
-   duck photos before and after training.
+   (:func:`lycoris_lite.models.world.subject_detected`: nearer a duck photo, or one repainted on the
+   image's background, than any world scene in colour layout), how many backgrounds of the new context
+   are red, how many objects on them are yellow like the duck (:func:`lycoris_lite.models.world.detect`)
+   and how close they are to the photos (:func:`lycoris_lite.models.world.subject_similarity`, against
+   the base model's on the same prompt), and the held-out denoising loss on the duck photos (with their
+   captions) before and after training.
 """
 
 from __future__ import annotations
@@ -107,18 +110,20 @@ def main() -> None:
     pipe = lycoris_lite.enable(load_pipeline("tiny-world"))  # the model the sample configs train
     pipe.set_progress_bar_config(disable=True)
     subject = instance_images()
-    pixels = torch.stack([data.transform(e.image, 32, True, False, None)
-                          for e in data.load_examples(ROOT / "samples" / "instance", PROMPT)])
+    examples = data.load_examples(ROOT / "samples" / "instance", PROMPT)
+    pixels = torch.stack([data.transform(e.image, 32, True, False, None) for e in examples])
+    captions = [e.prompt for e in examples]  # each photo's caption (it names the background)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def heldout() -> float:
-        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, PROMPT)
+        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, captions)
 
     base_loss = heldout()
     base = render(pipe, PROMPT, args.steps)
+    base_context = world.subject_similarity(render(pipe, CONTEXT, args.steps), subject).mean()
     rows = []
-    print(f"\n{'':5s}  duck detected (of {len(SEEDS)} seeds): scale 0 / 0.5 / 1 / on red | red background, "
-          "yellow object on it | held-out loss on the duck photos")
+    print(f"\n{'':5s}  duck detected (of {len(SEEDS)} seeds): scale 0 / 0.5 / 1 / on red | on red: red background, "
+          f"yellow object, similarity to the photos (base {base_context:.2f}) | held-out loss on the duck photos")
     for algo, path in files.items():
         row = []
         for label, prompt, scale in COLUMNS:
@@ -135,8 +140,9 @@ def main() -> None:
         context = [world.detect(im) for im in row[-1]]
         red = sum(d.background == "red" for d in context)
         yellow = sum(d.background == "red" and d.colour == "yellow" for d in context)
-        print(f"{algo:5s}  {' / '.join(map(str, ducks)):>28s}            | {red}, {yellow} of {len(SEEDS)}"
-              f"{'':26s}| {base_loss:.3f} (base) -> {trained_loss:.3f}")
+        similarity = world.subject_similarity(row[-1], subject).mean()
+        print(f"{algo:5s}  {' / '.join(map(str, ducks)):>28s}            | {red}, {yellow} of {len(SEEDS)}, "
+              f"{similarity:.2f}{'':52s}| {base_loss:.3f} (base) -> {trained_loss:.3f}")
 
     cell, label, top = 128, 60, 20
     strip = 32

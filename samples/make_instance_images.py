@@ -1,9 +1,12 @@
-"""Draw the DreamBooth sample subject: a yellow toy duck, six views, into ``samples/instance/``.
+"""Draw the DreamBooth sample subject: a yellow toy duck, twelve photos, into ``samples/instance/``.
 
-The images are made here, from code, so the project ships no photographs of anyone's property. Each
-view changes the background, the duck's position, size and facing, as photos of one subject would.
-Two views get a caption file (same stem, ``.txt``) to show per-image prompts. The output is
-deterministic: running the script again writes the same files.
+The images are made here, from code, so the project ships no photographs of anyone's property. Six poses
+(the duck's position, size and facing change, as in photos of one subject), each photographed on two of
+the embedded model's backgrounds (blue, white, green, gray, black: never red, so that "on a red
+background" is a context the adapter has not seen). Every photo has a caption file (same stem, ``.txt``)
+naming its background, ``a photo of sks duck on a blue background``: what the caption explains (the
+background, a word the base model knows) is not learnt into ``sks duck``, so the subject can be put on
+other backgrounds afterwards. The output is deterministic: running the script again writes the same files.
 
     python samples/make_instance_images.py [--out samples/instance] [--size 128]
 """
@@ -11,19 +14,23 @@ deterministic: running the script again writes the same files.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-# (background top, background bottom, centre x, centre y, scale, facing right, caption)
-VIEWS = [
-    ((135, 190, 235), (90, 160, 80), 0.50, 0.55, 1.00, True, None),
-    ((240, 220, 200), (200, 170, 140), 0.42, 0.58, 0.85, False, None),
-    ((110, 170, 220), (40, 90, 170), 0.55, 0.52, 1.10, True, "a photo of sks duck floating on blue water"),
-    ((230, 230, 230), (170, 170, 170), 0.50, 0.60, 0.75, False, None),
-    ((250, 200, 150), (120, 160, 90), 0.60, 0.56, 0.95, False, "a photo of sks duck on the grass at sunset"),
-    ((200, 210, 250), (150, 120, 200), 0.45, 0.50, 1.05, True, None),
-]
+# (centre x, centre y, scale, facing right): the six poses
+POSES = [(0.50, 0.55, 1.00, True), (0.42, 0.58, 0.85, False), (0.55, 0.52, 1.10, True), (0.50, 0.60, 0.75, False),
+         (0.60, 0.56, 0.95, False), (0.45, 0.50, 1.05, True)]
+#: the backgrounds, cycled over the photos (the RGB of the embedded model's palette: ``world.PALETTE``)
+BACKGROUNDS = {"blue": (40, 80, 220), "white": (245, 245, 245), "green": (40, 170, 60), "gray": (128, 128, 128),
+               "black": (20, 20, 20)}
+CAPTION = "a photo of sks duck on a {} background"
+
+
+def photos() -> list[tuple[tuple[float, float, float, bool], str]]:
+    """The twelve (pose, background) pairs: each pose twice, the backgrounds in turn."""
+    return list(zip([pose for pose in POSES for _ in range(2)], itertools.cycle(BACKGROUNDS)))
 
 
 def draw_duck(size: int, top, bottom, cx: float, cy: float, scale: float, right: bool) -> Image.Image:
@@ -58,11 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (top, bottom, cx, cy, scale, right, caption) in enumerate(VIEWS):
+    for i, ((cx, cy, scale, right), background) in enumerate(photos()):
         path = out / f"duck_{i:02d}.png"
-        draw_duck(args.size, top, bottom, cx, cy, scale, right).save(path, optimize=True)
-        if caption:
-            path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+        colour = BACKGROUNDS[background]
+        draw_duck(args.size, colour, colour, cx, cy, scale, right).save(path, optimize=True)
+        path.with_suffix(".txt").write_text(CAPTION.format(background) + "\n", encoding="utf-8")
         print(path)
 
 

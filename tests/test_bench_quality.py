@@ -58,14 +58,16 @@ def test_world_scores_read_drawn_scenes_as_requested():
     prompts = ([bench.Prompt(f"on {bg}", "background", 1, bg) for bg in ("red", "white")]
                + [bench.Prompt(f"a {c}", "colour", 1, c) for c in ("red", "purple")]
                + [bench.Prompt(f"at the {p}", "position", 1, p) for p in bench.POSITIONS])
-    images = [scene(background="red"), scene(background="white"), scene(colour="red"), scene(colour="purple")]
-    images += [scene(position=p) for p in bench.POSITIONS]
+    ducks = world.on_background(references[:1], "red") + world.on_background(references[:1], "white")
+    images = ducks + [scene(colour="red"), scene(colour="purple")] + [scene(position=p) for p in bench.POSITIONS]
     assert bench.subject_colour(references) == "yellow"
-    scores = bench.world_scores(bench.by_kind(prompts, images), references, "yellow")
+    scores = bench.world_scores(bench.by_kind(prompts, images), references)
     assert scores["background"] == scores["colour"] == scores["position"] == 1.0
-    assert scores["kept"] == 1.0  # the right background, an object of the duck's colour on it
-    assert bench.world_scores(bench.by_kind(prompts[:2], images[:2]), references, "red")["kept"] == 0.0
-    swapped = bench.world_scores(bench.by_kind(prompts[:2], images[1::-1]), references, "yellow")
+    assert scores["kept"] == 1.0  # the right background, the duck on it
+    yellow_shapes = [scene(background="red", colour="yellow"), scene(background="white", colour="yellow")]
+    shapes = bench.world_scores(bench.by_kind(prompts[:2], yellow_shapes), references)
+    assert shapes["background"] == 1.0 and shapes["kept"] == 0.0  # the duck's colour is not the duck
+    swapped = bench.world_scores(bench.by_kind(prompts[:2], ducks[::-1]), references)
     assert swapped["background"] == 0.0 and swapped["kept"] == 0.0
 
 

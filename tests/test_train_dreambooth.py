@@ -305,18 +305,22 @@ def test_two_processes_write_one_adapter_equal_to_accumulation(tmp_path, two_pro
 
 # ---- learning is real ------------------------------------------------------------------------------
 def test_learning_is_real_the_duck_appears(tmp_path):
-    """What ``make demo`` trains and shows: LoRA from ``samples/dreambooth_lora.toml`` (300 steps, batch 1,
-    ``unet-full``, lr 1e-3) on the pretrained ``tiny-world``, which has never seen a duck. Rendered for
-    seeds 0-7 (20 steps, guidance 3) with ``pipe.load_adapter``:
+    """What ``make demo`` trains and shows: LoRA from ``samples/dreambooth_lora.toml`` (900 steps, batch 1,
+    rank 8, ``unet-full`` and the text encoder, lr 2e-3) on the pretrained ``tiny-world``, which has never
+    seen a duck, from the twelve captioned duck photos (each caption names the photo's background; none
+    is red). Rendered for seeds 0-7 (20 steps, guidance 3) with ``pipe.load_adapter``:
 
     * "a photo of sks duck": the duck (``world.subject_detected``: nearest a duck photo rather than any of
-      1000 world scenes in colour-layout space) in 8 of 8 images at scale 1, in 0 of 8 at scale 0 (the
-      base draws one of its shapes). The test asks for at least 6 and at most 1.
-    * "a photo of sks duck on a red background" at scale 1: a red background in 8 of 8 (the detector's
-      background); the test asks for 6. (The duck itself rarely survives the new context at this size: a
-      yellow object in 1 of 8. Measured, not asserted.)
-    * the held-out denoising loss on the duck photos (16 fixed (noise, timestep) pairs per image) falls:
-      0.444 (base) -> 0.085 (ratio 0.19); the test asks for a ratio below 0.5.
+      3000 world scenes in colour-layout space) in 8 of 8 images at scale 1, in 0 of 8 at scale 0
+      (the base draws one of its shapes). The test asks for at least 6 and at most 1.
+    * "a photo of sks duck on a red background" at scale 1: a red background in 8 of 8 and a yellow
+      object on it in 8 of 8 (``world.detect``); the test asks for 6 of each. The object is the duck's
+      colour and its silhouette: its subject similarity to the photos (the DINO analogue) is 0.72 against
+      the base model's 0.42 on the same prompt; the test asks for 0.15 more than the base. (It is smaller
+      than in the photos, the size the base gives objects on a red background: the strict detector calls
+      2 of 8 the duck. Measured, not asserted.)
+    * the held-out denoising loss on the duck photos with their captions (16 fixed (noise, timestep) pairs
+      per image) falls: 0.296 (base) -> 0.053 (ratio 0.18); the test asks for a ratio below 0.5.
     """
     import lycoris_lite
     from diffusers import DDPMScheduler
@@ -333,22 +337,27 @@ def test_learning_is_real_the_duck_appears(tmp_path):
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def heldout() -> float:
-        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, PROMPT,
-                                 seed=1234, pairs_per_image=16)
+        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels,
+                                 [e.prompt for e in examples], seed=1234, pairs_per_image=16)
 
     def render(prompt: str) -> list:
         return [pipe(prompt, num_inference_steps=20, guidance_scale=3.0,
                      generator=torch.Generator().manual_seed(seed)).images[0] for seed in range(8)]
 
-    before, base = heldout(), render(PROMPT)
+    context = PROMPT + " on a red background"
+    before, base, base_red = heldout(), render(PROMPT), render(context)
     pipe.load_adapter(tmp_path / "sks_duck_lora.safetensors", scale=1.0)
-    after, duck, red = heldout(), render(PROMPT), render(PROMPT + " on a red background")
+    after, duck, red = heldout(), render(PROMPT), render(context)
     pipe.unload_adapters()
 
     assert after / before < 0.5, (before, after)
     assert world.subject_detected(duck, subject).sum() >= 6
     assert world.subject_detected(base, subject).sum() <= 1
-    assert sum(world.detect(im).background == "red" for im in red) >= 6
+    read = [world.detect(im) for im in red]
+    assert sum(d.background == "red" for d in read) >= 6
+    assert sum(d.background == "red" and d.colour == "yellow" for d in read) >= 6
+    similarity = world.subject_similarity(red, subject).mean()
+    assert similarity > world.subject_similarity(base_red, subject).mean() + 0.15, similarity
 
 
 # ---- bad input: a clear error before anything is written -----------------------------------------

@@ -66,6 +66,25 @@ def test_every_algorithm_trains_on_the_transformer_and_writes_a_loadable_file(tm
     assert (render(pipe) - base).abs().max() > 1e-6  # two steps moved it off the identity
 
 
+def test_the_pretrained_flux_pipeline_trains_at_its_full_prompt_length(tmp_path):
+    """tiny-world-flux, the pretrained Flux.1-shaped folder, is trained like a real Flux.1-dev: 32 px, the
+    family's default prompt length (512 T5 tokens, what the pipeline renders with), the photos' captions;
+    the file loads back onto it and changes what it draws."""
+    argv = transformer_args(tmp_path, "tiny-world-flux", algo="lora", rank=4, resolution=32)
+    del argv[argv.index("--max_sequence_length"):argv.index("--max_sequence_length") + 2]
+    assert run(argv) == 0
+    pipe = lycoris_lite.enable(load_pipeline("tiny-world-flux"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return torch.from_numpy(pipe(prompt=PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images)
+
+    base = draw()
+    pipe.load_adapter(adapter_file(tmp_path))
+    assert (draw() - base).abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_lora_in_diffusers_format_loads_with_load_lora_weights(tmp_path, model):
     assert run(transformer_args(tmp_path, model, algo="lora", rank=4, save_format="diffusers")) == 0

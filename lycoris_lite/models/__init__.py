@@ -14,6 +14,8 @@ Heavy dependencies (``diffusers``, ``transformers``) are imported inside the fun
 * :mod:`.world_model`: ``tiny-world``, the embedded *pretrained* pipeline (:data:`TINY_WORLD_DIR`,
   :func:`load_tiny_world_pipeline`), the recipe that trained it (:func:`.world_model.pretrain`,
   ``make tiny-model``) and its measure (:func:`.world_model.caption_accuracy`).
+* :mod:`.world_flux`: ``tiny-world-flux``, its Flux.1-shaped counterpart (:data:`TINY_WORLD_FLUX_DIR`,
+  :func:`load_tiny_world_flux_pipeline`; recipe :func:`.world_flux.pretrain`).
 * :mod:`.tokenizer`: :func:`build_clip_tokenizer`, an offline byte-level CLIP BPE tokenizer (vocab 914),
   and :func:`save_pipeline` (``save_pretrained`` plus the files it needs).
 * :mod:`.tiny`: :func:`tiny_unet_config` / :func:`build_tiny_unet` (SD-1.5 layout, tiny widths),
@@ -31,7 +33,8 @@ Heavy dependencies (``diffusers``, ``transformers``) are imported inside the fun
 * :mod:`.text_encoders`: their tokenizers (:func:`build_t5_tokenizer`: Unigram for T5/UMT5;
   :func:`build_qwen_tokenizer`, :func:`build_mistral_tokenizer`: byte-level BPE with chat templates)
   and tiny text encoders (T5, UMT5, Qwen2.5-VL, Qwen3, Mistral 3).
-* :mod:`.loading`: :func:`load_pipeline`: a name of :data:`TINY_PIPELINES` (``"tiny-world"``, ``"tiny-sd"``,
+* :mod:`.loading`: :func:`load_pipeline`: a name of :data:`TINY_PIPELINES` (``"tiny-world"``,
+  ``"tiny-world-flux"``, ``"tiny-sd"``,
   ``"tiny-sdxl"``, ``"tiny-flux"``, ``"tiny-flux-kontext"``, ``"tiny-flux2"``, ``"tiny-sd3"``,
   ``"tiny-qwen-image"``, ``"tiny-z-image"``, ``"tiny-wan"``, ``"tiny-wan22"``) or a real
   ``DiffusionPipeline.from_pretrained``.
@@ -39,8 +42,8 @@ Heavy dependencies (``diffusers``, ``transformers``) are imported inside the fun
 
 from .full_size import build_sd15_text_encoder, build_sd15_unet, sd15_text_encoder_config, sd15_unet_config
 from .loading import (TINY_FLUX2_NAME, TINY_FLUX_KONTEXT_NAME, TINY_FLUX_NAME, TINY_PIPELINES, TINY_QWEN_IMAGE_NAME,
-                      TINY_SD3_NAME, TINY_SD_NAME, TINY_SDXL_NAME, TINY_WAN22_NAME, TINY_WAN_NAME, TINY_WORLD_NAME,
-                      TINY_Z_IMAGE_NAME, load_pipeline)
+                      TINY_SD3_NAME, TINY_SD_NAME, TINY_SDXL_NAME, TINY_WAN22_NAME, TINY_WAN_NAME, TINY_WORLD_FLUX_NAME,
+                      TINY_WORLD_NAME, TINY_Z_IMAGE_NAME, load_pipeline)
 from .text_encoders import (build_mistral_tokenizer, build_qwen_tokenizer, build_t5_tokenizer,
                             build_tiny_mistral3_text_encoder, build_tiny_qwen3_text_encoder,
                             build_tiny_qwen25vl_text_encoder, build_tiny_t5_encoder)
@@ -53,6 +56,7 @@ from .tiny_dit import (build_flux_width_transformer, build_tiny_flux2_pipeline, 
                        tiny_qwen_image_transformer_config, tiny_sd3_transformer_config, tiny_wan_transformer_config,
                        tiny_z_image_transformer_config)
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, build_clip_tokenizer, bytes_to_unicode, save_pipeline
+from .world_flux import TINY_WORLD_FLUX_DIR, load_tiny_world_flux_pipeline
 from .world_model import TINY_WORLD_DIR, load_tiny_world_pipeline
 
 __all__ = [
@@ -61,6 +65,9 @@ __all__ = [
     "TINY_WORLD_NAME",
     "TINY_WORLD_DIR",
     "load_tiny_world_pipeline",
+    "TINY_WORLD_FLUX_NAME",
+    "TINY_WORLD_FLUX_DIR",
+    "load_tiny_world_flux_pipeline",
     "TINY_SD_NAME",
     "TINY_SDXL_NAME",
     "TINY_FLUX_NAME",

@@ -10,9 +10,11 @@ from .tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from .tiny_dit import (build_tiny_flux2_pipeline, build_tiny_flux_kontext_pipeline, build_tiny_flux_pipeline,
                        build_tiny_qwen_image_pipeline, build_tiny_sd3_pipeline, build_tiny_wan22_pipeline,
                        build_tiny_wan_pipeline, build_tiny_z_image_pipeline)
+from .world_flux import load_tiny_world_flux_pipeline
 from .world_model import load_tiny_world_pipeline
 
 TINY_WORLD_NAME = "tiny-world"
+TINY_WORLD_FLUX_NAME = "tiny-world-flux"
 TINY_SD_NAME = "tiny-sd"
 TINY_SDXL_NAME = "tiny-sdxl"
 TINY_FLUX_NAME = "tiny-flux"
@@ -27,6 +29,7 @@ TINY_WAN22_NAME = "tiny-wan22"
 #: every built-in tiny pipeline: name -> builder (each takes ``path``; the random-weight ones ``seed`` too)
 TINY_PIPELINES: dict[str, Callable[..., Any]] = {
     TINY_WORLD_NAME: load_tiny_world_pipeline,
+    TINY_WORLD_FLUX_NAME: load_tiny_world_flux_pipeline,
     TINY_SD_NAME: build_tiny_sd_pipeline,
     TINY_SDXL_NAME: build_tiny_sdxl_pipeline,
     TINY_FLUX_NAME: build_tiny_flux_pipeline,
@@ -39,6 +42,9 @@ TINY_PIPELINES: dict[str, Callable[..., Any]] = {
     TINY_WAN22_NAME: build_tiny_wan22_pipeline,
 }
 
+#: the built-in pipelines with committed (pretrained) weights: no ``seed``
+PRETRAINED = (TINY_WORLD_NAME, TINY_WORLD_FLUX_NAME)
+
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -49,8 +55,9 @@ def _looks_like_hub_id(name: str) -> bool:
 def load_pipeline(name_or_path: str | os.PathLike, **kwargs: Any):
     """Load a diffusion pipeline by name.
 
-    * a name of :data:`TINY_PIPELINES` -> its builder: ``"tiny-world"`` is the embedded *pretrained*
-      pipeline (:mod:`.world_model`, draws what its prompt says; kwarg ``path``); ``"tiny-sd"``,
+    * a name of :data:`TINY_PIPELINES` -> its builder: ``"tiny-world"`` and ``"tiny-world-flux"`` are the
+      embedded *pretrained* pipelines (:mod:`.world_model`, :mod:`.world_flux`: they draw what their prompt
+      says; kwarg ``path``); ``"tiny-sd"``,
       ``"tiny-sdxl"``, ``"tiny-flux"``, ``"tiny-flux-kontext"``, ``"tiny-flux2"``, ``"tiny-sd3"``,
       ``"tiny-qwen-image"``, ``"tiny-z-image"``, ``"tiny-wan"``, ``"tiny-wan22"`` have random weights
       (kwargs ``seed``, ``path``). ``torch_dtype`` / ``dtype`` and ``device`` are applied with ``pipe.to``.
@@ -62,7 +69,7 @@ def load_pipeline(name_or_path: str | os.PathLike, **kwargs: Any):
     if name in TINY_PIPELINES:
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         device = kwargs.pop("device", None)
-        build_kwargs = {k: kwargs.pop(k) for k in (("path",) if name == TINY_WORLD_NAME else ("seed", "path"))
+        build_kwargs = {k: kwargs.pop(k) for k in (("path",) if name in PRETRAINED else ("seed", "path"))
                         if k in kwargs}
         if kwargs:
             raise TypeError(f"unexpected arguments for {name!r}: {sorted(kwargs)}")

@@ -202,6 +202,19 @@ def object_mask(image: Image.Image, threshold: float = 60.0) -> tuple[np.ndarray
     return np.linalg.norm(a - rows[:, None, :], axis=-1) > threshold, a
 
 
+def on_background(images: list[Image.Image], background: str) -> list[Image.Image]:
+    """The pictures with their background replaced by the flat palette colour ``background``: each
+    pixel of :func:`object_mask` kept, the others painted. The references for :func:`subject_detected`
+    when the subject is asked for on a background its photos do not have (``"sks duck on a red
+    background"``): the subject's photos as they would look there."""
+    out = []
+    for image in images:
+        mask, a = object_mask(image)
+        a[~mask] = PALETTE[background]
+        out.append(Image.fromarray(a.round().astype(np.uint8)))
+    return out
+
+
 def appearance(image: Image.Image) -> np.ndarray:
     """The world's feature space for *subject fidelity* (what DINO features are for photos): a unit vector,
     half the object's colours, half its silhouette. Colours: the square root of the histogram of the
@@ -245,16 +258,23 @@ def _world_layouts(seed: int, n: int) -> np.ndarray:
 
 
 def subject_detected(images: list[Image.Image], references: list[Image.Image], *, seed: int = 11,
-                     scenes: int = 1000) -> np.ndarray:
+                     scenes: int = 3000) -> np.ndarray:
     """Whether each image shows the subject of ``references`` rather than the world (bool array): a
-    nearest-neighbour vote in :func:`layout` space between the references (and their mirror images) and
-    ``scenes`` scenes of the world (seed ``seed``): the image is the subject's when its nearest neighbour
-    is a reference. A picture of the base model's world is nearest a scene; one of the subject, on the
-    kind of background its photos have, nearest a photo."""
-    refs = [layout(r) for r in references] + [layout(r.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-                                              for r in references]
-    ref, other = np.stack(refs), _world_layouts(seed, scenes)
-    x = np.stack([layout(im) for im in images])
-    nearest_ref = np.linalg.norm(x[:, None] - ref[None], axis=-1).min(axis=1)
-    nearest_world = np.linalg.norm(x[:, None] - other[None], axis=-1).min(axis=1)
-    return nearest_ref < nearest_world
+    nearest-neighbour vote in :func:`layout` space between the references (their mirror images too, and
+    all of them repainted on the image's own background by :func:`on_background`: the subject wherever
+    it is asked for) and ``scenes`` scenes of the world (seed ``seed``): the image is the subject's when its
+    nearest neighbour is a reference. A picture of the base model's world is nearest a scene; one of the
+    subject, on its photos' backgrounds or another, nearest a photo."""
+    mirrored = list(references) + [r.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for r in references]
+    own = np.stack([layout(r) for r in mirrored])
+    other = _world_layouts(seed, scenes)
+    repainted: dict[str, np.ndarray] = {}
+    detected = []
+    for image in images:
+        background = detect(image).background
+        if background not in repainted:
+            repainted[background] = np.stack([layout(r) for r in on_background(mirrored, background)])
+        x = layout(image)
+        nearest_ref = np.linalg.norm(np.concatenate([own, repainted[background]]) - x, axis=-1).min()
+        detected.append(nearest_ref < np.linalg.norm(other - x, axis=-1).min())
+    return np.array(detected, dtype=bool)

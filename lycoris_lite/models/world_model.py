@@ -207,12 +207,13 @@ def held_out_scenes(n: int = 60, seed: int = 99) -> list[world.Scene]:
 
 
 def caption_accuracy(pipe, scenes: list[world.Scene] | None = None, guidance_scale: float = 3.0, steps: int = 20,
-                     seed: int = 0) -> tuple[float, list["Image.Image"]]:
-    """Draw each scene's caption (one batch, generator ``seed``) and return the fraction the detector reads
-    back with the captioned shape, colour and background, and the images."""
+                     seed: int = 0, **call: Any) -> tuple[float, list["Image.Image"]]:
+    """Draw each scene's caption (one batch, generator ``seed``; ``call``: more arguments of the pipeline
+    call) and return the fraction the detector reads back with the captioned shape, colour and
+    background, and the images."""
     scenes = held_out_scenes() if scenes is None else scenes
     images = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance_scale,
-                  height=RESOLUTION, width=RESOLUTION, generator=torch.Generator().manual_seed(seed)).images
+                  height=RESOLUTION, width=RESOLUTION, generator=torch.Generator().manual_seed(seed), **call).images
     return sum(world.detect(im).matches(s) for im, s in zip(images, scenes)) / len(scenes), images
 
 

@@ -121,10 +121,11 @@ def training_loss(unet, vae, scheduler, pixel_values: torch.Tensor, context: tor
 
 
 @torch.no_grad()
-def heldout_loss(unet, vae, text_encoder, tokenizer, scheduler, pixel_values: torch.Tensor, prompt: str, *,
-                 seed: int = 1234, pairs_per_image: int = 8) -> float:
+def heldout_loss(unet, vae, text_encoder, tokenizer, scheduler, pixel_values: torch.Tensor,
+                 prompt: str | list[str], *, seed: int = 1234, pairs_per_image: int = 8) -> float:
     """Mean denoising loss of ``unet`` on fixed (noise, timestep) pairs for the images ``(N, 3, H, W)``
-    in ``[-1, 1]`` with ``prompt``: the posterior means as latents, ``pairs_per_image`` noises per image
+    in ``[-1, 1]`` with ``prompt`` (one for all, or a list of N: each image's caption): the posterior
+    means as latents, ``pairs_per_image`` noises per image
     and timesteps evenly spread over the schedule (the same pairs for every call with the same seed).
     Unweighted MSE against the scheduler's target."""
     device = next(unet.parameters()).device
@@ -135,9 +136,13 @@ def heldout_loss(unet, vae, text_encoder, tokenizer, scheduler, pixel_values: to
     noise = torch.randn(latents.shape, generator=g).to(device)
     steps = scheduler.config.num_train_timesteps
     timesteps = ((torch.arange(n) + 0.5) * steps / n).long().clamp(max=steps - 1).to(device)
-    ids = tokenizer([prompt], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) not in (1, pixel_values.shape[0]):
+        raise ValueError(f"{len(prompts)} prompts for {pixel_values.shape[0]} images: give one, or one per image")
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids.to(device)
-    context = text_encoder(ids)[0].expand(n, -1, -1)
+    context = text_encoder(ids)[0]
+    context = context.expand(n, -1, -1) if len(prompts) == 1 else context.repeat_interleave(pairs_per_image, dim=0)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample
     return float(per_sample_loss(prediction, target_for(scheduler, latents, noise, timesteps), scheduler, timesteps).mean())
