@@ -84,7 +84,7 @@ def test_diversity_is_zero_for_copies_and_grows_with_difference():
 def test_leave_one_out_scores_each_photo_against_the_others():
     references = bench.load_references(bench.SAMPLES / "instance", 32)
     scores = bench.leave_one_out(references)
-    assert len(scores) == len(references) == 6
+    assert len(scores) == len(references) == 12
     expected = world.subject_similarity(references[2:3], references[:2] + references[3:])[0]
     assert scores[2] == pytest.approx(expected)
     shapes = world.subject_similarity([scene(shape=s) for s in world.SHAPES], references)
@@ -126,7 +126,7 @@ def test_quick_run_writes_a_sane_table(tmp_path, feature_models):
     rows = {row["method"]: row for row in result["rows"]}
     assert list(rows) == ["instance photos (leave-one-out)", "base on world captions", "base (no adapter)", "lora",
                           "oft"]
-    assert rows["lora"]["params"] == 72_832 and rows["oft"]["params"] == 74_240  # the budgets of BUDGETS
+    assert rows["lora"]["params"] == 76_416 and rows["oft"]["params"] == 81_408  # BUDGETS, UNet + text encoder
     for row in result["rows"]:
         for key, metric in row["metrics"].items():
             low = -1.0 if key in ("dino", "clip_i", "clip_t") else 0.0

@@ -98,7 +98,7 @@ def test_every_algorithm_trains_from_its_sample_config_and_writes_a_loadable_fil
     pipe = load_pipeline("tiny-world")  # the model the sample configs train
     before = unet_probe(pipe)
     info = load_adapter(pipe, file, "trained")
-    assert set(info.algorithms) == {algo} and set(info.components) == {"unet"}
+    assert set(info.algorithms) == {algo} and set(info.components) == {"unet", "text_encoder"}  # both trained
     assert (unet_probe(pipe) - before).abs().max() > 1e-6  # two steps moved it off the identity
     meta = summarize_metadata(info.metadata)
     assert meta.trigger_words == [PROMPT]

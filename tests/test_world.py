@@ -123,7 +123,8 @@ def test_the_pretrained_models_draw_what_their_captions_say(pretrained):
     captioned shape, colour and background in the measured accuracy of them on the committed weights
     (``MEASURED_ACCURACY`` of world_model / world_flux: tiny-world 0.82, tiny-world-flux 0.32, whose shapes
     are at chance); the test allows 0.1 less (6 images). Colour and background: at least 85 % and 90 %.
-    With the prompt emptied the colour and background match far less often (they come from the words)."""
+    With the prompt emptied (the first 20) the colour and background match far less often (they come from
+    the words)."""
     name, pipe = pretrained
     measured = PRETRAINED[name][2]
     accuracy, images = world_model.caption_accuracy(pipe)
@@ -138,6 +139,6 @@ def test_the_pretrained_models_draw_what_their_captions_say(pretrained):
     colours = np.mean([d.colour == s.colour for d, s in zip(read, scenes)])
     backgrounds = np.mean([d.background == s.background for d, s in zip(read, scenes)])
     assert colours >= 0.85 and backgrounds >= 0.9, (colours, backgrounds)
-    blind = pipe([""] * len(scenes), num_inference_steps=20, guidance_scale=1.0, height=world_model.RESOLUTION,
+    blind = pipe([""] * 20, num_inference_steps=20, guidance_scale=1.0, height=world_model.RESOLUTION,
                  width=world_model.RESOLUTION, generator=torch.Generator().manual_seed(0)).images
-    assert colour_and_background(blind) < colour_and_background(images) - 0.5
+    assert colour_and_background(blind) < colour_and_background(images[:20]) - 0.5
