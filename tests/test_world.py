@@ -142,3 +142,24 @@ def test_the_pretrained_models_draw_what_their_captions_say(pretrained):
     blind = pipe([""] * 20, num_inference_steps=20, guidance_scale=1.0, height=world_model.RESOLUTION,
                  width=world_model.RESOLUTION, generator=torch.Generator().manual_seed(0)).images
     assert colour_and_background(blind) < colour_and_background(images[:20]) - 0.5
+
+
+def test_the_recipes_run_end_to_end_and_write_loadable_folders(tmp_path):
+    """``make tiny-model``'s two recipes at toy length (a few scenes and steps): each writes a folder that
+    ``DiffusionPipeline.from_pretrained`` loads as the class it promises and that draws a picture; the Flux
+    one carries Flux's latent shift and scale measured on its scenes, and the global RNG is left as it was."""
+    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline
+
+    state = torch.random.get_rng_state()
+    world_model.pretrain(tmp_path / "sd", scenes=64, vae_steps=2, unet_steps=2, log=lambda line: None)
+    world_flux.pretrain(tmp_path / "flux", base=tmp_path / "sd", scenes=64, steps=2, full_length_steps=1, batch=4,
+                        log=lambda line: None)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for folder, cls in (("sd", StableDiffusionPipeline), ("flux", FluxPipeline)):
+        pipe = DiffusionPipeline.from_pretrained(tmp_path / folder)
+        assert type(pipe) is cls
+        pipe.set_progress_bar_config(disable=True)
+        size = world_model.RESOLUTION
+        assert pipe("a red circle", num_inference_steps=2, height=size, width=size).images[0].size == (size, size)
+    vae = FluxPipeline.from_pretrained(tmp_path / "flux").vae.config
+    assert vae.shift_factor != 0 and vae.scaling_factor > 0

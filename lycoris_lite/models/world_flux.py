@@ -39,7 +39,6 @@ The measure is tiny-world's (:func:`.world_model.caption_accuracy`).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -52,7 +51,7 @@ from .tiny import seeded
 from .tiny_dit import tiny_flux_transformer_config
 from .tokenizer import save_pipeline
 from .world_model import (RESOLUTION, TINY_WORLD_DIR, _stack, _to_pixels, caption_accuracy, held_out_scenes,
-                          image_grid)
+                          image_grid, optimizer_step)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import FluxPipeline
@@ -162,12 +161,7 @@ def pretrain(out: str | Path, base: str | Path = TINY_WORLD_DIR, scenes: int = 2
                                encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3), img_ids=img_ids,
                                return_dict=False)[0]
             loss = F.mse_loss(pred, FluxPipeline._pack_latents(noise - x0, batch, noisy.shape[1], h, w))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            for group in optimizer.param_groups:
-                group["lr"] = 1e-3 * min(1, step / 200) * 0.5 * (1 + math.cos(math.pi * step / total))
+            optimizer_step(optimizer, params, loss, step, total)
             if step % 250 == 0 or step == total - 1 or step == steps:
                 log(f"step {step} ({embeds.shape[1]} tokens): loss {loss.item():.4f} ({time.time() - start:.0f} s)")
     transformer.eval().requires_grad_(False)

@@ -132,6 +132,19 @@ def train_vae(images: torch.Tensor, steps: int, batches: torch.Generator, log: C
     return vae.eval().requires_grad_(False)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list, loss: torch.Tensor, step: int, total: int,
+                   lr: float = 1e-3, warmup: int = 200) -> None:
+    """One step of the pretraining recipes: backward, gradient norm clipped to 1, the update, then the
+    learning rate of the next step: ``lr`` warmed up linearly over ``warmup`` steps, times a cosine decay
+    over ``total``."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def pretrain(out: str | Path, scenes: int = 20_000, vae_steps: int = 3000, unet_steps: int = 6000, seed: int = 0,
              log: Callable[[str], None] = print) -> "StableDiffusionPipeline":
     """Train the tiny-world pipeline from nothing (the recipe of the module docstring) and save it to
@@ -181,12 +194,7 @@ def pretrain(out: str | Path, scenes: int = 20_000, vae_steps: int = 3000, unet_
             t = torch.randint(0, 1000, (batch,), generator=batches)
             pred = unet(noise_scheduler.add_noise(z, noise, t), t, text_encoder(ids)[0]).sample
             loss = F.mse_loss(pred, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            for group in optimizer.param_groups:
-                group["lr"] = 1e-3 * min(1, step / 200) * 0.5 * (1 + math.cos(math.pi * step / unet_steps))
+            optimizer_step(optimizer, params, loss, step, unet_steps)
             if step % 500 == 0 or step == unet_steps - 1:
                 log(f"unet step {step}: loss {loss.item():.4f} ({time.time() - start:.0f} s)")
     unet.eval()
