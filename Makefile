@@ -48,7 +48,7 @@ demo: install
 
 test: install
 	lint-imports
-	$(PYTHON) -m pytest -q --durations=15
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	$(PYTHON) benchmarks/bench_train_step.py
