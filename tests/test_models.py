@@ -273,9 +273,9 @@ def test_tiny_sd_pipeline_save_load_roundtrip(sd_pipe, tmp_path):
     assert loaded.tokenizer.model_max_length == 77
     expected = _render(sd_pipe, PROMPT_A)
     # equal weights (checked above); the renders agree to float rounding: a busy machine's thread scheduling
-    # can change a parallel reduction's order (measured: 6e-8 on values of 0.5)
-    np.testing.assert_allclose(_render(saved, PROMPT_A), expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(_render(loaded, PROMPT_A), expected, rtol=0, atol=1e-6)
+    # can change a parallel reduction's order (measured: up to 1.7e-6 on values of 0.2-1 at guidance 6)
+    np.testing.assert_allclose(_render(saved, PROMPT_A), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_render(loaded, PROMPT_A), expected, rtol=0, atol=1e-5)
 
     via_loader = models.load_pipeline(str(path))
     assert isinstance(via_loader, StableDiffusionPipeline)
