@@ -360,6 +360,29 @@ def test_learning_is_real_the_duck_appears(tmp_path):
     assert similarity > world.subject_similarity(base_red, subject).mean() + 0.15, similarity
 
 
+def test_heldout_loss_takes_one_caption_per_image():
+    """With a caption per image each image is scored with its own caption: the loss differs from both
+    single-caption losses on the same (noise, timestep) pairs, and one prompt equals that prompt given per
+    image. A prompt count that is neither 1 nor the image count is refused."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline("tiny-world")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    captions = ["a red circle on a blue background", "a white square on a black background"]
+
+    def heldout(images, prompt, pairs):
+        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, images, prompt,
+                                 pairs_per_image=pairs)
+
+    both = heldout(pixels, captions, 1)
+    one_pair = [heldout(pixels, [c, c], 1) for c in captions]  # the same noises and timesteps, one caption
+    assert both != one_pair[0] and both != one_pair[1]
+    assert heldout(pixels, captions[:1], 1) == one_pair[0]  # one prompt for all is the list of it
+    with pytest.raises(ValueError, match="3 prompts for 2 images"):
+        heldout(pixels, captions + captions[:1], 1)
+
+
 # ---- bad input: a clear error before anything is written -----------------------------------------
 def _broken_png(folder: Path) -> None:
     shutil.copy(SAMPLES / "instance" / "duck_00.png", folder / "good.png")

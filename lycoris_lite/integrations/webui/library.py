@@ -5,7 +5,7 @@
 * :func:`safe_adapter_filename`: where an upload may go; :func:`addnet_hash`: AUTOMATIC1111's file hash.
 * :func:`preview_of` / :func:`preview_destination`: an adapter's sidecar preview image;
   :func:`search_cards`: the cards a search box and the algorithm and family filters leave.
-* :data:`EXAMPLES` / :func:`write_example_adapters`: six adapters, one per algorithm, for the tiny models
+* :data:`EXAMPLES` / :func:`write_example_adapters`: five adapters of five algorithms, for the tiny models
   (trained ones for ``tiny-world``, random ones for the others).
 """
 
@@ -270,10 +270,10 @@ class AdapterLibrary:
 
 
 
-#: (name, algorithm, settings, UNet targets, trigger words): six adapters, one per algorithm. For
-#: ``tiny-world`` they are trained (``ui/example_adapters.py``, ``make tiny-model``) and kept in
-#: :data:`EXAMPLES_DIR`: ``outline`` draws objects hollow, ``star`` draws a five-pointed star, ``swap`` trades
-#: object colours in pairs, ``zoom`` enlarges the object, ``night`` makes the background black, ``snow``
+#: (name, algorithm, settings, UNet targets, trigger words): five adapters of five algorithms (LoKr has none:
+#: its "star" object example did not draw stars, see ui/example_adapters.py). For ``tiny-world`` they are
+#: trained (``ui/example_adapters.py``, ``make tiny-model``) and kept in :data:`EXAMPLES_DIR`: ``outline``
+#: draws objects hollow, ``swap`` trades object colours in pairs, ``zoom`` enlarges the object, ``night`` makes the background black, ``snow``
 #: makes the object white. For the random-weight tiny models they are random. On a UNet model they also adapt
 #: the text encoders, on a transformer model the transformer's attention only.
 EXAMPLES = (
