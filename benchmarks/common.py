@@ -166,7 +166,13 @@ def build_peft(algo: str, layer: nn.Module, force_factor: bool = False) -> tuple
         with _quiet():
             model = get_peft_model(nn.Sequential(layer), config)
     if algo == "oft" and isinstance(layer, nn.Conv2d):
-        note = "conv: unfold/rotate/fold of the input, not exact for k>1"
+        from packaging.version import Version
+
+        # PEFT 0.22 rotates the conv's weight (its merged weight) instead of unfolding/folding the input
+        if Version(peft.__version__) < Version("0.22"):
+            note = "conv: unfold/rotate/fold of the input, not exact for k>1"
+        else:
+            note = "conv: rotates the weight, exact"
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, note
 

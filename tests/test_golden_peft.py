@@ -10,7 +10,8 @@ across with the explicit mappings of :mod:`tests.golden_mapping`, then check
 * the adapter really changes the layer (output differs from the base layer's).
 
 Where PEFT has a bug (see ``shared/reference/peft-tuners.md`` §6) the test asserts that we follow
-the maths and PEFT does not, and says why.
+the maths and PEFT does not, and says why. PEFT 0.22 fixed those bugs (:data:`PEFT_FIXES_022`): with
+it the same tests check PEFT as a direct oracle, and say where its fix differs from ours.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 
 import pytest
 import torch
+from packaging.version import Version
 
 from tests.golden_mapping import make_base as golden_make_base
 import torch.nn.functional as F
@@ -48,6 +50,13 @@ except ImportError:
 
 F64 = torch.float64
 TOL = 1e-10
+
+# PEFT 0.22 fixed the three bugs that the "PEFT bugs" tests below document: (a) OFT's Conv2d forward
+# rotates the weight (``OFTRotationModule.rotate``) instead of unfolding/folding the input, (b) OFT's
+# merge walks the adapters in reverse, so that it composes as the unmerged forward does, (c) HRA's
+# Gram–Schmidt is ``torch.linalg.qr`` (no NaN, always orthogonal). Before 0.22 the tests assert the bug,
+# from 0.22 on that PEFT agrees with us (or, for (b) and (c), exactly how it differs).
+PEFT_FIXES_022 = Version(peft.__version__) >= Version("0.22")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,7 +203,7 @@ def test_matches_peft(case, kind):
     assert rel(w_ours, w_peft) < TOL
     assert rel(y_ours, conv_or_linear(base, x, w_peft)) < TOL
 
-    if algo == "oft" and kind == "conv3x3":
+    if algo == "oft" and kind == "conv3x3" and not PEFT_FIXES_022:
         # PEFT bug (a), see test_oft_conv_forward_bug: PEFT's own forward is not its merged weight
         assert rel(y_peft, conv_or_linear(base, x, w_peft)) > 1e-2
     else:
@@ -229,7 +238,11 @@ def test_oft_conv_forward_bug():
     stride 1 / padding 0 and ``F.fold``-s them back (summing overlaps, with a reshape that is only in
     fold's layout when there is one patch), so for an input larger than the kernel it is not the
     convolution with its own merged weight. Ours (input side on a k×k conv rotates the weight) is
-    exactly the conv with PEFT's merged weight, PEFT's forward is not."""
+    exactly the conv with PEFT's merged weight, PEFT's forward is not.
+
+    Fixed in PEFT 0.22: its Conv2d forward rotates the weight too (``W' = W Rᵀ`` through
+    ``OFTRotationModule.rotate``, then the base layer's ``_conv_forward``, so stride and padding hold),
+    which is its merged weight; PEFT's forward is then ours, and its identity init is the base conv."""
     torch.manual_seed(2)
     base = make_base("conv3x3")
     x = make_input("conv3x3")
@@ -240,11 +253,18 @@ def test_oft_conv_forward_bug():
     with torch.no_grad():
         exact = conv_or_linear(base, x, peft_merged_weight(pm))
         assert rel(ours(x), exact) < TOL  # we are right
-        assert rel(pm(x), exact) > 0.1  # PEFT is not
-        # even a freshly initialised (identity) PEFT OFT changes a conv's output: the unfold/fold
-        # round trip is not the identity for a 9×9 input
         pm_id = build_peft(peft.OFTConfig(r=0, oft_block_size=4, use_cayley_neumann=False, target_modules=["0"]), base)
-        assert rel(pm_id(x), base(x)) > 0.1
+        if PEFT_FIXES_022:
+            # PEFT 0.22 is right as well: its forward is the conv with its merged weight, i.e. ours
+            assert rel(pm(x), exact) < TOL
+            assert rel(pm(x), ours(x)) < TOL
+            # and a freshly initialised (identity) PEFT OFT leaves the conv as it is
+            assert rel(pm_id(x), base(x)) < TOL
+        else:
+            assert rel(pm(x), exact) > 0.1  # PEFT is not
+            # even a freshly initialised (identity) PEFT OFT changes a conv's output: the unfold/fold
+            # round trip is not the identity for a 9×9 input
+            assert rel(pm_id(x), base(x)) > 0.1
 
 
 def test_oft_multi_adapter_order_bug():
@@ -255,7 +275,13 @@ def test_oft_multi_adapter_order_bug():
 
     Ours uses one composition for both (``lycoris_lite/core/layer.py``: multiplicative adapters compose
     in the order they were added, ``W_eff = M_b(M_a(W))`` with ``M(W) = W·R`` on the input side),
-    which is PEFT's sequential merge ``W R_aᵀ R_bᵀ`` for adapters added a, then b."""
+    which is PEFT's sequential merge ``W R_aᵀ R_bᵀ`` for adapters added a, then b.
+
+    PEFT 0.22 fixed it the other way round: its merge walks the adapter list backwards, so that it
+    follows the forward, and both give ``W R_bᵀ R_aᵀ`` for the list ``[a, b]``, the opposite of our
+    order. That is a convention, not a bug: PEFT lists the adapters in the order the input meets their
+    rotations, we in the order they act on ``W``. PEFT with the list ``[b, a]`` is exactly ours (a, then b),
+    forward and merge."""
     torch.manual_seed(3)
     base = make_base("linear")
     x = make_input("linear")
@@ -272,19 +298,30 @@ def test_oft_multi_adapter_order_bug():
     load_into(layer, peft_tensors(pm[0], "oft", "b"), "b")
 
     with torch.no_grad():
-        w_seq = peft_merged_weight(pm, ["a", "b"])  # merge a, then b
         r_a = pm[0].get_delta_weight("a")
         r_b = pm[0].get_delta_weight("b")
-        assert rel(w_seq, base.weight @ r_a.T @ r_b.T) < TOL
-        y_seq = conv_or_linear(base, x, w_seq)
+        w_ab = base.weight @ r_a.T @ r_b.T  # R_a acts on W first: ours
+        w_ba = base.weight @ r_b.T @ r_a.T  # R_b acts on W first: PEFT's forward, either version
         y_ours = ours(x)
-        # ours: unfused forward == fused weight == PEFT's sequential merge
-        assert rel(layer.fused_weight(["a", "b"]), w_seq) < TOL
-        assert rel(y_ours, y_seq) < TOL
-        # PEFT: its unmerged forward is the other order, W R_bᵀ R_aᵀ, and differs from its merge
+        # ours: unfused forward == fused weight == W R_aᵀ R_bᵀ
+        assert rel(layer.fused_weight(["a", "b"]), w_ab) < TOL
+        assert rel(y_ours, conv_or_linear(base, x, w_ab)) < TOL
+        # PEFT's unmerged forward rotates the input by R_a, then R_b: y = x R_a R_b Wᵀ, the other order
         y_peft = pm(x)
-        assert rel(y_peft, conv_or_linear(base, x, base.weight @ r_b.T @ r_a.T)) < TOL
-        assert rel(y_peft, y_seq) > 1e-3
+        assert rel(y_peft, conv_or_linear(base, x, w_ba)) < TOL
+        assert rel(y_peft, y_ours) > 1e-3
+        w_merged = peft_merged_weight(pm, ["a", "b"])
+        if PEFT_FIXES_022:
+            # merge b, then a: PEFT's merge is its forward
+            assert rel(w_merged, w_ba) < TOL
+            # and with the list reversed PEFT is ours, forward and merge
+            pm[0].set_adapter(["b", "a"])
+            assert pm[0].active_adapters == ["b", "a"]
+            assert rel(peft_merged_weight(pm, ["b", "a"]), w_ab) < TOL
+            assert rel(pm(x), y_ours) < TOL
+        else:
+            # merge a, then b: PEFT's merge is ours, not its forward
+            assert rel(w_merged, w_ab) < TOL
         # the two single-adapter results differ from each other too (the test is not degenerate)
         assert rel(base.weight @ r_a.T, base.weight @ r_b.T) > 1e-2
 
@@ -295,7 +332,15 @@ def test_hra_gram_schmidt_symmetric_init_bug():
     Gram–Schmidt residual is (numerically) zero and PEFT divides by its norm: NaN when the residual
     is exactly zero, otherwise a normalised rounding error, so ``I − 2QQᵀ`` is not orthogonal.
     Ours drops a vanishing column, so the transform is the exact reflection ``I − 2QQᵀ`` built from
-    the distinct columns, i.e. PEFT's GS transform with r/2 columns."""
+    the distinct columns, i.e. PEFT's GS transform with r/2 columns.
+
+    PEFT 0.22 fixed it differently: its Gram–Schmidt is ``torch.linalg.qr``, whose ``Q`` is orthonormal
+    whatever the input, so its transform is finite and orthogonal and its forward is its merge. But for
+    a duplicate column QR normalises the rounding residual (or, where that is exactly zero, takes a
+    direction of LAPACK's choosing), so ``Q`` has r orthonormal columns, r/2 of them not determined by
+    the vectors: PEFT reflects r directions (``I − 2QQᵀ``, trace n − 2r), ours the r/2 that the vectors
+    span (trace n − r). Both reflect the vectors themselves (``H u = −u``); the outputs differ, so PEFT
+    is still no oracle for this case."""
     torch.manual_seed(4)
     base = make_base("linear")
     x = make_input("linear")
@@ -322,8 +367,19 @@ def test_hra_gram_schmidt_symmetric_init_bug():
         assert (h_ref.T @ h_ref - eye).abs().max() < 1e-12
         assert rel(y_ours, ref(x)) < TOL
         assert rel(y_ours, base(x)) > 1e-2
-        # PEFT: NaN, or a transform that is not orthogonal
-        if expect_nan:
+        if PEFT_FIXES_022:
+            # PEFT: finite and orthogonal (whether the residual is rounding noise or exactly 0), its
+            # forward is its merged weight, and it reflects the vectors as ours does ...
+            assert torch.isfinite(h_peft).all() and torch.isfinite(y_peft).all()
+            assert (h_peft.T @ h_peft - eye).abs().max() < 1e-12
+            assert rel(y_peft, conv_or_linear(base, x, base.weight @ h_peft)) < TOL
+            assert rel(h_peft @ hra_u, -hra_u) < TOL and rel(h_ref @ hra_u, -hra_u) < TOL
+            # ... but also r/2 = 2 directions the vectors do not span: 4 reflected directions, not 2
+            assert abs(torch.trace(h_peft).item() - (24 - 2 * 4)) < 1e-9
+            assert abs(torch.trace(h_ref).item() - (24 - 2 * 2)) < 1e-9
+            assert rel(y_peft, y_ours) > 1e-2
+        # PEFT < 0.22: NaN, or a transform that is not orthogonal
+        elif expect_nan:
             assert not torch.isfinite(h_peft).all() and not torch.isfinite(y_peft).all()
         else:
             assert (not torch.isfinite(h_peft).all()) or (h_peft.T @ h_peft - eye).abs().max() > 1e-3
@@ -335,6 +391,7 @@ def test_hra_gram_schmidt_symmetric_init_bug():
     check(u_default, expect_nan=False)
 
     # the same symmetric structure with exactly representable norms: the residual is exactly 0 -> NaN
+    # (before PEFT 0.22; QR then picks the missing direction itself)
     half = torch.zeros(24, 2, dtype=F64)
     half[:4, 0] = 1.0  # norm 2
     half[4:8, 1] = 1.0
