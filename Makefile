@@ -36,7 +36,7 @@ ui-screens: install-ui chromium
 
 # Rebuild the embedded pretrained models from their recipes and seeds: tiny-world (lycoris_lite/models/tiny_world,
 # about 30 min on 2 CPU cores), its Flux-shaped counterpart tiny-world-flux (lycoris_lite/models/tiny_world_flux,
-# from tiny-world's VAE and CLIP, about 30 min on one busy core), then the web UI's example adapters trained on
+# from tiny-world's VAE and CLIP, about 55 min on one core), then the web UI's example adapters trained on
 # tiny-world (ui/example_adapters.py, about 3 min); prints what each model draws correctly and what each example changes.
 tiny-model: install
 	$(PYTHON) -m lycoris_lite.models.world_model --out lycoris_lite/models/tiny_world
