@@ -15,6 +15,9 @@
    and how close they are to the photos (:func:`lycoris_lite.models.world.subject_similarity`, against
    the base model's on the same prompt), and the held-out denoising loss on the duck photos (with their
    captions) before and after training.
+4. Does the same for the LoRA sample config on ``tiny-world-flux``, the Flux.1-shaped pretrained model (the
+   grid's last row, its own base at scale 0; ``--no-flux`` skips it): the same command with
+   ``--pretrained_model_name_or_path tiny-world-flux``.
 """
 
 from __future__ import annotations
@@ -44,18 +47,21 @@ CONTEXT = "a photo of sks duck on a red background"
 COLUMNS = (("scale 0 (base)", PROMPT, 0.0), ("scale 0.5", PROMPT, 0.5), ("scale 1", PROMPT, 1.0),
            ("on a red background", CONTEXT, 1.0))
 SEEDS = (0, 1, 2, 3)
+#: the grid's last row: the LoRA sample config on tiny-world-flux (its scale-0 cell is that model's base)
+FLUX_ROW = "flux-lora"
 
 
-def train_all(algos: list[str], out: Path, parallel: int) -> dict[str, Path]:
-    """Run the trainer for each algorithm (``parallel`` at a time); returns the adapter files."""
+def train_all(jobs: dict[str, tuple[str, Path, list[str]]], out: Path, parallel: int) -> dict[str, Path]:
+    """Run the trainer for each job, ``name -> (algorithm, output folder, more arguments)``, with the
+    algorithm's sample config (``parallel`` at a time, logs in ``out``); returns the adapter files."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    pending, running, files = list(algos), {}, {}
+    pending, running, files = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             algo = pending.pop(0)
-            folder = out / algo
+            config, folder, extra = jobs[algo]
             cmd = [sys.executable, str(ROOT / "pipelines" / "train_dreambooth.py"),
-                   "--config", str(ROOT / "samples" / f"dreambooth_{algo}.toml"), "--output_dir", str(folder)]
+                   "--config", str(ROOT / "samples" / f"dreambooth_{config}.toml"), "--output_dir", str(folder), *extra]
             print("$", " ".join(os.path.relpath(c) if c.startswith(str(ROOT)) else c for c in cmd[1:]), flush=True)
             log = open(out / f"{algo}.log", "w")
             running[algo] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -67,9 +73,9 @@ def train_all(algos: list[str], out: Path, parallel: int) -> dict[str, Path]:
             del running[algo]
             if proc.returncode:
                 sys.exit(f"training {algo} failed; see {out / f'{algo}.log'}")
-            files[algo] = next((out / algo).glob("*.safetensors"))
+            files[algo] = next(jobs[algo][1].glob("*.safetensors"))
             print(f"trained {algo}: {files[algo]}", flush=True)
-    return {algo: files[algo] for algo in algos}
+    return {algo: files[algo] for algo in jobs}
 
 
 def instance_images(resolution: int = 32) -> list[Image.Image]:
@@ -79,8 +85,9 @@ def instance_images(resolution: int = 32) -> list[Image.Image]:
 
 
 def render(pipe, prompt: str, steps: int, seeds=SEEDS) -> list[Image.Image]:
-    """One image per seed (each its own generator), guidance 3."""
-    return [pipe(prompt, num_inference_steps=steps, guidance_scale=3.0,
+    """One image per seed (each its own generator), 32 px, guidance 3 (classifier-free for tiny-world, the
+    distilled guidance input for tiny-world-flux)."""
+    return [pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, height=32, width=32,
                  generator=torch.Generator().manual_seed(seed)).images[0] for seed in seeds]
 
 
@@ -99,50 +106,63 @@ def main() -> None:
     parser.add_argument("--algos", default=",".join(ALGORITHMS), help="comma-separated algorithms to train")
     parser.add_argument("--parallel", type=int, default=2, help="trainings at a time")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the grid's images")
+    parser.add_argument("--no-flux", dest="flux", action="store_false",
+                        help="skip the last row: LoRA on tiny-world-flux, the Flux.1-shaped pretrained model")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     start = time.time()
 
-    files = train_all(args.algos.split(","), out, args.parallel)
+    jobs = {algo: (algo, out / algo, []) for algo in args.algos.split(",")}
+    if args.flux:  # its own folder: `make ui` (tiny-world) lists the adapters under outputs/demo
+        jobs[FLUX_ROW] = ("lora", out.parent / f"{out.name}-flux" / "lora",
+                          ["--pretrained_model_name_or_path", "tiny-world-flux"])
+    files = train_all(jobs, out, args.parallel)
 
-    pipe = lycoris_lite.enable(load_pipeline("tiny-world"))  # the model the sample configs train
-    pipe.set_progress_bar_config(disable=True)
     subject = instance_images()
     examples = data.load_examples(ROOT / "samples" / "instance", PROMPT)
     pixels = torch.stack([data.transform(e.image, 32, True, False, None) for e in examples])
     captions = [e.prompt for e in examples]  # each photo's caption (it names the background)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def heldout() -> float:
-        return loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, captions)
-
-    base_loss = heldout()
-    base = render(pipe, PROMPT, args.steps)
-    base_context = world.subject_similarity(render(pipe, CONTEXT, args.steps), subject).mean()
     rows = []
-    print(f"\n{'':5s}  duck detected (of {len(SEEDS)} seeds): scale 0 / 0.5 / 1 / on red | on red: red background, "
-          f"yellow object, similarity to the photos (base {base_context:.2f}) | held-out loss on the duck photos")
-    for algo, path in files.items():
-        row = []
-        for label, prompt, scale in COLUMNS:
-            if scale == 0.0:
-                row.append(base)
-                continue
-            pipe.load_adapter(path, scale=scale)
-            row.append(render(pipe, prompt, args.steps))
-            if scale == 1.0 and prompt == PROMPT:
-                trained_loss = heldout()
-            pipe.unload_adapters()
-        rows.append((algo, row))
-        ducks = [int(world.subject_detected(images, subject).sum()) for images in row]
-        context = [world.detect(im) for im in row[-1]]
-        red = sum(d.background == "red" for d in context)
-        yellow = sum(d.background == "red" and d.colour == "yellow" for d in context)
-        similarity = world.subject_similarity(row[-1], subject).mean()
-        print(f"{algo:5s}  {' / '.join(map(str, ducks)):>28s}            | {red}, {yellow} of {len(SEEDS)}, "
-              f"{similarity:.2f}{'':52s}| {base_loss:.3f} (base) -> {trained_loss:.3f}")
+    print(f"\n{'':9s}  duck detected (of {len(SEEDS)} seeds): scale 0 / 0.5 / 1 / on red | on red: red background, "
+          "yellow object, similarity to the photos (the base's) | held-out loss on the duck photos")
+    for model in ("tiny-world", "tiny-world-flux"):
+        names = [name for name in files if (name == FLUX_ROW) == (model == "tiny-world-flux")]
+        if not names:
+            continue
+        pipe = lycoris_lite.enable(load_pipeline(model))  # the model the sample configs train
+        pipe.set_progress_bar_config(disable=True)
+        if model == "tiny-world":
+            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+            def heldout() -> str:
+                return f"{loss.heldout_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, pixels, captions):.3f}"
+        else:  # the held-out loss is the UNet objective's
+            def heldout() -> str:
+                return "-"
+        base_loss = heldout()
+        base = render(pipe, PROMPT, args.steps)
+        base_context = world.subject_similarity(render(pipe, CONTEXT, args.steps), subject).mean()
+        for algo in names:
+            row = []
+            for _, prompt, scale in COLUMNS:
+                if scale == 0.0:
+                    row.append(base)
+                    continue
+                pipe.load_adapter(files[algo], scale=scale)
+                row.append(render(pipe, prompt, args.steps))
+                if scale == 1.0 and prompt == PROMPT:
+                    trained_loss = heldout()
+                pipe.unload_adapters()
+            rows.append((algo, row))
+            ducks = [int(world.subject_detected(images, subject).sum()) for images in row]
+            context = [world.detect(im) for im in row[-1]]
+            red = sum(d.background == "red" for d in context)
+            yellow = sum(d.background == "red" and d.colour == "yellow" for d in context)
+            similarity = world.subject_similarity(row[-1], subject).mean()
+            print(f"{algo:9s}  {' / '.join(map(str, ducks)):>28s}            | {red}, {yellow} of {len(SEEDS)}, "
+                  f"{similarity:.2f} ({base_context:.2f}){'':32s}| {base_loss} (base) -> {trained_loss}")
 
     cell, label, top = 128, 60, 20
     strip = 32
@@ -162,7 +182,8 @@ def main() -> None:
     grid.save(path)
     print(f"\nwrote {path}: {len(rows)} algorithms x ({'; '.join(c[0] for c in COLUMNS)}), seeds "
           f"{', '.join(map(str, SEEDS))} in each cell, in {time.time() - start:.0f}s")
-    print(f"trained adapters (with checkpoints and validation images): {out}/<algo>/")
+    print(f"trained adapters (with checkpoints and validation images): {out}/<algo>/"
+          + (f", on tiny-world-flux: {jobs[FLUX_ROW][1]}/" if args.flux else ""))
     print("open the web UI to try them: make ui   (or: python ui/app.py --adapters outputs/demo)")
 
 
