@@ -62,8 +62,7 @@ from .text_encoders import build_t5_tokenizer, build_tiny_t5_encoder
 from .tiny import seeded
 from .tiny_dit import tiny_flux_transformer_config
 from .tokenizer import save_pipeline
-from .world_model import (RESOLUTION, TINY_WORLD_DIR, _stack, _to_pixels, caption_accuracy,
-                          image_grid, optimizer_step)
+from .world_model import RESOLUTION, TINY_WORLD_DIR, _stack, _to_pixels, optimizer_step, report
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import FluxPipeline
@@ -284,12 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     pipe = pretrain(args.out, args.base, args.scenes, args.steps, args.distill_steps, args.batch, args.seed,
                     log=lambda line: print(line, flush=True))
-    for guidance in (1.0, 3.0):
-        accuracy, images = caption_accuracy(pipe, guidance_scale=guidance)
-        print(f"guidance {guidance}: shape, colour and background drawn as captioned in {accuracy:.0%} of "
-              f"{len(images)} held-out captions", flush=True)
-        if guidance == 3.0:
-            image_grid(images, 10, 48).save(Path(args.out) / "samples.png")
+    report(pipe, args.out, (1.0, 3.0))
+
 
 if __name__ == "__main__":
     main()

@@ -225,6 +225,18 @@ def caption_accuracy(pipe, scenes: list[world.Scene] | None = None, guidance_sca
     return sum(world.detect(im).matches(s) for im, s in zip(images, scenes)) / len(scenes), images
 
 
+def report(pipe, out: str | Path, guidances: tuple[float, ...]) -> None:
+    """What ``make tiny-model`` prints after a recipe: :func:`caption_accuracy` at each guidance scale,
+    and the guidance-3 images as ``out/samples.png`` (the model card's)."""
+    pipe.set_progress_bar_config(disable=True)
+    for guidance in guidances:
+        accuracy, images = caption_accuracy(pipe, guidance_scale=guidance)
+        print(f"guidance {guidance}: shape, colour and background drawn as captioned in {accuracy:.0%} of "
+              f"{len(images)} held-out captions", flush=True)
+        if guidance == 3.0:
+            image_grid(images, 10, 48).save(Path(out) / "samples.png")
+
+
 def image_grid(images: list["Image.Image"], columns: int, cell: int = 96) -> "Image.Image":
     """Images side by side, ``columns`` per row, each enlarged to ``cell`` pixels (nearest)."""
     from PIL import Image
@@ -248,13 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     pipe = pretrain(args.out, args.scenes, args.vae_steps, args.unet_steps, args.seed,
                     log=lambda line: print(line, flush=True))
-    pipe.set_progress_bar_config(disable=True)
-    for guidance in (1.0, 3.0, 6.0):
-        accuracy, images = caption_accuracy(pipe, guidance_scale=guidance)
-        print(f"guidance {guidance}: shape, colour and background drawn as captioned in {accuracy:.0%} of "
-              f"{len(images)} held-out captions", flush=True)
-        if guidance == 3.0:
-            image_grid(images, 10, 48).save(Path(args.out) / "samples.png")
+    report(pipe, args.out, (1.0, 3.0, 6.0))
 
 
 if __name__ == "__main__":
